@@ -1,0 +1,2787 @@
+#!/usr/bin/env python3
+"""alert-threader: Prometheus Alertmanager webhooks as one Slack thread per alert.
+
+Each alert key (alertname|severity|service|cluster|ENVIRONMENT) gets a parent
+message in Slack; further alerts of that key, their resolves and re-fires are
+replies in its thread, and the parent is kept up to date as a status card.
+Alertmanager's repeats and retries post nothing twice.
+
+Run:   python3 alert_threader.py            serve webhooks on :9009 (POST /alert)
+       python3 alert_threader.py render F   print the Slack payloads webhook file F makes
+       python3 alert_threader.py check      validate the settings and the Slack token
+
+Without a Slack token the service runs in dry-run mode: it logs the exact
+payloads it would post and shows them on GET /preview.
+
+Every setting is an environment variable, mirrored by a flag that wins:
+SLACK_BOT_TOKEN(_FILE), SLACK_CHANNEL, SLACK_CHANNELS, ENVIRONMENT,
+THREAD_STORE (file|redis), THREAD_STORE_FILE, REDIS_URL, REDIS_KEY_PREFIX,
+HOST, PORT, SLACK_API_URL, WEBHOOK_TOKEN(_FILE), REOPEN_WINDOW,
+STORM_THRESHOLD, THREAD_RETENTION, SLACK_TIMEOUT, SLACK_RETRY_BUDGET,
+MAX_BODY_BYTES, MAX_CONNECTIONS, SHUTDOWN_TIMEOUT, ALERTMANAGER_URL,
+LOG_LEVEL, LOG_FORMAT.
+"""
+
+import argparse
+import base64
+import contextlib
+import dataclasses
+import hashlib
+import hmac
+import html
+import http.client
+import http.server
+import itertools
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from collections import OrderedDict, deque
+from datetime import datetime, timezone
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+__version__ = "1.0.0"
+
+log = logging.getLogger("alert_threader")
+
+
+class ThreaderError(Exception):
+    """Root of the errors this module raises on purpose."""
+
+
+class ConfigError(ThreaderError):
+    """A setting is invalid; start-up stops with this one line."""
+
+
+class StoreError(ThreaderError):
+    """The thread store cannot be read or written."""
+
+
+class BadRequest(ThreaderError):
+    """A request the service refuses; carries the HTTP status to answer."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------------------
+# Text, time and URL helpers
+# ---------------------------------------------------------------------------
+
+ELLIPSIS = "…"
+ZERO_TIME = "0001-01-01T00:00:00Z"
+RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
+_MRKDWN_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;"})
+
+
+def escape_mrkdwn(text: str) -> str:
+    """Escape the three characters Slack's mrkdwn gives meaning to (mentions, links)."""
+    return text.translate(_MRKDWN_ESCAPES)
+
+
+def truncate(text: str, limit: int) -> str:
+    """At most `limit` characters, ending in an ellipsis when cut."""
+    if len(text) <= limit:
+        return text
+    return text[: limit - 1] + ELLIPSIS
+
+
+def mrkdwn(text: str, limit: int) -> str:
+    """Escaped mrkdwn within `limit` characters; never cuts an entity like &amp; in half."""
+    escaped = escape_mrkdwn(text)
+    if len(escaped) <= limit:
+        return escaped
+    cut = escaped[: limit - 1]
+    amp = cut.rfind("&", max(0, len(cut) - 4))
+    if amp != -1 and ";" not in cut[amp:]:
+        cut = cut[:amp]
+    return cut + ELLIPSIS
+
+
+def is_http_url(url: Any, max_length: int = 3000) -> bool:
+    """An absolute http(s) URL that Slack can show as a link or button."""
+    if not isinstance(url, str) or not 0 < len(url) <= max_length:
+        return False
+    if any(c in url for c in "<>|\"` ") or not url.isprintable():
+        return False
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def parse_time(text: str) -> Optional[float]:
+    """Epoch seconds of an RFC 3339 time as Alertmanager writes it; None for its zero time."""
+    match = RFC3339.fullmatch(text)
+    if not match:
+        raise ValueError(f"not an RFC 3339 time: {text!r}")
+    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
+    if year <= 1:
+        return None
+    try:
+        moment = datetime(year, month, day, hour, minute, min(second, 59), tzinfo=timezone.utc)
+    except ValueError:
+        raise ValueError(f"not a valid date: {text!r}") from None
+    epoch = moment.timestamp() + float(match.group(7) or 0)
+    zone = match.group(8)
+    if zone not in "Zz":
+        sign = 1 if zone[0] == "+" else -1
+        epoch -= sign * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
+    return epoch
+
+
+def format_time(epoch: Optional[float]) -> str:
+    if epoch is None:
+        return "unknown"
+    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def format_duration(seconds: float) -> str:
+    """A short human duration: 45s, 15m 5s, 3h 2m, 2d 4h."""
+    seconds = max(0, int(round(seconds)))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h" if hours else f"{days}d"
+    if hours:
+        return f"{hours}h {minutes}m" if minutes else f"{hours}h"
+    if minutes:
+        return f"{minutes}m {secs}s" if secs else f"{minutes}m"
+    return f"{secs}s"
+
+
+def iso_now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+# ---------------------------------------------------------------------------
+# Alertmanager webhooks: validation and the alert model
+# ---------------------------------------------------------------------------
+
+MAX_JSON_DEPTH = 32
+KEY_LABELS = ("alertname", "severity", "service", "cluster")
+
+
+@dataclasses.dataclass
+class Alert:
+    """One alert of a webhook, validated and normalised."""
+
+    status: str
+    labels: Dict[str, str]
+    annotations: Dict[str, str]
+    starts_at: Optional[float]
+    ends_at: Optional[float]
+    generator_url: str
+    fingerprint: str
+
+    @property
+    def alertname(self) -> str:
+        return self.labels.get("alertname", "")
+
+    @property
+    def severity(self) -> str:
+        return self.labels.get("severity", "")
+
+    @property
+    def summary(self) -> str:
+        for name in ("summary", "message", "title"):
+            if self.annotations.get(name, "").strip():
+                return self.annotations[name].strip()
+        return self.alertname or "Alert"
+
+    def thread_key(self, environment: str) -> str:
+        """The seed's key: alertname|severity|service|cluster|ENVIRONMENT."""
+        return "|".join([self.labels.get(name, "") for name in KEY_LABELS] + [environment])
+
+
+@dataclasses.dataclass
+class Webhook:
+    status: str
+    group_key: str
+    external_url: str
+    receiver: str
+    alerts: List[Alert]
+
+
+def label_fingerprint(labels: Dict[str, str]) -> str:
+    """Stand-in for Alertmanager's fingerprint when a sender leaves it out."""
+    canonical = json.dumps(sorted(labels.items()), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _json_depth_ok(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return False
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return True
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_webhook(body: bytes, content_type: Optional[str] = "application/json") -> Webhook:
+    """Validate an Alertmanager webhook body; BadRequest names the first offending field."""
+    if content_type:
+        media_type = content_type.split(";", 1)[0].strip().lower()
+        if media_type != "application/json" and not media_type.endswith("+json"):
+            raise BadRequest(f"Content-Type must be application/json, not {truncate(media_type, 60)!r}")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"body is not UTF-8 (byte {e.start})") from None
+    try:
+        document = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as e:
+        raise BadRequest(f"body is not valid JSON: {truncate(str(e), 200)}") from None
+    if not isinstance(document, dict):
+        raise BadRequest("body must be a JSON object with an 'alerts' list")
+    if not _json_depth_ok(document, MAX_JSON_DEPTH):
+        raise BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+
+    def optional_string(container: Dict[str, Any], name: str, where: str) -> str:
+        value = container.get(name, "")
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise BadRequest(f"{where}{name} must be a string")
+        return value
+
+    top_status = document.get("status")
+    if top_status is not None and top_status not in ("firing", "resolved"):
+        raise BadRequest("status must be 'firing' or 'resolved'")
+    group_key = optional_string(document, "groupKey", "")
+    external_url = optional_string(document, "externalURL", "")
+    receiver = optional_string(document, "receiver", "")
+    raw_alerts = document.get("alerts")
+    if not isinstance(raw_alerts, list):
+        raise BadRequest("alerts must be a list")
+
+    alerts = []
+    for i, raw in enumerate(raw_alerts):
+        where = f"alerts[{i}]"
+        if not isinstance(raw, dict):
+            raise BadRequest(f"{where} must be an object")
+        maps = {}
+        for name in ("labels", "annotations"):
+            value = raw.get(name, {} if name == "annotations" else None)
+            if value is None and name == "annotations":
+                value = {}
+            if not isinstance(value, dict):
+                raise BadRequest(f"{where}.{name} must be an object of strings")
+            for k, v in value.items():
+                if not isinstance(v, str):
+                    raise BadRequest(f"{where}.{name}.{truncate(k, 100)} must be a string")
+            maps[name] = value
+        status = raw.get("status", top_status)
+        if status not in ("firing", "resolved"):
+            raise BadRequest(f"{where}.status must be 'firing' or 'resolved'")
+        times: Dict[str, Optional[float]] = {}
+        for name in ("startsAt", "endsAt"):
+            value = raw.get(name)
+            if value is None or value == "":
+                times[name] = None
+                continue
+            if not isinstance(value, str):
+                raise BadRequest(f"{where}.{name} must be an RFC 3339 time string")
+            try:
+                times[name] = parse_time(value)
+            except ValueError:
+                raise BadRequest(f"{where}.{name} must be an RFC 3339 time like 2024-01-15T14:30:25Z") from None
+        fingerprint = optional_string(raw, "fingerprint", where + ".")
+        if len(fingerprint) > 128:
+            raise BadRequest(f"{where}.fingerprint is longer than 128 characters")
+        alerts.append(Alert(
+            status=status,
+            labels=maps["labels"],
+            annotations=maps["annotations"],
+            starts_at=times["startsAt"],
+            ends_at=times["endsAt"],
+            generator_url=optional_string(raw, "generatorURL", where + "."),
+            fingerprint=fingerprint or label_fingerprint(maps["labels"]),
+        ))
+    status = top_status or ("firing" if any(a.status == "firing" for a in alerts) else "resolved")
+    return Webhook(status=status, group_key=group_key, external_url=external_url,
+                   receiver=receiver, alerts=alerts)
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a Prometheus-style duration: 90, 90s, 30m, 1h30m, 7d, 250ms."""
+    text = text.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 30m, 1h, 7d)")
+    return sum(float(n) * DURATION_UNITS[u] for n, u in parts)
+
+
+def default_store_file(environ: Dict[str, str]) -> str:
+    """systemd's StateDirectory, else /var/lib/alert-threader if writable, else ./threads.json."""
+    state_dir = environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if state_dir:
+        return os.path.join(state_dir, "threads.json")
+    system_dir = "/var/lib/alert-threader"
+    if os.path.isdir(system_dir) and os.access(system_dir, os.W_OK):
+        return os.path.join(system_dir, "threads.json")
+    return os.path.abspath("threads.json")
+
+
+# (variable, default, help); the flag is the variable in lower case with dashes.
+SETTINGS: Tuple[Tuple[str, Optional[str], str], ...] = (
+    ("SLACK_BOT_TOKEN", None, "Slack bot token (xoxb-...); none means dry-run mode"),
+    ("SLACK_BOT_TOKEN_FILE", None, "read the Slack bot token from this file"),
+    ("SLACK_CHANNEL", None, "default Slack channel ID (C0123456789)"),
+    ("SLACK_CHANNELS", None, "comma-separated channels allowed for ?channel= (default: SLACK_CHANNEL)"),
+    ("ENVIRONMENT", "production", "shown in messages and part of the thread key"),
+    ("THREAD_STORE", "file", "where thread state lives: file or redis"),
+    ("THREAD_STORE_FILE", None,
+     "file store path (default $STATE_DIRECTORY/threads.json, /var/lib/alert-threader/threads.json, ./threads.json)"),
+    ("REDIS_URL", "redis://127.0.0.1:6379/0", "redis:// or rediss:// URL, with password and database"),
+    ("REDIS_KEY_PREFIX", "threader:ts", "Redis keys are PREFIX:THREAD_KEY"),
+    ("HOST", "0.0.0.0", "listen address"),
+    ("PORT", "9009", "listen port (0 picks a free one)"),
+    ("SLACK_API_URL", "https://slack.com/api/", "Slack Web API base URL"),
+    ("WEBHOOK_TOKEN", None, "bearer token required on POST /alert, /cache and /preview"),
+    ("WEBHOOK_TOKEN_FILE", None, "read the webhook token from this file"),
+    ("REOPEN_WINDOW", "30m", "a key firing again this soon after its thread closed reopens it (0 disables)"),
+    ("STORM_THRESHOLD", "10", "more new alerts than this in one webhook are posted as one digest thread"),
+    ("THREAD_RETENTION", "24h", "how long closed threads are kept (for dedupe and reopen)"),
+    ("SLACK_TIMEOUT", "10s", "timeout of one Slack API call"),
+    ("SLACK_RETRY_BUDGET", "15s", "time one webhook may spend retrying Slack before answering 503"),
+    ("MAX_BODY_BYTES", "8388608", "largest webhook body accepted (413 past it)"),
+    ("MAX_CONNECTIONS", "64", "concurrent connections served (503 past it)"),
+    ("SHUTDOWN_TIMEOUT", "20s", "on SIGTERM, how long in-flight webhooks may take to finish"),
+    ("ALERTMANAGER_URL", None, "Alertmanager URL for Silence buttons (default: the webhook's externalURL)"),
+    ("LOG_LEVEL", "info", "debug, info, warning or error"),
+    ("LOG_FORMAT", "text", "text or json"),
+)
+
+SECRET_SETTINGS = frozenset({"SLACK_BOT_TOKEN", "WEBHOOK_TOKEN"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """All settings, read once at start-up and passed explicitly."""
+
+    slack_bot_token: Optional[str] = dataclasses.field(default=None, repr=False)
+    slack_channel: Optional[str] = None
+    slack_channels: Tuple[str, ...] = ()
+    environment: str = "production"
+    thread_store: str = "file"
+    thread_store_file: str = "threads.json"
+    redis_url: str = dataclasses.field(default="redis://127.0.0.1:6379/0", repr=False)
+    redis_key_prefix: str = "threader:ts"
+    host: str = "0.0.0.0"
+    port: int = 9009
+    slack_api_url: str = "https://slack.com/api/"
+    webhook_token: Optional[str] = dataclasses.field(default=None, repr=False)
+    reopen_window: float = 1800.0
+    storm_threshold: int = 10
+    thread_retention: float = 86400.0
+    slack_timeout: float = 10.0
+    slack_retry_budget: float = 15.0
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_connections: int = 64
+    shutdown_timeout: float = 20.0
+    alertmanager_url: Optional[str] = None
+    log_level: str = "info"
+    log_format: str = "text"
+
+    @property
+    def dry_run(self) -> bool:
+        return not self.slack_bot_token
+
+    def secrets(self) -> List[str]:
+        return [s for s in (self.slack_bot_token, self.webhook_token, redis_password(self.redis_url)) if s]
+
+
+def redis_password(url: str) -> Optional[str]:
+    try:
+        return urllib.parse.urlsplit(url).password
+    except ValueError:
+        return None
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, for logs and endpoints."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def flag_name(variable: str) -> str:
+    return "--" + variable.lower().replace("_", "-")
+
+
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings (each flag wins over its environment variable)")
+    for variable, default, help_text in SETTINGS:
+        shown = "" if default is None or variable in SECRET_SETTINGS else f" (default: {default})"
+        group.add_argument(flag_name(variable), dest=variable, metavar="VALUE",
+                           help=f"{variable}: {help_text}{shown}")
+
+
+def _read_secret_file(variable: str, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = f.read().strip()
+    except OSError as e:
+        raise ConfigError(f"{variable}: cannot read {path}: {e.strerror}") from None
+    if not value:
+        raise ConfigError(f"{variable}: {path} is empty")
+    return value
+
+
+def load_config(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
+    """Settings from flags (winning) and the environment, validated; raises ConfigError."""
+    raw: Dict[str, Optional[str]] = {}
+    for variable, default, _ in SETTINGS:
+        flag_value = getattr(args, variable, None)
+        env_value = environ.get(variable)
+        value = flag_value if flag_value is not None else env_value
+        raw[variable] = value if value not in (None, "") else default
+
+    def number(variable: str, low: float, high: float, integer: bool = False) -> Any:
+        text = raw[variable] or ""
+        try:
+            value = int(text) if integer else parse_duration(text)
+        except ValueError:
+            kind = "an integer" if integer else "a duration such as 30s or 5m"
+            raise ConfigError(f"{variable}={text!r} is not {kind}") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{variable}={text} is out of range ({low:g}..{high:g})")
+        return value
+
+    for variable in ("SLACK_BOT_TOKEN", "WEBHOOK_TOKEN"):
+        path = raw[variable + "_FILE"]
+        if path:
+            if raw[variable]:
+                raise ConfigError(f"set {variable} or {variable}_FILE, not both")
+            raw[variable] = _read_secret_file(variable + "_FILE", path)
+
+    token = raw["SLACK_BOT_TOKEN"]
+    if token and not re.fullmatch(r"xox[a-z]-[A-Za-z0-9-]+", token):
+        raise ConfigError("SLACK_BOT_TOKEN does not look like a Slack token (expected xoxb-...)")
+    webhook_token = raw["WEBHOOK_TOKEN"]
+    if webhook_token and (len(webhook_token) < 16 or not webhook_token.isprintable() or " " in webhook_token):
+        raise ConfigError("WEBHOOK_TOKEN must be at least 16 printable characters without spaces")
+
+    channel = raw["SLACK_CHANNEL"]
+    channel_re = r"[A-Z0-9][A-Z0-9_-]{1,79}|#[a-z0-9][a-z0-9_-]{0,79}"
+    if channel and not re.fullmatch(channel_re, channel):
+        raise ConfigError(f"SLACK_CHANNEL={channel!r} is not a channel ID like C0123456789")
+    if not channel and token:
+        raise ConfigError("SLACK_CHANNEL is required when SLACK_BOT_TOKEN is set")
+    channels = tuple(c.strip() for c in (raw["SLACK_CHANNELS"] or "").split(",") if c.strip())
+    for c in channels:
+        if not re.fullmatch(channel_re, c):
+            raise ConfigError(f"SLACK_CHANNELS: {c!r} is not a channel ID")
+    if channel and channel not in channels:
+        channels = (channel,) + channels
+
+    environment = raw["ENVIRONMENT"] or ""
+    if not environment or "|" in environment or not environment.isprintable():
+        raise ConfigError("ENVIRONMENT must be a non-empty printable name without '|'")
+
+    store = (raw["THREAD_STORE"] or "").lower()
+    if store not in ("file", "redis"):
+        raise ConfigError(f"THREAD_STORE={raw['THREAD_STORE']!r} is unknown (use file or redis)")
+    store_file = raw["THREAD_STORE_FILE"] or default_store_file(environ)
+    if store == "file":
+        directory = os.path.dirname(os.path.abspath(store_file))
+        if not os.path.isdir(directory):
+            raise ConfigError(f"THREAD_STORE_FILE: directory {directory} does not exist")
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise ConfigError(f"THREAD_STORE_FILE: directory {directory} is not writable")
+    redis_url = raw["REDIS_URL"] or ""
+    try:
+        parts = urllib.parse.urlsplit(redis_url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError("REDIS_URL is malformed") from None
+    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+        raise ConfigError("REDIS_URL must be redis://[:password@]host:port/db or rediss://...")
+    prefix = raw["REDIS_KEY_PREFIX"] or ""
+    if not prefix or any(c in prefix for c in "*?[] "):
+        raise ConfigError("REDIS_KEY_PREFIX must be non-empty without spaces or glob characters")
+
+    api_url = raw["SLACK_API_URL"] or ""
+    api = urllib.parse.urlsplit(api_url)
+    if api.scheme not in ("http", "https") or not api.hostname:
+        raise ConfigError(f"SLACK_API_URL={api_url!r} must be an http(s) URL")
+    if not api_url.endswith("/"):
+        api_url += "/"
+    am_url = raw["ALERTMANAGER_URL"]
+    if am_url and not is_http_url(am_url):
+        raise ConfigError(f"ALERTMANAGER_URL={am_url!r} must be an http(s) URL")
+
+    level = (raw["LOG_LEVEL"] or "").lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"LOG_LEVEL={raw['LOG_LEVEL']!r} must be debug, info, warning or error")
+    log_format = (raw["LOG_FORMAT"] or "").lower()
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"LOG_FORMAT={raw['LOG_FORMAT']!r} must be text or json")
+
+    return Config(
+        slack_bot_token=token,
+        slack_channel=channel,
+        slack_channels=channels,
+        environment=environment,
+        thread_store=store,
+        thread_store_file=os.path.abspath(store_file),
+        redis_url=redis_url,
+        redis_key_prefix=prefix,
+        host=raw["HOST"] or "",
+        port=number("PORT", 0, 65535, integer=True),
+        slack_api_url=api_url,
+        webhook_token=webhook_token,
+        reopen_window=number("REOPEN_WINDOW", 0, 30 * 86400),
+        storm_threshold=number("STORM_THRESHOLD", 1, 100000, integer=True),
+        thread_retention=number("THREAD_RETENTION", 60, 365 * 86400),
+        slack_timeout=number("SLACK_TIMEOUT", 0.1, 300),
+        slack_retry_budget=number("SLACK_RETRY_BUDGET", 0, 3600),
+        max_body_bytes=number("MAX_BODY_BYTES", 1024, 1 << 30, integer=True),
+        max_connections=number("MAX_CONNECTIONS", 1, 10000, integer=True),
+        shutdown_timeout=number("SHUTDOWN_TIMEOUT", 0, 3600),
+        alertmanager_url=am_url,
+        log_level=level,
+        log_format=log_format,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Logging and metrics
+# ---------------------------------------------------------------------------
+
+class RedactingFilter(logging.Filter):
+    """Last line of defence: no secret leaves through a log record."""
+
+    def __init__(self, secrets: Sequence[str]) -> None:
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if any(s in message for s in self.secrets):
+            for s in self.secrets:
+                message = message.replace(s, "***")
+            record.msg, record.args = message, None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+                 "level": record.levelname.lower(), "message": record.getMessage()}
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(config: Config, stream: Any = None) -> logging.Handler:
+    """One handler on our logger; journald adds timestamps itself, so we add none there."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    if config.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    elif os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.addFilter(RedactingFilter(config.secrets()))
+    for old in list(log.handlers):
+        log.removeHandler(old)
+    log.addHandler(handler)
+    log.setLevel(config.log_level.upper())
+    log.propagate = False
+    return handler
+
+
+def log_event(level: int, message: str, **fields: Any) -> None:
+    """A log line with key=value fields in text, or as JSON keys in the json format."""
+    if not log.isEnabledFor(level):
+        return
+    text = message + "".join(f" {k}={_logfmt(v)}" for k, v in fields.items())
+    log.log(level, text, extra={"fields": fields})
+
+
+def _logfmt(value: Any) -> str:
+    text = str(value)
+    if text == "" or any(c in text for c in ' "=\n'):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """Counters, gauges and histograms rendered in the Prometheus text format."""
+
+    HELP = {
+        "alert_threader_webhooks_total": ("counter", "Webhook requests answered, by HTTP code."),
+        "alert_threader_alerts_total": ("counter", "Alerts processed, by status and action."),
+        "alert_threader_slack_requests_total": ("counter", "Slack API calls, by method and result (ok or the Slack error)."),
+        "alert_threader_slack_request_duration_seconds": ("histogram", "Slack API call latency."),
+        "alert_threader_slack_rate_limit_wait_seconds_total": ("counter", "Seconds spent waiting on Slack rate limits."),
+        "alert_threader_slack_fallbacks_total": ("counter", "Messages re-sent as plain text after Slack rejected the layout."),
+        "alert_threader_store_operations_total": ("counter", "Thread store operations, by store and operation."),
+        "alert_threader_store_errors_total": ("counter", "Thread store errors, by store and operation."),
+        "alert_threader_connections_refused_total": ("counter", "Connections refused past MAX_CONNECTIONS."),
+        "alert_threader_open_threads": ("gauge", "Threads with at least one firing alert."),
+        "alert_threader_stored_threads": ("gauge", "Threads in the store, open and closed."),
+        "alert_threader_build_info": ("gauge", "Version of the running threader."),
+    }
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float] = {}
+        self._histograms: Dict[str, List[float]] = {}
+        self._gauges: Dict[str, Callable[[], float]] = {}
+
+    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        with self._lock:
+            self._values[key] = self._values.get(key, 0.0) + amount
+
+    def observe(self, name: str, value: float) -> None:
+        with self._lock:
+            counts = self._histograms.setdefault(name, [0.0] * (len(LATENCY_BUCKETS) + 2))
+            for i, bound in enumerate(LATENCY_BUCKETS):
+                if value <= bound:
+                    counts[i] += 1
+            counts[-2] += 1
+            counts[-1] += value
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        with self._lock:
+            self._values[(name, tuple(sorted(labels.items())))] = value
+
+    def gauge(self, name: str, read: Callable[[], float]) -> None:
+        self._gauges[name] = read
+
+    def value(self, name: str, **labels: str) -> float:
+        with self._lock:
+            return self._values.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def total(self, name: str, **match: str) -> float:
+        with self._lock:
+            return sum(v for (n, labels), v in self._values.items()
+                       if n == name and all(dict(labels).get(k) == x for k, x in match.items()))
+
+    def render(self) -> str:
+        with self._lock:
+            values = dict(self._values)
+            histograms = {k: list(v) for k, v in self._histograms.items()}
+        gauges = {}
+        for name, read in self._gauges.items():
+            try:
+                gauges[name] = float(read())
+            except ThreaderError:
+                continue
+        lines: List[str] = []
+        for name, (kind, help_text) in self.HELP.items():
+            samples = [(labels, v) for (n, labels), v in sorted(values.items()) if n == name]
+            if kind == "histogram":
+                counts = histograms.get(name)
+                if counts is None:
+                    continue
+            elif kind == "gauge" and name in gauges:
+                samples = [((), gauges[name])]
+            elif not samples:
+                continue
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} {kind}")
+            if kind == "histogram":
+                for bound, count in zip(LATENCY_BUCKETS, counts):
+                    lines.append(f'{name}_bucket{{le="{bound}"}} {count:g}')
+                lines.append(f'{name}_bucket{{le="+Inf"}} {counts[-2]:g}')
+                lines.append(f"{name}_sum {counts[-1]!r}")
+                lines.append(f"{name}_count {counts[-2]:g}")
+                continue
+            for labels, v in samples:
+                label_text = ",".join(f'{k}="{_label_escape(x)}"' for k, x in labels)
+                lines.append(f"{name}{{{label_text}}} {v:g}" if label_text else f"{name} {v:g}")
+        return "\n".join(lines) + "\n"
+
+
+def _label_escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+# ---------------------------------------------------------------------------
+# Thread stores
+# ---------------------------------------------------------------------------
+#
+# A store maps a thread key to a record, a JSON object:
+#   {"ts": parent message ts, "channel": ..., "key": seed thread key,
+#    "status": "open" | "closed", "alerts": {fingerprint: [state, startsAt, endsAt]},
+#    "created"/"updated"/"closed": wall-clock seconds, "ended": the alerts' last endsAt,
+#    "reopened": count, "first": the first alert (for the status card),
+#    "digest": storm key (members of a storm digest)}
+# Storm digests are records of their own under "storm|CHANNEL|ID".
+#
+# Interface shared by both stores:
+#   get_many(keys) -> {key: record}     put_many({key: record})  (durable on return)
+#   locked(keys)   -> context manager serialising work on those keys
+#   items() / count() / clear() / prune(now) / health() / stats() / close()
+
+
+class KeyLocks:
+    """One lock per key, created on demand and dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: Dict[str, List[Any]] = {}
+
+    @contextlib.contextmanager
+    def hold(self, keys: Iterable[str], timeout: float) -> Iterator[None]:
+        ordered = sorted(set(keys))  # one global order: no deadlock between webhooks
+        held: List[str] = []
+        deadline = time.monotonic() + timeout
+        try:
+            for key in ordered:
+                with self._lock:
+                    entry = self._entries.setdefault(key, [threading.Lock(), 0])
+                    entry[1] += 1
+                if not entry[0].acquire(timeout=max(0.0, deadline - time.monotonic())):
+                    self._forget(key)
+                    raise StoreError(f"timed out after {timeout:g}s waiting for thread {key!r}")
+                held.append(key)
+            yield
+        finally:
+            for key in reversed(held):
+                self._entries[key][0].release()
+                self._forget(key)
+
+    def _forget(self, key: str) -> None:
+        with self._lock:
+            entry = self._entries[key]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._entries[key]
+
+
+class ThreadStore:
+    """The interface both stores implement (see the comment above)."""
+
+    name = "none"
+
+    def __init__(self, metrics: Metrics, lock_timeout: float) -> None:
+        self.metrics = metrics
+        self.lock_timeout = lock_timeout
+        self._key_locks = KeyLocks()
+
+    def get(self, key: str) -> Optional[Dict[str, Any]]:
+        return self.get_many([key]).get(key)
+
+    def put(self, key: str, record: Dict[str, Any]) -> None:
+        self.put_many({key: record})
+
+    def get_many(self, keys: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+        raise NotImplementedError
+
+    def put_many(self, records: Dict[str, Dict[str, Any]]) -> None:
+        raise NotImplementedError
+
+    def locked(self, keys: Sequence[str]) -> Any:
+        return self._key_locks.hold(keys, self.lock_timeout)
+
+    def items(self) -> Dict[str, Dict[str, Any]]:
+        raise NotImplementedError
+
+    def count(self) -> int:
+        return len(self.items())
+
+    def open_count(self) -> int:
+        return sum(1 for r in self.items().values() if r.get("status") == "open")
+
+    def clear(self) -> int:
+        raise NotImplementedError
+
+    def prune(self, now: float) -> int:
+        return 0
+
+    def health(self) -> Dict[str, Any]:
+        return {"ok": True}
+
+    def stats(self) -> Dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+    def _count(self, op: str, error: bool = False) -> None:
+        self.metrics.inc("alert_threader_store_errors_total" if error else "alert_threader_store_operations_total",
+                         store=self.name, op=op)
+
+
+def expired(record: Dict[str, Any], now: float, retention: float) -> bool:
+    closed = record.get("closed")
+    return record.get("status") == "closed" and isinstance(closed, (int, float)) and closed + retention < now
+
+
+class FileStore(ThreadStore):
+    """Records in memory, mirrored to one JSON file rewritten atomically on every change.
+
+    Each record's JSON text is cached, so a commit joins strings instead of
+    re-serialising every thread; concurrent writers share one write and fsync
+    (group commit) but every put_many returns only once its change is on disk.
+    With path None it is a memory-only store (render, tests).
+    """
+
+    name = "file"
+
+    def __init__(self, path: Optional[str], metrics: Metrics, retention: float = 86400.0,
+                 lock_timeout: float = 60.0) -> None:
+        super().__init__(metrics, lock_timeout)
+        self.path = path
+        self.retention = retention
+        self._lock = threading.Lock()
+        self._commit_lock = threading.Lock()
+        # key -> '"key":{record json}', the text the file is joined from
+        self._fragments: Dict[str, str] = {}
+        # key -> (status, closed): what prune and the gauges need without parsing records
+        self._summary: Dict[str, Tuple[str, Any]] = {}
+        self._version = 0
+        self._durable = 0
+        self.write_error: Optional[str] = None
+        self.moved_aside: Optional[str] = None
+        if path:
+            self._remove_temp_files()
+            self._load()
+
+    # -- loading ------------------------------------------------------------
+
+    def _temp_prefix(self) -> str:
+        return "." + os.path.basename(self.path or "") + ".tmp-"
+
+    def _remove_temp_files(self) -> None:
+        directory = os.path.dirname(self.path or "") or "."
+        for name in os.listdir(directory):
+            if name.startswith(self._temp_prefix()):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, name))
+                    log_event(logging.INFO, "removed temporary file left by a crash", file=name)
+
+    def _load(self) -> None:
+        assert self.path
+        try:
+            with open(self.path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            self._move_aside(f"cannot be read ({e.strerror})")
+            return
+        try:
+            threads = self._parse(raw)
+        except ValueError as e:
+            self._move_aside(str(e))
+            return
+        for key, record in threads.items():
+            self._remember(key, record)
+        log_event(logging.INFO, "thread store loaded", file=self.path, threads=len(threads))
+
+    @staticmethod
+    def _parse(raw: bytes) -> Dict[str, Dict[str, Any]]:
+        try:
+            document = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise ValueError(f"is not valid JSON ({truncate(str(e), 120)})") from None
+        if isinstance(document, dict) and isinstance(document.get("threads"), dict):
+            document = document["threads"]
+        elif not isinstance(document, dict):
+            raise ValueError("is not a JSON object of threads")
+        threads = {}
+        for key, record in document.items():
+            if isinstance(record, str):  # the seed's format: key -> ts
+                record = {"ts": record, "status": "open", "alerts": {}}
+            if not isinstance(record, dict) or not isinstance(record.get("ts"), str):
+                raise ValueError(f"has a malformed thread {truncate(key, 80)!r}")
+            record.setdefault("alerts", {})
+            record.setdefault("status", "open")
+            threads[key] = record
+        return threads
+
+    def _move_aside(self, reason: str) -> None:
+        assert self.path
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        target = f"{self.path}.corrupt-{stamp}"
+        try:
+            os.replace(self.path, target)
+        except OSError as e:
+            raise ConfigError(f"THREAD_STORE_FILE: {self.path} {reason} and cannot be moved aside: {e.strerror}") from None
+        self.moved_aside = target
+        log_event(logging.ERROR, "thread store file was unusable; moved aside, starting with no threads",
+                  file=self.path, reason=reason, moved_to=target)
+
+    # -- reading and writing ------------------------------------------------
+
+    def _remember(self, key: str, record: Dict[str, Any]) -> None:
+        self._fragments[key] = (json.dumps(key, ensure_ascii=False) + ":"
+                                + json.dumps(record, ensure_ascii=False, separators=(",", ":")))
+        self._summary[key] = (record.get("status", "open"), record.get("closed"))
+
+    def _forget(self, key: str) -> None:
+        del self._fragments[key]
+        del self._summary[key]
+
+    def get_many(self, keys: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+        self._count("get")
+        with self._lock:
+            fragments = [(k, self._fragments.get(k)) for k in keys]
+        # Parsed afresh: callers may change what they get without touching the store.
+        return {k: json.loads(f[len(json.dumps(k, ensure_ascii=False)) + 1:]) for k, f in fragments if f}
+
+    def put_many(self, records: Dict[str, Dict[str, Any]]) -> None:
+        self._count("put")
+        with self._lock:
+            for key, record in records.items():
+                self._remember(key, record)
+            self._version += 1
+            version = self._version
+        self._commit(version)
+
+    def _commit(self, version: int) -> None:
+        if not self.path:
+            return
+        with self._commit_lock:
+            if self._durable >= version:
+                return  # a concurrent commit already wrote this change
+            with self._lock:
+                version = self._version
+                text = '{"version":1,"threads":{' + ",".join(self._fragments.values()) + "}}\n"
+            try:
+                self._write(text)
+            except OSError as e:
+                self.write_error = f"{e.strerror or e} ({self.path})"
+                self._count("write", error=True)
+                log_event(logging.ERROR, "cannot write thread store; threads are kept in memory and the write is retried",
+                          file=self.path, error=e.strerror or str(e))
+                return
+            self._count("write")
+            self._durable = version
+            self.write_error = None
+
+    def _write(self, text: str) -> None:
+        """Temporary file in the same directory, fsync, rename, fsync the directory."""
+        assert self.path
+        directory = os.path.dirname(self.path) or "."
+        fd, temp_path = tempfile.mkstemp(prefix=self._temp_prefix(), dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp_path, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp_path)
+            raise
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def flush(self) -> None:
+        """Retry a commit that failed earlier."""
+        with self._lock:
+            version = self._version
+        if version > self._durable:
+            self._commit(version)
+
+    def items(self) -> Dict[str, Dict[str, Any]]:
+        with self._lock:
+            return json.loads("{" + ",".join(self._fragments.values()) + "}")
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._fragments)
+
+    def open_count(self) -> int:
+        with self._lock:
+            return sum(1 for status, _ in self._summary.values() if status == "open")
+
+    def clear(self) -> int:
+        self._count("clear")
+        with self._lock:
+            removed = len(self._fragments)
+            self._fragments.clear()
+            self._summary.clear()
+            self._version += 1
+            version = self._version
+        self._commit(version)
+        return removed
+
+    def prune(self, now: float) -> int:
+        with self._lock:
+            stale = [k for k, (status, closed) in self._summary.items()
+                     if expired({"status": status, "closed": closed}, now, self.retention)]
+            for key in stale:
+                self._forget(key)
+            if stale:
+                self._version += 1
+            version = self._version
+        if stale:
+            self._count("prune")
+            self._commit(version)
+        else:
+            self.flush()
+        return len(stale)
+
+    def health(self) -> Dict[str, Any]:
+        status: Dict[str, Any] = {"ok": self.write_error is None, "file_status": "ok" if self.write_error is None else "write failing"}
+        if self.write_error:
+            status["store_error"] = self.write_error
+        if self.moved_aside:
+            status["moved_aside"] = self.moved_aside
+        return status
+
+    def stats(self) -> Dict[str, Any]:
+        if not self.path:
+            return {"file": None}
+        try:
+            size = os.path.getsize(self.path)
+        except OSError:
+            size = 0
+        return {"file": self.path, "file_bytes": size}
+
+    def close(self) -> None:
+        self.flush()
+
+
+RELEASE_LOCK_LUA = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+EXTEND_LOCK_LUA = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
+                   "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0")
+
+
+class RedisStore(ThreadStore):
+    """Records as JSON strings under PREFIX:KEY, shared by every replica.
+
+    Work on a key is serialised across processes by a lease (SET NX PX) that
+    expires if its holder dies. Closed threads expire after the retention.
+    While Redis is unreachable, records live in memory (threading degrades,
+    delivery does not) and are written back when Redis returns.
+    """
+
+    name = "redis"
+
+    def __init__(self, url: str, prefix: str, metrics: Metrics, retention: float = 86400.0,
+                 lock_timeout: float = 60.0, lease: float = 60.0, timeout: float = 1.0) -> None:
+        super().__init__(metrics, lock_timeout)
+        try:
+            import redis  # imported here: only this store needs the package
+        except ImportError:
+            raise ConfigError("THREAD_STORE=redis needs the Python redis package: "
+                              "apt install python3-redis (Debian/Ubuntu) or pip install redis") from None
+        self._errors: Tuple[type, ...] = (redis.exceptions.RedisError, OSError)
+        self.url = url
+        self.prefix = prefix
+        self.retention = retention
+        self.lease = lease
+        self._client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout,
+                                            decode_responses=True, retry_on_timeout=False)
+        self._release_lock = self._client.register_script(RELEASE_LOCK_LUA)
+        self._extend_lock = self._client.register_script(EXTEND_LOCK_LUA)
+        self._lock = threading.Lock()
+        self._fallback: Dict[str, Dict[str, Any]] = {}
+        self._down_since: Optional[float] = None
+        self._next_probe = 0.0
+        self._held = threading.local()
+        self.last_error: Optional[str] = None
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}:{key}"
+
+    def _lock_key(self, key: str) -> str:
+        return f"{self.prefix}-lock:{key}"  # outside PREFIX:* so KEYS PREFIX:* lists threads only
+
+    # -- outage handling ----------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._down_since is None
+
+    def _run(self, op: str, action: Callable[[], Any]) -> Any:
+        """Run one Redis operation; raise StoreError (and remember the outage) when Redis is unreachable."""
+        if self._down_since is not None and time.monotonic() < self._next_probe:
+            raise StoreError("redis unreachable")
+        try:
+            result = action()
+        except self._errors as e:
+            self._count(op, error=True)
+            with self._lock:
+                first = self._down_since is None
+                if first:
+                    self._down_since = time.monotonic()
+                self._next_probe = time.monotonic() + 1.0
+                self.last_error = type(e).__name__
+            if first:
+                log_event(logging.ERROR, "redis unreachable; alerts are still posted, threads kept in memory until it returns",
+                          redis=redact_url(self.url), error=type(e).__name__)
+            raise StoreError("redis unreachable") from None
+        self._count(op)
+        if self._down_since is not None:
+            self._recover()
+        return result
+
+    def _recover(self) -> None:
+        with self._lock:
+            if self._down_since is None:
+                return
+            pending, self._fallback = self._fallback, {}
+            outage = time.monotonic() - self._down_since
+            self._down_since = None
+        written = 0
+        try:
+            for key, record in pending.items():
+                current = self._client.get(self._key(key))
+                if current is None or json.loads(current).get("updated", 0) <= record.get("updated", 0):
+                    self._set(self._client, key, record)
+                    written += 1
+        except self._errors as e:
+            with self._lock:
+                self._fallback.update({k: v for k, v in pending.items() if k not in self._fallback})
+                self._down_since = time.monotonic()
+                self._next_probe = time.monotonic() + 1.0
+                self.last_error = type(e).__name__
+            return
+        log_event(logging.INFO, "redis reachable again", outage=format_duration(outage), threads_written_back=written)
+
+    def _set(self, client: Any, key: str, record: Dict[str, Any]) -> None:
+        text = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+        if record.get("status") == "closed":
+            client.set(self._key(key), text, ex=max(1, int(self.retention)))
+        else:
+            client.set(self._key(key), text)  # a plain SET also clears an earlier expiry
+
+    # -- the store interface ------------------------------------------------
+
+    def get_many(self, keys: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+        keys = list(keys)
+        if not keys:
+            return {}
+        try:
+            values = self._run("get", lambda: self._client.mget([self._key(k) for k in keys]))
+        except StoreError:
+            with self._lock:
+                return {k: json.loads(json.dumps(self._fallback[k])) for k in keys if k in self._fallback}
+        found = {}
+        for key, value in zip(keys, values):
+            if value is not None:
+                with contextlib.suppress(ValueError):
+                    record = json.loads(value)
+                    if isinstance(record, dict) and isinstance(record.get("ts"), str):
+                        record.setdefault("alerts", {})
+                        record.setdefault("status", "open")
+                        found[key] = record
+        return found
+
+    def put_many(self, records: Dict[str, Dict[str, Any]]) -> None:
+        def write() -> None:
+            pipe = self._client.pipeline(transaction=False)
+            for key, record in records.items():
+                self._set(pipe, key, record)
+            for lock_key, token in getattr(self._held, "tokens", {}).items():
+                self._extend_lock(keys=[lock_key], args=[token, int(self.lease * 1000)], client=pipe)
+            pipe.execute()
+        try:
+            self._run("put", write)
+        except StoreError:
+            with self._lock:
+                self._fallback.update(json.loads(json.dumps(records)))
+
+    @contextlib.contextmanager
+    def locked(self, keys: Sequence[str]) -> Iterator[None]:
+        with self._key_locks.hold(keys, self.lock_timeout):
+            tokens = {}
+            deadline = time.monotonic() + self.lock_timeout
+            try:
+                for key in sorted(set(keys)):
+                    lock_key, token = self._lock_key(key), os.urandom(12).hex()
+                    while True:
+                        try:
+                            if self._run("lock", lambda: self._client.set(lock_key, token, nx=True,
+                                                                          px=int(self.lease * 1000))):
+                                tokens[lock_key] = token
+                                break
+                        except StoreError:
+                            break  # Redis is down: this process's own lock is all we have
+                        if time.monotonic() > deadline:
+                            raise StoreError(f"timed out waiting for another replica on thread {key!r}")
+                        time.sleep(0.01)
+                self._held.tokens = tokens
+                yield
+            finally:
+                self._held.tokens = {}
+                for lock_key, token in tokens.items():
+                    with contextlib.suppress(StoreError):
+                        self._run("unlock", lambda: self._release_lock(keys=[lock_key], args=[token]))
+
+    def _scan(self) -> List[str]:
+        return list(self._client.scan_iter(match=self._key("*"), count=1000))
+
+    def items(self) -> Dict[str, Dict[str, Any]]:
+        def read() -> Dict[str, Dict[str, Any]]:
+            names = self._scan()
+            found = {}
+            strip = len(self.prefix) + 1
+            for i in range(0, len(names), 500):
+                chunk = names[i:i + 500]
+                for name, value in zip(chunk, self._client.mget(chunk)):
+                    with contextlib.suppress(ValueError, TypeError):
+                        found[name[strip:]] = json.loads(value)
+            return found
+        try:
+            return self._run("scan", read)
+        except StoreError:
+            with self._lock:
+                return json.loads(json.dumps(self._fallback))
+
+    def count(self) -> int:
+        try:
+            return self._run("scan", lambda: len(self._scan()))
+        except StoreError:
+            with self._lock:
+                return len(self._fallback)
+
+    def clear(self) -> int:
+        def delete_all() -> int:
+            names = self._scan()
+            for i in range(0, len(names), 500):
+                self._client.delete(*names[i:i + 500])
+            return len(names)
+        with self._lock:
+            dropped = len(self._fallback)
+            self._fallback.clear()
+        try:
+            return self._run("clear", delete_all) + dropped
+        except StoreError:
+            return dropped
+
+    def health(self) -> Dict[str, Any]:
+        try:
+            self._run("ping", self._client.ping)
+        except StoreError:
+            pass
+        status: Dict[str, Any] = {"ok": self.connected, "redis_status": "connected" if self.connected else "disconnected"}
+        if not self.connected:
+            status["store_error"] = f"redis unreachable ({self.last_error})"
+        return status
+
+    def stats(self) -> Dict[str, Any]:
+        try:
+            info = self._run("info", self._client.info)
+        except StoreError:
+            return {"redis": {"status": "disconnected"}}
+        fields = ("connected_clients", "used_memory_human", "keyspace_hits", "keyspace_misses")
+        return {"redis": {name: info.get(name) for name in fields}}
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._client.close()
+
+
+# ---------------------------------------------------------------------------
+# Slack client
+# ---------------------------------------------------------------------------
+
+TRANSIENT, RATE_LIMITED, CONFIGURATION, LAYOUT, THREAD_GONE, OTHER = (
+    "transient", "rate_limited", "configuration", "layout", "thread_gone", "other")
+
+TRANSIENT_ERRORS = frozenset({"internal_error", "service_unavailable", "request_timeout", "ratelimited"})
+LAYOUT_ERRORS = frozenset({"invalid_blocks", "invalid_blocks_format", "invalid_attachments", "too_many_attachments",
+                           "msg_blocks_too_long", "msg_too_long", "no_text", "invalid_arguments"})
+THREAD_GONE_ERRORS = frozenset({"message_not_found", "thread_not_found", "cant_update_message"})
+# Permanent configuration problems, each with what the operator should do.
+CONFIGURATION_ERRORS = {
+    "invalid_auth": "Slack rejects SLACK_BOT_TOKEN: copy the app's Bot User OAuth Token (xoxb-...) again",
+    "not_authed": "no token reached Slack: set SLACK_BOT_TOKEN or SLACK_BOT_TOKEN_FILE",
+    "account_inactive": "the Slack app or its workspace was deactivated: reinstall the app and update the token",
+    "token_revoked": "the token was revoked: reinstall the Slack app and update SLACK_BOT_TOKEN",
+    "token_expired": "the token expired: reinstall the Slack app or turn off token rotation",
+    "missing_scope": "the app lacks a scope: add chat:write (and reactions:write) and reinstall it",
+    "no_permission": "the token may not post here: check the app's scopes and the channel's posting rules",
+    "restricted_action": "a workspace setting forbids this post: ask a Slack admin",
+    "channel_not_found": "check SLACK_CHANNEL: use the channel ID (C0123456789); for a private channel invite the bot first",
+    "not_in_channel": "invite the bot: /invite @your-app in the channel",
+    "is_archived": "the channel is archived: unarchive it or point SLACK_CHANNEL at another one",
+    "ekm_access_denied": "Slack EKM denies access: ask a Slack admin",
+}
+
+
+def classify_slack_error(error: str) -> str:
+    if error in TRANSIENT_ERRORS:
+        return TRANSIENT
+    if error in CONFIGURATION_ERRORS:
+        return CONFIGURATION
+    if error in LAYOUT_ERRORS:
+        return LAYOUT
+    if error in THREAD_GONE_ERRORS:
+        return THREAD_GONE
+    return OTHER
+
+
+class SlackError(ThreaderError):
+    """A Slack call that did not succeed: transport failure, HTTP error or ok:false."""
+
+    def __init__(self, method: str, error: str, kind: str, retry_after: float = 0.0) -> None:
+        super().__init__(f"Slack {method}: {error}")
+        self.method = method
+        self.error = error
+        self.kind = kind
+        self.retry_after = retry_after
+
+    @property
+    def hint(self) -> str:
+        if self.kind == CONFIGURATION:
+            return CONFIGURATION_ERRORS[self.error]
+        if self.kind in (TRANSIENT, RATE_LIMITED):
+            return "Slack is unavailable or rate limiting; Alertmanager retries the webhook"
+        if self.kind == LAYOUT:
+            return "Slack rejected the message layout; sent as plain text instead"
+        return "see https://api.slack.com/methods/" + self.method
+
+
+class SlackAPI:
+    """Calls Slack's Web API; keeps the recent calls for /preview."""
+
+    def __init__(self, metrics: Metrics, keep: int = 300) -> None:
+        self.metrics = metrics
+        self.recent: deque = deque(maxlen=keep)
+
+    def call(self, method: str, payload: Dict[str, Any]) -> Dict[str, Any]:
+        start = time.monotonic()
+        try:
+            response = self._call(method, payload)
+        except SlackError as e:
+            self.metrics.inc("alert_threader_slack_requests_total", method=method, result=e.error)
+            raise
+        finally:
+            self.metrics.observe("alert_threader_slack_request_duration_seconds", time.monotonic() - start)
+        self.metrics.inc("alert_threader_slack_requests_total", method=method, result="ok")
+        self.recent.append((time.time(), method, payload, response))
+        return response
+
+    def _call(self, method: str, payload: Dict[str, Any]) -> Dict[str, Any]:
+        raise NotImplementedError
+
+
+class DryRunSlack(SlackAPI):
+    """Logs what would be sent and answers like Slack would."""
+
+    def __init__(self, metrics: Metrics, quiet: bool = False) -> None:
+        super().__init__(metrics)
+        self.quiet = quiet
+        self._seq = itertools.count(1)
+        self._base = int(time.time())
+
+    def _call(self, method: str, payload: Dict[str, Any]) -> Dict[str, Any]:
+        if not self.quiet:
+            log_event(logging.INFO, f"dry-run: would call {method} {json.dumps(payload, ensure_ascii=False)}")
+        ts = f"{self._base}.{next(self._seq):06d}"
+        return {"ok": True, "ts": payload.get("ts", ts), "channel": payload.get("channel")}
+
+
+class SlackClient(SlackAPI):
+    """One keep-alive HTTP connection per worker thread; every call has a timeout."""
+
+    def __init__(self, api_url: str, token: str, timeout: float, metrics: Metrics) -> None:
+        super().__init__(metrics)
+        parts = urllib.parse.urlsplit(api_url)
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname or ""
+        self._port = parts.port
+        self._path = parts.path
+        self._timeout = timeout
+        self._headers = {"Authorization": "Bearer " + token,
+                         "Content-Type": "application/json; charset=utf-8",
+                         "User-Agent": f"alert-threader/{__version__}"}
+        self._local = threading.local()
+        self._ssl_context: Any = None
+
+    def _connection(self) -> Tuple[http.client.HTTPConnection, bool]:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn, True
+        if self._https:
+            if self._ssl_context is None:
+                import ssl  # only when talking TLS: keeps the dry-run and test process small
+                self._ssl_context = ssl.create_default_context()
+            conn = http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout,
+                                               context=self._ssl_context)
+        else:
+            conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+        self._local.conn = conn
+        return conn, False
+
+    def _drop_connection(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            conn.close()
+
+    def _call(self, method: str, payload: Dict[str, Any]) -> Dict[str, Any]:
+        body = json.dumps(payload).encode()
+        for attempt in (1, 2):
+            conn, reused = self._connection()
+            try:
+                conn.request("POST", self._path + method, body, self._headers)
+                response = conn.getresponse()
+                raw = response.read()
+                break
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
+                self._drop_connection()
+                # A kept-alive connection the server had already closed: send once more on a new one.
+                if reused and attempt == 1:
+                    continue
+                raise SlackError(method, f"network: {type(e).__name__}", TRANSIENT) from None
+            except socket.timeout:
+                self._drop_connection()
+                raise SlackError(method, f"timeout after {self._timeout:g}s", TRANSIENT) from None
+            except (OSError, http.client.HTTPException) as e:
+                self._drop_connection()
+                raise SlackError(method, f"network: {type(e).__name__}", TRANSIENT) from None
+        if response.will_close:
+            self._drop_connection()
+        if response.status == 429:
+            try:
+                retry_after = float(response.headers.get("Retry-After", "1"))
+            except ValueError:
+                retry_after = 1.0
+            raise SlackError(method, "ratelimited", RATE_LIMITED, max(0.0, min(retry_after, 3600.0)))
+        if response.status >= 500:
+            raise SlackError(method, f"http_{response.status}", TRANSIENT)
+        if response.status >= 400:
+            raise SlackError(method, f"http_{response.status}", OTHER)
+        try:
+            document = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise SlackError(method, "invalid_response", TRANSIENT) from None
+        if not isinstance(document, dict):
+            raise SlackError(method, "invalid_response", TRANSIENT)
+        if not document.get("ok"):
+            error = str(document.get("error") or "unknown_error")[:80]
+            raise SlackError(method, error, classify_slack_error(error))
+        return document
+
+
+# ---------------------------------------------------------------------------
+# Message building: plain functions from alerts and thread records to Slack payloads
+# ---------------------------------------------------------------------------
+
+SEVERITY_STYLE = {
+    "critical": ("🚨", "#E01E5A"),
+    "error": ("❌", "#E01E5A"),
+    "warning": ("⚠️", "#ECB22E"),
+    "info": ("ℹ️", "#2EB67D"),
+    "debug": ("🐛", "#36C5F0"),
+}
+UNKNOWN_STYLE = ("🔔", "#ECB22E")
+RESOLVED_STYLE = ("✅", "#2EB67D")
+STORM_EMOJI = "🌩️"
+SEVERITY_RANK = {"critical": 0, "error": 1, "warning": 2, "info": 3, "debug": 4}
+
+HEADER_MAX, SECTION_MAX, FIELD_MAX, CONTEXT_MAX, BUTTON_TEXT_MAX, URL_MAX = 150, 3000, 2000, 10, 75, 3000
+LINES_PER_DIGEST_MESSAGE = 20
+
+
+def severity_style(severity: str) -> Tuple[str, str]:
+    return SEVERITY_STYLE.get(severity.lower(), UNKNOWN_STYLE)
+
+
+def silence_url(base: str, labels: Dict[str, str]) -> Optional[str]:
+    """Alertmanager's new-silence form pre-filled with matchers for these labels."""
+    if not is_http_url(base):
+        return None
+
+    def quoted(value: str) -> str:
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+    for names in (sorted(labels), [n for n in ("alertname",) + KEY_LABELS[1:] + ("instance",) if n in labels]):
+        matchers = ", ".join(f"{name}={quoted(labels[name])}" for name in names)
+        url = base.rstrip("/") + "/#/silences/new?filter=" + urllib.parse.quote("{" + matchers + "}", safe="")
+        if len(url) <= URL_MAX:
+            return url
+    return None
+
+
+def header_block(text: str) -> Dict[str, Any]:
+    return {"type": "header", "text": {"type": "plain_text", "text": truncate(text, HEADER_MAX), "emoji": True}}
+
+
+def section_block(text: str) -> Dict[str, Any]:
+    return {"type": "section", "text": {"type": "mrkdwn", "text": text[:SECTION_MAX]}}
+
+
+def context_block(*texts: str) -> Dict[str, Any]:
+    return {"type": "context", "elements": [{"type": "mrkdwn", "text": t[:SECTION_MAX]} for t in texts[:CONTEXT_MAX]]}
+
+
+def alert_buttons(alert: Alert, external_url: str) -> Optional[Dict[str, Any]]:
+    buttons = []
+    links = (("View Runbook", "runbook", alert.annotations.get("runbook_url", "")),
+             ("Silence", "silence", silence_url(external_url, alert.labels) or ""),
+             ("Source", "source", alert.generator_url))
+    for label, action_id, url in links:
+        if is_http_url(url, URL_MAX):
+            buttons.append({"type": "button", "action_id": action_id, "url": url,
+                            "text": {"type": "plain_text", "text": label[:BUTTON_TEXT_MAX], "emoji": True}})
+    return {"type": "actions", "elements": buttons} if buttons else None
+
+
+def alert_fields(alert: Alert, environment: str) -> Dict[str, Any]:
+    def field(name: str, value: str) -> Dict[str, str]:
+        return {"type": "mrkdwn", "text": f"*{name}:*\n" + mrkdwn(value or "-", FIELD_MAX - len(name) - 4)}
+
+    labels = alert.labels
+    return {"type": "section", "fields": [
+        field("Severity", alert.severity.upper()),
+        field("Environment", environment),
+        field("Service", labels.get("service", "")),
+        field("Cluster", labels.get("cluster", "")),
+        field("Instance", labels.get("instance", "")),
+    ]}
+
+
+def time_line(alert: Alert, resolved: bool) -> str:
+    line = f"*Started:* {format_time(alert.starts_at)}"
+    if resolved:
+        ended = alert.ends_at if alert.ends_at is not None else time.time()
+        line += f" | *Resolved:* {format_time(ended)}"
+        if alert.starts_at is not None:
+            line += f" (after {format_duration(ended - alert.starts_at)})"
+    return line
+
+
+def alert_blocks(alert: Alert, environment: str, title: str, external_url: str,
+                 status_line: Optional[str] = None, resolved: bool = False) -> List[Dict[str, Any]]:
+    """The seed's layout: header, fields, description, links, times, context."""
+    blocks = [header_block(title)]
+    if status_line:
+        blocks.append(section_block(status_line))
+    blocks.append(alert_fields(alert, environment))
+    description = alert.annotations.get("description", "").strip()
+    if description:
+        blocks.append(section_block("*Description:*\n" + mrkdwn(description, SECTION_MAX - 20)))
+    buttons = alert_buttons(alert, external_url)
+    if buttons:
+        blocks.append(buttons)
+    blocks.append(context_block(time_line(alert, resolved)))
+    blocks.append(context_block(mrkdwn(f"env={environment} | alertname={alert.alertname}", 1000)))
+    return blocks
+
+
+def message(channel: str, text: str, color: str, blocks: List[Dict[str, Any]],
+            thread_ts: Optional[str] = None) -> Dict[str, Any]:
+    """A chat.postMessage payload: fallback text plus one coloured attachment of blocks."""
+    payload: Dict[str, Any] = {"channel": channel, "text": text,
+                               "attachments": [{"color": color, "blocks": blocks}],
+                               "unfurl_links": False, "unfurl_media": False}
+    if thread_ts:
+        payload["thread_ts"] = thread_ts
+    return payload
+
+
+def fallback_text(alert: Alert, environment: str, kind: str) -> str:
+    summary = mrkdwn(alert.summary, 500)
+    if kind == "resolved":
+        return f"✅ RESOLVED — {summary}"
+    emoji = severity_style(alert.severity)[0]
+    prefix = "🔁 FIRING AGAIN — " if kind == "refire" else ""
+    return f"{emoji} {prefix}[{mrkdwn(alert.severity.upper() or 'ALERT', 50)}] {summary} ({mrkdwn(environment, 80)})"
+
+
+def render_alert(alert: Alert, channel: str, environment: str, kind: str,
+                 thread_ts: Optional[str] = None, external_url: str = "") -> Dict[str, Any]:
+    """A reply or standalone message for one alert; kind is firing, refire or resolved."""
+    if kind == "resolved":
+        emoji, color = RESOLVED_STYLE
+        title = f"{emoji} RESOLVED — {alert.summary}"
+    else:
+        emoji, color = severity_style(alert.severity)
+        title = f"{emoji} {'FIRING AGAIN — ' if kind == 'refire' else ''}{alert.summary}"
+    blocks = alert_blocks(alert, environment, title, external_url, resolved=kind == "resolved")
+    return message(channel, fallback_text(alert, environment, kind), color, blocks, thread_ts)
+
+
+def render_plain(alert: Alert, channel: str, environment: str, kind: str,
+                 thread_ts: Optional[str] = None) -> Dict[str, Any]:
+    """The plain-text message sent when Slack rejects a layout: just the essentials, escaped."""
+    lines = [fallback_text(alert, environment, kind),
+             f"Severity: {mrkdwn(alert.severity.upper() or '-', 50)} | "
+             f"Instance: {mrkdwn(alert.labels.get('instance', '-'), 300)}",
+             time_line(alert, kind == "resolved").replace("*", "")]
+    runbook = alert.annotations.get("runbook_url", "")
+    if is_http_url(runbook):
+        lines.append("Runbook: " + escape_mrkdwn(runbook))
+    payload: Dict[str, Any] = {"channel": channel, "text": "\n".join(lines),
+                               "unfurl_links": False, "unfurl_media": False}
+    if thread_ts:
+        payload["thread_ts"] = thread_ts
+    return payload
+
+
+def alert_from_record(first: Dict[str, Any]) -> Alert:
+    return Alert(status="firing", labels=first.get("labels", {}), annotations=first.get("annotations", {}),
+                 starts_at=first.get("startsAt"), ends_at=None, generator_url=first.get("generatorURL", ""),
+                 fingerprint="")
+
+
+def card_status(record: Dict[str, Any]) -> str:
+    states = [entry[0] for entry in record.get("alerts", {}).values()]
+    firing, resolved = states.count("f"), states.count("r")
+    reopened = record.get("reopened", 0)
+    again = f" · reopened {reopened}×" if reopened else ""
+    if record.get("status") == "closed":
+        first = record.get("first", {}).get("startsAt")
+        after = f" after {format_duration(record['ended'] - first)}" if record.get("ended") and first else ""
+        noun = "alert" if resolved == 1 else "alerts"
+        return f"*Status:* ✅ {resolved} {noun} resolved{after}{again}"
+    since = record.get("first", {}).get("startsAt")
+    since_text = f" · since {format_time(since)}" if since else ""
+    return f"*Status:* 🔥 {firing} firing · {resolved} resolved{since_text}{again}"
+
+
+def render_card(record: Dict[str, Any], channel: str, environment: str) -> Dict[str, Any]:
+    """The parent message as a status card: the first alert's details under the thread's state."""
+    alert = alert_from_record(record.get("first", {}))
+    closed = record.get("status") == "closed"
+    emoji, color = RESOLVED_STYLE if closed else severity_style(alert.severity)
+    title = f"{emoji} {'RESOLVED — ' if closed else ''}{alert.summary}"
+    blocks = alert_blocks(alert, environment, title, record.get("first", {}).get("externalURL", ""),
+                          status_line=card_status(record))
+    text = fallback_text(alert, environment, "resolved" if closed else "firing")
+    payload = message(channel, text, color, blocks)
+    if record.get("ts"):
+        payload["ts"] = record["ts"]
+    return payload
+
+
+def count_lines(counts: Dict[str, int], limit: int, label: Callable[[str], str]) -> List[str]:
+    ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    lines = [f"• {label(name)}: {n:,}" for name, n in ordered[:limit]]
+    if len(ordered) > limit:
+        lines.append(f"• … and {len(ordered) - limit:,} more")
+    return lines
+
+
+def pack_sections(head: str, lines: List[str]) -> List[Dict[str, Any]]:
+    """Lines into as few sections as Slack's 3000-character limit allows."""
+    blocks, text = [], head
+    for line in lines:
+        if len(text) + len(line) + 1 > SECTION_MAX:
+            blocks.append(section_block(text))
+            text = line
+        else:
+            text = f"{text}\n{line}" if text else line
+    if text:
+        blocks.append(section_block(text))
+    return blocks[:45]
+
+
+def render_digest(storm: Dict[str, Any], channel: str, environment: str) -> Dict[str, Any]:
+    """The parent of a storm digest: counts by alertname and severity, and its state."""
+    total, resolved = storm.get("firing", 0), storm.get("resolved", 0)
+    closed = storm.get("status") == "closed"
+    severities = storm.get("by_severity", {})
+    worst = min(severities, key=lambda s: SEVERITY_RANK.get(s, 5), default="")
+    color = RESOLVED_STYLE[1] if closed else severity_style(worst)[1]
+    if closed:
+        title = f"✅ Alert storm over: all {total:,} alerts resolved"
+        status = f"*Status:* ✅ {resolved:,} resolved"
+        if storm.get("ended") and storm.get("started"):
+            status += f" after {format_duration(storm['ended'] - storm['started'])}"
+    else:
+        title = f"{STORM_EMOJI} Alert storm: {total - resolved:,} alerts firing"
+        status = f"*Status:* 🔥 {total - resolved:,} firing · {resolved:,} resolved"
+        if storm.get("started"):
+            status += f" · since {format_time(storm['started'])}"
+    by_name = count_lines(storm.get("by_name", {}), 30, lambda n: "*" + mrkdwn(n or "(no alertname)", 120) + "*")
+    by_severity = count_lines(severities, 10, lambda s: f"{severity_style(s)[0]} {mrkdwn(s or 'none', 40)}")
+    blocks = [header_block(title), section_block(status)]
+    blocks += pack_sections("*By alertname:*", by_name)
+    blocks += pack_sections("*By severity:*", by_severity)
+    blocks.append(context_block(mrkdwn(f"env={environment} | {total:,} alerts in one webhook", 500),
+                                "The alerts are listed in this thread; their resolves land here too."))
+    text = f"{STORM_EMOJI} Alert storm: {total:,} alerts ({mrkdwn(environment, 80)})"
+    payload = message(channel, text, color, blocks)
+    if storm.get("ts"):
+        payload["ts"] = storm["ts"]
+    return payload
+
+
+def digest_line(alert: Alert) -> str:
+    emoji = RESOLVED_STYLE[0] if alert.status == "resolved" else severity_style(alert.severity)[0]
+    parts = [f"*{mrkdwn(alert.alertname or '-', 60)}*"]
+    if alert.labels.get("instance"):
+        parts.append(mrkdwn(alert.labels["instance"], 50))
+    parts.append(mrkdwn(alert.summary, 80))
+    return truncate(f"{emoji} " + " · ".join(parts), 145)
+
+
+def render_digest_batch(alerts: List[Alert], channel: str, thread_ts: str, resolved: bool) -> Dict[str, Any]:
+    """A compact reply listing up to twenty alerts of a storm, one line each."""
+    n = len(alerts)
+    head = f"*✅ {n} resolved*" if resolved else f"*🔥 {n} firing*"
+    color = RESOLVED_STYLE[1] if resolved else severity_style(
+        min((a.severity for a in alerts), key=lambda s: SEVERITY_RANK.get(s, 5), default=""))[1]
+    names = ", ".join(sorted({mrkdwn(a.alertname or "-", 60) for a in alerts}))
+    text = truncate(f"{'✅' if resolved else '🔥'} {n} {'resolved' if resolved else 'firing'}: {names}", 500)
+    return message(channel, text, color, pack_sections(head, [digest_line(a) for a in alerts]), thread_ts)
+
+
+# ---------------------------------------------------------------------------
+# Webhook handling: the thread lifecycle
+# ---------------------------------------------------------------------------
+
+FIRING, RESOLVED = "f", "r"
+
+
+class SlackUnavailable(ThreaderError):
+    """Slack did not take a message within the webhook's budget: Alertmanager must retry."""
+
+    def __init__(self, cause: SlackError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def alert_entry(alert: Alert, state: str) -> List[Any]:
+    return [state, alert.starts_at, alert.ends_at if state == RESOLVED else None]
+
+
+def first_alert(alert: Alert, external_url: str) -> Dict[str, Any]:
+    """What the status card needs of the thread's first alert."""
+    first: Dict[str, Any] = {"labels": alert.labels, "annotations": alert.annotations,
+                             "startsAt": alert.starts_at}
+    if alert.generator_url:
+        first["generatorURL"] = alert.generator_url
+    if external_url:
+        first["externalURL"] = external_url
+    return first
+
+
+def later(a: Optional[float], b: Optional[float]) -> bool:
+    """Is start time a clearly after start time b (a new episode of the same alert)?"""
+    return a is not None and b is not None and a > b + 1.0
+
+
+def chunks(items: List[Any], size: int) -> Iterator[List[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+@dataclasses.dataclass
+class Delivery:
+    """One webhook on its way: where it goes and what became of each alert."""
+
+    hook: Webhook
+    channel: str
+    deadline: float
+    external_url: str
+    results: List[Optional[Dict[str, Any]]]
+
+
+class Threader:
+    """Turns validated webhooks into Slack messages, threads and stored state."""
+
+    def __init__(self, config: Config, store: ThreadStore, slack: SlackAPI, metrics: Metrics) -> None:
+        self.config = config
+        self.store = store
+        self.slack = slack
+        self.metrics = metrics
+        self.default_channel = config.slack_channel or "C0DRYRUN"
+        self.sleep = time.sleep
+        self._lock = threading.Lock()
+        self.last_slack_error: Optional[Dict[str, Any]] = None
+        # False while Slack refuses our configuration (token, scope, channel): /health turns 503.
+        self.delivering = True
+        self._warned_reactions = False
+
+    # -- keys -----------------------------------------------------------------
+
+    def store_key(self, thread_key: str, channel: str) -> str:
+        """The seed's key in the default channel; other channels are prefixed with their ID."""
+        return thread_key if channel == self.default_channel else f"{channel}:{thread_key}"
+
+    def storm_key(self, hook: Webhook, channel: str) -> str:
+        group = hashlib.sha256(hook.group_key.encode()).hexdigest()[:12] if hook.group_key else "nogroup"
+        return f"storm|{channel}|{group}"
+
+    # -- the webhook ----------------------------------------------------------
+
+    def handle(self, hook: Webhook, channel: Optional[str] = None) -> Tuple[int, Dict[str, Any]]:
+        """Deliver one webhook; 200 when everything is in Slack, 503 when Alertmanager must retry."""
+        channel = channel or self.default_channel
+        delivery = Delivery(hook=hook, channel=channel, deadline=time.monotonic() + self.config.slack_retry_budget,
+                            external_url=self.config.alertmanager_url or hook.external_url,
+                            results=[None] * len(hook.alerts))
+        groups: Dict[str, List[Tuple[int, Alert]]] = OrderedDict()
+        for index, alert in enumerate(hook.alerts):
+            key = self.store_key(alert.thread_key(self.config.environment), channel)
+            groups.setdefault(key, []).append((index, alert))
+        error: Optional[str] = None
+        try:
+            self._deliver(delivery, groups)
+        except SlackUnavailable as e:
+            error = f"{e} ({e.cause.hint})"
+        except StoreError as e:
+            error = f"thread store: {e}"
+        for result in delivery.results:
+            if result:
+                self.metrics.inc("alert_threader_alerts_total", status=result["status"], action=result["action"])
+        body: Dict[str, Any] = {"ok": error is None, "count": len(hook.alerts), "status": hook.status,
+                                "group_key": hook.group_key, "thread_store": self.store.name,
+                                "results": [r for r in delivery.results if r]}
+        if error:
+            body["error"] = error
+            return 503, body
+        return 200, body
+
+    def _deliver(self, delivery: Delivery, groups: Dict[str, List[Tuple[int, Alert]]]) -> None:
+        storm_key = self.storm_key(delivery.hook, delivery.channel)
+        peeked = self.store.get_many(list(groups) + [storm_key])
+        storm: List[Tuple[int, Alert, str]] = []
+        digest_resolves: Dict[str, List[Tuple[int, Alert, str]]] = {}
+        regular: Dict[str, List[Tuple[int, Alert]]] = OrderedDict()
+        for key, items in groups.items():
+            record = self._usable(peeked.get(key), delivery.channel)
+            for index, alert in items:
+                if alert.status == "firing" and self._starts_thread(record, alert):
+                    storm.append((index, alert, key))
+                elif (alert.status == "resolved" and record and record.get("digest")
+                      and record["alerts"].get(alert.fingerprint, [""])[0] == FIRING):
+                    digest_resolves.setdefault(record["digest"], []).append((index, alert, key))
+                else:
+                    regular.setdefault(key, []).append((index, alert))
+        storm_record = self._usable(peeked.get(storm_key), delivery.channel)
+        storm_open = storm_record is not None and storm_record.get("status") == "open"
+        if len(storm) <= self.config.storm_threshold and not (storm and storm_open):
+            for index, alert, key in storm:  # not a storm after all: ordinary new threads
+                regular.setdefault(key, []).append((index, alert))
+            regular = OrderedDict(sorted(regular.items(), key=lambda kv: min(i for i, _ in kv[1])))
+            storm = []
+        for key, items in regular.items():
+            self._thread_alerts(delivery, key, items)
+        if storm:
+            self._storm(delivery, storm_key, storm)
+        for digest_key, items in digest_resolves.items():
+            self._digest_resolves(delivery, digest_key, items)
+
+    def _usable(self, record: Optional[Dict[str, Any]], channel: str) -> Optional[Dict[str, Any]]:
+        """A stored thread, unless it lives in another channel (the channel changed): then none."""
+        if record is None or record.get("channel", channel) != channel:
+            return None
+        return record
+
+    def _reopenable(self, record: Dict[str, Any], alert: Alert) -> bool:
+        """Lifecycle 6: fired again within REOPEN_WINDOW of closing, by the alerts' own times."""
+        if self.config.reopen_window <= 0 or record.get("digest") or record.get("ended") is None:
+            return False
+        starts = alert.starts_at if alert.starts_at is not None else time.time()
+        return starts - record["ended"] <= self.config.reopen_window
+
+    def _starts_thread(self, record: Optional[Dict[str, Any]], alert: Alert) -> bool:
+        """Would this firing alert post a new parent (and so count towards a storm)?"""
+        if record is None:
+            return True
+        if record.get("status") == "open":
+            return False
+        entry = record["alerts"].get(alert.fingerprint)
+        if entry and not later(alert.starts_at, entry[1]):
+            return False  # a replay of an episode already told
+        return not self._reopenable(record, alert)
+
+    def _result(self, delivery: Delivery, index: int, alert: Alert, ts: Optional[str], action: str) -> None:
+        delivery.results[index] = {
+            "key": alert.thread_key(self.config.environment), "thread_ts": ts, "status": alert.status,
+            "alertname": alert.alertname, "severity": alert.severity, "action": action}
+
+    # -- one thread -----------------------------------------------------------
+
+    def _thread_alerts(self, delivery: Delivery, key: str, items: List[Tuple[int, Alert]]) -> None:
+        """All alerts of one key, under its lock; every message is stored before the next is sent."""
+        with self.store.locked([key]):
+            record = self._usable(self.store.get(key), delivery.channel)
+            was_open = record is not None and record["status"] == "open"
+            stale_card = False
+            # Firing first, so that resolves of unknown alerts find the thread they open.
+            for index, alert in sorted(items, key=lambda item: item[1].status != "firing"):
+                record, action = self._apply(delivery, key, record, alert)
+                self._result(delivery, index, alert, record["ts"] if record else None, action)
+                # A new parent is drawn with its state; only later changes leave it behind.
+                stale_card = stale_card or action in ("replied", "reopened")
+            if stale_card and record is not None and record.get("first"):
+                self._refresh_card(record, delivery.channel, closing=was_open and record["status"] == "closed")
+
+    def _apply(self, delivery: Delivery, key: str, record: Optional[Dict[str, Any]],
+               alert: Alert) -> Tuple[Optional[Dict[str, Any]], str]:
+        """The lifecycle rules for one alert; returns the (stored) record and the action taken."""
+        entry = record["alerts"].get(alert.fingerprint) if record else None
+        if alert.status == "firing":
+            if record is None or (record["status"] == "closed" and self._starts_thread(record, alert)):
+                return self._new_thread(delivery, key, alert), "posted"
+            if entry and entry[0] == FIRING and not later(alert.starts_at, entry[1]):
+                return record, "unchanged"
+            if entry and entry[0] == RESOLVED and not later(alert.starts_at, entry[1]):
+                return record, "unchanged"  # a late copy of an episode that already resolved
+            reopening = record["status"] == "closed"
+            kind = "refire" if entry or reopening else "firing"
+            self._reply(delivery, key, record, render_alert(alert, delivery.channel, self.config.environment, kind,
+                                                            record["ts"], delivery.external_url), alert)
+            record["alerts"][alert.fingerprint] = alert_entry(alert, FIRING)
+            if reopening:
+                record["status"], record["closed"] = "open", None
+                record["reopened"] = record.get("reopened", 0) + 1
+            self._save(key, record)
+            return record, "reopened" if reopening else "replied"
+        # resolved
+        if entry and entry[0] == RESOLVED:
+            return record, "unchanged"
+        if entry and later(entry[1], alert.starts_at):
+            return record, "unchanged"  # resolves an older episode than the one in the thread
+        if record is None:
+            ts = self._post(delivery, render_alert(alert, delivery.channel, self.config.environment, "resolved",
+                                                   None, delivery.external_url), alert)
+            record = self._new_record(delivery, alert, ts)
+            record["alerts"][alert.fingerprint] = alert_entry(alert, RESOLVED)
+            self._close(record, alert)
+            self._save(key, record)
+            return record, "standalone"
+        self._reply(delivery, key, record, render_alert(alert, delivery.channel, self.config.environment, "resolved",
+                                                        record["ts"], delivery.external_url), alert)
+        record["alerts"][alert.fingerprint] = alert_entry(alert, RESOLVED)
+        if record["status"] == "open" and all(e[0] == RESOLVED for e in record["alerts"].values()):
+            self._close(record, alert)
+        self._save(key, record)
+        return record, "replied"
+
+    def _new_record(self, delivery: Delivery, alert: Alert, ts: str) -> Dict[str, Any]:
+        now = time.time()
+        return {"ts": ts, "channel": delivery.channel, "key": alert.thread_key(self.config.environment),
+                "status": "open", "created": now, "updated": now, "closed": None, "ended": None,
+                "reopened": 0, "first": first_alert(alert, delivery.external_url), "alerts": {}}
+
+    def _new_thread(self, delivery: Delivery, key: str, alert: Alert) -> Dict[str, Any]:
+        record = self._new_record(delivery, alert, "")
+        record["alerts"][alert.fingerprint] = alert_entry(alert, FIRING)
+        card = render_card(record, delivery.channel, self.config.environment)
+        record["ts"] = self._post(delivery, card, alert)
+        self._save(key, record)
+        return record
+
+    def _close(self, record: Dict[str, Any], alert: Alert) -> None:
+        ends = [e[2] for e in record["alerts"].values() if e[0] == RESOLVED and e[2] is not None]
+        record["status"] = "closed"
+        record["closed"] = time.time()
+        record["ended"] = max(ends) if ends else (alert.ends_at or time.time())
+
+    def _save(self, key: str, record: Dict[str, Any]) -> None:
+        record["updated"] = time.time()
+        self.store.put(key, record)
+
+    # -- talking to Slack -----------------------------------------------------
+
+    def _post(self, delivery: Delivery, payload: Dict[str, Any], alert: Optional[Alert]) -> str:
+        """chat.postMessage within the webhook's budget; plain text once if the layout is refused."""
+        try:
+            return self._send(delivery, "chat.postMessage", payload)["ts"]
+        except SlackError as e:
+            if e.kind != LAYOUT or alert is None:
+                raise
+            kind = "resolved" if alert.status == "resolved" else "firing"
+            self.metrics.inc("alert_threader_slack_fallbacks_total")
+            log_event(logging.WARNING, "Slack rejected the message layout; sending plain text",
+                      error=e.error, alertname=alert.alertname)
+            plain = render_plain(alert, delivery.channel, self.config.environment, kind, payload.get("thread_ts"))
+            return self._send(delivery, "chat.postMessage", plain)["ts"]
+
+    def _reply(self, delivery: Delivery, key: str, record: Dict[str, Any], payload: Dict[str, Any],
+               alert: Optional[Alert]) -> str:
+        """A reply in the record's thread; if the parent is gone, post a new parent and move there."""
+        try:
+            return self._post(delivery, payload, alert)
+        except SlackError as e:
+            if e.kind != THREAD_GONE:
+                raise
+        log_event(logging.WARNING, "thread parent is gone; starting the thread again", key=key, old_ts=record["ts"])
+        if record.get("first"):
+            parent = render_card(record, delivery.channel, self.config.environment)
+            parent.pop("ts", None)
+        else:
+            parent = render_alert(alert, delivery.channel, self.config.environment, "firing",
+                                  external_url=delivery.external_url) if alert else payload
+        record["ts"] = self._post(delivery, parent, alert)
+        self._save(key, record)
+        payload["thread_ts"] = record["ts"]
+        return self._post(delivery, payload, alert)
+
+    def _send(self, delivery: Delivery, method: str, payload: Dict[str, Any]) -> Dict[str, Any]:
+        """One Slack call, retried on transient errors and rate limits while the budget lasts."""
+        backoff = 0.25
+        while True:
+            try:
+                response = self.slack.call(method, payload)
+            except SlackError as e:
+                self._note_error(e)
+                if e.kind in (LAYOUT, THREAD_GONE):
+                    raise
+                if e.kind not in (TRANSIENT, RATE_LIMITED):
+                    raise SlackUnavailable(e) from None
+                wait = e.retry_after if e.kind == RATE_LIMITED else backoff
+                if time.monotonic() + wait > delivery.deadline:
+                    raise SlackUnavailable(e) from None
+                if e.kind == RATE_LIMITED:
+                    self.metrics.inc("alert_threader_slack_rate_limit_wait_seconds_total", wait)
+                self.sleep(wait)
+                backoff = min(backoff * 2, 4.0)
+                continue
+            if method == "chat.postMessage":
+                self.delivering = True
+            return response
+
+    def _note_error(self, e: SlackError) -> None:
+        entry = {"method": e.method, "error": e.error, "kind": e.kind, "fix": e.hint, "at": iso_now()}
+        with self._lock:
+            self.last_slack_error = entry
+            if e.kind == CONFIGURATION:
+                self.delivering = False
+        level = logging.ERROR if e.kind in (CONFIGURATION, OTHER) else logging.WARNING
+        log_event(level, "Slack call failed", method=e.method, error=e.error, fix=e.hint)
+
+    def _refresh_card(self, record: Dict[str, Any], channel: str, closing: bool) -> None:
+        """Edit the parent to show the thread's state; never fails the delivery."""
+        payload = render_card(record, channel, self.config.environment)
+        self._best_effort("chat.update", payload)
+        if closing:
+            self._react(record["ts"], channel)
+
+    def _react(self, ts: str, channel: str) -> None:
+        error = self._best_effort("reactions.add", {"channel": channel, "timestamp": ts, "name": "white_check_mark"})
+        if error == "missing_scope" and not self._warned_reactions:
+            self._warned_reactions = True
+            log_event(logging.WARNING, "cannot add ✅ reactions: give the Slack app the reactions:write scope")
+
+    def _best_effort(self, method: str, payload: Dict[str, Any]) -> Optional[str]:
+        try:
+            self.slack.call(method, payload)
+        except SlackError as e:
+            if e.error not in ("already_reacted", "missing_scope"):
+                log_event(logging.WARNING, "Slack call failed; the thread itself is fine",
+                          method=method, error=e.error)
+            return e.error
+        return None
+
+    # -- storms ---------------------------------------------------------------
+
+    def _storm(self, delivery: Delivery, storm_key: str, items: List[Tuple[int, Alert, str]]) -> None:
+        """Many new alerts at once: one digest parent, then compact replies of about twenty."""
+        channel = delivery.channel
+        with self.store.locked([storm_key]):
+            storm = self._usable(self.store.get(storm_key), channel)
+            fresh = storm is None or storm["status"] == "closed"
+            if fresh:
+                now = time.time()
+                storm = {"ts": "", "channel": channel, "key": storm_key, "storm": True, "status": "open",
+                         "created": now, "updated": now, "closed": None, "ended": None,
+                         "started": min((a.starts_at for _, a, _ in items if a.starts_at), default=now),
+                         "firing": len(items), "resolved": 0, "by_name": {}, "by_severity": {}, "alerts": {}}
+                for _, alert, _ in items:
+                    self._count_in(storm, alert)
+                storm["ts"] = self._post(delivery, render_digest(storm, channel, self.config.environment), None)
+                storm["firing"] = 0  # counted again below as each batch lands
+                storm["by_name"], storm["by_severity"] = {}, {}
+                self._save(storm_key, storm)
+        assert storm is not None
+        leftovers: Dict[str, List[Tuple[int, Alert]]] = OrderedDict()
+        ordered = sorted(items, key=lambda item: (item[1].alertname, item[1].labels.get("instance", ""), item[0]))
+        for batch in chunks(ordered, LINES_PER_DIGEST_MESSAGE):
+            keys = sorted({key for _, _, key in batch})
+            with self.store.locked(keys + [storm_key]):
+                records = self.store.get_many(keys)
+                storm = self.store.get(storm_key) or storm
+                pending = []
+                for index, alert, key in batch:
+                    record = self._usable(records.get(key), channel)
+                    if record is not None and not self._starts_thread(record, alert) and not record.get("digest"):
+                        leftovers.setdefault(key, []).append((index, alert))  # a thread appeared meanwhile
+                    elif record is not None and record.get("digest") and alert.fingerprint in record["alerts"]:
+                        self._result(delivery, index, alert, record["ts"], "unchanged")
+                    else:
+                        pending.append((index, alert, key))
+                if not pending:
+                    continue
+                payload = render_digest_batch([a for _, a, _ in pending], channel, storm["ts"], resolved=False)
+                self._post(delivery, payload, None)
+                now = time.time()
+                changed: Dict[str, Dict[str, Any]] = {}
+                for index, alert, key in pending:
+                    record = changed.get(key) or self._usable(records.get(key), channel)
+                    if record is None or not record.get("digest") or record.get("status") == "closed":
+                        record = {"ts": storm["ts"], "channel": channel,
+                                  "key": alert.thread_key(self.config.environment), "status": "open",
+                                  "digest": storm_key, "created": now, "closed": None, "ended": None, "alerts": {}}
+                    record["alerts"][alert.fingerprint] = alert_entry(alert, FIRING)
+                    record["updated"] = now
+                    changed[key] = record
+                    storm["firing"] += 1
+                    self._count_in(storm, alert)
+                    self._result(delivery, index, alert, storm["ts"], "digest")
+                storm["updated"] = now
+                changed[storm_key] = storm
+                self.store.put_many(changed)
+        if not fresh:
+            self._best_effort("chat.update", render_digest(storm, channel, self.config.environment))
+        for key, key_items in leftovers.items():
+            self._thread_alerts(delivery, key, key_items)
+
+    @staticmethod
+    def _count_in(storm: Dict[str, Any], alert: Alert) -> None:
+        by_name = storm["by_name"]
+        if alert.alertname in by_name or len(by_name) < 200:
+            by_name[alert.alertname] = by_name.get(alert.alertname, 0) + 1
+        severity = alert.severity.lower()
+        storm["by_severity"][severity] = storm["by_severity"].get(severity, 0) + 1
+
+    def _digest_resolves(self, delivery: Delivery, storm_key: str, items: List[Tuple[int, Alert, str]]) -> None:
+        """Resolves of storm alerts: compact replies in the digest thread, twenty at a time."""
+        channel = delivery.channel
+        storm: Optional[Dict[str, Any]] = None
+        closing = False
+        for batch in chunks(items, LINES_PER_DIGEST_MESSAGE):
+            keys = sorted({key for _, _, key in batch})
+            with self.store.locked(keys + [storm_key]):
+                records = self.store.get_many(keys)
+                storm = self._usable(self.store.get(storm_key), channel)
+                pending = []
+                for index, alert, key in batch:
+                    record = self._usable(records.get(key), channel)
+                    entry = record["alerts"].get(alert.fingerprint) if record else None
+                    if record is None or not entry or entry[0] != FIRING:
+                        self._result(delivery, index, alert, record["ts"] if record else None, "unchanged")
+                    else:
+                        pending.append((index, alert, key))
+                if not pending:
+                    continue
+                thread_ts = records[pending[0][2]]["ts"]
+                self._post(delivery, render_digest_batch([a for _, a, _ in pending], channel, thread_ts, True), None)
+                now = time.time()
+                changed = {}
+                for index, alert, key in pending:
+                    record = changed.get(key) or records[key]
+                    record["alerts"][alert.fingerprint] = alert_entry(alert, RESOLVED)
+                    if all(e[0] == RESOLVED for e in record["alerts"].values()):
+                        self._close(record, alert)
+                    record["updated"] = now
+                    changed[key] = record
+                    self._result(delivery, index, alert, thread_ts, "replied")
+                if storm is not None:
+                    storm["resolved"] = storm.get("resolved", 0) + len(pending)
+                    ended = max((a.ends_at or now) for _, a, _ in pending)
+                    storm["ended"] = max(storm.get("ended") or 0, ended)
+                    if storm["status"] == "open" and storm["resolved"] >= storm.get("firing", 0):
+                        storm["status"], storm["closed"] = "closed", now
+                        closing = True
+                    storm["updated"] = now
+                    changed[storm_key] = storm
+                self.store.put_many(changed)
+        if storm is not None:
+            self._best_effort("chat.update", render_digest(storm, channel, self.config.environment))
+            if closing:
+                self._react(storm["ts"], channel)
+
+
+# ---------------------------------------------------------------------------
+# Preview: recent threads drawn roughly as Slack draws them
+# ---------------------------------------------------------------------------
+
+PREVIEW_STYLE = """
+body{font:15px/1.45 -apple-system,'Segoe UI',Roboto,Helvetica,Arial,sans-serif;background:#f8f8f8;color:#1d1c1d;margin:0}
+header{background:#3f0e40;color:#fff;padding:12px 24px}header b{font-size:18px}
+.banner{background:#fff4d6;border-bottom:1px solid #ecb22e;padding:8px 24px}
+main{max-width:860px;margin:0 auto;padding:16px}
+.thread{background:#fff;border:1px solid #ddd;border-radius:8px;margin:16px 0;padding:12px 16px}
+.meta{color:#616061;font-size:12px;margin-bottom:4px}
+.msg{display:flex;margin:6px 0}.bar{width:4px;border-radius:4px;flex:none;margin-right:12px;background:#ddd}
+.body{flex:1;min-width:0}.h{font-weight:800;font-size:17px;margin:2px 0 6px}
+.fields{display:grid;grid-template-columns:1fr 1fr;gap:6px 24px;margin:6px 0}
+.ctx{color:#616061;font-size:12px;margin:4px 0}.sec{margin:6px 0;white-space:normal;overflow-wrap:anywhere}
+.btn{display:inline-block;border:1px solid #bbb;border-radius:4px;padding:2px 10px;margin:4px 6px 4px 0;
+color:#1d1c1d;text-decoration:none;font-weight:600;font-size:13px}
+.replies{margin-left:24px;border-left:2px solid #eee;padding-left:12px}
+.reaction{display:inline-block;background:#eef5ff;border:1px solid #1d9bd1;border-radius:12px;padding:0 8px;font-size:13px}
+.text{white-space:normal;overflow-wrap:anywhere}
+"""
+
+
+def mrkdwn_html(text: str) -> str:
+    """Slack mrkdwn (already &-escaped) as safe HTML: bold, line breaks, nothing else."""
+    plain = text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+    safe = html.escape(plain)
+    safe = re.sub(r"(?<![\w*])\*([^*\n]+)\*(?![\w*])", r"<b>\1</b>", safe)
+    return safe.replace("\n", "<br>")
+
+
+def blocks_html(blocks: List[Dict[str, Any]]) -> str:
+    parts = []
+    for block in blocks:
+        kind = block.get("type")
+        if kind == "header":
+            parts.append(f'<div class="h">{html.escape(block["text"]["text"])}</div>')
+        elif kind == "section" and "fields" in block:
+            cells = "".join(f"<div>{mrkdwn_html(f['text'])}</div>" for f in block["fields"])
+            parts.append(f'<div class="fields">{cells}</div>')
+        elif kind == "section":
+            parts.append(f'<div class="sec">{mrkdwn_html(block["text"]["text"])}</div>')
+        elif kind == "context":
+            parts.append('<div class="ctx">' + " ".join(mrkdwn_html(e.get("text", "")) for e in block["elements"])
+                         + "</div>")
+        elif kind == "actions":
+            parts.append("<div>" + "".join(
+                f'<a class="btn" href="{html.escape(e["url"], quote=True)}" rel="noopener noreferrer">'
+                f'{html.escape(e["text"]["text"])}</a>' for e in block["elements"] if is_http_url(e.get("url"))) + "</div>")
+    return "".join(parts)
+
+
+def message_html(payload: Dict[str, Any], reactions: Sequence[str] = ()) -> str:
+    attachments = payload.get("attachments") or []
+    if not attachments:
+        inner = f'<div class="text">{mrkdwn_html(payload.get("text", ""))}</div>'
+        color = "#ddd"
+    else:
+        inner = "".join(blocks_html(a.get("blocks", [])) for a in attachments)
+        color = attachments[0].get("color", "#ddd")
+    if not re.fullmatch(r"#[0-9A-Fa-f]{6}", color):
+        color = "#ddd"
+    badges = "".join(f'<span class="reaction">{"✅" if r == "white_check_mark" else html.escape(r)} 1</span>'
+                     for r in reactions)
+    return f'<div class="msg"><div class="bar" style="background:{color}"></div><div class="body">{inner}{badges}</div></div>'
+
+
+def render_preview(calls: Iterable[Tuple[float, str, Dict[str, Any], Dict[str, Any]]], dry_run: bool) -> str:
+    """One self-contained HTML page of the recent threads, from the payloads sent."""
+    threads: Dict[Tuple[str, str], Dict[str, Any]] = OrderedDict()
+
+    def thread(channel: str, ts: str, at: float) -> Dict[str, Any]:
+        entry = threads.setdefault((channel, ts), {"parent": None, "replies": [], "reactions": [], "at": at})
+        entry["at"] = max(entry["at"], at)
+        return entry
+
+    for at, method, payload, response in calls:
+        channel = str(payload.get("channel", ""))
+        if method == "chat.postMessage":
+            if payload.get("thread_ts"):
+                thread(channel, payload["thread_ts"], at)["replies"].append(payload)
+            else:
+                thread(channel, str(response.get("ts", "")), at)["parent"] = payload
+        elif method == "chat.update":
+            thread(channel, str(payload.get("ts", "")), at)["parent"] = payload
+        elif method == "reactions.add":
+            thread(channel, str(payload.get("timestamp", "")), at)["reactions"].append(payload.get("name", ""))
+    sections = []
+    for (channel, ts), entry in sorted(threads.items(), key=lambda kv: -kv[1]["at"]):
+        parent = (message_html(entry["parent"], entry["reactions"]) if entry["parent"]
+                  else '<div class="meta">(parent no longer in the recent history)</div>')
+        replies = "".join(message_html(r) for r in entry["replies"])
+        count = len(entry["replies"])
+        sections.append(
+            f'<section class="thread"><div class="meta">#{html.escape(channel)} · ts {html.escape(ts)} · '
+            f'{count} repl{"y" if count == 1 else "ies"}</div>{parent}'
+            + (f'<div class="replies">{replies}</div>' if replies else "") + "</section>")
+    banner = ('<div class="banner">Dry-run: no SLACK_BOT_TOKEN is set, so these messages were not sent to Slack. '
+              'They are exactly what would have been sent.</div>' if dry_run else "")
+    body = "".join(sections) or "<p>No messages yet. POST an Alertmanager webhook to /alert.</p>"
+    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>alert-threader preview</title>"
+            f'<meta name="viewport" content="width=device-width"><style>{PREVIEW_STYLE}</style></head><body>'
+            f"<header><b>alert-threader</b> · recent threads</header>{banner}<main>{body}</main></body></html>")
+
+
+# ---------------------------------------------------------------------------
+# HTTP server
+# ---------------------------------------------------------------------------
+
+Response = Tuple[int, Any, Dict[str, str]]
+ROUTES = {"/alert": ("POST",), "/health": ("GET", "HEAD"), "/stats": ("GET",), "/cache": ("GET", "DELETE"),
+          "/metrics": ("GET", "HEAD"), "/preview": ("GET",), "/": ("GET", "HEAD")}
+PROTECTED = {("POST", "/alert"), ("GET", "/cache"), ("DELETE", "/cache"), ("GET", "/preview")}
+BODY_READ_SECONDS = 60.0
+
+
+class App:
+    """Routes requests to the threader and the status endpoints; knows nothing of sockets."""
+
+    def __init__(self, config: Config, store: ThreadStore, slack: SlackAPI, threader: Threader,
+                 metrics: Metrics) -> None:
+        self.config = config
+        self.store = store
+        self.slack = slack
+        self.threader = threader
+        self.metrics = metrics
+        self.started = time.time()
+        self.stopping = False
+        self._inflight = 0
+        self._idle = threading.Condition()
+
+    # -- bookkeeping for graceful stop --------------------------------------
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        with self._idle:
+            self._inflight += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._inflight -= 1
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._inflight == 0, timeout)
+
+    # -- routing --------------------------------------------------------------
+
+    def authorized(self, headers: Any, allow_basic: bool) -> bool:
+        token = self.config.webhook_token
+        if not token:
+            return True
+        value = headers.get("Authorization") or ""
+        scheme, _, credential = value.partition(" ")
+        if scheme.lower() == "bearer":
+            return hmac.compare_digest(credential.strip().encode(), token.encode())
+        if allow_basic and scheme.lower() == "basic":
+            try:
+                _, _, password = base64.b64decode(credential.strip(), validate=True).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                return False
+            return hmac.compare_digest(password.encode(), token.encode())
+        return False
+
+    def route(self, method: str, target: str, headers: Any, read_body: Callable[[], bytes]) -> Response:
+        parts = urllib.parse.urlsplit(target)
+        path = parts.path.rstrip("/") or "/"
+        allowed = ROUTES.get(path)
+        if allowed is None:
+            raise BadRequest(f"no such endpoint: {truncate(path, 100)}", 404)
+        if method not in allowed:
+            return 405, {"ok": False, "error": f"{method} is not allowed on {path}"}, {"Allow": ", ".join(allowed)}
+        if (method, path) in PROTECTED and not self.authorized(headers, allow_basic=path == "/preview"):
+            challenge = 'Basic realm="alert-threader"' if path == "/preview" else 'Bearer realm="alert-threader"'
+            return 401, {"ok": False, "error": "missing or wrong bearer token (WEBHOOK_TOKEN)"}, \
+                {"WWW-Authenticate": challenge}
+        query = urllib.parse.parse_qs(parts.query)
+        if path == "/alert":
+            return self.alert(headers, read_body, query)
+        if path == "/health":
+            return self.health()
+        if path == "/stats":
+            return 200, self.stats(), {}
+        if path == "/cache":
+            if method == "DELETE":
+                cleared = self.store.clear()
+                log_event(logging.WARNING, "thread cache cleared", threads=cleared)
+                return 200, {"ok": True, "cleared": cleared, "thread_store": self.store.name}, {}
+            threads = self.store.items()
+            return 200, {"ok": True, "thread_store": self.store.name, "cached_threads": len(threads),
+                         "threads": threads}, {}
+        if path == "/metrics":
+            return 200, self.metrics.render(), {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+        if path == "/preview":
+            page = render_preview(list(self.slack.recent), self.config.dry_run)
+            return 200, page, {"Content-Type": "text/html; charset=utf-8",
+                               "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"}
+        return 200, {"ok": True, "service": "alert-threader", "version": __version__,
+                     "endpoints": sorted(f"{m} {p}" for p, ms in ROUTES.items() for m in ms if m != "HEAD")}, {}
+
+    def alert(self, headers: Any, read_body: Callable[[], bytes], query: Dict[str, List[str]]) -> Response:
+        started = time.monotonic()
+        channel = None
+        if "channel" in query:
+            channel = query["channel"][-1]
+            if channel not in self.config.slack_channels:
+                raise BadRequest(f"channel {truncate(channel, 80)!r} is not in SLACK_CHANNELS")
+        hook = parse_webhook(read_body(), headers.get("Content-Type"))
+        if self.stopping:
+            return 503, {"ok": False, "error": "shutting down; Alertmanager will retry"}, {"Connection": "close"}
+        status, body = self.threader.handle(hook, channel)
+        actions: Dict[str, int] = {}
+        for result in body["results"]:
+            actions[result["action"]] = actions.get(result["action"], 0) + 1
+        log_event(logging.INFO if status == 200 else logging.WARNING, "webhook",
+                  group_key=hook.group_key, channel=channel or self.threader.default_channel,
+                  alerts=len(hook.alerts), **actions, code=status,
+                  duration_ms=round((time.monotonic() - started) * 1000, 1),
+                  **({"error": body["error"]} if "error" in body else {}))
+        return status, body, {}
+
+    def health(self) -> Response:
+        store = self.store.health()
+        body: Dict[str, Any] = {
+            "status": "healthy", "environment": self.config.environment,
+            "channel": self.config.slack_channel, "thread_store": self.store.name,
+            "cached_threads": self.store.count(), "timestamp": iso_now(), "version": __version__,
+            "dry_run": self.config.dry_run, "last_slack_error": self.threader.last_slack_error}
+        body.update({k: v for k, v in store.items() if k != "ok"})
+        if not store["ok"] or not self.threader.delivering:
+            body["status"] = "degraded"
+            return 503, body, {}
+        return 200, body, {}
+
+    def stats(self) -> Dict[str, Any]:
+        value = self.metrics.total
+        stats: Dict[str, Any] = {
+            "cached_threads": self.store.count(), "thread_store": self.store.name,
+            "environment": self.config.environment,
+            "uptime": datetime.fromtimestamp(self.started, timezone.utc).isoformat(),
+            "uptime_seconds": round(time.time() - self.started),
+            "open_threads": self.store.open_count(),
+            "alerts": {action: int(value("alert_threader_alerts_total", action=action))
+                       for action in ("posted", "replied", "reopened", "standalone", "digest", "unchanged")},
+            "slack": {"calls_ok": int(value("alert_threader_slack_requests_total", result="ok")),
+                      "calls_failed": int(value("alert_threader_slack_requests_total")
+                                          - value("alert_threader_slack_requests_total", result="ok")),
+                      "fallbacks": int(value("alert_threader_slack_fallbacks_total")),
+                      "rate_limit_wait_seconds": value("alert_threader_slack_rate_limit_wait_seconds_total")},
+            "webhooks": {code: int(n) for (name, labels), n in self.metrics._values.items()
+                         if name == "alert_threader_webhooks_total" for _, code in labels},
+        }
+        stats.update(self.store.stats())
+        return stats
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Thin: read, call App.route, write JSON (or the text it returns)."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = f"alert-threader/{__version__}"
+    sys_version = ""
+    timeout = 30  # seconds a slow or idle client may hold a connection between reads
+    server: "ThreaderServer"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("http %s %s", self.address_string(), format % args)
+
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """http.server's own errors (bad request line, oversized headers) as JSON too."""
+        self.close_connection = True
+        self._write(code, {"ok": False, "error": message or http.HTTPStatus(code).phrase}, {"Connection": "close"})
+
+    def _read_body(self) -> bytes:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            self.close_connection = True
+            raise BadRequest("chunked bodies are not accepted; send Content-Length", 411)
+        length = self.headers.get("Content-Length")
+        if length is None:
+            self.close_connection = True
+            raise BadRequest("Content-Length is required", 411)
+        if not length.strip().isdigit():
+            self.close_connection = True
+            raise BadRequest("Content-Length must be a non-negative integer")
+        size = int(length)
+        limit = self.server.app.config.max_body_bytes
+        if size > limit:
+            self.close_connection = True  # the excess is never read
+            raise BadRequest(f"body of {size} bytes is over the {limit}-byte limit (MAX_BODY_BYTES)", 413)
+        chunks_read, remaining = [], size
+        deadline = time.monotonic() + BODY_READ_SECONDS
+        while remaining:
+            chunk = self.rfile.read1(min(remaining, 65536)) if hasattr(self.rfile, "read1") else \
+                self.rfile.read(min(remaining, 65536))
+            if not chunk or time.monotonic() > deadline:
+                self.close_connection = True
+                raise BadRequest("body ended before Content-Length bytes arrived")
+            chunks_read.append(chunk)
+            remaining -= len(chunk)
+        return b"".join(chunks_read)
+
+    def _dispatch(self) -> None:
+        app = self.server.app
+        with app.request():
+            try:
+                status, body, headers = app.route(self.command, self.path, self.headers, self._read_body)
+            except BadRequest as e:
+                status, body, headers = e.status, {"ok": False, "error": str(e)}, {}
+            except (socket.timeout, ConnectionError):
+                self.close_connection = True
+                return
+            except Exception:
+                log.exception("internal error on %s %s", self.command, truncate(self.path, 200))
+                status, body, headers = 500, {"ok": False, "error": "internal error (see the service log)"}, {}
+            if urllib.parse.urlsplit(self.path).path.rstrip("/") == "/alert":
+                app.metrics.inc("alert_threader_webhooks_total", code=str(status))
+            if app.stopping:
+                self.close_connection = True
+                headers = dict(headers, Connection="close")
+            self._write(status, body, headers)
+
+    def _write(self, status: int, body: Any, headers: Dict[str, str]) -> None:
+        if isinstance(body, (dict, list)):
+            payload = json.dumps(body, ensure_ascii=False).encode()
+            headers = dict({"Content-Type": "application/json; charset=utf-8"}, **headers)
+        else:
+            payload = str(body).encode()
+        if self.close_connection and "Connection" not in headers:
+            headers = dict(headers, Connection="close")
+        try:
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(payload)
+        except (ConnectionError, socket.timeout):
+            self.close_connection = True
+
+    do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = do_HEAD = do_OPTIONS = _dispatch
+
+
+class ThreaderServer(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer with a bound on concurrent connections (503 past it)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: Tuple[str, int], app: App) -> None:
+        self.app = app
+        self._slots = threading.BoundedSemaphore(app.config.max_connections)
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            body = b'{"ok": false, "error": "too many connections (MAX_CONNECTIONS); retry later"}'
+            with contextlib.suppress(OSError):
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            self.shutdown_request(request)
+            self.app.metrics.inc("alert_threader_connections_refused_total")
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+# ---------------------------------------------------------------------------
+# Running the service, and the command line
+# ---------------------------------------------------------------------------
+
+def open_store(config: Config, metrics: Metrics) -> ThreadStore:
+    lock_timeout = config.slack_retry_budget + 2 * config.slack_timeout + 30
+    if config.thread_store == "redis":
+        return RedisStore(config.redis_url, config.redis_key_prefix, metrics, config.thread_retention,
+                          lock_timeout=lock_timeout)
+    return FileStore(config.thread_store_file, metrics, config.thread_retention, lock_timeout=lock_timeout)
+
+
+def make_slack(config: Config, metrics: Metrics) -> SlackAPI:
+    if config.dry_run:
+        return DryRunSlack(metrics)
+    assert config.slack_bot_token
+    return SlackClient(config.slack_api_url, config.slack_bot_token, config.slack_timeout, metrics)
+
+
+class Service:
+    """The running threader: store, Slack client, HTTP server and housekeeping, as main starts them."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.store = open_store(config, self.metrics)
+        self.slack = make_slack(config, self.metrics)
+        self.threader = Threader(config, self.store, self.slack, self.metrics)
+        self.app = App(config, self.store, self.slack, self.threader, self.metrics)
+        try:
+            self.server = ThreaderServer((config.host, config.port), self.app)
+        except OSError as e:
+            self.store.close()
+            raise ConfigError(f"PORT: cannot listen on {config.host}:{config.port}: {e.strerror}") from None
+        self.port: int = self.server.server_address[1]
+        self.metrics.set("alert_threader_build_info", 1, version=__version__,
+                         python=".".join(map(str, sys.version_info[:3])), store=self.store.name)
+        self.metrics.gauge("alert_threader_open_threads", self.store.open_count)
+        self.metrics.gauge("alert_threader_stored_threads", self.store.count)
+        self._stop = threading.Event()
+        self._threads: List[threading.Thread] = []
+
+    @property
+    def url(self) -> str:
+        host = self.config.host if self.config.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        return f"http://{host}:{self.port}"
+
+    def start(self) -> "Service":
+        for target, name in ((self.server.serve_forever, "http"), (self._housekeeping, "housekeeping")):
+            thread = threading.Thread(target=target, name=f"alert-threader-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def _housekeeping(self) -> None:
+        while not self._stop.wait(30):
+            with contextlib.suppress(StoreError):
+                pruned = self.store.prune(time.time())
+                if pruned:
+                    log_event(logging.INFO, "pruned closed threads past THREAD_RETENTION", threads=pruned)
+
+    def stop(self, timeout: Optional[float] = None) -> bool:
+        """Stop accepting, let in-flight webhooks finish (bounded), flush the store. True if all finished."""
+        timeout = self.config.shutdown_timeout if timeout is None else timeout
+        self.app.stopping = True
+        self._stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+        drained = self.app.wait_idle(timeout)
+        self.store.close()
+        return drained
+
+
+def start_service(config: Config) -> Service:
+    """Build and start the service exactly as main does (tests use this with PORT=0)."""
+    service = Service(config).start()
+    where = (f"file={config.thread_store_file}" if config.thread_store == "file"
+             else f"redis={redact_url(config.redis_url)}")
+    log_event(logging.INFO, f"alert-threader {__version__} listening on {service.url}", store=config.thread_store,
+              **{where.split("=", 1)[0]: where.split("=", 1)[1]}, channel=service.threader.default_channel,
+              environment=config.environment)
+    if config.dry_run:
+        log_event(logging.WARNING, "DRY-RUN: no SLACK_BOT_TOKEN is set, so nothing is posted to Slack; "
+                  f"every payload is logged and shown on {service.url}/preview")
+    return service
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alert_threader.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", nargs="?", default="serve", choices=("serve", "render", "check"),
+                        help="serve (default), render FILE, or check")
+    parser.add_argument("file", nargs="?", help="for render: an Alertmanager webhook JSON file, or - for stdin")
+    parser.add_argument("--version", action="version", version=f"alert-threader {__version__}")
+    add_setting_flags(parser)
+    return parser
+
+
+def cmd_render(config: Config, path: Optional[str]) -> int:
+    """Print the Slack calls a webhook file would cause on an empty store: no network, no state."""
+    if not path:
+        print("alert-threader: render needs a webhook JSON file (or - for stdin)", file=sys.stderr)
+        return 2
+    try:
+        raw = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
+    except OSError as e:
+        print(f"alert-threader: cannot read {path}: {e.strerror}", file=sys.stderr)
+        return 2
+    try:
+        hook = parse_webhook(raw, content_type=None)
+    except BadRequest as e:
+        print(f"alert-threader: {path}: {e}", file=sys.stderr)
+        return 1
+    metrics = Metrics()
+    slack = DryRunSlack(metrics, quiet=True)
+    threader = Threader(config, FileStore(None, metrics), slack, metrics)
+    threader.handle(hook)
+    calls = [{"method": method, "payload": payload} for _, method, payload, _ in slack.recent]
+    print(json.dumps(calls, indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_check(config: Config) -> int:
+    """Validate the settings, reach the store, and ask Slack whether the token works."""
+    print(f"settings: OK (store={config.thread_store}, channel={config.slack_channel}, "
+          f"environment={config.environment})")
+    metrics = Metrics()
+    try:
+        store = open_store(config, metrics)
+        health = store.health()
+        store.close()
+    except ConfigError as e:
+        print(f"store: FAILED: {e}")
+        return 1
+    if not health["ok"]:
+        print(f"store: FAILED: {health.get('store_error')}")
+        return 1
+    print(f"store: OK ({config.thread_store})")
+    if config.dry_run:
+        print("slack: no SLACK_BOT_TOKEN: the service would run in dry-run mode and post nothing. "
+              "Fix: set SLACK_BOT_TOKEN or SLACK_BOT_TOKEN_FILE to the app's xoxb- token")
+        return 1
+    slack = make_slack(config, metrics)
+    try:
+        identity = slack.call("auth.test", {})
+    except SlackError as e:
+        print(f"slack: FAILED: {e.error}. Fix: {e.hint}")
+        return 1
+    print(f"slack: OK (team {identity.get('team')}, bot user {identity.get('user')})")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args, dict(os.environ))
+    except ConfigError as e:
+        print(f"alert-threader: {e}", file=sys.stderr)
+        return 2
+    if args.command == "render":
+        return cmd_render(config, args.file)
+    if args.command == "check":
+        return cmd_check(config)
+    setup_logging(config)
+    try:
+        service = start_service(config)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    log_event(logging.INFO, "stopping: finishing webhooks in flight", timeout=f"{config.shutdown_timeout:g}s")
+    drained = service.stop()
+    log_event(logging.INFO if drained else logging.WARNING,
+              "stopped" if drained else "stopped before every webhook finished (Alertmanager will retry them)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
