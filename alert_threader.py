@@ -18,7 +18,7 @@ SLACK_BOT_TOKEN(_FILE), SLACK_CHANNEL, SLACK_CHANNELS, ENVIRONMENT,
 THREAD_STORE (file|redis), THREAD_STORE_FILE, REDIS_URL, REDIS_KEY_PREFIX,
 HOST, PORT, SLACK_API_URL, WEBHOOK_TOKEN(_FILE), REOPEN_WINDOW,
 STORM_THRESHOLD, THREAD_RETENTION, SLACK_TIMEOUT, SLACK_RETRY_BUDGET,
-MAX_BODY_BYTES, MAX_CONNECTIONS, SHUTDOWN_TIMEOUT, ALERTMANAGER_URL,
+MAX_BODY_BYTES, MAX_CONNECTIONS, CLIENT_TIMEOUT, SHUTDOWN_TIMEOUT, ALERTMANAGER_URL,
 LOG_LEVEL, LOG_FORMAT.
 """
 
@@ -94,9 +94,8 @@ def truncate(text: str, limit: int) -> str:
     return text[: limit - 1] + ELLIPSIS
 
 
-def mrkdwn(text: str, limit: int) -> str:
-    """Escaped mrkdwn within `limit` characters; never cuts an entity like &amp; in half."""
-    escaped = escape_mrkdwn(text)
+def clip_escaped(escaped: str, limit: int) -> str:
+    """Already-escaped mrkdwn within `limit` characters, never cutting an entity like &amp; in half."""
     if len(escaped) <= limit:
         return escaped
     cut = escaped[: limit - 1]
@@ -104,6 +103,11 @@ def mrkdwn(text: str, limit: int) -> str:
     if amp != -1 and ";" not in cut[amp:]:
         cut = cut[:amp]
     return cut + ELLIPSIS
+
+
+def mrkdwn(text: str, limit: int) -> str:
+    """An alert-supplied value as escaped mrkdwn within `limit` characters."""
+    return clip_escaped(escape_mrkdwn(text), limit)
 
 
 def is_http_url(url: Any, max_length: int = 3000) -> bool:
@@ -236,6 +240,21 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _lone_surrogate_path(value: Any, path: str) -> Optional[str]:
+    """Where a JSON \\ud800-style escape left a string that is not valid Unicode, if anywhere."""
+    if isinstance(value, str):
+        return path if re.search("[\ud800-\udfff]", value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for name, item in items:
+        where = f"{path}[{name}]" if isinstance(name, int) else (f"{path}.{name}" if path else str(name))
+        if isinstance(name, str) and re.search("[\ud800-\udfff]", name):
+            return where
+        found = _lone_surrogate_path(item, where)
+        if found:
+            return found
+    return None
+
+
 def parse_webhook(body: bytes, content_type: Optional[str] = "application/json") -> Webhook:
     """Validate an Alertmanager webhook body; BadRequest names the first offending field."""
     if content_type:
@@ -256,6 +275,10 @@ def parse_webhook(body: bytes, content_type: Optional[str] = "application/json")
         raise BadRequest("body must be a JSON object with an 'alerts' list")
     if not _json_depth_ok(document, MAX_JSON_DEPTH):
         raise BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    if re.search(r"\\u[dD][89a-fA-F]", text):
+        where = _lone_surrogate_path(document, "")
+        if where:
+            raise BadRequest(f"{truncate(where, 200)} is not valid Unicode (lone surrogate)")
 
     def optional_string(container: Dict[str, Any], name: str, where: str) -> str:
         value = container.get(name, "")
@@ -376,6 +399,7 @@ SETTINGS: Tuple[Tuple[str, Optional[str], str], ...] = (
     ("SLACK_RETRY_BUDGET", "15s", "time one webhook may spend retrying Slack before answering 503"),
     ("MAX_BODY_BYTES", "8388608", "largest webhook body accepted (413 past it)"),
     ("MAX_CONNECTIONS", "64", "concurrent connections served (503 past it)"),
+    ("CLIENT_TIMEOUT", "30s", "how long a client may stay silent, idle or mid-request, before it is dropped"),
     ("SHUTDOWN_TIMEOUT", "20s", "on SIGTERM, how long in-flight webhooks may take to finish"),
     ("ALERTMANAGER_URL", None, "Alertmanager URL for Silence buttons (default: the webhook's externalURL)"),
     ("LOG_LEVEL", "info", "debug, info, warning or error"),
@@ -408,6 +432,7 @@ class Config:
     slack_retry_budget: float = 15.0
     max_body_bytes: int = 8 * 1024 * 1024
     max_connections: int = 64
+    client_timeout: float = 30.0
     shutdown_timeout: float = 20.0
     alertmanager_url: Optional[str] = None
     log_level: str = "info"
@@ -571,6 +596,7 @@ def load_config(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
         slack_retry_budget=number("SLACK_RETRY_BUDGET", 0, 3600),
         max_body_bytes=number("MAX_BODY_BYTES", 1024, 1 << 30, integer=True),
         max_connections=number("MAX_CONNECTIONS", 1, 10000, integer=True),
+        client_timeout=number("CLIENT_TIMEOUT", 0.1, 3600),
         shutdown_timeout=number("SHUTDOWN_TIMEOUT", 0, 3600),
         alertmanager_url=am_url,
         log_level=level,
@@ -1542,11 +1568,12 @@ def header_block(text: str) -> Dict[str, Any]:
 
 
 def section_block(text: str) -> Dict[str, Any]:
-    return {"type": "section", "text": {"type": "mrkdwn", "text": text[:SECTION_MAX]}}
+    return {"type": "section", "text": {"type": "mrkdwn", "text": clip_escaped(text, SECTION_MAX)}}
 
 
 def context_block(*texts: str) -> Dict[str, Any]:
-    return {"type": "context", "elements": [{"type": "mrkdwn", "text": t[:SECTION_MAX]} for t in texts[:CONTEXT_MAX]]}
+    return {"type": "context",
+            "elements": [{"type": "mrkdwn", "text": clip_escaped(t, SECTION_MAX)} for t in texts[:CONTEXT_MAX]]}
 
 
 def alert_buttons(alert: Alert, external_url: str) -> Optional[Dict[str, Any]]:
@@ -1748,7 +1775,7 @@ def digest_line(alert: Alert) -> str:
     if alert.labels.get("instance"):
         parts.append(mrkdwn(alert.labels["instance"], 50))
     parts.append(mrkdwn(alert.summary, 80))
-    return truncate(f"{emoji} " + " · ".join(parts), 145)
+    return clip_escaped(f"{emoji} " + " · ".join(parts), 145)
 
 
 def render_digest_batch(alerts: List[Alert], channel: str, thread_ts: str, resolved: bool) -> Dict[str, Any]:
@@ -1758,7 +1785,7 @@ def render_digest_batch(alerts: List[Alert], channel: str, thread_ts: str, resol
     color = RESOLVED_STYLE[1] if resolved else severity_style(
         min((a.severity for a in alerts), key=lambda s: SEVERITY_RANK.get(s, 5), default=""))[1]
     names = ", ".join(sorted({mrkdwn(a.alertname or "-", 60) for a in alerts}))
-    text = truncate(f"{'✅' if resolved else '🔥'} {n} {'resolved' if resolved else 'firing'}: {names}", 500)
+    text = clip_escaped(f"{'✅' if resolved else '🔥'} {n} {'resolved' if resolved else 'firing'}: {names}", 500)
     return message(channel, text, color, pack_sections(head, [digest_line(a) for a in alerts]), thread_ts)
 
 
@@ -2335,7 +2362,6 @@ Response = Tuple[int, Any, Dict[str, str]]
 ROUTES = {"/alert": ("POST",), "/health": ("GET", "HEAD"), "/stats": ("GET",), "/cache": ("GET", "DELETE"),
           "/metrics": ("GET", "HEAD"), "/preview": ("GET",), "/": ("GET", "HEAD")}
 PROTECTED = {("POST", "/alert"), ("GET", "/cache"), ("DELETE", "/cache"), ("GET", "/preview")}
-BODY_READ_SECONDS = 60.0
 
 
 class App:
@@ -2484,10 +2510,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
     """Thin: read, call App.route, write JSON (or the text it returns)."""
 
     protocol_version = "HTTP/1.1"
-    server_version = f"alert-threader/{__version__}"
-    sys_version = ""
-    timeout = 30  # seconds a slow or idle client may hold a connection between reads
     server: "ThreaderServer"
+    # Buffered: headers and body leave in one send (handle_one_request flushes), which
+    # avoids the 40 ms Nagle/delayed-ACK stall of a separate small body write.
+    wbufsize = 65536
+
+    def version_string(self) -> str:
+        return f"alert-threader/{__version__}"
+
+    def setup(self) -> None:
+        self.timeout = self.server.app.config.client_timeout  # slow or idle clients cannot hold a thread
+        super().setup()
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("http %s %s", self.address_string(), format % args)
@@ -2514,7 +2547,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True  # the excess is never read
             raise BadRequest(f"body of {size} bytes is over the {limit}-byte limit (MAX_BODY_BYTES)", 413)
         chunks_read, remaining = [], size
-        deadline = time.monotonic() + BODY_READ_SECONDS
+        deadline = time.monotonic() + 2 * self.timeout
         while remaining:
             chunk = self.rfile.read1(min(remaining, 65536)) if hasattr(self.rfile, "read1") else \
                 self.rfile.read(min(remaining, 65536))
@@ -2650,7 +2683,8 @@ class Service:
         return f"http://{host}:{self.port}"
 
     def start(self) -> "Service":
-        for target, name in ((self.server.serve_forever, "http"), (self._housekeeping, "housekeeping")):
+        for target, name in ((lambda: self.server.serve_forever(poll_interval=0.2), "http"),
+                             (self._housekeeping, "housekeeping")):
             thread = threading.Thread(target=target, name=f"alert-threader-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)

@@ -18,11 +18,14 @@ import http.server
 import io
 import json
 import os
+import pty
 import random
 import re
+import select
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -134,6 +137,7 @@ class FakeSlack:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            wbufsize = 65536  # one send per answer, like a real server: no Nagle stalls
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -179,7 +183,7 @@ class FakeSlack:
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/api/"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     def fail(self, method: str, *answers: Dict[str, Any]) -> None:
@@ -957,3 +961,911 @@ def test_sigkill_at_any_moment_leaves_a_valid_state_file(tmp_path, slack):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+# ---------------------------------------------------------------------------
+# Hostile input: validation before any side effect
+# ---------------------------------------------------------------------------
+
+def with_change(change: Callable[[Dict[str, Any]], None]) -> bytes:
+    body = webhook(make_alert(), make_alert(instance="db02"), make_alert(instance="db03"))
+    change(body)
+    return json.dumps(body).encode()
+
+
+BAD_BODIES = [
+    (b"[1, 2]", "body must be a JSON object"),
+    (b'{"alerts": "many"}', "alerts must be a list"),
+    (b'{"status": "firing"}', "alerts must be a list"),
+    (with_change(lambda b: b["alerts"].__setitem__(1, "alert")), "alerts[1] must be an object"),
+    (with_change(lambda b: b["alerts"][2]["labels"].__setitem__("severity", 5)),
+     "alerts[2].labels.severity must be a string"),
+    (with_change(lambda b: b["alerts"][0].__setitem__("labels", ["a"])), "alerts[0].labels must be an object"),
+    (with_change(lambda b: b["alerts"][0].pop("labels")), "alerts[0].labels must be an object"),
+    (with_change(lambda b: b["alerts"][1]["annotations"].__setitem__("summary", None)),
+     "alerts[1].annotations.summary must be a string"),
+    (with_change(lambda b: b["alerts"][0].__setitem__("status", "burning")),
+     "alerts[0].status must be 'firing' or 'resolved'"),
+    (with_change(lambda b: b.__setitem__("status", 1)), "status must be 'firing' or 'resolved'"),
+    (with_change(lambda b: b["alerts"][1].__setitem__("startsAt", "yesterday")),
+     "alerts[1].startsAt must be an RFC 3339 time"),
+    (with_change(lambda b: b["alerts"][1].__setitem__("endsAt", 1705329025)),
+     "alerts[1].endsAt must be an RFC 3339 time"),
+    (with_change(lambda b: b["alerts"][0].__setitem__("startsAt", "2024-13-45T99:00:00Z")),
+     "alerts[0].startsAt must be an RFC 3339 time"),
+    (with_change(lambda b: b["alerts"][0].__setitem__("generatorURL", {"u": 1})),
+     "alerts[0].generatorURL must be a string"),
+    (with_change(lambda b: b.__setitem__("groupKey", [])), "groupKey must be a string"),
+    (b'{"alerts": [', "body is not valid JSON"),
+    (b'{"alerts": [], "x": NaN}', "body is not valid JSON"),
+    (b'\xff\xfe{"alerts": []}', "body is not UTF-8"),
+    (b'{"alerts": [], "deep": ' + b"[" * 40 + b"]" * 40 + b"}", "nested deeper than 32"),
+    (b'{"alerts": [], "deeper": ' + b"[" * 100000 + b"]" * 100000 + b"}", "nested deeper than 32"),
+    (b'{"alerts": [{"status": "firing", "labels": {"a": "\\ud800"}}]}', "alerts[0].labels.a is not valid Unicode"),
+]
+
+
+@pytest.mark.parametrize("body, message", BAD_BODIES, ids=[m for _, m in BAD_BODIES])
+def test_bad_webhook_gets_400_naming_the_field_and_changes_nothing(start, slack, tmp_path, body, message):
+    svc = start()
+    svc.alert(webhook(make_alert(name="Existing")))
+    before = (tmp_path / "threads.json").read_bytes()
+    calls = len(slack.calls)
+    answer = svc.request("POST", "/alert", raw=body)
+    assert answer.status == 400
+    assert answer.json()["ok"] is False and message in answer.json()["error"]
+    assert len(slack.calls) == calls and (tmp_path / "threads.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
+def test_wrong_content_type_is_400(start, slack, content_type):
+    svc = start()
+    answer = svc.request("POST", "/alert", raw=json.dumps(webhook(make_alert())).encode(),
+                         headers={"Content-Type": content_type})
+    assert answer.status == 400 and "Content-Type must be application/json" in answer.json()["error"]
+    assert slack.calls == []
+
+
+def test_alertmanager_time_formats_and_unknown_fields_are_accepted():
+    alert = make_alert(starts="2024-01-15T14:30:25.123456789+02:00")
+    alert["endsAt"] = "0001-01-01T00:00:00Z"
+    alert["someFutureField"] = {"nested": [1, 2, 3]}
+    body = webhook(alert)
+    body["anotherNewField"] = True
+    [parsed] = at.parse_webhook(json.dumps(body).encode()).alerts
+    assert parsed.starts_at == pytest.approx(1705321825.123456789)
+    assert parsed.ends_at is None
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 5) -> bytes:
+    """Send raw bytes, return all the server answers until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        received = b""
+        with contextlib.suppress(socket.timeout, ConnectionResetError):
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+        return received
+
+
+def test_body_over_the_limit_is_413_without_reading_it(start, slack):
+    svc = start(MAX_BODY_BYTES="4096")
+    started = time.monotonic()
+    answer = raw_exchange(svc.port, b"POST /alert HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                    b"Content-Length: 50000000\r\n\r\n" + b"{" * 1000)
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"MAX_BODY_BYTES" in answer
+    assert time.monotonic() - started < 3 and slack.calls == []
+
+
+@pytest.mark.parametrize("headers, status, message", [
+    (b"", b"411", b"Content-Length is required"),
+    (b"Transfer-Encoding: chunked\r\n", b"411", b"chunked bodies are not accepted"),
+    (b"Content-Length: lots\r\n", b"400", b"Content-Length must be a non-negative integer"),
+    (b"Content-Length: -5\r\n", b"400", b"Content-Length must be a non-negative integer"),
+])
+def test_missing_or_bad_content_length_is_answered_cleanly(start, slack, headers, status, message):
+    svc = start()
+    answer = raw_exchange(svc.port, b"POST /alert HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          + headers + b"\r\n{}")
+    assert answer.startswith(b"HTTP/1.1 " + status) and message in answer
+    assert slack.calls == [] and "Traceback" not in svc.log.getvalue()
+
+
+def test_body_shorter_than_its_content_length_is_400(start, slack):
+    svc = start(CLIENT_TIMEOUT="5s")
+    with socket.create_connection(("127.0.0.1", svc.port), timeout=5) as sock:
+        sock.sendall(b"POST /alert HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"alerts\": [")
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"body ended before" in answer
+
+
+def test_silent_clients_are_dropped_after_the_client_timeout(start, slack):
+    svc = start(CLIENT_TIMEOUT="0.5s")
+    for partial in (b"", b"POST /alert HTTP/1.1\r\nHost: x\r\n",
+                    b"POST /alert HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 99\r\n\r\n{"):
+        started = time.monotonic()
+        raw_exchange(svc.port, partial, timeout=10)  # returns when the server closes the connection
+        assert time.monotonic() - started < 5
+    assert svc.get("/health").status == 200 and slack.calls == []
+
+
+def test_connections_past_the_limit_get_503(start, slack):
+    svc = start(MAX_CONNECTIONS="2", CLIENT_TIMEOUT="10s")
+    idle = [socket.create_connection(("127.0.0.1", svc.port)) for _ in range(2)]
+    try:
+        wait_for(lambda: svc.service.server._slots._value == 0, what="both slots to be taken")
+        answer = raw_exchange(svc.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"MAX_CONNECTIONS" in answer
+    finally:
+        for sock in idle:
+            sock.close()
+    wait_for(lambda: svc.get("/health").status == 200, what="the slots to free up")
+
+
+# ---------------------------------------------------------------------------
+# Fuzzing: thousands of mutated webhooks, seeded
+# ---------------------------------------------------------------------------
+
+ODD_STRINGS = ["", " ", "\x00", "\x1b[31mred", "\u202egnp.exe", "a\u0301" * 50, "🚨" * 300, "<!channel>",
+               "<!here|here>", "<@U024BE7LH>", "<!subteam^S0123>", "&amp;&lt;", "x" * 70000, "\ud7ff\ue000",
+               "line\nbreak\r\n", "*bold* _it_ ~s~ `c`", "\\", '"', "null", "0001-01-01T00:00:00Z"]
+ODD_VALUES: List[Any] = [None, True, 0, -1, 1.5e308, [], {}, [[[]]], {"a": {"b": {}}}, "x"]
+
+
+def odd_value(rng: random.Random) -> Any:
+    return json.loads(json.dumps(rng.choice(ODD_VALUES)))  # a fresh copy: mutations must not share objects
+
+
+def mutate(rng: random.Random, document: Any, depth: int = 0) -> Any:
+    """One random change somewhere in the document: remove, swap a type, odd strings, nesting."""
+    if isinstance(document, dict) and document and rng.random() < 0.7:
+        key = rng.choice(list(document))
+        roll = rng.random()
+        if roll < 0.2:
+            document.pop(key)
+        elif roll < 0.35:
+            document[key] = odd_value(rng) if rng.random() < 0.5 else rng.choice(ODD_STRINGS)
+        elif roll < 0.45:
+            document[rng.choice(ODD_STRINGS)[:40]] = rng.choice(ODD_STRINGS)
+        else:
+            document[key] = mutate(rng, document[key], depth + 1)
+        return document
+    if isinstance(document, list) and document and rng.random() < 0.7:
+        i = rng.randrange(len(document))
+        roll = rng.random()
+        if roll < 0.2:
+            document.pop(i)
+        elif roll < 0.3:
+            document.append(odd_value(rng))
+        else:
+            document[i] = mutate(rng, document[i], depth + 1)
+        return document
+    roll = rng.random()
+    if roll < 0.4:
+        return rng.choice(ODD_STRINGS)
+    if roll < 0.6:
+        return odd_value(rng)
+    if roll < 0.7:
+        nested: Any = "deep"
+        for _ in range(rng.choice([5, 31, 40, 200])):
+            nested = [nested]
+        return nested
+    if isinstance(document, str):
+        return document + rng.choice(ODD_STRINGS)
+    return document
+
+
+def test_fuzzed_webhooks_never_5xx_never_traceback_never_change_state_when_rejected(start, slack, tmp_path):
+    svc = start(STORM_THRESHOLD="1000", LOG_LEVEL="info")
+    rng = random.Random(20261127)
+    base = webhook(*[make_alert(instance=f"db{i}", name=f"Fuzz{i}") for i in range(3)])
+    conn = http.client.HTTPConnection("127.0.0.1", svc.port, timeout=10)
+    statuses: collections.Counter = collections.Counter()
+    state = tmp_path / "threads.json"
+    for i in range(2500):
+        document = json.loads(json.dumps(base))
+        for _ in range(rng.randint(1, 4)):
+            document = mutate(rng, document)
+        body = json.dumps(document).encode()
+        if i % 10 == 0:
+            body = body[: rng.randrange(len(body))]  # truncated
+        before_state = state.read_bytes() if state.exists() else b""
+        before_calls = len(slack.calls)
+        conn.request("POST", "/alert", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        answer = json.loads(response.read())
+        statuses[response.status] += 1
+        assert response.status in (200, 400, 413), (response.status, answer)
+        if response.status != 200:
+            assert answer["ok"] is False and answer["error"]
+            assert len(slack.calls) == before_calls
+            assert (state.read_bytes() if state.exists() else b"") == before_state
+        if response.getheader("Connection") == "close":
+            conn = http.client.HTTPConnection("127.0.0.1", svc.port, timeout=10)
+    log = svc.log.getvalue()
+    assert "Traceback" not in log and "internal error" not in log
+    assert statuses[400] > 1000 and statuses[200] > 100, statuses
+    assert svc.get("/health").status == 200
+    for call in slack.calls:
+        assert_within_slack_limits(call.payload)
+
+
+# ---------------------------------------------------------------------------
+# Slack-safe rendering
+# ---------------------------------------------------------------------------
+
+def assert_mrkdwn_safe(text: str, where: str) -> None:
+    """No raw < or > (mentions, links) and every & starts one of the three entities."""
+    assert "<" not in text and ">" not in text, f"{where}: unescaped angle bracket in {text[:200]!r}"
+    assert not re.search("&(?!amp;|lt;|gt;)", text), f"{where}: bare & in {text[:200]!r}"
+
+
+def assert_within_slack_limits(payload: Dict[str, Any]) -> None:
+    """Slack's documented limits for chat.postMessage / chat.update payloads, and our escaping."""
+    assert "link_names" not in payload and payload.get("parse") != "full"
+    text = payload.get("text", "")
+    assert 0 < len(text) <= 4000
+    assert_mrkdwn_safe(text, "text")
+    attachments = payload.get("attachments", [])
+    assert len(attachments) <= 100
+    blocks_total = 0
+    for attachment in attachments:
+        assert re.fullmatch(r"#[0-9A-F]{6}", attachment["color"])
+        blocks = attachment["blocks"]
+        blocks_total += len(blocks)
+        for block in blocks:
+            kind = block["type"]
+            assert len(block.get("block_id", "")) <= 255
+            if kind == "header":
+                assert block["text"]["type"] == "plain_text" and 0 < len(block["text"]["text"]) <= 150
+            elif kind == "section":
+                assert "text" in block or "fields" in block
+                if "text" in block:
+                    assert 0 < len(block["text"]["text"]) <= 3000
+                    assert_mrkdwn_safe(block["text"]["text"], "section")
+                fields = block.get("fields", [])
+                assert len(fields) <= 10
+                for field in fields:
+                    assert 0 < len(field["text"]) <= 2000
+                    assert_mrkdwn_safe(field["text"], "field")
+            elif kind == "context":
+                assert 0 < len(block["elements"]) <= 10
+                for element in block["elements"]:
+                    assert 0 < len(element["text"]) <= 3000
+                    assert_mrkdwn_safe(element["text"], "context")
+            elif kind == "actions":
+                assert 0 < len(block["elements"]) <= 25
+                for button in block["elements"]:
+                    assert 0 < len(button["text"]["text"]) <= 75 and len(button["url"]) <= 3000
+                    assert at.is_http_url(button["url"])
+            else:
+                pytest.fail(f"unexpected block type {kind}")
+    assert blocks_total <= 50
+
+
+def hostile_alert(rng: random.Random, status: str = "firing") -> Dict[str, Any]:
+    def value() -> str:
+        pieces = [rng.choice(ODD_STRINGS) for _ in range(rng.randint(1, 3))]
+        if rng.random() < 0.2:
+            pieces.append("y" * rng.choice([149, 150, 151, 1999, 2000, 2001, 2999, 3000, 3001, 5000]))
+        if rng.random() < 0.2:
+            pieces.append("&" * rng.randint(1, 3000))
+        return "".join(pieces)
+
+    labels = {name: value() for name in ("alertname", "severity", "service", "cluster", "instance")}
+    labels.update({value()[:50] or "k": value() for _ in range(rng.randint(0, 30))})
+    annotations = {"summary": value(), "description": value(),
+                   "runbook_url": rng.choice(["https://ok.example.com/rb", "javascript:alert(1)",
+                                              "https://evil.example.com/a|b", "https://x.example.com/<script>",
+                                              "http://" + "a" * 3000 + ".com", value()])}
+    return {"status": status, "labels": labels, "annotations": annotations, "startsAt": "2024-01-15T14:30:25Z",
+            "endsAt": "2024-01-15T15:30:25Z" if status == "resolved" else at.ZERO_TIME,
+            "generatorURL": rng.choice(["http://prom:9090/graph?g0.expr=up", "ftp://nope", value()])}
+
+
+def test_every_message_kind_stays_within_slack_limits_for_hostile_alerts():
+    rng = random.Random(5)
+    for _ in range(300):
+        alert = at.parse_webhook(json.dumps({"alerts": [hostile_alert(rng)]}).encode()).alerts[0]
+        done = at.parse_webhook(json.dumps({"alerts": [hostile_alert(rng, "resolved")]}).encode()).alerts[0]
+        external = rng.choice(["http://am.example.com:9093", "https://am.example.com/" + "p" * 2990])
+        for kind in ("firing", "refire"):
+            assert_within_slack_limits(at.render_alert(alert, "C1", "prod", kind, "1.2", external))
+        assert_within_slack_limits(at.render_alert(done, "C1", "prod", "resolved", "1.2", external))
+        record = {"ts": "1.2", "status": rng.choice(["open", "closed"]), "reopened": rng.randint(0, 3),
+                  "ended": 1705332625.0, "first": at.first_alert(alert, external),
+                  "alerts": {"a": ["f", 1.0, None], "b": ["r", 1.0, 2.0]}}
+        assert_within_slack_limits(at.render_card(record, "C1", "prod"))
+        assert_within_slack_limits(at.render_digest_batch([alert, done] * 10, "C1", "1.2", resolved=False))
+    storm = {"ts": "1.2", "status": "open", "firing": 3000, "resolved": 10, "started": 1705329025.0,
+             "by_name": {"<!channel>" + str(i) * 500: i for i in range(200)},
+             "by_severity": {"<@U1>" * 100 + str(i): i for i in range(20)}}
+    assert_within_slack_limits(at.render_digest(storm, "C1", "<!here>"))
+
+
+def test_no_alert_value_can_mention_or_disguise_a_link(start, slack):
+    svc = start()
+    alert = make_alert(name="<!channel> Evil", instance="<@U024BE7LH>", summary="<!here> <https://evil.com|Google>",
+                       cluster="<!subteam^S0123|@oncall>", service="<!everyone>")
+    alert["annotations"]["description"] = "Click <https://evil.example.com|https://good.example.com> & go"
+    svc.alert(webhook(alert))
+    [parent] = slack.messages
+    assert_within_slack_limits(parent.payload)
+    text = parent.text
+    assert "&lt;!channel&gt; Evil" in text and "&lt;@U024BE7LH&gt;" in text
+    assert "&lt;https://evil.example.com|https://good.example.com&gt; &amp; go" in text
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("https://runbooks.example.com/db", True), ("http://wiki/db?x=1&y=2", True),
+    ("javascript:alert(1)", False), ("https://evil.example.com/a|b", False), ("https://x/<b>", False),
+    ("data:text/html,hi", False), ("https://" + "a" * 3000, False), ("not a url", False), ("//no-scheme", False),
+])
+def test_links_are_used_only_when_they_are_safe_http_urls(url, shown):
+    alert = make_alert()
+    alert["annotations"]["runbook_url"] = url
+    parsed = at.parse_webhook(json.dumps(webhook(alert)).encode()).alerts[0]
+    blocks = at.render_alert(parsed, "C1", "prod", "firing")["attachments"][0]["blocks"]
+    buttons = [e for b in blocks if b["type"] == "actions" for e in b["elements"] if e["action_id"] == "runbook"]
+    assert bool(buttons) == shown
+    if shown:
+        assert buttons[0]["url"] == url
+
+
+# ---------------------------------------------------------------------------
+# Webhook authentication and secrets
+# ---------------------------------------------------------------------------
+
+def test_webhook_token_guards_alert_cache_and_preview(start, slack):
+    svc = start(WEBHOOK_TOKEN=WEBHOOK_TOKEN)
+    for method, path in (("POST", "/alert"), ("GET", "/cache"), ("DELETE", "/cache"), ("GET", "/preview")):
+        for headers in ({}, {"Authorization": "Bearer wrong-token-wrong-token"},
+                        {"Authorization": WEBHOOK_TOKEN}, {"Authorization": f"Basic {WEBHOOK_TOKEN}"}):
+            answer = svc.request(method, path, webhook(make_alert()) if method == "POST" else None, headers)
+            assert answer.status == 401, (method, path, headers)
+            assert answer.json() == {"ok": False, "error": "missing or wrong bearer token (WEBHOOK_TOKEN)"}
+            assert "WWW-Authenticate" in answer.headers
+    assert slack.calls == []
+    svc.alert(webhook(make_alert()), token=WEBHOOK_TOKEN)
+    assert len(slack.messages) == 1
+    assert svc.get("/cache", headers={"Authorization": f"Bearer {WEBHOOK_TOKEN}"}).status == 200
+    basic = base64.b64encode(f"anyone:{WEBHOOK_TOKEN}".encode()).decode()
+    assert svc.get("/preview", headers={"Authorization": f"Basic {basic}"}).status == 200
+    assert svc.get("/health").status == 200 and svc.get("/metrics").status == 200
+
+
+def test_secrets_never_reach_logs_errors_endpoints_or_help(tmp_path, slack, start):
+    (tmp_path / "slack-token").write_text(SLACK_TOKEN + "\n")
+    (tmp_path / "webhook-token").write_text(WEBHOOK_TOKEN + "\n")
+    svc = start(SLACK_BOT_TOKEN=None, SLACK_BOT_TOKEN_FILE=str(tmp_path / "slack-token"),
+                WEBHOOK_TOKEN_FILE=str(tmp_path / "webhook-token"), LOG_FORMAT="json")
+    auth = {"Authorization": f"Bearer {WEBHOOK_TOKEN}"}
+    svc.alert(webhook(make_alert()), token=WEBHOOK_TOKEN)
+    assert slack.messages[0].headers["Authorization"] == f"Bearer {SLACK_TOKEN}", "the file's token is used"
+    slack.fail_always("chat.postMessage", {"error": "invalid_auth"})
+    svc.alert(webhook(make_alert(name="Second")), token=WEBHOOK_TOKEN, expect=503)
+    svc.request("POST", "/alert", raw=b"{bad", headers=auth)
+    seen = [svc.log.getvalue()]
+    for path in ("/", "/health", "/stats", "/cache", "/metrics", "/preview"):
+        seen.append(svc.get(path, headers=auth).text)
+    seen.append(repr(svc.service.config))
+    seen.append(run_cli("--help", cwd=tmp_path).stdout.decode())
+    for bad in ({"SLACK_BOT_TOKEN": "not-a-token-" + SLACK_TOKEN}, {"WEBHOOK_TOKEN": "short " + WEBHOOK_TOKEN}):
+        seen.append(run_cli(cwd=tmp_path, env=bad).stderr.decode())
+    everything = "\n".join(seen)
+    assert "invalid_auth" in everything  # the failure itself is visible...
+    for secret in (SLACK_TOKEN, WEBHOOK_TOKEN, "SecretSlackToken", "Secret-Webhook"):
+        assert secret not in everything  # ...the secrets are not
+
+
+# ---------------------------------------------------------------------------
+# install.sh and the systemd unit (every install.sh run is staged with --root)
+# ---------------------------------------------------------------------------
+
+INSTALL_SH = REPO / "install.sh"
+UNIT = REPO / "alert-threader.service"
+
+INSTALL_SLACK_TOKEN = "xoxb-1111-2222-InstallTestSecret"
+INSTALL_WEBHOOK_TOKEN = "wh-token-0123456789abcdef"
+VERIFY_NOISE = re.compile(r"No such file|not executable|Cannot add dependency")
+
+
+def run_install(root: Path, *args: str, input: Optional[str] = None, timeout: float = 60,
+                path_env: Optional[str] = None) -> subprocess.CompletedProcess:
+    env = {"PATH": path_env or os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
+    return subprocess.run(["bash", str(INSTALL_SH), "--root", str(root), *args],
+                          input=input, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def read_env(path: Path) -> dict:
+    """KEY=value lines as systemd's EnvironmentFile= reads the plain ones install.sh writes."""
+    values = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            values[key.strip()] = value
+    return values
+
+
+def file_mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+@pytest.fixture
+def token_files(tmp_path):
+    slack = tmp_path / "slack.token"
+    slack.write_text(INSTALL_SLACK_TOKEN + "\n")
+    webhook = tmp_path / "webhook.token"
+    webhook.write_text(INSTALL_WEBHOOK_TOKEN + "\n")
+    return slack, webhook
+
+
+@pytest.fixture
+def installed(tmp_path, token_files):
+    """A staged file-store install with every setting given as a flag."""
+    root = tmp_path / "root"
+    slack, webhook = token_files
+    result = run_install(root, "--yes", "--token-file", str(slack), "--channel", "C0123456789",
+                         "--environment", "staging", "--port", "9100",
+                         "--webhook-token-file", str(webhook))
+    assert result.returncode == 0, result.stderr
+    return root, result
+
+
+def test_install_writes_layout_modes_and_settings(installed):
+    root, result = installed
+    code = root / "opt/alert-threader/alert_threader.py"
+    env_file = root / "etc/alert-threader/alert-threader.env"
+    unit = root / "etc/systemd/system/alert-threader.service"
+    assert code.read_bytes() == (REPO / "alert_threader.py").read_bytes()
+    assert unit.read_bytes() == UNIT.read_bytes()
+    assert file_mode(code) == 0o644
+    assert file_mode(unit) == 0o644
+    assert file_mode(env_file) == 0o600
+    assert file_mode(env_file.parent) == 0o700
+    if os.geteuid() == 0:
+        assert (env_file.stat().st_uid, env_file.stat().st_gid) == (0, 0)
+    assert read_env(env_file) == {
+        "SLACK_BOT_TOKEN": INSTALL_SLACK_TOKEN, "SLACK_CHANNEL": "C0123456789", "ENVIRONMENT": "staging",
+        "THREAD_STORE": "file", "WEBHOOK_TOKEN": INSTALL_WEBHOOK_TOKEN, "PORT": "9100",
+    }
+    assert not list(env_file.parent.glob(".*")), "a temporary file was left behind"
+    # Staged: systemctl and curl are only shown, never run.
+    assert "would run: systemctl restart alert-threader" in result.stdout
+    assert "would check GET http://127.0.0.1:9100/health" in result.stdout
+
+
+def test_secrets_never_reach_the_output(installed):
+    _, result = installed
+    output = result.stdout + result.stderr
+    assert INSTALL_SLACK_TOKEN not in output
+    assert INSTALL_WEBHOOK_TOKEN not in output
+    # ...but the Alertmanager receiver and the smoke test are there.
+    assert "url: http://" in output and ":9100/alert" in output
+    assert "send_resolved: true" in output
+    assert "type: Bearer" in output and "credentials_file:" in output
+    assert 'curl -sS -X POST http://127.0.0.1:9100/alert' in output
+    assert "Authorization: Bearer" in output
+
+
+def load_service_config(env_file: Path, state_directory: Path) -> at.Config:
+    """The service's Config from an env file, as systemd would start it."""
+    environ = read_env(env_file)
+    environ["STATE_DIRECTORY"] = str(state_directory)  # as systemd sets it for StateDirectory=
+    return at.load_config(at.build_parser().parse_args([]), environ)
+
+
+def test_env_file_is_accepted_by_the_service(installed, tmp_path):
+    root, _ = installed
+    config = load_service_config(root / "etc/alert-threader/alert-threader.env", tmp_path)
+    assert config.slack_bot_token == INSTALL_SLACK_TOKEN
+    assert config.slack_channel == "C0123456789"
+    assert config.environment == "staging"
+    assert config.port == 9100
+    assert config.webhook_token == INSTALL_WEBHOOK_TOKEN
+    assert config.thread_store_file == str(tmp_path / "threads.json")
+
+
+def test_fresh_unattended_install_defaults_to_dry_run_and_a_generated_webhook_token(tmp_path):
+    root = tmp_path / "root"
+    result = run_install(root, "--yes")
+    assert result.returncode == 0, result.stderr
+    settings = read_env(root / "etc/alert-threader/alert-threader.env")
+    assert settings["SLACK_BOT_TOKEN"] == ""
+    assert settings["THREAD_STORE"] == "file"
+    assert settings["ENVIRONMENT"] == "production"
+    assert settings["PORT"] == "9009"
+    assert re.fullmatch(r"[0-9a-f]{64}", settings["WEBHOOK_TOKEN"])
+    assert settings["WEBHOOK_TOKEN"] not in result.stdout + result.stderr
+    assert "DRY-RUN" in result.stdout
+    config = load_service_config(root / "etc/alert-threader/alert-threader.env", tmp_path)
+    assert config.dry_run and config.slack_channel is None
+    assert config.webhook_token == settings["WEBHOOK_TOKEN"]
+
+
+def test_no_webhook_token_is_allowed_with_a_warning(tmp_path):
+    root = tmp_path / "root"
+    result = run_install(root, "--yes", "--no-webhook-token")
+    assert result.returncode == 0, result.stderr
+    assert read_env(root / "etc/alert-threader/alert-threader.env")["WEBHOOK_TOKEN"] == ""
+    assert "anyone who reaches port 9009 can post alerts" in result.stderr
+    assert "Authorization" not in result.stdout
+
+
+def test_token_file_dash_reads_stdin(tmp_path):
+    root = tmp_path / "root"
+    result = run_install(root, "--yes", "--token-file", "-", "--channel", "C0123456789",
+                         input=INSTALL_SLACK_TOKEN + "\n")
+    assert result.returncode == 0, result.stderr
+    assert read_env(root / "etc/alert-threader/alert-threader.env")["SLACK_BOT_TOKEN"] == INSTALL_SLACK_TOKEN
+    assert INSTALL_SLACK_TOKEN not in result.stdout + result.stderr
+
+
+def test_rerun_without_flags_keeps_every_setting(installed):
+    root, _ = installed
+    env_file = root / "etc/alert-threader/alert-threader.env"
+    with env_file.open("a") as f:
+        f.write("# local tweak\nLOG_LEVEL=debug\n")
+    before = env_file.read_text()
+    code = root / "opt/alert-threader/alert_threader.py"
+    code.write_text("# old version\n")
+
+    result = run_install(root, "--yes")
+    assert result.returncode == 0, result.stderr
+    assert env_file.read_text() == before
+    assert code.read_bytes() == (REPO / "alert_threader.py").read_bytes(), "upgrade replaces the code"
+    assert "would run: systemctl restart alert-threader" in result.stdout
+
+
+def test_rerun_with_a_flag_changes_only_that_setting(installed):
+    root, _ = installed
+    env_file = root / "etc/alert-threader/alert-threader.env"
+    before = read_env(env_file)
+
+    result = run_install(root, "--yes", "--environment", "prod-eu")
+    assert result.returncode == 0, result.stderr
+    after = read_env(env_file)
+    assert after == dict(before, ENVIRONMENT="prod-eu")
+    assert file_mode(env_file) == 0o600
+
+
+def test_switching_to_redis_adds_its_url(installed):
+    root, _ = installed
+    result = run_install(root, "--yes", "--store", "redis")
+    assert result.returncode == 0, result.stderr
+    settings = read_env(root / "etc/alert-threader/alert-threader.env")
+    assert settings["THREAD_STORE"] == "redis"
+    assert settings["REDIS_URL"] == "redis://127.0.0.1:6379/0"
+    assert settings["SLACK_BOT_TOKEN"] == INSTALL_SLACK_TOKEN
+    assert "python3-redis" in result.stdout
+
+
+def test_local_redis_is_configured_once_and_purged_cleanly(tmp_path):
+    root = tmp_path / "root"
+    redis_conf = root / "etc/redis/redis.conf"
+    redis_conf.parent.mkdir(parents=True)
+    original = "bind 127.0.0.1 -::1\nport 6379\nappendonly no\n"
+    redis_conf.write_text(original)
+
+    for _ in range(2):
+        result = run_install(root, "--yes", "--local-redis")
+        assert result.returncode == 0, result.stderr
+    conf = redis_conf.read_text()
+    assert conf.count("include /etc/redis/alert-threader.conf") == 1
+    assert conf.startswith(original)
+    assert conf.rstrip().endswith("include /etc/redis/alert-threader.conf"), "an include must come last to win"
+    dropin = (root / "etc/redis/alert-threader.conf").read_text()
+    directives = [line for line in dropin.splitlines() if line and not line.startswith("#")]
+    assert directives[0] in ("bind 127.0.0.1 -::1", "bind 127.0.0.1 ::1")
+    for wanted in ("appendonly yes", "appendfsync everysec", "maxmemory-policy noeviction", "protected-mode yes"):
+        assert wanted in directives
+    settings = read_env(root / "etc/alert-threader/alert-threader.env")
+    assert settings["THREAD_STORE"] == "redis"
+    assert settings["REDIS_URL"] == "redis://127.0.0.1:6379/0"
+
+    result = run_install(root, "--uninstall", "--purge", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert redis_conf.read_text().rstrip("\n") == original.rstrip("\n")
+    assert not (root / "etc/redis/alert-threader.conf").exists()
+
+
+def make_state(root: Path) -> Path:
+    """The layout DynamicUser=yes leaves: the state in private/, a symlink to it."""
+    private = root / "var/lib/private/alert-threader"
+    private.mkdir(parents=True)
+    (private / "threads.json").write_text("{}")
+    (root / "var/lib/alert-threader").symlink_to("private/alert-threader")
+    return private
+
+
+def test_uninstall_removes_the_service_and_keeps_the_state(installed):
+    root, _ = installed
+    private = make_state(root)
+    result = run_install(root, "--uninstall")
+    assert result.returncode == 0, result.stderr
+    assert not (root / "opt/alert-threader").exists()
+    assert not (root / "etc/alert-threader").exists()
+    assert not (root / "etc/systemd/system/alert-threader.service").exists()
+    assert (private / "threads.json").read_text() == "{}"
+    assert (root / "var/lib/alert-threader/threads.json").exists()
+    assert "would run: systemctl disable --now alert-threader" in result.stdout
+
+
+def test_uninstall_purge_removes_the_state(installed):
+    root, _ = installed
+    make_state(root)
+    result = run_install(root, "--uninstall", "--purge", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert not (root / "var/lib/private/alert-threader").exists()
+    assert not os.path.lexists(root / "var/lib/alert-threader")
+    assert not (root / "etc/alert-threader").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--store", "bogus"], "--store must be file or redis"),
+    (["--channel", "general"], "--channel must be a Slack channel ID"),
+    (["--channel", "#alerts"], "--channel must be a Slack channel ID"),
+    (["--channel", "C0123$(touch /tmp/x)"], "--channel must be a Slack channel ID"),
+    (["--environment", "prod eu"], "--environment may hold"),
+    (["--environment", "prod|eu"], "--environment may hold"),
+    (["--port", "0"], "--port must be a number from 1 to 65535"),
+    (["--port", "65536"], "--port must be a number from 1 to 65535"),
+    (["--port", "90a"], "--port must be a number from 1 to 65535"),
+    (["--redis-url", "redis://h:6379/0\nSLACK_BOT_TOKEN=x"], "--redis-url must look like"),
+    (["--store", "file", "--local-redis"], "need --store redis"),
+    (["--token", INSTALL_SLACK_TOKEN], "lands in shell history"),
+    (["--slack-token=" + INSTALL_SLACK_TOKEN], "lands in shell history"),
+    (["--token-file", "/nonexistent/slack.token"], "--token-file: cannot read"),
+    (["--generate-webhook-token", "--no-webhook-token"], "choose one of"),
+    (["--purge"], "--purge only goes with --uninstall"),
+    (["--bogus"], "unknown option: --bogus"),
+    (["--channel"], "--channel needs a value"),
+])
+def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, args, message):
+    root = tmp_path / "root"
+    result = run_install(root, "--yes", *args)
+    assert result.returncode != 0
+    assert "install.sh: error:" in result.stderr and message in result.stderr
+    assert not root.exists()
+    assert INSTALL_SLACK_TOKEN not in result.stdout + result.stderr.replace(f"--slack-token={INSTALL_SLACK_TOKEN}", "")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("not-a-token\n", "does not hold a Slack token"),
+    ("xoxb-abc def\n", "does not hold a Slack token"),
+])
+def test_bad_token_file_is_refused(tmp_path, content, message):
+    token = tmp_path / "slack.token"
+    token.write_text(content)
+    root = tmp_path / "root"
+    result = run_install(root, "--yes", "--token-file", str(token), "--channel", "C0123456789")
+    assert result.returncode != 0 and message in result.stderr
+    assert not root.exists()
+
+
+def test_bad_webhook_token_file_is_refused(tmp_path):
+    token = tmp_path / "webhook.token"
+    token.write_text("short\n")
+    result = run_install(tmp_path / "root", "--yes", "--webhook-token-file", str(token))
+    assert result.returncode != 0 and "--webhook-token-file" in result.stderr
+    assert not (tmp_path / "root").exists()
+
+
+def test_a_slack_token_needs_a_channel(tmp_path, token_files):
+    slack, _ = token_files
+    result = run_install(tmp_path / "root", "--yes", "--token-file", str(slack))
+    assert result.returncode != 0 and "needs a channel" in result.stderr
+    assert not (tmp_path / "root").exists()
+
+
+def test_questions_need_a_terminal(tmp_path):
+    result = run_install(tmp_path / "root", input="")
+    assert result.returncode != 0 and "pass --yes" in result.stderr
+    assert not (tmp_path / "root").exists()
+
+
+def test_real_install_needs_root(tmp_path):
+    command = ["bash", str(INSTALL_SH), "--yes"]
+    if os.geteuid() == 0:
+        setpriv = require_binary("setpriv")
+        command = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30, cwd=tmp_path,
+                            env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode != 0
+    assert "run as root" in result.stderr
+
+
+def test_help_lists_every_flag():
+    result = subprocess.run(["bash", str(INSTALL_SH), "--help"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    for flag in ("--yes", "--store", "--token-file", "--slack-token-file", "--channel", "--environment",
+                 "--webhook-token-file", "--generate-webhook-token", "--no-webhook-token", "--local-redis",
+                 "--redis-url", "--port", "--root", "--uninstall", "--purge", "--help"):
+        assert flag in result.stdout
+
+
+class PtySession:
+    """install.sh on a pseudo-terminal, answered prompt by prompt."""
+
+    def __init__(self, args, env):
+        self.master, slave = pty.openpty()
+        self.process = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env,
+                                         start_new_session=True)
+        os.close(slave)
+        self.output = ""
+
+    def expect(self, text, timeout=20.0):
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"no {text!r} in:\n{self.output}"
+            ready, _, _ = select.select([self.master], [], [], remaining)
+            if ready:
+                try:
+                    chunk = os.read(self.master, 4096)
+                except OSError:
+                    chunk = b""
+                assert chunk, f"install.sh ended before {text!r}:\n{self.output}"
+                self.output += chunk.decode("utf-8", "replace")
+        position = self.output.index(text) + len(text)
+        seen, self.output = self.output[:position], self.output[position:]
+        return seen
+
+    def answer(self, prompt, reply):
+        self.expect(prompt)
+        os.write(self.master, reply.encode() + b"\r")
+
+    def finish(self, timeout=30.0):
+        rest = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.master], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(self.master, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                rest.append(chunk.decode("utf-8", "replace"))
+            elif self.process.poll() is not None:
+                break
+        os.close(self.master)
+        self.output += "".join(rest)
+        return self.process.wait(timeout=5)
+
+
+def test_interactive_install_asks_and_hides_the_token(tmp_path):
+    root = tmp_path / "root"
+    session = PtySession(["bash", str(INSTALL_SH), "--root", str(root)],
+                         env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"})
+    transcript = ""
+    try:
+        session.answer("Thread store (file or redis) [file]:", "file")
+        transcript += session.expect("input hidden")
+        session.answer(":", INSTALL_SLACK_TOKEN)
+        session.answer("Slack channel ID", "C0123456789")
+        session.answer("Environment name [production]:", "qa")
+        session.answer("Generate a webhook token", "")
+        code = session.finish()
+    finally:
+        if session.process.poll() is None:
+            session.process.kill()
+    transcript += session.output
+    assert code == 0, transcript
+    assert INSTALL_SLACK_TOKEN not in transcript, "the token was echoed"
+    settings = read_env(root / "etc/alert-threader/alert-threader.env")
+    assert settings["SLACK_BOT_TOKEN"] == INSTALL_SLACK_TOKEN
+    assert settings["SLACK_CHANNEL"] == "C0123456789"
+    assert settings["ENVIRONMENT"] == "qa"
+    assert re.fullmatch(r"[0-9a-f]{64}", settings["WEBHOOK_TOKEN"])
+
+    # Re-run interactively: keeping the settings asks nothing more.
+    session = PtySession(["bash", str(INSTALL_SH), "--root", str(root)],
+                         env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"})
+    try:
+        session.answer("Keep them (flags given still apply)? [Y/n]:", "")
+        code = session.finish()
+    finally:
+        if session.process.poll() is None:
+            session.process.kill()
+    assert code == 0, session.output
+    assert "Thread store" not in session.output
+    assert read_env(root / "etc/alert-threader/alert-threader.env") == settings
+
+
+class HealthHandler(http.server.BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        body = b'{"status": "healthy"}' if self.status == 200 else b'{"status": "degraded"}'
+        self.send_response(self.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("client", ["curl", "python"])
+@pytest.mark.parametrize("status", [200, 503])
+def test_health_probe_reports_status_and_body(tmp_path, client, status):
+    handler = type("Handler", (HealthHandler,), {"status": status})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        if client == "curl":
+            require_binary("curl")
+            path = os.environ.get("PATH", "/usr/bin:/bin")
+        else:
+            path = str(tmp_path)  # no curl on PATH: install.sh falls back to /usr/bin/python3
+            if not os.access("/usr/bin/python3", os.X_OK):
+                pytest.skip("/usr/bin/python3 is missing")
+        url = f"http://127.0.0.1:{server.server_address[1]}/health"
+        result = subprocess.run(["/bin/bash", "-c", f'source "{INSTALL_SH}" && http_get "{url}"'],
+                                capture_output=True, text=True, timeout=30, env={"PATH": path})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 0, result.stderr
+    code, _, body = result.stdout.partition(" ")
+    assert code == str(status)
+    assert '"status": "healthy"' in body if status == 200 else '"degraded"' in body
+
+
+def test_shellcheck_is_clean():
+    shellcheck = require_binary("shellcheck")
+    result = subprocess.run([shellcheck, "-S", "warning", str(INSTALL_SH)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_installed_unit_verifies_cleanly(installed):
+    analyze = require_binary("systemd-analyze")
+    root, _ = installed
+    unit = root / "etc/systemd/system/alert-threader.service"
+    result = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    problems = [line for line in (result.stdout + result.stderr).splitlines()
+                if line.strip() and not VERIFY_NOISE.search(line)]
+    assert problems == [], "\n".join(problems)
+
+
+def test_installed_unit_is_hardened(installed):
+    analyze = require_binary("systemd-analyze")
+    root, _ = installed
+    unit = root / "etc/systemd/system/alert-threader.service"
+    result = subprocess.run([analyze, "security", "--offline=true", str(unit)],
+                            capture_output=True, text=True, timeout=60)
+    match = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", result.stdout + result.stderr)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) <= 1.5, result.stdout
+
+
+def test_unit_runs_the_installed_code_unprivileged_with_graceful_stop():
+    directives = {}
+    for line in UNIT.read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            directives.setdefault(key, []).append(value)
+    assert directives["ExecStart"] == ["/usr/bin/python3 /opt/alert-threader/alert_threader.py"]
+    assert directives["EnvironmentFile"] == ["/etc/alert-threader/alert-threader.env"]
+    assert directives["DynamicUser"] == ["yes"]
+    assert directives["StateDirectory"] == ["alert-threader"]
+    assert directives["KillSignal"] == ["SIGTERM"]
+    assert directives["Restart"] == ["on-failure"]
+    assert directives["RestrictAddressFamilies"] == ["AF_INET AF_INET6 AF_UNIX"]
+    # The stop timeout must outlast the service's own SHUTDOWN_TIMEOUT (20s by default).
+    assert int(directives["TimeoutStopSec"][0].rstrip("s")) > 20

@@ -1,0 +1,672 @@
+#!/usr/bin/env python3
+"""Benchmark: alert_threader.py against the bare forwarder (bench/forwarder.py), in one run.
+
+Run:   python3 bench/run.py              three rounds, medians (under a minute on 2 cores)
+       python3 bench/run.py --quick      one round with fewer alerts: a smoke run
+       python3 bench/run.py --alerts 3000 --storm 2000 --concurrency 8 --rounds 5
+
+It starts bench/fake_slack.py (a fake Slack answering at once, in its own
+process), then in each round each service in turn as a fresh subprocess on a
+loopback port, the threader on its file store in a new temporary directory,
+and measures:
+
+  idle RSS        VmRSS from /proc/PID/status once the service answers
+  CPU per alert   utime+stime of the service process (/proc/PID/stat) over
+                  N one-alert webhooks of distinct keys sent at concurrency C
+  p50 / p99       latency of those webhooks, seen by the client
+  storm           one webhook of 2,000 firing alerts of distinct keys:
+                  wall time and the Slack calls it caused
+  CPU per alert   N more one-alert webhooks, now with 2,000+ threads stored
+  (stored)
+  peak RSS        VmHWM from /proc/PID/status at the end
+
+The load generator runs in this process, so its CPU is never counted as the
+service's. Each number is the median of the rounds. Ratios are forwarder /
+threader: above 1.0 the threader is cheaper or faster. A table goes to stdout,
+every round's numbers to bench/results/latest.json.
+
+Speed must not come from answering before state is safe: after each of a few
+webhooks, before the clock starts, and again at the end, the harness copies
+the threader's state directory and loads it with alert_threader.FileStore, as
+a restarted threader would, and looks for the threads the answers named. A
+run where that fails, or where any webhook is not answered 200, exits 2.
+
+Exit status: 0 every target met, 1 some target missed, 2 the run failed.
+"""
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import http.client
+import importlib.util
+import itertools
+import json
+import math
+import os
+import platform
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_DIR = os.path.dirname(BENCH_DIR)
+THREADER = os.path.join(REPO_DIR, "alert_threader.py")
+RESULTS_FILE = os.path.join(BENCH_DIR, "results", "latest.json")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+CHANNEL = "C0BENCH"
+TOKEN = "xoxb-bench-token"
+
+
+class BenchError(Exception):
+    """The run cannot go on: a process did not start, or a service gave a wrong answer."""
+
+
+# ---------------------------------------------------------------------------
+# Reading a process from /proc
+# ---------------------------------------------------------------------------
+
+def cpu_times(pid: int) -> Tuple[float, float]:
+    """User and system CPU seconds of every thread of the process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        # The command name (field 2) may hold spaces: count fields after its ')'.
+        fields = f.read().rpartition(")")[2].split()
+    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+    return utime / CLOCK_TICKS, stime / CLOCK_TICKS
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_times(pid))
+
+
+def memory_mb(pid: int, field: str) -> float:
+    """VmRSS (resident now) or VmHWM (resident at peak) of the process, in MB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # the kernel writes kB
+    raise BenchError(f"/proc/{pid}/status has no {field}")
+
+
+# ---------------------------------------------------------------------------
+# Alertmanager webhooks (version 4), one distinct thread key per alert
+# ---------------------------------------------------------------------------
+
+EXTERNAL_URL = "http://alertmanager.example.com:9093"
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def bench_alert(tag: str, i: int, starts_at: str) -> Dict[str, Any]:
+    """A firing alert shaped like Alertmanager's; its service label makes its thread key unique."""
+    service = f"checkout-{tag}-{i:05d}"
+    labels = {"alertname": "HighRequestLatency", "severity": "warning", "service": service,
+              "cluster": "prod-eu-1", "namespace": "shop", "job": "checkout",
+              "instance": f"10.20.{i // 250 % 256}.{i % 250 + 1}:8080", "prometheus": "monitoring/k8s"}
+    canonical = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+    return {
+        "status": "firing",
+        "labels": labels,
+        "annotations": {
+            "summary": f"p99 latency of {service} is above 500ms",
+            "description": f"{service} has answered 1% of requests slower than 500ms for 10 minutes "
+                           f"on instance {labels['instance']}.",
+            "runbook_url": "https://runbooks.example.com/checkout/high-request-latency",
+        },
+        "startsAt": starts_at,
+        "endsAt": "0001-01-01T00:00:00Z",
+        "generatorURL": "http://prometheus.example.com:9090/graph?g0.expr=histogram_quantile%280.99%2C"
+                        "+rate%28http_request_duration_seconds_bucket%5B5m%5D%29%29+%3E+0.5&g0.tab=1",
+        "fingerprint": hashlib.sha256(canonical.encode()).hexdigest()[:16],
+    }
+
+
+def bench_webhook(alerts: List[Dict[str, Any]], group: str) -> bytes:
+    common = {"alertname": "HighRequestLatency", "severity": "warning", "cluster": "prod-eu-1"}
+    return json.dumps({
+        "receiver": "slack-threader", "status": "firing", "alerts": alerts,
+        "groupLabels": {"alertname": "HighRequestLatency", "group": group},
+        "commonLabels": common, "commonAnnotations": {},
+        "externalURL": EXTERNAL_URL, "version": "4",
+        "groupKey": '{}/{severity="warning"}:{alertname="HighRequestLatency", group="' + group + '"}',
+        "truncatedAlerts": 0,
+    }).encode()
+
+
+@dataclasses.dataclass
+class Workload:
+    """Every request body of a run, built before any clock starts; both services get the same."""
+
+    warmup: List[bytes]
+    probes: List[bytes]
+    first: List[bytes]
+    storm: bytes
+    storm_alerts: int
+    second: List[bytes]
+
+    @classmethod
+    def build(cls, alerts: int, storm: int, warmup: int, probes: int) -> "Workload":
+        starts_at = rfc3339(datetime.now(timezone.utc) - timedelta(minutes=5))
+
+        def singles(tag: str, count: int) -> List[bytes]:
+            return [bench_webhook([bench_alert(tag, i, starts_at)], f"{tag}-{i}") for i in range(count)]
+
+        return cls(warmup=singles("warm", warmup), probes=singles("probe", probes), first=singles("a", alerts),
+                   storm=bench_webhook([bench_alert("storm", i, starts_at) for i in range(storm)], "storm"),
+                   storm_alerts=storm, second=singles("b", alerts))
+
+
+# ---------------------------------------------------------------------------
+# Processes: fake Slack and the services, always stopped at the end
+# ---------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def interpreter_version(python: str) -> str:
+    try:
+        return subprocess.run([python, "-c", "import platform; print(platform.python_version())"],
+                              capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        raise BenchError(f"cannot run {python}: {e}") from None
+
+
+def child_environment() -> Dict[str, str]:
+    """This environment without proxy settings: urllib would send loopback calls through a proxy."""
+    return {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+
+
+class Processes:
+    """The subprocesses of one run; stop_all() ends each of them, whatever happened."""
+
+    def __init__(self, log_dir: str) -> None:
+        self.log_dir = log_dir
+        self._started: List[Tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, argv: List[str], announces_port: bool = False) -> subprocess.Popen:
+        with open(self.log_path(name), "wb") as log:
+            # A session of its own: a Ctrl-C reaches this harness only, which then stops the child.
+            process = subprocess.Popen(argv, cwd=REPO_DIR, env=child_environment(), start_new_session=True,
+                                       stdout=subprocess.PIPE if announces_port else log, stderr=log)
+        self._started.append((name, process))
+        return process
+
+    def log_path(self, name: str) -> str:
+        return os.path.join(self.log_dir, name + ".log")
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        try:
+            with open(self.log_path(name), errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def announced_port(self, name: str, process: subprocess.Popen, timeout: float = 15.0) -> int:
+        """The port a child prints as 'PORT <n>' on its first line."""
+        assert process.stdout is not None
+        readable, _, _ = select.select([process.stdout], [], [], timeout)
+        line = process.stdout.readline().decode(errors="replace") if readable else ""
+        if not line.startswith("PORT "):
+            raise BenchError(f"{name} did not announce its port (got {line.strip()!r})\n{self.log_tail(name)}")
+        return int(line.split()[1])
+
+    def stop(self, process: subprocess.Popen, timeout: float = 10.0) -> None:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+    def stop_all(self) -> None:
+        for _, process in reversed(self._started):
+            self.stop(process)
+
+
+# ---------------------------------------------------------------------------
+# HTTP from the harness: kept-alive connections, as Alertmanager's client does
+# ---------------------------------------------------------------------------
+
+def request(conn: http.client.HTTPConnection, method: str, path: str,
+            body: Optional[bytes] = None) -> Tuple[int, bytes]:
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    conn.request(method, path, body, headers)
+    response = conn.getresponse()
+    return response.status, response.read()
+
+
+def get_json(port: int, path: str) -> Dict[str, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        status, body = request(conn, "GET", path)
+    finally:
+        conn.close()
+    if status != 200:
+        raise BenchError(f"GET {path} on port {port} answered {status}: {body[:200]!r}")
+    return json.loads(body)
+
+
+def wait_ready(port: int, path: str, process: subprocess.Popen, timeout: float = 15.0) -> None:
+    """Poll GET `path` until it answers 200, the process dies, or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise BenchError(f"exited with status {process.returncode} before answering GET {path}")
+        try:
+            get_json(port, path)
+            return
+        except (OSError, http.client.HTTPException, BenchError, ValueError):
+            time.sleep(0.05)
+    raise BenchError(f"did not answer GET {path} within {timeout:g}s")
+
+
+@dataclasses.dataclass
+class Load:
+    """What the client saw of one batch of webhooks."""
+
+    latencies: List[float]
+    statuses: List[int]
+    wall: float
+
+    def failures(self) -> int:
+        return sum(1 for status in self.statuses if status != 200)
+
+    def percentile(self, q: float) -> float:
+        """Nearest-rank percentile, in seconds."""
+        ordered = sorted(self.latencies)
+        return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def send_webhooks(port: int, bodies: Sequence[bytes], concurrency: int) -> Load:
+    """POST every body to /alert from `concurrency` threads, each on one kept-alive connection."""
+    latencies = [0.0] * len(bodies)
+    statuses = [0] * len(bodies)
+    order = itertools.count()
+    order_lock = threading.Lock()
+
+    def worker() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        try:
+            while True:
+                with order_lock:
+                    i = next(order)
+                if i >= len(bodies):
+                    return
+                started = time.perf_counter()
+                try:
+                    statuses[i], _ = request(conn, "POST", "/alert", bodies[i])
+                except (OSError, http.client.HTTPException):
+                    statuses[i] = -1  # counted as a failure; the next request reconnects
+                    conn.close()
+                latencies[i] = time.perf_counter() - started
+        finally:
+            conn.close()
+
+    workers = [threading.Thread(target=worker, name=f"client-{n}") for n in range(concurrency)]
+    started = time.perf_counter()
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    return Load(latencies, statuses, time.perf_counter() - started)
+
+
+# ---------------------------------------------------------------------------
+# Measuring one service
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Service:
+    name: str
+    argv: List[str]
+    ready_path: str
+    announces_port: bool
+    store_file: Optional[str] = None  # the threader's: checked for durability
+
+
+@functools.lru_cache(maxsize=None)
+def load_threader_module() -> Any:
+    """alert_threader.py as a module (importing it does nothing but define things)."""
+    spec = importlib.util.spec_from_file_location("alert_threader", THREADER)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def threads_on_disk(store_file: str, scratch: str) -> Dict[str, Any]:
+    """The threads a threader restarted now would load: its own FileStore reads a copy of the state.
+
+    Reading through FileStore, not the JSON, keeps this check true to whatever
+    the store's on-disk format becomes; the copy keeps the live files untouched.
+    """
+    state_dir = os.path.dirname(store_file)
+    copy_dir = os.path.join(scratch, "state-copy")
+    shutil.rmtree(copy_dir, ignore_errors=True)
+    shutil.copytree(state_dir, copy_dir)
+    module = load_threader_module()
+    try:
+        store = module.FileStore(os.path.join(copy_dir, os.path.basename(store_file)), module.Metrics())
+        threads = store.items()
+        store.close()
+    except (AttributeError, TypeError) as e:
+        raise BenchError(f"bench/run.py reads the state through alert_threader.FileStore(path, Metrics())"
+                         f".items(), which no longer works ({e}): update threads_on_disk()") from None
+    finally:
+        shutil.rmtree(copy_dir, ignore_errors=True)
+    return threads
+
+
+def durability_probe(port: int, store_file: str, bodies: Sequence[bytes], scratch: str) -> None:
+    """Each answer must name a thread that is already on disk when the answer arrives."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        for body in bodies:
+            status, answer = request(conn, "POST", "/alert", body)
+            threads = threads_on_disk(store_file, scratch)
+            if status != 200:
+                raise BenchError(f"probe webhook answered {status}: {answer[:300]!r}")
+            for result in json.loads(answer)["results"]:
+                stored = threads.get(result["key"])
+                if not stored or stored.get("ts") != result["thread_ts"]:
+                    raise BenchError(f"answered 200 before thread {result['key']!r} was in {store_file}")
+    finally:
+        conn.close()
+
+
+def cpu_phase(pid: int, port: int, bodies: Sequence[bytes], concurrency: int) -> Tuple[float, float, Load]:
+    """User and system CPU seconds the service spent on these webhooks, and what the client saw."""
+    user, system = cpu_times(pid)
+    load = send_webhooks(port, bodies, concurrency)
+    user_after, system_after = cpu_times(pid)
+    return user_after - user, system_after - system, load
+
+
+def check_answers(name: str, phase: str, load: Load) -> None:
+    if load.failures():
+        raise BenchError(f"{name}: {load.failures()} of {len(load.statuses)} webhooks in the {phase} phase "
+                         f"were not answered 200 (statuses {sorted(set(load.statuses))})")
+
+
+def measure(service: Service, processes: Processes, workload: Workload, slack_port: int,
+            concurrency: int, say: Callable[[str], None]) -> Dict[str, Any]:
+    """Start the service, run every phase against it, stop it; returns its numbers."""
+    process = processes.start(service.name, service.argv, service.announces_port)
+    try:
+        port = (processes.announced_port(service.name, process) if service.announces_port
+                else int(service.argv[service.argv.index("--port") + 1]))
+        try:
+            wait_ready(port, service.ready_path, process)
+        except BenchError as e:
+            raise BenchError(f"{service.name} {e}\n{processes.log_tail(service.name)}") from None
+        pid = process.pid
+        time.sleep(0.2)  # let start-up work settle before calling the process idle
+        numbers: Dict[str, Any] = {"rss_idle_mb": memory_mb(pid, "VmRSS"), "rss_peak_mb_after": {}}
+        peaks = numbers["rss_peak_mb_after"]  # which phase set the peak
+
+        check_answers(service.name, "warm-up", send_webhooks(port, workload.warmup, concurrency))
+        if service.store_file:
+            durability_probe(port, service.store_file, workload.probes, processes.log_dir)
+            numbers["probes_passed"] = len(workload.probes)
+        else:
+            check_answers(service.name, "warm-up", send_webhooks(port, workload.probes, 1))
+        peaks["warmup"] = memory_mb(pid, "VmHWM")
+
+        say(f"{service.name}: {len(workload.first)} one-alert webhooks at concurrency {concurrency}")
+        if service.store_file:
+            numbers["stored_threads_first"] = get_json(port, "/health")["cached_threads"]
+        user, system, load = cpu_phase(pid, port, workload.first, concurrency)
+        check_answers(service.name, "per-alert", load)
+        numbers.update(cpu_ms_per_alert=(user + system) / len(workload.first) * 1000,
+                       cpu_user_s_first=user, cpu_sys_s_first=system,
+                       p50_ms=load.percentile(0.50) * 1000, p99_ms=load.percentile(0.99) * 1000,
+                       webhooks_per_s=len(workload.first) / load.wall)
+        peaks["first"] = memory_mb(pid, "VmHWM")
+
+        storm_alerts = workload.storm_alerts
+        say(f"{service.name}: one webhook of {storm_alerts} alerts")
+        calls_before = get_json(slack_port, "/count")["count"]
+        cpu_before = cpu_seconds(pid)
+        load = send_webhooks(port, [workload.storm], 1)
+        check_answers(service.name, "storm", load)
+        numbers.update(storm_wall_s=load.wall,
+                       storm_cpu_ms_per_alert=(cpu_seconds(pid) - cpu_before) / storm_alerts * 1000,
+                       storm_slack_calls=get_json(slack_port, "/count")["count"] - calls_before)
+        peaks["storm"] = memory_mb(pid, "VmHWM")
+
+        if service.store_file:
+            numbers["stored_threads"] = get_json(port, "/health")["cached_threads"]
+        say(f"{service.name}: {len(workload.second)} more one-alert webhooks"
+            + (f", {numbers['stored_threads']} threads stored" if service.store_file else ""))
+        user, system, load = cpu_phase(pid, port, workload.second, concurrency)
+        check_answers(service.name, "stored", load)
+        numbers.update(cpu_ms_per_alert_stored=(user + system) / len(workload.second) * 1000,
+                       cpu_user_s_second=user, cpu_sys_s_second=system,
+                       p50_ms_stored=load.percentile(0.50) * 1000, p99_ms_stored=load.percentile(0.99) * 1000)
+
+        numbers["rss_peak_mb"] = peaks["stored"] = memory_mb(pid, "VmHWM")
+        if service.store_file:
+            on_disk = len(threads_on_disk(service.store_file, processes.log_dir))
+            numbers["threads_on_disk"] = on_disk
+            state_dir = os.path.dirname(service.store_file)
+            numbers["state_dir_mb"] = sum(entry.stat().st_size for entry in os.scandir(state_dir)) / 1e6
+            served = get_json(port, "/health")["cached_threads"]
+            if on_disk != served:
+                raise BenchError(f"{service.name}: {served} threads in memory but {on_disk} in {service.store_file}")
+        return numbers
+    finally:
+        processes.stop(process)
+
+
+# ---------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------
+
+def median_numbers(rounds: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Each number (and each number of a nested dict) as its median over the rounds."""
+    merged: Dict[str, Any] = {}
+    for key, value in rounds[0].items():
+        if isinstance(value, dict):
+            merged[key] = median_numbers([r[key] for r in rounds])
+        else:
+            merged[key] = statistics.median(r[key] for r in rounds)
+    return merged
+
+
+@dataclasses.dataclass
+class Row:
+    key: str
+    label: str  # may name {storm}, the size of the big webhook
+    digits: int
+    target: Optional[Tuple[str, float]] = None  # ("ratio", at least) or ("max", threader at most)
+
+
+ROWS = [
+    Row("cpu_ms_per_alert", "CPU per alert (ms)", 3, ("ratio", 1.0)),
+    Row("p50_ms", "p50 latency, 1-alert webhook (ms)", 2, ("ratio", 1.0)),
+    Row("p99_ms", "p99 latency, 1-alert webhook (ms)", 2),
+    Row("storm_wall_s", "{storm:,}-alert webhook wall time (s)", 3, ("ratio", 1.0)),
+    Row("storm_slack_calls", "{storm:,}-alert webhook Slack calls", 0),
+    Row("storm_cpu_ms_per_alert", "CPU per alert in that webhook (ms)", 3),
+    Row("stored_threads", "threads stored after it", 0),
+    Row("cpu_ms_per_alert_stored", "CPU per alert, those stored (ms)", 3, ("ratio", 1.0)),
+    Row("p50_ms_stored", "p50 latency, those stored (ms)", 2),
+    Row("rss_idle_mb", "RSS idle (MB)", 1, ("max", 25.0)),
+    Row("rss_peak_mb", "RSS peak (MB)", 1, ("max", 40.0)),
+]
+
+
+def judge(row: Row, forwarder: Optional[float],
+          threader: Optional[float]) -> Tuple[Optional[float], str, Optional[bool]]:
+    """The ratio forwarder / threader, the target in words, and whether it is met."""
+    ratio = forwarder / threader if forwarder is not None and threader else None
+    if row.target is None:
+        return ratio, "", None
+    kind, bound = row.target
+    if kind == "ratio":
+        return ratio, f"ratio >= {bound:g}", ratio is not None and ratio >= bound
+    return ratio, f"threader <= {bound:g}", threader is not None and threader <= bound
+
+
+def report(results: Dict[str, Dict[str, Any]], storm: int) -> Tuple[str, List[Dict[str, Any]]]:
+    """The table as text, and each row's judgement for the JSON file."""
+    def cell(value: Optional[float], digits: int) -> str:
+        return "-" if value is None else f"{value:,.{digits}f}"
+
+    header = f"{'metric':<36} {'forwarder':>10} {'threader':>10} {'fwd/thr':>8}  {'target':<16} met"
+    lines = [header, "-" * len(header)]
+    verdicts = []
+    for row in ROWS:
+        forwarder, threader = results["forwarder"].get(row.key), results["threader"].get(row.key)
+        ratio, target, met = judge(row, forwarder, threader)
+        label = row.label.format(storm=storm)
+        lines.append(f"{label:<36} {cell(forwarder, row.digits):>10} {cell(threader, row.digits):>10} "
+                     f"{cell(ratio, 2):>8}  {target:<16} {'' if met is None else 'yes' if met else 'NO'}".rstrip())
+        verdicts.append({"metric": row.key, "forwarder": forwarder, "threader": threader, "ratio": ratio,
+                         "target": target or None, "met": met})
+    return "\n".join(lines), verdicts
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench/run.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--alerts", type=int, default=1000,
+                        help="one-alert webhooks in each CPU phase (default: 1000)")
+    parser.add_argument("--storm", type=int, default=2000, help="alerts in the one big webhook (default: 2000)")
+    parser.add_argument("--concurrency", type=int, default=8, help="client connections at once (default: 8)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="fresh start-ups of each service; the table shows medians (default: 3)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: one round, 300 alerts per CPU phase")
+    parser.add_argument("--only", choices=("forwarder", "threader"),
+                        help="measure one service (no ratios; for profiling)")
+    parser.add_argument("--python", default=sys.executable,
+                        help="interpreter for the fake Slack and both services (default: this one)")
+    parser.add_argument("--threader-command", default=None, metavar="CMD",
+                        help="how to start the threader instead of 'PYTHON alert_threader.py', e.g. "
+                             "'python3 -m alert_threader' (split on spaces; the process it starts is measured)")
+    parser.add_argument("--output", default=RESULTS_FILE, help=f"JSON results file (default: {RESULTS_FILE})")
+    return parser
+
+
+def make_services(args: argparse.Namespace, slack_url: str, state_dir: str) -> List[Service]:
+    """How to start each service; the threader keeps its state in state_dir."""
+    store_file = os.path.join(state_dir, "threads.json")
+    threader_command = args.threader_command.split() if args.threader_command else [args.python, THREADER]
+    forwarder = Service("forwarder", [args.python, os.path.join(BENCH_DIR, "forwarder.py"), "--port", "0",
+                                      "--slack-api-url", slack_url, "--slack-bot-token", TOKEN,
+                                      "--slack-channel", CHANNEL], ready_path="/", announces_port=True)
+    threader = Service("threader", threader_command + [
+        "--port", str(free_port()), "--host", "127.0.0.1", "--slack-api-url", slack_url,
+        "--slack-bot-token", TOKEN, "--slack-channel", CHANNEL, "--thread-store-file", store_file,
+        "--log-level", "warning"], ready_path="/health", announces_port=False, store_file=store_file)
+    return [s for s in (forwarder, threader) if args.only in (None, s.name)]
+
+
+def run_rounds(args: argparse.Namespace, workload: Workload, workdir: str,
+               say: Callable[[str], None]) -> Dict[str, List[Dict[str, Any]]]:
+    """Every round of every service; stops every process it started, whatever happens."""
+    processes = Processes(workdir)
+    rounds: Dict[str, List[Dict[str, Any]]] = {"forwarder": [], "threader": []}
+    try:
+        slack = processes.start("fake_slack", [args.python, os.path.join(BENCH_DIR, "fake_slack.py")],
+                                announces_port=True)
+        slack_port = processes.announced_port("fake_slack", slack)
+        slack_url = f"http://127.0.0.1:{slack_port}/api/"
+        for n in range(1, args.rounds + 1):
+            state_dir = os.path.join(workdir, f"state-{n}")  # the threader's alone: the probe copies it whole
+            os.mkdir(state_dir)
+            services = make_services(args, slack_url, state_dir)
+            if n % 2 == 0:
+                services.reverse()  # alternate who goes first, so that drift favours neither
+            for service in services:
+                say(f"round {n} of {args.rounds}: {service.name}")
+                rounds[service.name].append(measure(service, processes, workload, slack_port,
+                                                    args.concurrency, say))
+    finally:
+        processes.stop_all()
+    return rounds
+
+
+def interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM takes the way out that Ctrl-C takes, through the clean-up in run_rounds."""
+    raise KeyboardInterrupt
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        args.alerts, args.rounds = min(args.alerts, 300), 1
+    if min(args.alerts, args.storm, args.concurrency, args.rounds) < 1:
+        print("bench: --alerts, --storm, --concurrency and --rounds must be at least 1", file=sys.stderr)
+        return 2
+
+    def say(text: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGTERM, interrupt)
+    started = time.monotonic()
+    try:
+        python_version = interpreter_version(args.python)
+        workload = Workload.build(args.alerts, args.storm, warmup=3 * args.concurrency, probes=5)
+        with tempfile.TemporaryDirectory(prefix="alert-threader-bench-") as workdir:
+            rounds = run_rounds(args, workload, workdir, say)
+    except (BenchError, OSError, http.client.HTTPException) as e:
+        print(f"bench: FAILED: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bench: interrupted; the services were stopped", file=sys.stderr)
+        return 130
+    elapsed = time.monotonic() - started
+
+    results = {name: median_numbers(numbers) if numbers else {} for name, numbers in rounds.items()}
+    table, verdicts = report(results, args.storm)
+    print(f"\nalert-threader benchmark: medians of {args.rounds} round{'s' * (args.rounds > 1)}; "
+          f"{args.alerts:,} one-alert webhooks per CPU phase at concurrency {args.concurrency}, "
+          f"one webhook of {args.storm:,} alerts; {os.cpu_count()} CPUs, Python {python_version}, {elapsed:.0f}s\n")
+    print(table)
+    if rounds["threader"]:
+        print(f"\nthreader state on disk when answered: {sum(r['probes_passed'] for r in rounds['threader'])} "
+              f"probes passed; at the end, every thread in memory was on disk in each round")
+    missed = [v["metric"] for v in verdicts if v["met"] is False]
+    if not args.only:
+        print("\nall targets met" if not missed else f"\ntargets missed: {', '.join(missed)}")
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump({"when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   "machine": {"cpus": os.cpu_count(), "python": python_version, "interpreter": args.python,
+                               "platform": platform.platform()},
+                   "settings": {"alerts": args.alerts, "storm": args.storm, "concurrency": args.concurrency,
+                                "rounds": args.rounds, "threader_command": args.threader_command},
+                   "seconds": round(elapsed, 1), "medians": results, "rounds": rounds,
+                   "rows": verdicts, "missed": missed}, f, indent=2)
+        f.write("\n")
+    print(f"results: {os.path.relpath(args.output)}")
+    if args.only:
+        return 0
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
