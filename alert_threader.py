@@ -79,12 +79,11 @@ class BadRequest(ThreaderError):
 ELLIPSIS = "…"
 ZERO_TIME = "0001-01-01T00:00:00Z"
 RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
-_MRKDWN_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;"})
 
 
 def escape_mrkdwn(text: str) -> str:
     """Escape the three characters Slack's mrkdwn gives meaning to (mentions, links)."""
-    return text.translate(_MRKDWN_ESCAPES)
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def truncate(text: str, limit: int) -> str:
@@ -107,7 +106,8 @@ def clip_escaped(escaped: str, limit: int) -> str:
 
 def mrkdwn(text: str, limit: int) -> str:
     """An alert-supplied value as escaped mrkdwn within `limit` characters."""
-    return clip_escaped(escape_mrkdwn(text), limit)
+    # Escaping only lengthens, so the first limit+1 characters decide the result.
+    return clip_escaped(escape_mrkdwn(text[: limit + 1]), limit)
 
 
 def is_http_url(url: Any, max_length: int = 3000) -> bool:
@@ -1555,9 +1555,12 @@ def silence_url(base: str, labels: Dict[str, str]) -> Optional[str]:
     def quoted(value: str) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
+    prefix = base.rstrip("/") + "/#/silences/new?filter="
     for names in (sorted(labels), [n for n in ("alertname",) + KEY_LABELS[1:] + ("instance",) if n in labels]):
+        if len(prefix) + sum(len(n) + len(labels[n]) + 4 for n in names) > URL_MAX:
+            continue  # quoting only lengthens: this set cannot fit
         matchers = ", ".join(f"{name}={quoted(labels[name])}" for name in names)
-        url = base.rstrip("/") + "/#/silences/new?filter=" + urllib.parse.quote("{" + matchers + "}", safe="")
+        url = prefix + urllib.parse.quote("{" + matchers + "}", safe="")
         if len(url) <= URL_MAX:
             return url
     return None

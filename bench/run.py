@@ -319,7 +319,7 @@ def send_webhooks(port: int, bodies: Sequence[bytes], concurrency: int) -> Load:
         finally:
             conn.close()
 
-    workers = [threading.Thread(target=worker, name=f"client-{n}") for n in range(concurrency)]
+    workers = [threading.Thread(target=worker, name=f"client-{n}", daemon=True) for n in range(concurrency)]
     started = time.perf_counter()
     for thread in workers:
         thread.start()
@@ -386,7 +386,8 @@ def durability_probe(port: int, store_file: str, bodies: Sequence[bytes], scratc
             for result in json.loads(answer)["results"]:
                 stored = threads.get(result["key"])
                 if not stored or stored.get("ts") != result["thread_ts"]:
-                    raise BenchError(f"answered 200 before thread {result['key']!r} was in {store_file}")
+                    raise BenchError(f"answered 200 before thread {result['key']!r} was on disk "
+                                     f"in {os.path.dirname(store_file)}")
     finally:
         conn.close()
 
@@ -502,12 +503,12 @@ ROWS = [
     Row("cpu_ms_per_alert", "CPU per alert (ms)", 3, ("ratio", 1.0)),
     Row("p50_ms", "p50 latency, 1-alert webhook (ms)", 2, ("ratio", 1.0)),
     Row("p99_ms", "p99 latency, 1-alert webhook (ms)", 2),
-    Row("storm_wall_s", "{storm:,}-alert webhook wall time (s)", 3, ("ratio", 1.0)),
-    Row("storm_slack_calls", "{storm:,}-alert webhook Slack calls", 0),
-    Row("storm_cpu_ms_per_alert", "CPU per alert in that webhook (ms)", 3),
+    Row("storm_wall_s", "{storm:,}-alert webhook: wall time (s)", 3, ("ratio", 1.0)),
+    Row("storm_slack_calls", "{storm:,}-alert webhook: Slack calls", 0),
+    Row("storm_cpu_ms_per_alert", "{storm:,}-alert webhook: CPU per alert (ms)", 3),
     Row("stored_threads", "threads stored after it", 0),
-    Row("cpu_ms_per_alert_stored", "CPU per alert, those stored (ms)", 3, ("ratio", 1.0)),
-    Row("p50_ms_stored", "p50 latency, those stored (ms)", 2),
+    Row("cpu_ms_per_alert_stored", "CPU per alert, {storm:,}+ stored (ms)", 3, ("ratio", 1.0)),
+    Row("p50_ms_stored", "p50 latency, {storm:,}+ stored (ms)", 2),
     Row("rss_idle_mb", "RSS idle (MB)", 1, ("max", 25.0)),
     Row("rss_peak_mb", "RSS peak (MB)", 1, ("max", 40.0)),
 ]
@@ -530,14 +531,14 @@ def report(results: Dict[str, Dict[str, Any]], storm: int) -> Tuple[str, List[Di
     def cell(value: Optional[float], digits: int) -> str:
         return "-" if value is None else f"{value:,.{digits}f}"
 
-    header = f"{'metric':<36} {'forwarder':>10} {'threader':>10} {'fwd/thr':>8}  {'target':<16} met"
+    header = f"{'metric':<40} {'forwarder':>10} {'threader':>10} {'fwd/thr':>8}  {'target':<16} met"
     lines = [header, "-" * len(header)]
     verdicts = []
     for row in ROWS:
         forwarder, threader = results["forwarder"].get(row.key), results["threader"].get(row.key)
         ratio, target, met = judge(row, forwarder, threader)
         label = row.label.format(storm=storm)
-        lines.append(f"{label:<36} {cell(forwarder, row.digits):>10} {cell(threader, row.digits):>10} "
+        lines.append(f"{label:<40} {cell(forwarder, row.digits):>10} {cell(threader, row.digits):>10} "
                      f"{cell(ratio, 2):>8}  {target:<16} {'' if met is None else 'yes' if met else 'NO'}".rstrip())
         verdicts.append({"metric": row.key, "forwarder": forwarder, "threader": threader, "ratio": ratio,
                          "target": target or None, "met": met})
@@ -608,6 +609,12 @@ def run_rounds(args: argparse.Namespace, workload: Workload, workdir: str,
     return rounds
 
 
+def file_sha256(path: str) -> str:
+    """Which alert_threader.py was measured: the file changes more often than commits are made."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def interrupt(signum: int, frame: Any) -> None:
     """SIGTERM takes the way out that Ctrl-C takes, through the clean-up in run_rounds."""
     raise KeyboardInterrupt
@@ -659,6 +666,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                "platform": platform.platform()},
                    "settings": {"alerts": args.alerts, "storm": args.storm, "concurrency": args.concurrency,
                                 "rounds": args.rounds, "threader_command": args.threader_command},
+                   "alert_threader_sha256": file_sha256(THREADER),
                    "seconds": round(elapsed, 1), "medians": results, "rounds": rounds,
                    "rows": verdicts, "missed": missed}, f, indent=2)
         f.write("\n")
