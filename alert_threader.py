@@ -1136,8 +1136,12 @@ class RedisStore(ThreadStore):
         self.prefix = prefix
         self.retention = retention
         self.lease = lease
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+        # No client-side retries: an outage must fail fast so alerts go out without threading
+        # (newer redis-py retries three times with backoff by default).
         self._client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout,
-                                            decode_responses=True, retry_on_timeout=False)
+                                            decode_responses=True, retry=Retry(NoBackoff(), 0))
         self._release_lock = self._client.register_script(RELEASE_LOCK_LUA)
         self._extend_lock = self._client.register_script(EXTEND_LOCK_LUA)
         self._lock = threading.Lock()

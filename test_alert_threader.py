@@ -1869,3 +1869,337 @@ def test_unit_runs_the_installed_code_unprivileged_with_graceful_stop():
     assert directives["RestrictAddressFamilies"] == ["AF_INET AF_INET6 AF_UNIX"]
     # The stop timeout must outlast the service's own SHUTDOWN_TIMEOUT (20s by default).
     assert int(directives["TimeoutStopSec"][0].rstrip("s")) > 20
+
+
+# ---------------------------------------------------------------------------
+# Redis: a real redis-server per test, on a free port
+# ---------------------------------------------------------------------------
+
+class RedisServer:
+    def __init__(self, directory: Path) -> None:
+        self.binary = require_binary("redis-server")
+        self.redis = require_module("redis")
+        self.directory = directory
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: Optional[subprocess.Popen] = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.directory)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self.ping, what="redis-server to answer PING")
+
+    def ping(self) -> bool:
+        with contextlib.suppress(Exception):
+            return bool(self.client().ping())
+        return False
+
+    def client(self) -> Any:
+        return self.redis.Redis.from_url(self.url, decode_responses=True, socket_timeout=2)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["file", "redis"])
+def store(request, tmp_path):
+    """Each store, twice over the same backing state (to test what survives a restart)."""
+    made: List[at.ThreadStore] = []
+    if request.param == "redis":
+        server = RedisServer(tmp_path)
+        request.addfinalizer(server.stop)
+
+        def make() -> at.ThreadStore:
+            made.append(at.RedisStore(server.url, "threader:ts", at.Metrics(), retention=3600, lease=5))
+            return made[-1]
+    else:
+        def make() -> at.ThreadStore:
+            made.append(at.FileStore(str(tmp_path / "threads.json"), at.Metrics(), retention=3600))
+            return made[-1]
+    yield make
+    for s in made:
+        s.close()
+
+
+def record(ts: str, status: str = "open", closed: Optional[float] = None) -> Dict[str, Any]:
+    return {"ts": ts, "channel": "C1", "status": status, "closed": closed, "alerts": {"fp": ["f", 1.0, None]}}
+
+
+def test_store_contract_read_write_survive_restart(store):
+    s = store()
+    assert s.get_many(["a", "b"]) == {} and s.get("a") is None
+    s.put("a", record("1.1"))
+    s.put_many({"b": record("2.2", "closed", time.time()), "c|x": record("3.3")})
+    assert s.get_many(["a", "b", "nope"]) == {"a": record("1.1"), "b": record("2.2", "closed", s.get("b")["closed"])}
+    copy = s.get("a")
+    copy["alerts"]["other"] = ["r", 1.0, 2.0]
+    assert s.get("a") == record("1.1"), "what get returns is a copy"
+    assert s.count() == 3 and s.open_count() == 2
+    assert set(s.items()) == {"a", "b", "c|x"}
+    again = store()
+    assert again.get("c|x") == record("3.3") and again.count() == 3
+    assert again.clear() == 3 and again.count() == 0 and again.items() == {}
+    assert s.health()["ok"]
+
+
+def test_store_contract_lock_serialises_one_key_not_others(store):
+    s = store()
+    holding, released = threading.Event(), threading.Event()
+    order: List[str] = []
+
+    def holder() -> None:
+        with s.locked(["k"]):
+            holding.set()
+            released.wait(5)
+            order.append("first done")
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    holding.wait(5)
+    with s.locked(["other"]):
+        order.append("other key not blocked")
+    waiter = threading.Thread(target=lambda: (s.locked(["k"]).__enter__(), order.append("second got k")))
+    waiter.start()
+    time.sleep(0.2)  # give the waiter a chance to (wrongly) get in; the assertion below is the real check
+    assert order == ["other key not blocked"]
+    released.set()
+    thread.join(5)
+    waiter.join(5)
+    assert order == ["other key not blocked", "first done", "second got k"]
+
+
+def test_store_contract_closed_threads_expire_open_ones_do_not(store, redis_server=None):
+    s = store()
+    s.put_many({"open": record("1.1"), "closed-new": record("2.2", "closed", time.time()),
+                "closed-old": record("3.3", "closed", time.time() - 7200)})
+    if isinstance(s, at.FileStore):
+        assert s.prune(time.time()) == 1
+        assert set(s.items()) == {"open", "closed-new"}
+        assert set(json.loads(Path(s.path).read_text())["threads"]) == {"open", "closed-new"}
+    else:
+        client = s._client
+        assert client.ttl("threader:ts:open") == -1
+        assert 3500 < client.ttl("threader:ts:closed-new") <= 3600
+        s.put("closed-new", record("2.2"))  # reopened: the expiry goes away
+        assert client.ttl("threader:ts:closed-new") == -1
+
+
+def test_redis_keys_keep_the_seed_layout(start, slack, redis_server):
+    svc = start(THREAD_STORE="redis", REDIS_URL=redis_server.url)
+    svc.alert(webhook(make_alert()))
+    client = redis_server.client()
+    assert client.keys("threader:ts:*") == ["threader:ts:DatabaseDown|critical|database|prod-eu|production"]
+    value = json.loads(client.get("threader:ts:DatabaseDown|critical|database|prod-eu|production"))
+    assert value["ts"] == slack.messages[0].ts
+    stats = svc.get("/stats").json()
+    assert set(stats["redis"]) == {"connected_clients", "used_memory_human", "keyspace_hits", "keyspace_misses"}
+    assert stats["thread_store"] == "redis" and stats["cached_threads"] == 1
+    health = svc.get("/health").json()
+    assert health["redis_status"] == "connected" and health["thread_store"] == "redis"
+
+
+def test_redis_url_with_password_and_database(start, slack, tmp_path):
+    server = RedisServer(tmp_path)
+    try:
+        server.client().config_set("requirepass", "s3cret-redis-pass")
+        url = f"redis://:s3cret-redis-pass@127.0.0.1:{server.port}/3"
+        svc = start(THREAD_STORE="redis", REDIS_URL=url)
+        svc.alert(webhook(make_alert()))
+        db3 = server.redis.Redis(host="127.0.0.1", port=server.port, db=3, password="s3cret-redis-pass",
+                                 decode_responses=True)
+        assert db3.keys("threader:ts:*") == ["threader:ts:DatabaseDown|critical|database|prod-eu|production"]
+        assert "s3cret-redis-pass" not in svc.log.getvalue() + svc.get("/health").text + svc.get("/stats").text
+    finally:
+        server.stop()
+
+
+def test_redis_key_prefix_is_configurable(start, slack, redis_server):
+    svc = start(THREAD_STORE="redis", REDIS_URL=redis_server.url, REDIS_KEY_PREFIX="team-a:threads")
+    svc.alert(webhook(make_alert()))
+    assert redis_server.client().keys("team-a:threads:*") == [
+        "team-a:threads:DatabaseDown|critical|database|prod-eu|production"]
+
+
+def test_missing_redis_package_stops_startup_with_the_install_hint(tmp_path):
+    code = ("import sys; sys.modules['redis'] = None; sys.path.insert(0, sys.argv[1]); import alert_threader; "
+            "sys.exit(alert_threader.main(['--thread-store', 'redis', '--port', '0']))")
+    result = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, timeout=30,
+                            cwd=str(tmp_path), env={k: v for k, v in os.environ.items() if k not in SETTING_NAMES})
+    assert result.returncode == 2
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "apt install python3-redis" in lines[0], lines
+
+
+def test_replicas_on_one_redis_make_one_parent_and_one_reply_per_alert(start, slack, redis_server):
+    replicas = [start(THREAD_STORE="redis", REDIS_URL=redis_server.url) for _ in range(2)]
+    for alerts in ([make_alert(instance="db01")], [make_alert(instance="db01"), make_alert(instance="db02")]):
+        barrier = threading.Barrier(6)
+        statuses: List[int] = []
+
+        def deliver(replica: Running) -> None:
+            barrier.wait()
+            statuses.append(replica.alert(webhook(*alerts), expect=None).status)
+
+        # Each replica gets the webhook three times at once (Alertmanager HA peers deliver twice too).
+        threads = [threading.Thread(target=deliver, args=(replicas[i % 2],)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert statuses == [200] * 6
+    parent, reply = slack.messages
+    assert parent.thread_ts is None and reply.thread_ts == parent.ts and "db02" in reply.text
+
+
+def test_redis_outage_still_delivers_reports_503_and_recovers_by_itself(start, slack, redis_server):
+    svc = start(THREAD_STORE="redis", REDIS_URL=redis_server.url)
+    svc.alert(webhook(make_alert(name="BeforeOutage")))
+    redis_server.stop()
+    during = make_alert(name="DuringOutage")
+    answer = svc.alert(webhook(during)).json()
+    assert answer["results"][0]["action"] == "posted" and len(slack.messages) == 2
+    svc.alert(webhook(during))  # a repeat during the outage is still recognised (kept in memory)
+    assert len(slack.messages) == 2
+    health = svc.get("/health")
+    assert health.status == 503
+    assert health.json()["status"] == "degraded" and health.json()["redis_status"] == "disconnected"
+    assert "redis unreachable" in svc.log.getvalue()
+    redis_server.start()
+    wait_for(lambda: svc.get("/health").status == 200, what="the service to reconnect by itself")
+    assert svc.get("/health").json()["redis_status"] == "connected"
+    # What was posted during the outage was written back: its resolve lands in its thread.
+    assert redis_server.client().exists("threader:ts:DuringOutage|critical|database|prod-eu|production")
+    svc.alert(webhook(resolved(during)))
+    assert slack.messages[-1].thread_ts == slack.messages[1].ts
+
+
+# ---------------------------------------------------------------------------
+# End to end with a real Alertmanager
+# ---------------------------------------------------------------------------
+
+class Alertmanager:
+    """Debian's prometheus-alertmanager on a free port, sending webhooks to the threader."""
+
+    def __init__(self, directory: Path, threader_port: int, token: Optional[str] = None,
+                 group_interval: str = "2s", repeat_interval: str = "4s") -> None:
+        binary = require_binary("prometheus-alertmanager")
+        self.port = free_port()
+        auth = (f"\n        http_config:\n          authorization:\n            type: Bearer\n"
+                f"            credentials: {token}" if token else "")
+        config = directory / "alertmanager.yml"
+        config.write_text(f"""
+route:
+  receiver: threader
+  group_by: [alertname]
+  group_wait: 1s
+  group_interval: {group_interval}
+  repeat_interval: {repeat_interval}
+receivers:
+  - name: threader
+    webhook_configs:
+      - url: http://127.0.0.1:{threader_port}/alert
+        send_resolved: true{auth}
+""")
+        (directory / "am-data").mkdir()
+        self.log = open(directory / "alertmanager.log", "wb")
+        self.proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.path={directory / 'am-data'}",
+                                      f"--web.listen-address=127.0.0.1:{self.port}", "--cluster.listen-address="],
+                                     stdout=self.log, stderr=self.log)
+        wait_for(self.ready, timeout=30, what="Alertmanager to be ready")
+
+    def ready(self) -> bool:
+        with contextlib.suppress(OSError):
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+            conn.request("GET", "/-/ready")
+            return conn.getresponse().status == 200
+        return False
+
+    def push(self, *alerts: Dict[str, Any]) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        conn.request("POST", "/api/v2/alerts", json.dumps(list(alerts)), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200, response.read()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        self.log.close()
+
+
+def am_alert(instance: str, ended: bool = False) -> Dict[str, Any]:
+    alert = {"labels": {"alertname": "DiskFull", "severity": "warning", "service": "storage",
+                        "cluster": "prod-eu", "instance": instance},
+             "annotations": {"summary": f"Disk full on {instance}", "description": "Less than 1% free."},
+             "generatorURL": "http://prometheus.example.com:9090/graph"}
+    if ended:
+        alert["endsAt"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1))
+    return alert
+
+
+def webhooks_answered(svc: Running, code: str = "200") -> float:
+    return svc.service.metrics.value("alert_threader_webhooks_total", code=code)
+
+
+def test_alertmanager_group_changes_repeats_and_resolves_make_exactly_four_messages(start, slack, tmp_path):
+    svc = start(WEBHOOK_TOKEN=WEBHOOK_TOKEN)
+    am = Alertmanager(tmp_path, svc.port, token=WEBHOOK_TOKEN)
+    try:
+        am.push(am_alert("node1"))
+        wait_for(lambda: len(slack.messages) == 1, timeout=30, what="the parent message")
+        am.push(am_alert("node1"), am_alert("node2"))  # a group change
+        wait_for(lambda: len(slack.messages) == 2, timeout=30, what="the reply for node2")
+        seen = webhooks_answered(svc)
+        wait_for(lambda: webhooks_answered(svc) >= seen + 3, timeout=40, what="several repeat notifications")
+        am.push(am_alert("node1", ended=True), am_alert("node2", ended=True))
+        wait_for(lambda: len(slack.messages) == 4, timeout=30, what="both resolved replies")
+        seen = webhooks_answered(svc)
+        time.sleep(5)  # room for any late re-send; the assertion below must still hold
+        parent, reply, *done = slack.messages
+        assert len(slack.messages) == 4
+        assert parent.thread_ts is None and reply.thread_ts == parent.ts
+        assert sorted(m.payload["text"] for m in done) == ["✅ RESOLVED — Disk full on node1",
+                                                             "✅ RESOLVED — Disk full on node2"]
+        assert all(m.thread_ts == parent.ts for m in done)
+        assert webhooks_answered(svc, "401") == 0
+    finally:
+        am.stop()
+
+
+def test_alertmanager_retries_while_slack_is_down_and_every_alert_arrives_once(start, slack, tmp_path):
+    svc = start(SLACK_RETRY_BUDGET="0.5s")
+    slack.fail_always("chat.postMessage", {"status": 503})
+    am = Alertmanager(tmp_path, svc.port)
+    try:
+        am.push(am_alert("node1"), am_alert("node2"), am_alert("node3"))
+        wait_for(lambda: webhooks_answered(svc, "503") >= 2, timeout=40, what="Alertmanager to be told to retry")
+        assert slack.messages == []
+        slack.fail_always("chat.postMessage", None)
+        wait_for(lambda: len(slack.messages) == 3, timeout=60, what="every alert after Slack is back")
+        seen = webhooks_answered(svc)
+        wait_for(lambda: webhooks_answered(svc) >= seen + 2, timeout=40, what="later repeat notifications")
+        texts = sorted(m.text.splitlines()[0] for m in slack.messages)
+        assert len(slack.messages) == 3 and len(set(texts)) == 3
+    finally:
+        am.stop()
+
+
+def test_alertmanager_with_the_wrong_token_is_refused(start, slack, tmp_path):
+    svc = start(WEBHOOK_TOKEN=WEBHOOK_TOKEN)
+    am = Alertmanager(tmp_path, svc.port, token="not-the-right-token-at-all")
+    try:
+        am.push(am_alert("node1"))
+        wait_for(lambda: webhooks_answered(svc, "401") >= 1, timeout=30, what="a refused webhook")
+        assert slack.calls == []
+    finally:
+        am.stop()
