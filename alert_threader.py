@@ -1653,7 +1653,7 @@ def fallback_text(alert: Alert, environment: str, kind: str) -> str:
     if kind == "resolved":
         return f"✅ RESOLVED — {summary}"
     emoji = severity_style(alert.severity)[0]
-    prefix = "🔁 FIRING AGAIN — " if kind == "refire" else ""
+    prefix = "FIRING AGAIN — " if kind == "refire" else ""
     return f"{emoji} {prefix}[{mrkdwn(alert.severity.upper() or 'ALERT', 50)}] {summary} ({mrkdwn(environment, 80)})"
 
 

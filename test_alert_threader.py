@@ -2203,3 +2203,277 @@ def test_alertmanager_with_the_wrong_token_is_refused(start, slack, tmp_path):
         assert slack.calls == []
     finally:
         am.stop()
+
+
+# ---------------------------------------------------------------------------
+# The parent as a live status card, reactions, links
+# ---------------------------------------------------------------------------
+
+def card_status_line(call: Call) -> str:
+    return next(b["text"]["text"] for b in call.payload["attachments"][0]["blocks"]
+                if b["type"] == "section" and b.get("text", {}).get("text", "").startswith("*Status:*"))
+
+
+def test_status_card_follows_fire_resolve_one_resolve_both_and_reopen(start, slack):
+    svc = start(REOPEN_WINDOW="30m")
+    a, b = make_alert(instance="db01"), make_alert(instance="db02")
+    svc.alert(webhook(a, b))
+    parent = slack.messages[0]
+    assert card_status_line(parent) == "*Status:* 🔥 1 firing · 0 resolved · since 2024-01-15 14:30:25 UTC"
+    svc.alert(webhook(resolved(a), b))
+    svc.alert(webhook(resolved(a), resolved(b)))
+    reopened = make_alert(instance="db01", starts="2024-01-15T14:50:00Z")  # 4.5 min after the close
+    answer = svc.alert(webhook(reopened)).json()
+    assert answer["results"][0]["action"] == "reopened"
+    updates = slack.accepted("chat.update")
+    assert [u.payload["ts"] for u in updates] == [parent.ts] * 4
+    assert [card_status_line(u) for u in updates] == [
+        "*Status:* 🔥 2 firing · 0 resolved · since 2024-01-15 14:30:25 UTC",
+        "*Status:* 🔥 1 firing · 1 resolved · since 2024-01-15 14:30:25 UTC",
+        "*Status:* ✅ 2 alerts resolved after 15m 5s",
+        "*Status:* 🔥 1 firing · 1 resolved · since 2024-01-15 14:30:25 UTC · reopened 1×"]
+    assert [u.payload["attachments"][0]["color"] for u in updates] == ["#E01E5A", "#E01E5A", "#2EB67D", "#E01E5A"]
+    closed_header = updates[2].payload["attachments"][0]["blocks"][0]["text"]["text"]
+    assert closed_header == "✅ RESOLVED — DatabaseDown on db01"
+    assert "*Instance:*\ndb01" in updates[2].text, "the card keeps the first alert's details"
+    [reaction] = slack.accepted("reactions.add")
+    assert reaction.payload == {"channel": "C0ALERTS", "timestamp": parent.ts, "name": "white_check_mark"}
+    refire = slack.messages[-1]
+    assert refire.thread_ts == parent.ts and refire.payload["text"].startswith("🚨 FIRING AGAIN — ")
+    assert len(slack.messages) == 5  # parent, reply, two resolved, firing again
+
+
+def test_status_card_failures_never_fail_the_delivery(start, slack):
+    svc = start()
+    a, b = make_alert(instance="db01"), make_alert(instance="db02")
+    svc.alert(webhook(a))
+    slack.fail_always("chat.update", {"status": 500})
+    slack.fail_always("reactions.add", {"error": "missing_scope"})
+    assert svc.alert(webhook(a, b)).json()["results"][1]["action"] == "replied"
+    svc.alert(webhook(resolved(a), resolved(b)))
+    svc.alert(webhook(make_alert(name="Other")))
+    svc.alert(webhook(resolved(make_alert(name="Other"))))
+    assert len(slack.messages) == 6
+    assert svc.get("/health").status == 200
+    log = svc.log.getvalue()
+    assert log.count("give the Slack app the reactions:write scope") == 1, "said once, not per thread"
+
+
+def test_reopen_outside_the_window_starts_a_new_thread(start, slack):
+    svc = start(REOPEN_WINDOW="30m")
+    alert = make_alert()
+    svc.alert(webhook(alert))
+    svc.alert(webhook(resolved(alert)))
+    later_alert = make_alert(starts="2024-01-15T15:16:00Z")  # 30.5 min after 14:45:30
+    assert svc.alert(webhook(later_alert)).json()["results"][0]["action"] == "posted"
+    assert slack.messages[-1].thread_ts is None and len(slack.messages) == 3
+
+
+def test_reopen_window_is_measured_by_alert_times_not_arrival(start, slack):
+    svc = start(REOPEN_WINDOW="30m")
+    alert = make_alert()
+    svc.alert(webhook(alert))
+    svc.alert(webhook(resolved(alert)))
+    inside = make_alert(starts="2024-01-15T15:15:00Z")  # 29.5 min after the end, however late it arrives
+    assert svc.alert(webhook(inside)).json()["results"][0]["action"] == "reopened"
+    assert slack.messages[-1].thread_ts == slack.messages[0].ts
+
+
+def test_late_copy_of_a_resolved_alert_does_not_reopen(start, slack):
+    svc = start()
+    alert = make_alert()
+    svc.alert(webhook(alert))
+    svc.alert(webhook(resolved(alert)))
+    svc.alert(webhook(alert))  # an HA peer's stale copy of the same episode
+    assert len(slack.messages) == 2
+
+
+def test_silence_button_prefills_the_alert_labels_even_with_special_characters():
+    labels = {"alertname": 'Disk "full"', "instance": "host:9100", "path": "C:\\data", "team": "a&b=c{d}#e",
+              "note": "über 100%"}
+    url = at.silence_url("http://am.example.com:9093/", labels)
+    assert url.startswith("http://am.example.com:9093/#/silences/new?filter=")
+    assert at.is_http_url(url)
+    matchers = urllib.parse.unquote(url.split("filter=", 1)[1])
+    assert matchers == ('{alertname="Disk \\"full\\"", instance="host:9100", note="über 100%", '
+                        'path="C:\\\\data", team="a&b=c{d}#e"}')
+    assert at.silence_url("javascript:alert(1)", labels) is None
+    huge = dict(labels, blob="x" * 5000)
+    short = urllib.parse.unquote(at.silence_url("http://am:9093", huge).split("filter=", 1)[1])
+    assert short == '{alertname="Disk \\"full\\"", instance="host:9100"}'
+
+
+def test_alertmanager_url_setting_overrides_external_url(start, slack):
+    svc = start(ALERTMANAGER_URL="https://alertmanager.public.example.com")
+    svc.alert(webhook(make_alert()))
+    buttons = next(b for b in slack.messages[0].payload["attachments"][0]["blocks"] if b["type"] == "actions")
+    silence = next(e for e in buttons["elements"] if e["action_id"] == "silence")
+    assert silence["url"].startswith("https://alertmanager.public.example.com/#/silences/new?filter=")
+
+
+# ---------------------------------------------------------------------------
+# Channel routing
+# ---------------------------------------------------------------------------
+
+def test_channel_routing_posts_to_allowed_channels_with_threads_per_channel(start, slack):
+    svc = start(SLACK_CHANNELS="C0DBTEAM,C0NETTEAM")
+    alert = make_alert()
+    svc.alert(webhook(alert))
+    svc.alert(webhook(alert), channel="C0DBTEAM")
+    svc.alert(webhook(resolved(alert)), channel="C0DBTEAM")
+    default_parent, team_parent, team_resolved = slack.messages
+    assert default_parent.payload["channel"] == "C0ALERTS" and default_parent.thread_ts is None
+    assert team_parent.payload["channel"] == "C0DBTEAM" and team_parent.thread_ts is None
+    assert team_resolved.payload["channel"] == "C0DBTEAM" and team_resolved.thread_ts == team_parent.ts
+    threads = svc.get("/cache").json()["threads"]
+    assert threads["DatabaseDown|critical|database|prod-eu|production"]["status"] == "open"
+    assert threads["C0DBTEAM:DatabaseDown|critical|database|prod-eu|production"]["status"] == "closed"
+
+
+def test_channel_not_in_the_allow_list_is_400_naming_it(start, slack):
+    svc = start(SLACK_CHANNELS="C0DBTEAM")
+    answer = svc.alert(webhook(make_alert()), channel="C0SECRET", expect=400)
+    assert answer.json() == {"ok": False, "error": "channel 'C0SECRET' is not in SLACK_CHANNELS"}
+    assert slack.calls == []
+
+
+# ---------------------------------------------------------------------------
+# Storms
+# ---------------------------------------------------------------------------
+
+def storm_alerts(count: int, prefix: str = "Storm") -> List[Dict[str, Any]]:
+    return [make_alert(name=f"{prefix}{i:04d}", instance=f"node{i % 7}", severity=("critical", "warning")[i % 2])
+            for i in range(count)]
+
+
+def test_storm_of_1000_alerts_is_one_digest_thread(start, slack):
+    svc = start(STORM_THRESHOLD="10")
+    alerts = storm_alerts(1000)
+    answer = svc.alert(webhook(*alerts)).json()
+    messages = slack.messages
+    parent, replies = messages[0], messages[1:]
+    assert len(messages) == 51 and len(slack.calls) == 51
+    assert parent.thread_ts is None and all(r.thread_ts == parent.ts for r in replies)
+    assert parent.payload["text"].startswith("🌩️ Alert storm: 1,000 alerts")
+    assert "🚨 critical: 500" in parent.text and "⚠️ warning: 500" in parent.text
+    listed = "\n".join(r.text for r in replies)
+    for alert in alerts:
+        assert listed.count(f"*{alert['labels']['alertname']}*") == 1
+    assert {r["action"] for r in answer["results"]} == {"digest"}
+    assert {r["thread_ts"] for r in answer["results"]} == {parent.ts}
+    for reply in replies:
+        assert_within_slack_limits(reply.payload)
+    assert_within_slack_limits(parent.payload)
+    svc.alert(webhook(*alerts))  # Alertmanager repeats the group
+    assert len(slack.calls) == 51
+
+
+def test_storm_of_2000_alerts_costs_about_a_hundred_calls_and_resolves_in_the_digest(start, slack):
+    svc = start()
+    alerts = storm_alerts(2000)
+    svc.alert(webhook(*alerts))
+    assert len(slack.calls) == 101
+    parent = slack.messages[0]
+    answer = svc.alert(webhook(*[resolved(a) for a in alerts])).json()
+    resolves = slack.messages[101:]
+    assert len(resolves) == 100 and all(m.thread_ts == parent.ts for m in resolves)
+    assert all(m.text.startswith("✅ 20 resolved") for m in resolves)
+    assert {r["action"] for r in answer["results"]} == {"replied"}
+    [update] = slack.accepted("chat.update")
+    assert update.payload["ts"] == parent.ts and update.payload["attachments"][0]["color"] == "#2EB67D"
+    assert "Alert storm over: all 2,000 alerts resolved" in update.text
+    assert [r.payload["timestamp"] for r in slack.accepted("reactions.add")] == [parent.ts]
+    assert len(slack.calls) < 210
+
+
+def test_storm_interrupted_by_slack_is_finished_by_the_retry_without_repeating(start, slack):
+    svc = start(SLACK_RETRY_BUDGET="0.3s")
+    alerts = storm_alerts(300)
+    slack.fail("chat.postMessage", *([{}] * 6))
+    slack.fail_always("chat.postMessage", {"status": 503})
+    # After six accepted messages (parent and five batches) Slack goes down.
+    original = slack.scripts["chat.postMessage"]
+    first = svc.alert(webhook(*alerts), expect=503).json()
+    assert len(slack.messages) == 6 and not original
+    assert sum(r["action"] == "digest" for r in first["results"]) == 100
+    slack.fail_always("chat.postMessage", None)
+    svc.alert(webhook(*alerts))
+    svc.alert(webhook(*alerts))
+    parent, *replies = slack.messages
+    assert len(replies) == 15 and all(r.thread_ts == parent.ts for r in replies)
+    listed = "\n".join(r.text for r in replies)
+    assert all(listed.count(f"*{a['labels']['alertname']}*") == 1 for a in alerts)
+    [update] = slack.accepted("chat.update")  # the digest card catches up with the later batches
+    assert "300 alerts firing" in update.text
+
+
+def test_few_new_alerts_are_not_a_storm(start, slack):
+    svc = start(STORM_THRESHOLD="10")
+    svc.alert(webhook(*storm_alerts(10)))
+    assert len(slack.messages) == 10 and all(m.thread_ts is None for m in slack.messages)
+
+
+# ---------------------------------------------------------------------------
+# /preview: the threads drawn as Slack would, without Slack
+# ---------------------------------------------------------------------------
+
+class PageText(html.parser.HTMLParser):
+    """Text per CSS class, and the links, of an HTML page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_class: Dict[str, List[str]] = collections.defaultdict(list)
+        self.links: List[str] = []
+        self.stack: List[str] = []
+        self.scripts = 0
+
+    def handle_starttag(self, tag: str, attrs: List[Any]) -> None:
+        attributes = dict(attrs)
+        if tag == "script":
+            self.scripts += 1
+        if tag == "a":
+            self.links.append(attributes.get("href", ""))
+        if tag not in ("br", "meta"):
+            self.stack.append(attributes.get("class") or "")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag not in ("br", "meta") and self.stack:
+            self.stack.pop()
+
+    def handle_data(self, data: str) -> None:
+        for cls in self.stack:
+            if cls:
+                self.by_class[cls].append(data)
+
+
+def test_preview_shows_the_threads_that_were_sent(start, slack):
+    svc = start()
+    a, b = make_alert(instance="db01"), make_alert(instance="db02", summary="<script>alert(1)</script>")
+    svc.alert(webhook(a, b))
+    svc.alert(webhook(resolved(a), resolved(b)))
+    answer = svc.get("/preview")
+    assert answer.status == 200 and answer.headers["Content-Type"].startswith("text/html")
+    page = PageText()
+    page.feed(answer.text)
+    assert page.scripts == 0, "alert text never becomes markup"
+    headers = page.by_class["h"]
+    assert headers[0] == "✅ RESOLVED — DatabaseDown on db01", "the parent shows its latest card"
+    assert "🚨 <script>alert(1)</script>" in headers
+    assert "✅ RESOLVED — <script>alert(1)</script>" in headers
+    assert any("3 replies" in m for m in page.by_class["meta"])
+    assert page.by_class["reaction"] == ["✅ 1"]
+    assert "https://runbooks.example.com/DatabaseDown" in page.links
+
+
+def test_preview_in_dry_run_shows_what_would_have_been_sent(tmp_path):
+    config = make_config({"PORT": "0", "HOST": "127.0.0.1", "THREAD_STORE_FILE": str(tmp_path / "t.json")})
+    at.setup_logging(config, io.StringIO())
+    running = Running(at.start_service(config), io.StringIO())
+    try:
+        running.alert(webhook(make_alert()))
+        page = PageText()
+        page.feed(running.get("/preview").text)
+        assert "Dry-run" in "".join(page.by_class["banner"])
+        assert page.by_class["h"] == ["🚨 DatabaseDown on db01.example.com"]
+    finally:
+        stop(running)
