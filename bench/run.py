@@ -522,8 +522,8 @@ def judge(row: Row, forwarder: Optional[float],
         return ratio, "", None
     kind, bound = row.target
     if kind == "ratio":
-        return ratio, f"ratio >= {bound:g}", ratio is not None and ratio >= bound
-    return ratio, f"threader <= {bound:g}", threader is not None and threader <= bound
+        return ratio, f"ratio >= {bound:g}", None if ratio is None else ratio >= bound
+    return ratio, f"threader <= {bound:g}", None if threader is None else threader <= bound
 
 
 def report(results: Dict[str, Dict[str, Any]], storm: int) -> Tuple[str, List[Dict[str, Any]]]:
