@@ -615,19 +615,26 @@ class RedactingFilter(logging.Filter):
         super().__init__()
         self.secrets = [s for s in secrets if s]
 
+    def _redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if any(s in message for s in self.secrets):
-            for s in self.secrets:
-                message = message.replace(s, "***")
-            record.msg, record.args = message, None
+            record.msg, record.args = self._redact(message), None
+        fields = getattr(record, "fields", None)
+        if fields:
+            record.fields = {k: self._redact(v) if isinstance(v, str) else v for k, v in fields.items()}
+            record.event = self._redact(getattr(record, "event", ""))
         return True
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
-                 "level": record.levelname.lower(), "message": record.getMessage()}
+                 "level": record.levelname.lower(), "message": getattr(record, "event", None) or record.getMessage()}
         entry.update(getattr(record, "fields", {}))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
@@ -657,7 +664,7 @@ def log_event(level: int, message: str, **fields: Any) -> None:
     if not log.isEnabledFor(level):
         return
     text = message + "".join(f" {k}={_logfmt(v)}" for k, v in fields.items())
-    log.log(level, text, extra={"fields": fields})
+    log.log(level, "%s", text, extra={"fields": fields, "event": message})
 
 
 def _logfmt(value: Any) -> str:
@@ -1583,10 +1590,11 @@ def context_block(*texts: str) -> Dict[str, Any]:
             "elements": [{"type": "mrkdwn", "text": clip_escaped(t, SECTION_MAX)} for t in texts[:CONTEXT_MAX]]}
 
 
-def alert_buttons(alert: Alert, external_url: str) -> Optional[Dict[str, Any]]:
+def alert_buttons(alert: Alert, external_url: str, silence: bool = True) -> Optional[Dict[str, Any]]:
+    """Runbook, Silence (pointless once resolved) and Source buttons, for safe http(s) URLs only."""
     buttons = []
     links = (("View Runbook", "runbook", alert.annotations.get("runbook_url", "")),
-             ("Silence", "silence", silence_url(external_url, alert.labels) or ""),
+             ("Silence", "silence", (silence_url(external_url, alert.labels) or "") if silence else ""),
              ("Source", "source", alert.generator_url))
     for label, action_id, url in links:
         if is_http_url(url, URL_MAX):
@@ -1620,7 +1628,8 @@ def time_line(alert: Alert, resolved: bool) -> str:
 
 
 def alert_blocks(alert: Alert, environment: str, title: str, external_url: str,
-                 status_line: Optional[str] = None, resolved: bool = False) -> List[Dict[str, Any]]:
+                 status_line: Optional[str] = None, resolved: bool = False,
+                 silence: bool = True) -> List[Dict[str, Any]]:
     """The seed's layout: header, fields, description, links, times, context."""
     blocks = [header_block(title)]
     if status_line:
@@ -1629,7 +1638,7 @@ def alert_blocks(alert: Alert, environment: str, title: str, external_url: str,
     description = alert.annotations.get("description", "").strip()
     if description:
         blocks.append(section_block("*Description:*\n" + mrkdwn(description, SECTION_MAX - 20)))
-    buttons = alert_buttons(alert, external_url)
+    buttons = alert_buttons(alert, external_url, silence=silence and not resolved)
     if buttons:
         blocks.append(buttons)
     blocks.append(context_block(time_line(alert, resolved)))
@@ -1687,6 +1696,20 @@ def render_plain(alert: Alert, channel: str, environment: str, kind: str,
     return payload
 
 
+def plain_version(payload: Dict[str, Any]) -> Dict[str, Any]:
+    """Any message as plain text: its fallback and every mrkdwn text of its blocks (already escaped)."""
+    lines = [payload.get("text", "")]
+    for attachment in payload.get("attachments", []):
+        for block in attachment.get("blocks", []):
+            if block.get("type") in ("section", "context"):
+                items = [block["text"]] if "text" in block else []
+                items += block.get("fields", []) + block.get("elements", [])
+                lines += [item["text"] for item in items if item.get("type") == "mrkdwn"]
+    plain = {k: v for k, v in payload.items() if k not in ("attachments", "blocks")}
+    plain["text"] = clip_escaped("\n".join(line for line in lines if line), 3900)
+    return plain
+
+
 def alert_from_record(first: Dict[str, Any]) -> Alert:
     return Alert(status="firing", labels=first.get("labels", {}), annotations=first.get("annotations", {}),
                  starts_at=first.get("startsAt"), ends_at=None, generator_url=first.get("generatorURL", ""),
@@ -1715,7 +1738,7 @@ def render_card(record: Dict[str, Any], channel: str, environment: str) -> Dict[
     emoji, color = RESOLVED_STYLE if closed else severity_style(alert.severity)
     title = f"{emoji} {'RESOLVED — ' if closed else ''}{alert.summary}"
     blocks = alert_blocks(alert, environment, title, record.get("first", {}).get("externalURL", ""),
-                          status_line=card_status(record))
+                          status_line=card_status(record), silence=not closed)
     text = fallback_text(alert, environment, "resolved" if closed else "firing")
     payload = message(channel, text, color, blocks)
     if record.get("ts"):
@@ -1890,6 +1913,8 @@ class Threader:
             self._deliver(delivery, groups)
         except SlackUnavailable as e:
             error = f"{e} ({e.cause.hint})"
+        except SlackError as e:  # a thread that could not be mended: Alertmanager retries later
+            error = f"{e} ({e.hint})"
         except StoreError as e:
             error = f"thread store: {e}"
         for result in delivery.results:
@@ -2047,22 +2072,28 @@ class Threader:
 
     # -- talking to Slack -----------------------------------------------------
 
-    def _post(self, delivery: Delivery, payload: Dict[str, Any], alert: Optional[Alert]) -> str:
+    def _post(self, delivery: Delivery, payload: Dict[str, Any], alert: Optional[Alert] = None) -> str:
         """chat.postMessage within the webhook's budget; plain text once if the layout is refused."""
         try:
             return self._send(delivery, "chat.postMessage", payload)["ts"]
         except SlackError as e:
-            if e.kind != LAYOUT or alert is None:
+            if e.kind != LAYOUT:
                 raise
-            kind = "resolved" if alert.status == "resolved" else "firing"
             self.metrics.inc("alert_threader_slack_fallbacks_total")
-            log_event(logging.WARNING, "Slack rejected the message layout; sending plain text",
-                      error=e.error, alertname=alert.alertname)
+            log_event(logging.WARNING, "Slack rejected the message layout; sending plain text", error=e.error,
+                      alertname=alert.alertname if alert else "(digest)")
+        if alert is not None:
+            kind = "resolved" if alert.status == "resolved" else "firing"
             plain = render_plain(alert, delivery.channel, self.config.environment, kind, payload.get("thread_ts"))
+        else:
+            plain = plain_version(payload)
+        try:
             return self._send(delivery, "chat.postMessage", plain)["ts"]
+        except SlackError as e:
+            raise SlackUnavailable(e) from None  # even plain text refused: nothing simpler to try
 
     def _reply(self, delivery: Delivery, key: str, record: Dict[str, Any], payload: Dict[str, Any],
-               alert: Optional[Alert]) -> str:
+               alert: Optional[Alert] = None, parent: Optional[Callable[[], Dict[str, Any]]] = None) -> str:
         """A reply in the record's thread; if the parent is gone, post a new parent and move there."""
         try:
             return self._post(delivery, payload, alert)
@@ -2070,13 +2101,18 @@ class Threader:
             if e.kind != THREAD_GONE:
                 raise
         log_event(logging.WARNING, "thread parent is gone; starting the thread again", key=key, old_ts=record["ts"])
-        if record.get("first"):
-            parent = render_card(record, delivery.channel, self.config.environment)
-            parent.pop("ts", None)
+        if parent is not None:
+            new_parent = parent()
+        elif record.get("first"):
+            new_parent = render_card(record, delivery.channel, self.config.environment)
+        elif alert is not None:
+            new_parent = render_alert(alert, delivery.channel, self.config.environment, "firing",
+                                      external_url=delivery.external_url)
         else:
-            parent = render_alert(alert, delivery.channel, self.config.environment, "firing",
-                                  external_url=delivery.external_url) if alert else payload
-        record["ts"] = self._post(delivery, parent, alert)
+            new_parent = dict(payload)
+        new_parent.pop("ts", None)
+        new_parent.pop("thread_ts", None)
+        record["ts"] = self._post(delivery, new_parent, alert)
         self._save(key, record)
         payload["thread_ts"] = record["ts"]
         return self._post(delivery, payload, alert)
@@ -2153,7 +2189,7 @@ class Threader:
                          "firing": len(items), "resolved": 0, "by_name": {}, "by_severity": {}, "alerts": {}}
                 for _, alert, _ in items:
                     self._count_in(storm, alert)
-                storm["ts"] = self._post(delivery, render_digest(storm, channel, self.config.environment), None)
+                storm["ts"] = self._post(delivery, render_digest(storm, channel, self.config.environment))
                 storm["firing"] = 0  # counted again below as each batch lands
                 storm["by_name"], storm["by_severity"] = {}, {}
                 self._save(storm_key, storm)
@@ -2177,7 +2213,8 @@ class Threader:
                 if not pending:
                     continue
                 payload = render_digest_batch([a for _, a, _ in pending], channel, storm["ts"], resolved=False)
-                self._post(delivery, payload, None)
+                self._reply(delivery, storm_key, storm, payload,
+                            parent=lambda: render_digest(storm, channel, self.config.environment))
                 now = time.time()
                 changed: Dict[str, Dict[str, Any]] = {}
                 for index, alert, key in pending:
@@ -2228,8 +2265,20 @@ class Threader:
                         pending.append((index, alert, key))
                 if not pending:
                     continue
-                thread_ts = records[pending[0][2]]["ts"]
-                self._post(delivery, render_digest_batch([a for _, a, _ in pending], channel, thread_ts, True), None)
+                thread_ts = storm["ts"] if storm is not None else records[pending[0][2]]["ts"]
+                payload = render_digest_batch([a for _, a, _ in pending], channel, thread_ts, True)
+                if storm is not None:
+                    self._reply(delivery, storm_key, storm, payload,
+                                parent=lambda: render_digest(storm, channel, self.config.environment))
+                    thread_ts = storm["ts"]
+                else:
+                    try:
+                        self._post(delivery, payload)
+                    except SlackError as e:
+                        if e.kind != THREAD_GONE:
+                            raise
+                        payload.pop("thread_ts")  # digest gone and forgotten: tell it in the channel
+                        self._post(delivery, payload)
                 now = time.time()
                 changed = {}
                 for index, alert, key in pending:
@@ -2261,9 +2310,10 @@ class Threader:
 # ---------------------------------------------------------------------------
 
 PREVIEW_STYLE = """
-body{font:15px/1.45 -apple-system,'Segoe UI',Roboto,Helvetica,Arial,sans-serif;background:#f8f8f8;color:#1d1c1d;margin:0}
+body{font:15px/1.45 -apple-system,'Segoe UI',Roboto,Helvetica,Arial,sans-serif,'Apple Color Emoji','Segoe UI Emoji',
+'Noto Color Emoji';background:#f8f8f8;color:#1d1c1d;margin:0}
 header{background:#3f0e40;color:#fff;padding:12px 24px}header b{font-size:18px}
-.banner{background:#fff4d6;border-bottom:1px solid #ecb22e;padding:8px 24px}
+.banner{background:#fff4d6;border-bottom:1px solid #ecb22e;padding:8px 16px}.banner div{max-width:828px;margin:0 auto}
 main{max-width:860px;margin:0 auto;padding:16px}
 .thread{background:#fff;border:1px solid #ddd;border-radius:8px;margin:16px 0;padding:12px 16px}
 .meta{color:#616061;font-size:12px;margin-bottom:4px}
@@ -2273,7 +2323,7 @@ main{max-width:860px;margin:0 auto;padding:16px}
 .ctx{color:#616061;font-size:12px;margin:4px 0}.sec{margin:6px 0;white-space:normal;overflow-wrap:anywhere}
 .btn{display:inline-block;border:1px solid #bbb;border-radius:4px;padding:2px 10px;margin:4px 6px 4px 0;
 color:#1d1c1d;text-decoration:none;font-weight:600;font-size:13px}
-.replies{margin-left:24px;border-left:2px solid #eee;padding-left:12px}
+.replies{margin-left:28px}.reactions{margin:0 0 6px 16px}
 .reaction{display:inline-block;background:#eef5ff;border:1px solid #1d9bd1;border-radius:12px;padding:0 8px;font-size:13px}
 .text{white-space:normal;overflow-wrap:anywhere}
 """
@@ -2320,7 +2370,9 @@ def message_html(payload: Dict[str, Any], reactions: Sequence[str] = ()) -> str:
         color = "#ddd"
     badges = "".join(f'<span class="reaction">{"✅" if r == "white_check_mark" else html.escape(r)} 1</span>'
                      for r in reactions)
-    return f'<div class="msg"><div class="bar" style="background:{color}"></div><div class="body">{inner}{badges}</div></div>'
+    reactions_html = f'<div class="reactions">{badges}</div>' if badges else ""
+    return (f'<div class="msg"><div class="bar" style="background:{color}"></div><div class="body">{inner}</div></div>'
+            + reactions_html)
 
 
 def render_preview(calls: Iterable[Tuple[float, str, Dict[str, Any], Dict[str, Any]]], dry_run: bool) -> str:
@@ -2349,12 +2401,16 @@ def render_preview(calls: Iterable[Tuple[float, str, Dict[str, Any], Dict[str, A
                   else '<div class="meta">(parent no longer in the recent history)</div>')
         replies = "".join(message_html(r) for r in entry["replies"])
         count = len(entry["replies"])
+        try:
+            when = format_time(float(ts))
+        except ValueError:
+            when = "unknown time"
         sections.append(
-            f'<section class="thread"><div class="meta">#{html.escape(channel)} · ts {html.escape(ts)} · '
-            f'{count} repl{"y" if count == 1 else "ies"}</div>{parent}'
+            f'<section class="thread"><div class="meta" title="ts {html.escape(ts)}">#{html.escape(channel)} · '
+            f'{when} · {count} repl{"y" if count == 1 else "ies"}</div>{parent}'
             + (f'<div class="replies">{replies}</div>' if replies else "") + "</section>")
-    banner = ('<div class="banner">Dry-run: no SLACK_BOT_TOKEN is set, so these messages were not sent to Slack. '
-              'They are exactly what would have been sent.</div>' if dry_run else "")
+    banner = ('<div class="banner"><div>Dry-run: no SLACK_BOT_TOKEN, so nothing was sent to Slack. '
+              'These are exactly the messages it would have sent.</div></div>' if dry_run else "")
     body = "".join(sections) or "<p>No messages yet. POST an Alertmanager webhook to /alert.</p>"
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>alert-threader preview</title>"
             f'<meta name="viewport" content="width=device-width"><style>{PREVIEW_STYLE}</style></head><body>'

@@ -779,8 +779,8 @@ print_next_steps() {
         info "The webhook token is WEBHOOK_TOKEN in $env_path (not printed here)."
         info "Give it to Alertmanager (Debian's runs as user prometheus):"
         info ""
+        info "  sudo install -m 0640 -o root -g prometheus /dev/null /etc/alertmanager/alert-threader.token"
         info "  sudo sed -n 's/^WEBHOOK_TOKEN=//p' $env_path | sudo tee /etc/alertmanager/alert-threader.token >/dev/null"
-        info "  sudo chgrp prometheus /etc/alertmanager/alert-threader.token && sudo chmod 0640 /etc/alertmanager/alert-threader.token"
         token_note=$'\n'"    -H \"Authorization: Bearer \$(sudo sed -n 's/^WEBHOOK_TOKEN=//p' $env_path)\" \\"
     else
         warn "no WEBHOOK_TOKEN: anyone who reaches port $port can post alerts (re-run with --generate-webhook-token)"

@@ -614,6 +614,8 @@ def test_resolved_layout():
     assert payload["attachments"][0]["color"] == "#2EB67D" and payload["thread_ts"] == "1.2"
     assert blocks[-2]["elements"][0]["text"] == (
         "*Started:* 2024-01-15 14:30:25 UTC | *Resolved:* 2024-01-15 14:45:30 UTC (after 15m 5s)")
+    buttons = next(b for b in blocks if b["type"] == "actions")["elements"]
+    assert [b["text"]["text"] for b in buttons] == ["View Runbook", "Source"], "nothing left to silence"
 
 
 # ---------------------------------------------------------------------------
@@ -2477,3 +2479,245 @@ def test_preview_in_dry_run_shows_what_would_have_been_sent(tmp_path):
         assert page.by_class["h"] == ["🚨 DatabaseDown on db01.example.com"]
     finally:
         stop(running)
+
+
+# ---------------------------------------------------------------------------
+# Operations: metrics, logs and the command line
+# ---------------------------------------------------------------------------
+
+def test_metrics_count_what_happened_and_pass_promtool(start, slack):
+    promtool = require_binary("promtool")
+    svc = start()
+    alert = make_alert()
+    svc.alert(webhook(alert))
+    svc.alert(webhook(alert, make_alert(instance="db02")))
+    slack.fail("chat.postMessage", {"status": 429, "retry_after": 0}, {"error": "not_in_channel"})
+    svc.alert(webhook(make_alert(name="Blocked")), expect=503)
+    svc.request("POST", "/alert", raw=b"{")
+    text = svc.get("/metrics").text
+    for line in ('alert_threader_webhooks_total{code="200"} 2', 'alert_threader_webhooks_total{code="503"} 1',
+                 'alert_threader_webhooks_total{code="400"} 1',
+                 'alert_threader_alerts_total{action="posted",status="firing"} 1',
+                 'alert_threader_alerts_total{action="replied",status="firing"} 1',
+                 'alert_threader_alerts_total{action="unchanged",status="firing"} 1',
+                 'alert_threader_slack_requests_total{method="chat.postMessage",result="ok"} 2',
+                 'alert_threader_slack_requests_total{method="chat.postMessage",result="not_in_channel"} 1',
+                 'alert_threader_slack_requests_total{method="chat.postMessage",result="ratelimited"} 1',
+                 'alert_threader_slack_requests_total{method="chat.update",result="ok"} 1',
+                 'alert_threader_store_operations_total{op="write",store="file"} 2',
+                 "alert_threader_open_threads 1", "alert_threader_stored_threads 1",
+                 "alert_threader_slack_request_duration_seconds_count 5"):
+        assert line in text.splitlines(), line
+    assert re.search(r'^alert_threader_build_info\{python="[\d.]+",store="file",version="[\d.]+"\} 1$', text, re.M)
+    checked = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=30)
+    assert checked.returncode == 0 and checked.stdout + checked.stderr == b"", checked.stdout + checked.stderr
+
+
+def test_one_log_line_per_webhook_and_per_failed_slack_call(start, slack):
+    svc = start(LOG_LEVEL="info")
+    svc.alert(webhook(make_alert(), make_alert(instance="db02"), group_key="group-42"))
+    slack.fail("chat.postMessage", {"error": "not_in_channel"})
+    svc.alert(webhook(make_alert(name="Blocked"), group_key="group-43"), expect=503)
+    lines = svc.log.getvalue().splitlines()
+    hooks = [line for line in lines if " INFO webhook " in line or " WARNING webhook " in line]
+    assert len(hooks) == 2
+    assert re.search(r"webhook group_key=group-42 channel=C0ALERTS alerts=2 posted=1 replied=1 code=200 "
+                     r"duration_ms=[\d.]+$", hooks[0]), hooks[0]
+    assert "group_key=group-43" in hooks[1] and "code=503" in hooks[1]
+    [failed] = [line for line in lines if "Slack call failed" in line]
+    assert "method=chat.postMessage error=not_in_channel" in failed and "/invite @your-app" in failed
+
+
+def test_json_log_format_for_log_shippers(start, slack):
+    svc = start(LOG_FORMAT="json", LOG_LEVEL="info")
+    svc.alert(webhook(make_alert(), group_key="g1"))
+    entries = [json.loads(line) for line in svc.log.getvalue().splitlines()]
+    [hook] = [e for e in entries if e["message"] == "webhook"]
+    assert hook["level"] == "info" and hook["group_key"] == "g1" and hook["alerts"] == 1 and hook["code"] == 200
+    assert hook["posted"] == 1 and isinstance(hook["duration_ms"], float) and "time" in hook
+
+
+def test_under_journald_lines_carry_no_timestamp_and_log_level_filters(tmp_path, slack):
+    proc, port = start_process(tmp_path, slack, env={"JOURNAL_STREAM": "8:12345", "LOG_LEVEL": "warning"})
+    post_to(port, webhook(make_alert()))
+    slack.fail("chat.postMessage", {"error": "is_archived"})
+    post_to(port, webhook(make_alert(name="Archived")))
+    proc.terminate()
+    proc.wait(20)
+    lines = (tmp_path / "service.log").read_text().splitlines()
+    assert lines and all(re.match(r"(WARNING|ERROR) ", line) for line in lines), lines
+    assert any("error=is_archived" in line for line in lines)
+
+
+def test_render_prints_the_exact_payloads_without_network_or_state(start, slack, tmp_path):
+    alerts = [make_alert(), make_alert(instance="db02")]
+    (tmp_path / "hook.json").write_text(json.dumps(webhook(*alerts)))
+    closed_port = free_port()
+    result = run_cli("render", str(tmp_path / "hook.json"), cwd=tmp_path,
+                     env={"SLACK_BOT_TOKEN": SLACK_TOKEN, "SLACK_CHANNEL": "C0ALERTS",
+                          "SLACK_API_URL": f"http://127.0.0.1:{closed_port}/api/"})
+    assert result.returncode == 0, result.stderr
+    calls = json.loads(result.stdout)
+    assert [c["method"] for c in calls] == ["chat.postMessage", "chat.postMessage", "chat.update"]
+    assert not (tmp_path / "threads.json").exists()
+    svc = start()
+    svc.alert(webhook(*alerts))
+    sent = [c.payload for c in slack.calls]
+    rendered = [c["payload"] for c in calls]
+    for payload in sent + rendered:
+        payload.pop("thread_ts", None)
+        payload.pop("ts", None)
+    assert rendered == sent
+
+
+def test_render_refuses_a_bad_file(tmp_path):
+    (tmp_path / "bad.json").write_text('{"alerts": [{"labels": {"severity": 1}}]}')
+    result = run_cli("render", str(tmp_path / "bad.json"), cwd=tmp_path)
+    assert result.returncode == 1 and "alerts[0].labels.severity must be a string" in result.stderr.decode()
+    assert run_cli("render", cwd=tmp_path).returncode == 2
+
+
+def test_check_asks_slack_whether_the_token_works(slack, tmp_path):
+    env = {"SLACK_BOT_TOKEN": SLACK_TOKEN, "SLACK_CHANNEL": "C0ALERTS", "SLACK_API_URL": slack.url}
+    ok = run_cli("check", cwd=tmp_path, env=env)
+    assert ok.returncode == 0, ok.stdout
+    assert "slack: OK (team Test Team, bot user threader)" in ok.stdout.decode()
+    assert [c.method for c in slack.calls] == ["auth.test"]
+    slack.fail("auth.test", {"error": "invalid_auth"})
+    bad = run_cli("check", cwd=tmp_path, env=env)
+    assert bad.returncode == 1
+    assert "slack: FAILED: invalid_auth. Fix: Slack rejects SLACK_BOT_TOKEN" in bad.stdout.decode()
+    dry = run_cli("check", cwd=tmp_path)
+    assert dry.returncode == 1 and "dry-run" in dry.stdout.decode() and "set SLACK_BOT_TOKEN" in dry.stdout.decode()
+    assert SLACK_TOKEN not in (ok.stdout + bad.stdout + ok.stderr + bad.stderr).decode()
+
+
+def test_version(tmp_path):
+    result = run_cli("--version", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.decode().strip() == f"alert-threader {at.__version__}"
+
+
+def test_storm_whose_digest_parent_was_deleted_continues_under_a_new_digest(start, slack):
+    svc = start()
+    alerts = storm_alerts(30)
+    svc.alert(webhook(*alerts))
+    old_parent = slack.messages[0]
+    slack.fail("chat.postMessage", {"error": "thread_not_found"})
+    svc.alert(webhook(*[resolved(a) for a in alerts]))
+    new_parent, *resolves = slack.messages[3:]
+    assert new_parent.thread_ts is None and new_parent.payload["text"].startswith("🌩️ Alert storm")
+    assert len(resolves) == 2 and all(m.thread_ts == new_parent.ts != old_parent.ts for m in resolves)
+
+
+def test_storm_message_with_a_rejected_layout_is_resent_as_plain_text(start, slack):
+    svc = start()
+    slack.fail("chat.postMessage", {}, {"error": "invalid_blocks"})
+    svc.alert(webhook(*storm_alerts(15)))
+    parent, plain = slack.messages
+    assert "attachments" not in plain.payload and plain.thread_ts == parent.ts
+    assert "*Storm0000*" in plain.payload["text"] and "*Storm0014*" in plain.payload["text"]
+    assert_mrkdwn_safe(plain.payload["text"], "plain")
+
+
+# ---------------------------------------------------------------------------
+# examples/: the Alertmanager config, the sample webhooks, the screenshot script
+# ---------------------------------------------------------------------------
+
+EXAMPLES = REPO / "examples"
+PAYLOADS = ("firing.json", "second-instance.json", "resolved.json")
+
+
+def render(payload_file: Path) -> List[Dict[str, Any]]:
+    """The Slack calls `alert_threader.py render FILE` prints, from a clean dry-run environment."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLACK_", "WEBHOOK_", "THREAD_", "REDIS_", "ALERTMANAGER_"))
+           and k not in ("ENVIRONMENT", "REOPEN_WINDOW", "STORM_THRESHOLD")}
+    result = subprocess.run([sys.executable, str(REPO / "alert_threader.py"), "render", str(payload_file)],
+                            env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def amtool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([require_binary("amtool"), *args], capture_output=True, text=True, timeout=30)
+
+
+def test_example_alertmanager_config_passes_amtool():
+    result = amtool("check-config", str(EXAMPLES / "alertmanager.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+    assert "2 receivers" in result.stdout
+
+
+@pytest.mark.parametrize("labels, receiver", [
+    (["alertname=TestCritical", "service=database"], "slack-threads"),
+    (["alertname=TestCritical", "team=database"], "slack-database-team"),
+])
+def test_example_alertmanager_config_routes_database_team_to_its_channel(labels, receiver):
+    config = f"--config.file={EXAMPLES / 'alertmanager.yml'}"
+    result = amtool("config", "routes", "test", config, f"--verify.receivers={receiver}", *labels)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.split() == [receiver]
+
+
+def test_example_alertmanager_config_posts_to_the_threader_with_the_token():
+    text = (EXAMPLES / "alertmanager.yml").read_text()
+    assert "url: http://127.0.0.1:9009/alert\n" in text
+    assert "url: http://127.0.0.1:9009/alert?channel=C0DBTEAM01\n" in text
+    assert text.count("send_resolved: true") == 2
+    assert text.count("credentials_file: /etc/alertmanager/alert-threader.token") == 2
+
+
+@pytest.mark.parametrize("name", PAYLOADS)
+def test_example_payload_renders_to_slack_calls(name):
+    calls = render(EXAMPLES / name)
+    assert calls and calls[0]["method"] == "chat.postMessage"
+    assert calls[0]["payload"]["text"] == "🚨 [CRITICAL] Database Critical Failure (production)" or name == "resolved.json"
+
+
+def test_readme_smoke_sequence_with_the_example_payloads(start, slack):
+    """The README's curl steps: firing, second instance, resolved, with the actions it documents."""
+    svc = start()
+    actions = []
+    for name in PAYLOADS:
+        answer = svc.request("POST", "/alert", raw=(EXAMPLES / name).read_bytes())
+        assert answer.status == 200, answer.text
+        actions.append([r["action"] for r in answer.json()["results"]])
+    assert actions == [["posted"], ["unchanged", "replied"], ["replied", "replied"]]
+    parent, *replies = slack.messages
+    assert len(replies) == 3 and all(r.thread_ts == parent.ts for r in replies)
+
+
+@pytest.mark.parametrize("name", PAYLOADS)
+def test_example_payload_is_a_full_alertmanager_v4_webhook(name):
+    hook = json.loads((EXAMPLES / name).read_text())
+    assert {"version", "groupKey", "status", "receiver", "groupLabels", "commonLabels", "commonAnnotations",
+            "externalURL", "alerts"} <= set(hook)
+    assert hook["version"] == "4"
+    assert hook["externalURL"] == "http://alertmanager.example.com:9093"
+    for alert in hook["alerts"]:
+        assert {"status", "labels", "annotations", "startsAt", "endsAt", "generatorURL", "fingerprint"} <= set(alert)
+        assert alert["status"] == hook["status"]
+        assert alert["endsAt"] == ("0001-01-01T00:00:00Z" if alert["status"] == "firing" else "2024-01-15T14:45:30Z")
+
+
+def test_example_payloads_tell_one_alert_key_with_two_instances():
+    firing, second, resolved = (json.loads((EXAMPLES / name).read_text()) for name in PAYLOADS)
+    first_alert = firing["alerts"][0]
+    assert first_alert["labels"] == {"alertname": "TestCritical", "severity": "critical", "service": "database",
+                                     "cluster": "production", "instance": "db01.example.com"}
+    assert first_alert["startsAt"] == "2024-01-15T14:30:25Z"
+    # Alertmanager re-sends the whole group: the first alert comes again, unchanged, with the new one.
+    assert second["alerts"][0] == first_alert
+    for hook in (second, resolved):
+        a, b = hook["alerts"]
+        assert [a["labels"][k] for k in at.KEY_LABELS] == [b["labels"][k] for k in at.KEY_LABELS]
+        assert (a["labels"]["instance"], b["labels"]["instance"]) == ("db01.example.com", "db02.example.com")
+        assert a["fingerprint"] != b["fingerprint"]
+    assert [a["fingerprint"] for a in resolved["alerts"]] == [a["fingerprint"] for a in second["alerts"]]
+
+
+def test_screenshot_script_is_shellcheck_clean():
+    result = subprocess.run([require_binary("shellcheck"), "-S", "warning", str(EXAMPLES / "screenshot.sh")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
