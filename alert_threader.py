@@ -884,12 +884,18 @@ def expired(record: Dict[str, Any], now: float, retention: float) -> bool:
 
 
 class FileStore(ThreadStore):
-    """Records in memory, mirrored to one JSON file rewritten atomically on every change.
+    """Records in memory, made durable in threads.json and a journal beside it.
 
-    Each record's JSON text is cached, so a commit joins strings instead of
-    re-serialising every thread; concurrent writers share one write and fsync
-    (group commit) but every put_many returns only once its change is on disk.
-    With path None it is a memory-only store (render, tests).
+    threads.json is a snapshot, only ever replaced atomically (temporary file in
+    the same directory, fsync, rename, fsync of the directory). Each change is
+    appended to threads.json.journal and fdatasync'd before put_many returns:
+    a write costs one record, not the whole store. When the journal outgrows the
+    snapshot it is folded into a new snapshot, so the amortised cost stays flat
+    however many threads are stored; start-up and a clean stop fold it too.
+    Concurrent writers share one append and one fdatasync (group commit).
+    A crash leaves the old or the new snapshot and a journal whose last line
+    may be incomplete; that line belongs to a webhook that was never answered,
+    so Alertmanager retries it. With path None the store is memory-only.
     """
 
     name = "file"
@@ -898,20 +904,29 @@ class FileStore(ThreadStore):
                  lock_timeout: float = 60.0) -> None:
         super().__init__(metrics, lock_timeout)
         self.path = path
+        self.journal_path = f"{path}.journal" if path else None
         self.retention = retention
-        self._lock = threading.Lock()
-        self._commit_lock = threading.Lock()
-        # key -> '"key":{record json}', the text the file is joined from
+        self._lock = threading.Lock()  # guards the fields below but _journal_fd and _snapshot_bytes
+        self._commit_lock = threading.Lock()  # one writer of the files at a time
+        # key -> '"key":{record json}': snapshots are joined from these, journal lines built of them
         self._fragments: Dict[str, str] = {}
         # key -> (status, closed): what prune and the gauges need without parsing records
         self._summary: Dict[str, Tuple[str, Any]] = {}
-        self._version = 0
-        self._durable = 0
+        self._pending: List[str] = []  # journal lines not yet written
+        self._version = 0  # changes made in memory
+        self._durable = 0  # changes on disk
+        self._journal_fd: Optional[int] = None
+        self._snapshot_bytes = 0
+        self._journal_bytes = 0
+        self._needs_fold = False  # after a failed write: only a whole snapshot is sure to hold everything
+        self._read_only = False
         self.write_error: Optional[str] = None
         self.moved_aside: Optional[str] = None
         if path:
             self._remove_temp_files()
             self._load()
+            self._replay_journal()
+            self._fold()
 
     # -- loading ------------------------------------------------------------
 
@@ -934,26 +949,31 @@ class FileStore(ThreadStore):
         except FileNotFoundError:
             return
         except OSError as e:
-            self._move_aside(f"cannot be read ({e.strerror})")
+            self._move_aside(self.path, f"cannot be read ({e.strerror})")
             return
         try:
             threads = self._parse(raw)
         except ValueError as e:
-            self._move_aside(str(e))
+            self._move_aside(self.path, str(e))
             return
         for key, record in threads.items():
             self._remember(key, record)
         log_event(logging.INFO, "thread store loaded", file=self.path, threads=len(threads))
 
-    @staticmethod
-    def _parse(raw: bytes) -> Dict[str, Dict[str, Any]]:
+    @classmethod
+    def _parse(cls, raw: bytes) -> Dict[str, Dict[str, Any]]:
         try:
             document = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
             raise ValueError(f"is not valid JSON ({truncate(str(e), 120)})") from None
         if isinstance(document, dict) and isinstance(document.get("threads"), dict):
             document = document["threads"]
-        elif not isinstance(document, dict):
+        return cls._threads(document)
+
+    @staticmethod
+    def _threads(document: Any) -> Dict[str, Dict[str, Any]]:
+        """Validated records from a JSON object of them (or the seed's key -> ts)."""
+        if not isinstance(document, dict):
             raise ValueError("is not a JSON object of threads")
         threads = {}
         for key, record in document.items():
@@ -966,28 +986,73 @@ class FileStore(ThreadStore):
             threads[key] = record
         return threads
 
-    def _move_aside(self, reason: str) -> None:
-        assert self.path
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        target = f"{self.path}.corrupt-{stamp}"
+    def _replay_journal(self) -> None:
+        """Apply the changes made since the snapshot; an incomplete last line is a crash mid-append."""
+        assert self.journal_path
         try:
-            os.replace(self.path, target)
+            with open(self.journal_path, "rb") as f:
+                lines = f.read().split(b"\n")
+        except FileNotFoundError:
+            return
         except OSError as e:
-            raise ConfigError(f"THREAD_STORE_FILE: {self.path} {reason} and cannot be moved aside: {e.strerror}") from None
+            self._move_aside(self.journal_path, f"cannot be read ({e.strerror})")
+            return
+        applied = 0
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                change = json.loads(line.decode("utf-8"))
+                if change.get("clear"):
+                    self._fragments.clear()
+                    self._summary.clear()
+                for key in change.get("del", []):
+                    self._forget(key)
+                for key, record in self._threads(change.get("put", {})).items():
+                    self._remember(key, record)
+            except (UnicodeDecodeError, ValueError, TypeError, AttributeError):
+                if number < len(lines):  # a whole line, newline and all, that is not a change: damage
+                    self._move_aside(self.journal_path, f"has a malformed entry on line {number}")
+                else:  # no newline yet: the append was cut short
+                    log_event(logging.WARNING, "ignored an incomplete last journal entry (a crash during a write; "
+                              "that webhook was never answered, so Alertmanager sent it again)",
+                              file=self.journal_path)
+                break
+            applied += 1
+        if applied:
+            log_event(logging.INFO, "thread store journal replayed", file=self.journal_path, changes=applied)
+
+    def _move_aside(self, path: str, reason: str) -> None:
+        if self._read_only:
+            raise StoreError(f"{path} {reason}")
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        target = f"{path}.corrupt-{stamp}"
+        try:
+            os.replace(path, target)
+        except OSError as e:
+            raise ConfigError(f"THREAD_STORE_FILE: {path} {reason} and cannot be moved aside: {e.strerror}") from None
         self.moved_aside = target
-        log_event(logging.ERROR, "thread store file was unusable; moved aside, starting with no threads",
-                  file=self.path, reason=reason, moved_to=target)
+        log_event(logging.ERROR, "thread store file was unusable; moved aside, starting without what it held",
+                  file=path, reason=reason, moved_to=target)
 
     # -- reading and writing ------------------------------------------------
 
-    def _remember(self, key: str, record: Dict[str, Any]) -> None:
-        self._fragments[key] = (json.dumps(key, ensure_ascii=False) + ":"
-                                + json.dumps(record, ensure_ascii=False, separators=(",", ":")))
+    def _remember(self, key: str, record: Dict[str, Any]) -> str:
+        fragment = (json.dumps(key, ensure_ascii=False) + ":"
+                    + json.dumps(record, ensure_ascii=False, separators=(",", ":")))
+        self._fragments[key] = fragment
         self._summary[key] = (record.get("status", "open"), record.get("closed"))
+        return fragment
 
     def _forget(self, key: str) -> None:
-        del self._fragments[key]
-        del self._summary[key]
+        self._fragments.pop(key, None)
+        self._summary.pop(key, None)
+
+    def _change(self, line: str) -> int:
+        """Queue one journal line (caller holds _lock); returns the version that makes it durable."""
+        self._pending.append(line)
+        self._version += 1
+        return self._version
 
     def get_many(self, keys: Sequence[str]) -> Dict[str, Dict[str, Any]]:
         self._count("get")
@@ -999,41 +1064,82 @@ class FileStore(ThreadStore):
     def put_many(self, records: Dict[str, Dict[str, Any]]) -> None:
         self._count("put")
         with self._lock:
-            for key, record in records.items():
-                self._remember(key, record)
-            self._version += 1
-            version = self._version
+            fragments = [self._remember(key, record) for key, record in records.items()]
+            version = self._change('{"put":{' + ",".join(fragments) + "}}")
         self._commit(version)
 
     def _commit(self, version: int) -> None:
+        """Make every change up to `version` durable; one append and fdatasync serves all waiting writers."""
         if not self.path:
             return
         with self._commit_lock:
             if self._durable >= version:
-                return  # a concurrent commit already wrote this change
-            with self._lock:
-                version = self._version
-                text = '{"version":1,"threads":{' + ",".join(self._fragments.values()) + "}}\n"
+                return  # a concurrent writer's commit carried this change too
             try:
-                self._write(text)
+                if self._needs_fold or self._journal_bytes > max(self._snapshot_bytes, 65536):
+                    version = self._fold_locked()  # the new snapshot holds these changes too
+                else:
+                    with self._lock:
+                        version, lines, self._pending = self._version, self._pending, []
+                    self._append(("\n".join(lines) + "\n").encode())
             except OSError as e:
+                self._needs_fold = True  # memory holds every change: the next commit writes them all
                 self.write_error = f"{e.strerror or e} ({self.path})"
                 self._count("write", error=True)
-                log_event(logging.ERROR, "cannot write thread store; threads are kept in memory and the write is retried",
-                          file=self.path, error=e.strerror or str(e))
+                log_event(logging.ERROR, "cannot write thread store; threads are kept in memory and the write is "
+                          "retried", file=self.path, error=e.strerror or str(e))
                 return
-            self._count("write")
-            self._durable = version
+            self._needs_fold = False
+            self._durable = max(self._durable, version)
             self.write_error = None
 
-    def _write(self, text: str) -> None:
+    def _append(self, data: bytes) -> None:
+        assert self.journal_path
+        if self._journal_fd is None:
+            self._journal_fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._fsync_directory()  # the journal's own name must survive a crash too
+        os.write(self._journal_fd, data)
+        os.fdatasync(self._journal_fd)
+        self._journal_bytes += len(data)
+        self._count("append")
+
+    def _fold(self) -> None:
+        """Fold the journal into a new snapshot now (start-up, clean stop)."""
+        if not self.path:
+            return
+        with self._commit_lock:
+            self._durable = max(self._durable, self._fold_locked())
+            self._needs_fold = False
+
+    def _fold_locked(self) -> int:
+        """Snapshot everything in memory, then empty the journal (caller holds _commit_lock).
+
+        Returns the version the snapshot holds."""
+        with self._lock:
+            version = self._version
+            text = '{"version":1,"threads":{' + ",".join(self._fragments.values()) + "}}\n"
+            self._pending = []  # all in the snapshot
+        data = text.encode()
+        self._write_snapshot(data)
+        self._snapshot_bytes = len(data)
+        # After the rename: a crash before this truncation only replays changes the snapshot already has.
+        if self._journal_fd is not None:
+            os.ftruncate(self._journal_fd, 0)
+            os.fsync(self._journal_fd)
+        elif os.path.exists(self.journal_path or ""):
+            os.truncate(self.journal_path or "", 0)
+        self._journal_bytes = 0
+        self._count("write")
+        return version
+
+    def _write_snapshot(self, data: bytes) -> None:
         """Temporary file in the same directory, fsync, rename, fsync the directory."""
         assert self.path
         directory = os.path.dirname(self.path) or "."
         fd, temp_path = tempfile.mkstemp(prefix=self._temp_prefix(), dir=directory)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(temp_path, self.path)
@@ -1041,11 +1147,23 @@ class FileStore(ThreadStore):
             with contextlib.suppress(OSError):
                 os.unlink(temp_path)
             raise
-        dir_fd = os.open(directory, os.O_RDONLY)
+        self._fsync_directory()
+
+    def _fsync_directory(self) -> None:
+        dir_fd = os.open(os.path.dirname(self.path or "") or ".", os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+    @classmethod
+    def read(cls, path: str) -> Dict[str, Dict[str, Any]]:
+        """The threads a restart would find at path (snapshot plus journal), without writing anything."""
+        store = cls(None, Metrics())
+        store.path, store.journal_path, store._read_only = path, f"{path}.journal", True
+        store._load()
+        store._replay_journal()
+        return store.items()
 
     def flush(self) -> None:
         """Retry a commit that failed earlier."""
@@ -1072,8 +1190,7 @@ class FileStore(ThreadStore):
             removed = len(self._fragments)
             self._fragments.clear()
             self._summary.clear()
-            self._version += 1
-            version = self._version
+            version = self._change('{"clear":true}')
         self._commit(version)
         return removed
 
@@ -1083,9 +1200,7 @@ class FileStore(ThreadStore):
                      if expired({"status": status, "closed": closed}, now, self.retention)]
             for key in stale:
                 self._forget(key)
-            if stale:
-                self._version += 1
-            version = self._version
+            version = self._change(json.dumps({"del": stale}, ensure_ascii=False)) if stale else 0
         if stale:
             self._count("prune")
             self._commit(version)
@@ -1094,7 +1209,8 @@ class FileStore(ThreadStore):
         return len(stale)
 
     def health(self) -> Dict[str, Any]:
-        status: Dict[str, Any] = {"ok": self.write_error is None, "file_status": "ok" if self.write_error is None else "write failing"}
+        status: Dict[str, Any] = {"ok": self.write_error is None,
+                                  "file_status": "ok" if self.write_error is None else "write failing"}
         if self.write_error:
             status["store_error"] = self.write_error
         if self.moved_aside:
@@ -1104,14 +1220,20 @@ class FileStore(ThreadStore):
     def stats(self) -> Dict[str, Any]:
         if not self.path:
             return {"file": None}
-        try:
-            size = os.path.getsize(self.path)
-        except OSError:
-            size = 0
-        return {"file": self.path, "file_bytes": size}
+        return {"file": self.path, "file_bytes": self._snapshot_bytes, "journal_bytes": self._journal_bytes}
 
     def close(self) -> None:
-        self.flush()
+        """Fold the journal, so that a stopped service leaves everything in threads.json."""
+        if not self.path:
+            return
+        try:
+            self._fold()
+        except OSError as e:
+            log_event(logging.ERROR, "cannot write thread store at stop; the journal keeps the changes",
+                      file=self.path, error=e.strerror or str(e))
+        if self._journal_fd is not None:
+            os.close(self._journal_fd)
+            self._journal_fd = None
 
 
 RELEASE_LOCK_LUA = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"

@@ -668,13 +668,64 @@ def test_unknown_routes_and_methods_get_json_errors(start, slack, method, path, 
 # File store
 # ---------------------------------------------------------------------------
 
-def test_file_store_writes_whole_valid_files_and_leaves_no_temporary_files(start, slack, tmp_path):
+def on_disk(tmp_path: Path) -> Dict[str, Any]:
+    """The threads a restart would find (snapshot plus journal), read without writing."""
+    return at.FileStore.read(str(tmp_path / "threads.json"))
+
+
+def state_bytes(tmp_path: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in (tmp_path / "threads.json", tmp_path / "threads.json.journal")
+                    if p.exists())
+
+
+def test_every_answered_change_is_on_disk_and_no_temporary_files_are_left(start, slack, tmp_path):
     svc = start()
     for i in range(5):
-        svc.alert(webhook(make_alert(name=f"Alert{i}")))
-    document = json.loads((tmp_path / "threads.json").read_text())
-    assert len(document["threads"]) == 5
+        answer = svc.alert(webhook(make_alert(name=f"Alert{i}"))).json()
+        assert on_disk(tmp_path)[answer["results"][0]["key"]]["ts"] == answer["results"][0]["thread_ts"]
+    assert json.loads((tmp_path / "threads.json").read_text())["version"] == 1, "the snapshot is whole JSON"
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+    stop(svc)
+    document = json.loads((tmp_path / "threads.json").read_text())
+    assert len(document["threads"]) == 5, "a clean stop folds the journal into threads.json"
+    assert (tmp_path / "threads.json.journal").read_bytes() == b""
+
+
+def test_journal_is_folded_into_the_snapshot_when_it_outgrows_it(tmp_path):
+    store = at.FileStore(str(tmp_path / "threads.json"), at.Metrics())
+    big = {"ts": "1.1", "status": "open", "alerts": {}, "first": {"annotations": {"description": "x" * 3000}}}
+    for i in range(30):
+        store.put(f"key{i}", dict(big, ts=f"{i}.1"))
+        assert (tmp_path / "threads.json.journal").stat().st_size <= 70000
+    snapshot = json.loads((tmp_path / "threads.json").read_text())["threads"]
+    assert 15 < len(snapshot) < 30, "folded once the journal passed 64 KiB, then appended again"
+    assert set(on_disk(tmp_path)) == {f"key{i}" for i in range(30)}
+    store.close()
+
+
+def test_incomplete_last_journal_line_from_a_crash_is_ignored(tmp_path):
+    store = at.FileStore(str(tmp_path / "threads.json"), at.Metrics())
+    store.put("kept", {"ts": "1.1", "status": "open", "alerts": {}})
+    with open(tmp_path / "threads.json.journal", "ab") as journal:
+        journal.write(b'{"put":{"torn":{"ts":"2.2","sta')  # the crash came mid-append
+    log = io.StringIO()
+    at.setup_logging(make_config({"LOG_LEVEL": "info"}), log)
+    again = at.FileStore(str(tmp_path / "threads.json"), at.Metrics())
+    assert set(again.items()) == {"kept"}
+    assert "ignored an incomplete last journal entry" in log.getvalue()
+    assert again.moved_aside is None and json.loads((tmp_path / "threads.json").read_text())["threads"]["kept"]
+
+
+def test_damaged_journal_is_moved_aside_and_reported(tmp_path):
+    store = at.FileStore(str(tmp_path / "threads.json"), at.Metrics())
+    store.put("first", {"ts": "1.1", "status": "open", "alerts": {}})
+    with open(tmp_path / "threads.json.journal", "ab") as journal:
+        journal.write(b"garbage that is not a change\n" + b'{"put":{"later":{"ts":"3.3"}}}\n')
+    again = at.FileStore(str(tmp_path / "threads.json"), at.Metrics())
+    assert set(again.items()) == {"first"}
+    assert again.moved_aside.startswith(str(tmp_path / "threads.json.journal.corrupt-"))
+    assert b"garbage" in Path(again.moved_aside).read_bytes()
+    assert again.health()["moved_aside"] == again.moved_aside
 
 
 def test_corrupt_state_file_is_moved_aside_and_reported(start, slack, tmp_path):
@@ -685,7 +736,7 @@ def test_corrupt_state_file_is_moved_aside_and_reported(start, slack, tmp_path):
     assert Path(moved).read_text() == '{"version": 1, "threads": {"half'
     assert "thread store file was unusable" in svc.log.getvalue()
     svc.alert(webhook(make_alert()))
-    assert len(json.loads((tmp_path / "threads.json").read_text())["threads"]) == 1
+    assert len(on_disk(tmp_path)) == 1
 
 
 def test_leftover_temporary_files_are_removed_at_start(start, slack, tmp_path):
@@ -1011,12 +1062,12 @@ BAD_BODIES = [
 def test_bad_webhook_gets_400_naming_the_field_and_changes_nothing(start, slack, tmp_path, body, message):
     svc = start()
     svc.alert(webhook(make_alert(name="Existing")))
-    before = (tmp_path / "threads.json").read_bytes()
+    before = state_bytes(tmp_path)
     calls = len(slack.calls)
     answer = svc.request("POST", "/alert", raw=body)
     assert answer.status == 400
     assert answer.json()["ok"] is False and message in answer.json()["error"]
-    assert len(slack.calls) == calls and (tmp_path / "threads.json").read_bytes() == before
+    assert len(slack.calls) == calls and state_bytes(tmp_path) == before
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
@@ -1173,7 +1224,6 @@ def test_fuzzed_webhooks_never_5xx_never_traceback_never_change_state_when_rejec
     base = webhook(*[make_alert(instance=f"db{i}", name=f"Fuzz{i}") for i in range(3)])
     conn = http.client.HTTPConnection("127.0.0.1", svc.port, timeout=10)
     statuses: collections.Counter = collections.Counter()
-    state = tmp_path / "threads.json"
     for i in range(2500):
         document = json.loads(json.dumps(base))
         for _ in range(rng.randint(1, 4)):
@@ -1181,7 +1231,7 @@ def test_fuzzed_webhooks_never_5xx_never_traceback_never_change_state_when_rejec
         body = json.dumps(document).encode()
         if i % 10 == 0:
             body = body[: rng.randrange(len(body))]  # truncated
-        before_state = state.read_bytes() if state.exists() else b""
+        before_state = state_bytes(tmp_path)
         before_calls = len(slack.calls)
         conn.request("POST", "/alert", body, {"Content-Type": "application/json"})
         response = conn.getresponse()
@@ -1191,7 +1241,7 @@ def test_fuzzed_webhooks_never_5xx_never_traceback_never_change_state_when_rejec
         if response.status != 200:
             assert answer["ok"] is False and answer["error"]
             assert len(slack.calls) == before_calls
-            assert (state.read_bytes() if state.exists() else b"") == before_state
+            assert state_bytes(tmp_path) == before_state
         if response.getheader("Connection") == "close":
             conn = http.client.HTTPConnection("127.0.0.1", svc.port, timeout=10)
     log = svc.log.getvalue()
@@ -1988,7 +2038,7 @@ def test_store_contract_closed_threads_expire_open_ones_do_not(store, redis_serv
     if isinstance(s, at.FileStore):
         assert s.prune(time.time()) == 1
         assert set(s.items()) == {"open", "closed-new"}
-        assert set(json.loads(Path(s.path).read_text())["threads"]) == {"open", "closed-new"}
+        assert set(at.FileStore.read(s.path)) == {"open", "closed-new"}
     else:
         client = s._client
         assert client.ttl("threader:ts:open") == -1
@@ -2504,7 +2554,7 @@ def test_metrics_count_what_happened_and_pass_promtool(start, slack):
                  'alert_threader_slack_requests_total{method="chat.postMessage",result="not_in_channel"} 1',
                  'alert_threader_slack_requests_total{method="chat.postMessage",result="ratelimited"} 1',
                  'alert_threader_slack_requests_total{method="chat.update",result="ok"} 1',
-                 'alert_threader_store_operations_total{op="write",store="file"} 2',
+                 'alert_threader_store_operations_total{op="append",store="file"} 2',
                  "alert_threader_open_threads 1", "alert_threader_stored_threads 1",
                  "alert_threader_slack_request_duration_seconds_count 5"):
         assert line in text.splitlines(), line
