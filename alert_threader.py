@@ -26,10 +26,10 @@ import argparse
 import base64
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import hmac
 import html
-import http.client
 import http.server
 import itertools
 import json
@@ -112,7 +112,12 @@ def mrkdwn(text: str, limit: int) -> str:
 
 def is_http_url(url: Any, max_length: int = 3000) -> bool:
     """An absolute http(s) URL that Slack can show as a link or button."""
-    if not isinstance(url, str) or not 0 < len(url) <= max_length:
+    return isinstance(url, str) and _is_http_url(url, max_length)
+
+
+@functools.lru_cache(maxsize=4096)  # the same runbook and generator URLs come again and again
+def _is_http_url(url: str, max_length: int) -> bool:
+    if not 0 < len(url) <= max_length:
         return False
     if any(c in url for c in "<>|\"` ") or not url.isprintable():
         return False
@@ -123,6 +128,7 @@ def is_http_url(url: Any, max_length: int = 3000) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
+@functools.lru_cache(maxsize=4096)  # Alertmanager repeats each alert's startsAt in every webhook
 def parse_time(text: str) -> Optional[float]:
     """Epoch seconds of an RFC 3339 time as Alertmanager writes it; None for its zero time."""
     match = RFC3339.fullmatch(text)
@@ -143,6 +149,7 @@ def parse_time(text: str) -> Optional[float]:
     return epoch
 
 
+@functools.lru_cache(maxsize=4096)
 def format_time(epoch: Optional[float]) -> str:
     if epoch is None:
         return "unknown"
@@ -224,15 +231,14 @@ def label_fingerprint(labels: Dict[str, str]) -> str:
 
 
 def _json_depth_ok(value: Any, limit: int) -> bool:
+    """No container nested deeper than limit (only containers are visited: labels are mostly strings)."""
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
         if depth > limit:
             return False
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((v, depth + 1) for v in children if isinstance(v, (dict, list)))
     return True
 
 
@@ -1055,7 +1061,6 @@ class FileStore(ThreadStore):
         return self._version
 
     def get_many(self, keys: Sequence[str]) -> Dict[str, Dict[str, Any]]:
-        self._count("get")
         with self._lock:
             fragments = [(k, self._fragments.get(k)) for k in keys]
         # Parsed afresh: callers may change what they get without touching the store.
@@ -1573,35 +1578,120 @@ class DryRunSlack(SlackAPI):
         return {"ok": True, "ts": payload.get("ts", ts), "channel": payload.get("channel")}
 
 
+class KeepAliveConnection:
+    """A minimal HTTP/1.1 client for one host: send a request, read the answer, keep the socket.
+
+    http.client parses every response's headers with the email package, which made
+    reading Slack's small JSON answer the largest single cost of a delivery. This
+    reads what Slack's API sends: a status line, headers, then a Content-Length,
+    chunked or read-until-close body.
+    """
+
+    MAX_LINE = 65536
+    MAX_HEADERS = 100
+    MAX_BODY = 16 * 1024 * 1024
+
+    def __init__(self, host: str, port: int, timeout: float, ssl_context: Any = None) -> None:
+        sock = socket.create_connection((host, port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if ssl_context is not None:
+            sock = ssl_context.wrap_socket(sock, server_hostname=host)
+        self._sock = sock
+        self._reader = sock.makefile("rb")
+
+    def _line(self) -> bytes:
+        line = self._reader.readline(self.MAX_LINE + 1)
+        if not line:
+            raise ConnectionResetError("connection closed before the answer was complete")
+        if len(line) > self.MAX_LINE:
+            raise ValueError("answer line too long")
+        return line
+
+    def exchange(self, request: bytes) -> Tuple[int, Dict[bytes, bytes], bytes, bool]:
+        """Send one request; return (status, headers in lower case, body, connection still usable)."""
+        self._sock.sendall(request)
+        status_line = self._line()
+        version, _, rest = status_line.partition(b" ")
+        if not version.startswith(b"HTTP/1.") or not rest[:3].isdigit():
+            raise ValueError("not an HTTP/1.x answer")
+        status = int(rest[:3])
+        headers: Dict[bytes, bytes] = {}
+        for _ in range(self.MAX_HEADERS):
+            line = self._line()
+            if line in (b"\r\n", b"\n"):
+                break
+            name, colon, value = line.partition(b":")
+            if not colon:
+                raise ValueError("malformed header line")
+            headers[name.strip().lower()] = value.strip()
+        else:
+            raise ValueError("too many headers")
+        keep = version == b"HTTP/1.1" and headers.get(b"connection", b"").lower() != b"close"
+        if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+            body = self._read_chunked()
+        elif b"content-length" in headers:
+            body = self._read_exactly(int(headers[b"content-length"]))
+        else:
+            body, keep = self._reader.read(self.MAX_BODY), False
+        return status, headers, body, keep
+
+    def _read_exactly(self, size: int) -> bytes:
+        if not 0 <= size <= self.MAX_BODY:
+            raise ValueError("answer body too large")
+        body = self._reader.read(size)
+        if len(body) < size:
+            raise ConnectionResetError("connection closed in the middle of the answer")
+        return body
+
+    def _read_chunked(self) -> bytes:
+        chunks, total = [], 0
+        while True:
+            size = int(self._line().split(b";", 1)[0].strip(), 16)
+            if size == 0:
+                while self._line() not in (b"\r\n", b"\n"):  # trailers
+                    pass
+                return b"".join(chunks)
+            total += size
+            if total > self.MAX_BODY:
+                raise ValueError("answer body too large")
+            chunks.append(self._read_exactly(size))
+            self._line()  # the CRLF after each chunk
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._reader.close()
+            self._sock.close()
+
+
 class SlackClient(SlackAPI):
-    """One keep-alive HTTP connection per worker thread; every call has a timeout."""
+    """One keep-alive connection to Slack per worker thread; every call has a timeout."""
 
     def __init__(self, api_url: str, token: str, timeout: float, metrics: Metrics) -> None:
         super().__init__(metrics)
         parts = urllib.parse.urlsplit(api_url)
         self._https = parts.scheme == "https"
         self._host = parts.hostname or ""
-        self._port = parts.port
+        self._port = parts.port or (443 if self._https else 80)
         self._path = parts.path
         self._timeout = timeout
-        self._headers = {"Authorization": "Bearer " + token,
-                         "Content-Type": "application/json; charset=utf-8",
-                         "User-Agent": f"alert-threader/{__version__}"}
+        default_port = 443 if self._https else 80
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        host_header = host if self._port == default_port else f"{host}:{self._port}"
+        # Everything but the request line and the length, encoded once (the token is validated: no CR/LF).
+        self._headers = (f"Host: {host_header}\r\nAuthorization: Bearer {token}\r\n"
+                         f"Content-Type: application/json; charset=utf-8\r\n"
+                         f"User-Agent: alert-threader/{__version__}\r\n").encode()
         self._local = threading.local()
         self._ssl_context: Any = None
 
-    def _connection(self) -> Tuple[http.client.HTTPConnection, bool]:
+    def _connection(self) -> Tuple[KeepAliveConnection, bool]:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             return conn, True
-        if self._https:
-            if self._ssl_context is None:
-                import ssl  # only when talking TLS: keeps the dry-run and test process small
-                self._ssl_context = ssl.create_default_context()
-            conn = http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout,
-                                               context=self._ssl_context)
-        else:
-            conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+        if self._https and self._ssl_context is None:
+            import ssl  # only when talking TLS: keeps the dry-run and test process small
+            self._ssl_context = ssl.create_default_context()
+        conn = KeepAliveConnection(self._host, self._port, self._timeout, self._ssl_context if self._https else None)
         self._local.conn = conn
         return conn, False
 
@@ -1613,37 +1703,38 @@ class SlackClient(SlackAPI):
 
     def _call(self, method: str, payload: Dict[str, Any]) -> Dict[str, Any]:
         body = json.dumps(payload).encode()
+        request = (f"POST {self._path}{method} HTTP/1.1\r\n".encode() + self._headers
+                   + b"Content-Length: %d\r\n\r\n" % len(body) + body)
         for attempt in (1, 2):
-            conn, reused = self._connection()
+            reused = False
             try:
-                conn.request("POST", self._path + method, body, self._headers)
-                response = conn.getresponse()
-                raw = response.read()
+                conn, reused = self._connection()
+                status, headers, raw, keep = conn.exchange(request)
                 break
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
+            except socket.timeout:
+                self._drop_connection()
+                raise SlackError(method, f"timeout after {self._timeout:g}s", TRANSIENT) from None
+            except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError) as e:
                 self._drop_connection()
                 # A kept-alive connection the server had already closed: send once more on a new one.
                 if reused and attempt == 1:
                     continue
                 raise SlackError(method, f"network: {type(e).__name__}", TRANSIENT) from None
-            except socket.timeout:
-                self._drop_connection()
-                raise SlackError(method, f"timeout after {self._timeout:g}s", TRANSIENT) from None
-            except (OSError, http.client.HTTPException) as e:
+            except (OSError, ValueError) as e:
                 self._drop_connection()
                 raise SlackError(method, f"network: {type(e).__name__}", TRANSIENT) from None
-        if response.will_close:
+        if not keep:
             self._drop_connection()
-        if response.status == 429:
+        if status == 429:
             try:
-                retry_after = float(response.headers.get("Retry-After", "1"))
+                retry_after = float(headers.get(b"retry-after", b"1"))
             except ValueError:
                 retry_after = 1.0
             raise SlackError(method, "ratelimited", RATE_LIMITED, max(0.0, min(retry_after, 3600.0)))
-        if response.status >= 500:
-            raise SlackError(method, f"http_{response.status}", TRANSIENT)
-        if response.status >= 400:
-            raise SlackError(method, f"http_{response.status}", OTHER)
+        if status >= 500:
+            raise SlackError(method, f"http_{status}", TRANSIENT)
+        if status >= 400:
+            raise SlackError(method, f"http_{status}", OTHER)
         try:
             document = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
@@ -2051,8 +2142,7 @@ class Threader:
         return 200, body
 
     def _deliver(self, delivery: Delivery, groups: Dict[str, List[Tuple[int, Alert]]]) -> None:
-        storm_key = self.storm_key(delivery.hook, delivery.channel)
-        peeked = self.store.get_many(list(groups) + [storm_key])
+        peeked = self.store.get_many(list(groups))
         storm: List[Tuple[int, Alert, str]] = []
         digest_resolves: Dict[str, List[Tuple[int, Alert, str]]] = {}
         regular: Dict[str, List[Tuple[int, Alert]]] = OrderedDict()
@@ -2066,9 +2156,10 @@ class Threader:
                     digest_resolves.setdefault(record["digest"], []).append((index, alert, key))
                 else:
                     regular.setdefault(key, []).append((index, alert))
-        storm_record = self._usable(peeked.get(storm_key), delivery.channel)
+        storm_key = self.storm_key(delivery.hook, delivery.channel) if storm else ""
+        storm_record = self._usable(self.store.get(storm_key), delivery.channel) if storm else None
         storm_open = storm_record is not None and storm_record.get("status") == "open"
-        if len(storm) <= self.config.storm_threshold and not (storm and storm_open):
+        if len(storm) <= self.config.storm_threshold and not storm_open:
             for index, alert, key in storm:  # not a storm after all: ordinary new threads
                 regular.setdefault(key, []).append((index, alert))
             regular = OrderedDict(sorted(regular.items(), key=lambda kv: min(i for i, _ in kv[1])))

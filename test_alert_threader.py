@@ -124,7 +124,9 @@ def visible_text(payload: Dict[str, Any]) -> str:
 class FakeSlack:
     """Slack's Web API on 127.0.0.1:0. Script answers with fail(method, *answers):
     {"error": code} (ok:false), {"status": 503}, {"status": 429, "retry_after": 1},
-    {"drop": True} (close without answering), {"sleep": s} (then answer ok)."""
+    {"drop": True} (close without answering), {"sleep": s} (then answer ok),
+    {"chunked": True} (answer ok in chunks), {"close": True} (answer ok, then close the connection),
+    {"close_header": True} (answer ok with Connection: close)."""
 
     def __init__(self) -> None:
         self.calls: List[Call] = []
@@ -167,7 +169,13 @@ class FakeSlack:
                     call.accepted, call.ts = True, ts
                 if method == "auth.test":
                     return self.reply(200, {"ok": True, "team": "Test Team", "user": "threader"})
-                self.reply(200, {"ok": True, "ts": ts, "channel": call.payload.get("channel")})
+                if answer.get("chunked"):
+                    return self.reply_chunked({"ok": True, "ts": ts, "channel": call.payload.get("channel")})
+                headers = {"Connection": "close"} if answer.get("close_header") else {}
+                self.reply(200, {"ok": True, "ts": ts, "channel": call.payload.get("channel")}, headers)
+                if answer.get("close") or answer.get("close_header"):
+                    self.wfile.flush()
+                    self.close_connection = True
 
             def reply(self, status: int, body: Dict[str, Any], headers: Optional[Dict[str, str]] = None) -> None:
                 data = json.dumps(body).encode()
@@ -179,6 +187,17 @@ class FakeSlack:
                 self.end_headers()
                 with contextlib.suppress(OSError):  # the client may have timed out and left
                     self.wfile.write(data)
+
+            def reply_chunked(self, body: Dict[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for i in range(0, len(data), 7):
+                    piece = data[i:i + 7]
+                    self.wfile.write(b"%x;ext=1\r\n%s\r\n" % (len(piece), piece))
+                self.wfile.write(b"0\r\nX-Trailer: yes\r\n\r\n")
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -766,6 +785,22 @@ def test_transient_slack_failures_are_retried_within_the_webhook(start, slack):
     assert answer.json()["results"][0]["action"] == "posted"
     assert len(slack.messages) == 1
     assert len([c for c in slack.calls if c.method == "chat.postMessage"]) == 4
+
+
+def test_slack_answers_in_chunks_or_closing_the_connection_are_read(start, slack):
+    svc = start()
+    slack.fail("chat.postMessage", {"chunked": True}, {"close_header": True}, {"close": True}, {"chunked": True})
+    for name in ("One", "Two", "Three", "Four", "Five"):
+        assert svc.alert(webhook(make_alert(name=name))).json()["results"][0]["action"] == "posted"
+    assert len(slack.messages) == 5
+    assert len([c for c in slack.calls if c.method == "chat.postMessage"]) == 5, "no retries were needed"
+    threads = svc.get("/cache").json()["threads"]
+    assert sorted(t["ts"] for t in threads.values()) == sorted(m.ts for m in slack.messages)
+    # Slack closes a kept-alive connection after answering: the next call goes out again on a new one.
+    slack.fail("chat.postMessage", {"close": True}, {})
+    answer = svc.alert(webhook(make_alert(name="Six"), make_alert(name="Seven"))).json()
+    assert [r["action"] for r in answer["results"]] == ["posted", "posted"]
+    assert len(slack.messages) == 7 and len([c for c in slack.calls if c.method == "chat.postMessage"]) == 7
 
 
 def test_slack_down_past_the_budget_answers_503_and_the_retry_posts_once(start, slack):
