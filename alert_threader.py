@@ -26,7 +26,9 @@ import argparse
 import base64
 import contextlib
 import dataclasses
+import email.utils
 import functools
+import gc
 import hashlib
 import hmac
 import html
@@ -279,7 +281,8 @@ def parse_webhook(body: bytes, content_type: Optional[str] = "application/json")
         raise BadRequest(f"body is not valid JSON: {truncate(str(e), 200)}") from None
     if not isinstance(document, dict):
         raise BadRequest("body must be a JSON object with an 'alerts' list")
-    if not _json_depth_ok(document, MAX_JSON_DEPTH):
+    # Nesting needs brackets: with fewer than the limit in the whole body, no walk is needed.
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and not _json_depth_ok(document, MAX_JSON_DEPTH):
         raise BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     if re.search(r"\\u[dD][89a-fA-F]", text):
         where = _lone_surrogate_path(document, "")
@@ -802,25 +805,22 @@ class KeyLocks:
         self._lock = threading.Lock()
         self._entries: Dict[str, List[Any]] = {}
 
-    @contextlib.contextmanager
-    def hold(self, keys: Iterable[str], timeout: float) -> Iterator[None]:
-        ordered = sorted(set(keys))  # one global order: no deadlock between webhooks
-        held: List[str] = []
-        deadline = time.monotonic() + timeout
-        try:
-            for key in ordered:
-                with self._lock:
-                    entry = self._entries.setdefault(key, [threading.Lock(), 0])
-                    entry[1] += 1
-                if not entry[0].acquire(timeout=max(0.0, deadline - time.monotonic())):
-                    self._forget(key)
-                    raise StoreError(f"timed out after {timeout:g}s waiting for thread {key!r}")
-                held.append(key)
-            yield
-        finally:
-            for key in reversed(held):
-                self._entries[key][0].release()
-                self._forget(key)
+    def hold(self, keys: Iterable[str], timeout: float) -> "HeldKeys":
+        """A context manager holding every key's lock, taken in one global order (no deadlocks)."""
+        return HeldKeys(self, sorted(set(keys)), timeout)
+
+    def _acquire(self, key: str, deadline: float) -> bool:
+        with self._lock:
+            entry = self._entries.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        if entry[0].acquire(timeout=max(0.0, deadline - time.monotonic())):
+            return True
+        self._forget(key)
+        return False
+
+    def _release(self, key: str) -> None:
+        self._entries[key][0].release()
+        self._forget(key)
 
     def _forget(self, key: str) -> None:
         with self._lock:
@@ -828,6 +828,26 @@ class KeyLocks:
             entry[1] -= 1
             if entry[1] == 0:
                 del self._entries[key]
+
+
+class HeldKeys:
+    """The locks of some keys, held for the duration of a with block."""
+
+    def __init__(self, locks: KeyLocks, keys: List[str], timeout: float) -> None:
+        self.locks, self.keys, self.timeout = locks, keys, timeout
+        self.held: List[str] = []
+
+    def __enter__(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        for key in self.keys:
+            if not self.locks._acquire(key, deadline):
+                self.__exit__()
+                raise StoreError(f"timed out after {self.timeout:g}s waiting for thread {key!r}")
+            self.held.append(key)
+
+    def __exit__(self, *exc_info: Any) -> None:
+        while self.held:
+            self.locks._release(self.held.pop())
 
 
 class ThreadStore:
@@ -1543,22 +1563,29 @@ class SlackAPI:
 
     def __init__(self, metrics: Metrics, keep: int = 300) -> None:
         self.metrics = metrics
+        # (time, method, the JSON body sent, the answer's ts): bytes, not dicts, so that
+        # the history costs little memory and nothing to the garbage collector.
         self.recent: deque = deque(maxlen=keep)
 
     def call(self, method: str, payload: Dict[str, Any]) -> Dict[str, Any]:
+        body = json.dumps(payload).encode()
         start = time.monotonic()
         try:
-            response = self._call(method, payload)
+            response = self._call(method, body)
         except SlackError as e:
             self.metrics.inc("alert_threader_slack_requests_total", method=method, result=e.error)
             raise
         finally:
             self.metrics.observe("alert_threader_slack_request_duration_seconds", time.monotonic() - start)
         self.metrics.inc("alert_threader_slack_requests_total", method=method, result="ok")
-        self.recent.append((time.time(), method, payload, response))
+        self.recent.append((time.time(), method, body, str(response.get("ts", ""))))
         return response
 
-    def _call(self, method: str, payload: Dict[str, Any]) -> Dict[str, Any]:
+    def recent_calls(self) -> List[Tuple[float, str, Dict[str, Any], str]]:
+        """The recent calls with their payloads decoded: (time, method, payload, ts answered)."""
+        return [(at, method, json.loads(body), ts) for at, method, body, ts in list(self.recent)]
+
+    def _call(self, method: str, body: bytes) -> Dict[str, Any]:
         raise NotImplementedError
 
 
@@ -1571,7 +1598,8 @@ class DryRunSlack(SlackAPI):
         self._seq = itertools.count(1)
         self._base = int(time.time())
 
-    def _call(self, method: str, payload: Dict[str, Any]) -> Dict[str, Any]:
+    def _call(self, method: str, body: bytes) -> Dict[str, Any]:
+        payload = json.loads(body)
         if not self.quiet:
             log_event(logging.INFO, f"dry-run: would call {method} {json.dumps(payload, ensure_ascii=False)}")
         ts = f"{self._base}.{next(self._seq):06d}"
@@ -1701,8 +1729,7 @@ class SlackClient(SlackAPI):
         if conn is not None:
             conn.close()
 
-    def _call(self, method: str, payload: Dict[str, Any]) -> Dict[str, Any]:
-        body = json.dumps(payload).encode()
+    def _call(self, method: str, body: bytes) -> Dict[str, Any]:
         request = (f"POST {self._path}{method} HTTP/1.1\r\n".encode() + self._headers
                    + b"Content-Length: %d\r\n\r\n" % len(body) + body)
         for attempt in (1, 2):
@@ -1771,6 +1798,16 @@ def severity_style(severity: str) -> Tuple[str, str]:
     return SEVERITY_STYLE.get(severity.lower(), UNKNOWN_STYLE)
 
 
+# Every byte but RFC 3986's unreserved characters, percent-encoded (urllib.parse.quote(safe="")),
+# as a str.translate table over the UTF-8 bytes: one C call instead of one Python call per byte.
+_PERCENT_ENCODE = {i: f"%{i:02X}" for i in range(256)
+                   if not (chr(i).isascii() and (chr(i).isalnum() or chr(i) in "_.-~"))}
+
+
+def percent_encode(text: str) -> str:
+    return text.encode("utf-8").decode("latin-1").translate(_PERCENT_ENCODE)
+
+
 def silence_url(base: str, labels: Dict[str, str]) -> Optional[str]:
     """Alertmanager's new-silence form pre-filled with matchers for these labels."""
     if not is_http_url(base):
@@ -1784,7 +1821,7 @@ def silence_url(base: str, labels: Dict[str, str]) -> Optional[str]:
         if len(prefix) + sum(len(n) + len(labels[n]) + 4 for n in names) > URL_MAX:
             continue  # quoting only lengthens: this set cannot fit
         matchers = ", ".join(f"{name}={quoted(labels[name])}" for name in names)
-        url = prefix + urllib.parse.quote("{" + matchers + "}", safe="")
+        url = prefix + percent_encode("{" + matchers + "}")
         if len(url) <= URL_MAX:
             return url
     return None
@@ -1805,14 +1842,14 @@ def context_block(*texts: str) -> Dict[str, Any]:
 
 def alert_buttons(alert: Alert, external_url: str, silence: bool = True) -> Optional[Dict[str, Any]]:
     """Runbook, Silence (pointless once resolved) and Source buttons, for safe http(s) URLs only."""
-    buttons = []
-    links = (("View Runbook", "runbook", alert.annotations.get("runbook_url", "")),
-             ("Silence", "silence", (silence_url(external_url, alert.labels) or "") if silence else ""),
-             ("Source", "source", alert.generator_url))
-    for label, action_id, url in links:
-        if is_http_url(url, URL_MAX):
-            buttons.append({"type": "button", "action_id": action_id, "url": url,
-                            "text": {"type": "plain_text", "text": label[:BUTTON_TEXT_MAX], "emoji": True}})
+    runbook = alert.annotations.get("runbook_url", "")
+    links = (("View Runbook", "runbook", runbook if is_http_url(runbook) else None),
+             # Built from a checked base URL and percent-encoded matchers: safe by construction.
+             ("Silence", "silence", silence_url(external_url, alert.labels) if silence else None),
+             ("Source", "source", alert.generator_url if is_http_url(alert.generator_url) else None))
+    buttons = [{"type": "button", "action_id": action_id, "url": url,
+                "text": {"type": "plain_text", "text": label, "emoji": True}}
+               for label, action_id, url in links if url]
     return {"type": "actions", "elements": buttons} if buttons else None
 
 
@@ -2072,6 +2109,12 @@ def chunks(items: List[Any], size: int) -> Iterator[List[Any]]:
         yield items[i:i + size]
 
 
+@functools.lru_cache(maxsize=1024)  # Alertmanager's group keys repeat with every notification
+def group_id(group_key: str) -> str:
+    """A short, stable name for an Alertmanager group (its key can be long)."""
+    return hashlib.sha256(group_key.encode()).hexdigest()[:12] if group_key else "nogroup"
+
+
 @dataclasses.dataclass
 class Delivery:
     """One webhook on its way: where it goes and what became of each alert."""
@@ -2106,8 +2149,7 @@ class Threader:
         return thread_key if channel == self.default_channel else f"{channel}:{thread_key}"
 
     def storm_key(self, hook: Webhook, channel: str) -> str:
-        group = hashlib.sha256(hook.group_key.encode()).hexdigest()[:12] if hook.group_key else "nogroup"
-        return f"storm|{channel}|{group}"
+        return f"storm|{channel}|{group_id(hook.group_key)}"
 
     # -- the webhook ----------------------------------------------------------
 
@@ -2588,7 +2630,7 @@ def message_html(payload: Dict[str, Any], reactions: Sequence[str] = ()) -> str:
             + reactions_html)
 
 
-def render_preview(calls: Iterable[Tuple[float, str, Dict[str, Any], Dict[str, Any]]], dry_run: bool) -> str:
+def render_preview(calls: Iterable[Tuple[float, str, Dict[str, Any], str]], dry_run: bool) -> str:
     """One self-contained HTML page of the recent threads, from the payloads sent."""
     threads: Dict[Tuple[str, str], Dict[str, Any]] = OrderedDict()
 
@@ -2597,13 +2639,13 @@ def render_preview(calls: Iterable[Tuple[float, str, Dict[str, Any], Dict[str, A
         entry["at"] = max(entry["at"], at)
         return entry
 
-    for at, method, payload, response in calls:
+    for at, method, payload, answered_ts in calls:
         channel = str(payload.get("channel", ""))
         if method == "chat.postMessage":
             if payload.get("thread_ts"):
                 thread(channel, payload["thread_ts"], at)["replies"].append(payload)
             else:
-                thread(channel, str(response.get("ts", "")), at)["parent"] = payload
+                thread(channel, answered_ts, at)["parent"] = payload
         elif method == "chat.update":
             thread(channel, str(payload.get("ts", "")), at)["parent"] = payload
         elif method == "reactions.add":
@@ -2657,15 +2699,14 @@ class App:
 
     # -- bookkeeping for graceful stop --------------------------------------
 
-    @contextlib.contextmanager
-    def request(self) -> Iterator[None]:
+    def begin_request(self) -> None:
         with self._idle:
             self._inflight += 1
-        try:
-            yield
-        finally:
-            with self._idle:
-                self._inflight -= 1
+
+    def end_request(self) -> None:
+        with self._idle:
+            self._inflight -= 1
+            if not self._inflight:
                 self._idle.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
@@ -2720,7 +2761,7 @@ class App:
         if path == "/metrics":
             return 200, self.metrics.render(), {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
         if path == "/preview":
-            page = render_preview(list(self.slack.recent), self.config.dry_run)
+            page = render_preview(self.slack.recent_calls(), self.config.dry_run)
             return 200, page, {"Content-Type": "text/html; charset=utf-8",
                                "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"}
         return 200, {"ok": True, "service": "alert-threader", "version": __version__,
@@ -2782,6 +2823,21 @@ class App:
         return stats
 
 
+class RequestHeaders(dict):
+    """Request headers by lower-case name, looked up case-insensitively like http.server's."""
+
+    SINGLE = frozenset({"content-length", "transfer-encoding", "authorization", "content-type", "host"})
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        return super().get(name.lower(), default)
+
+
+@functools.lru_cache(maxsize=2)
+def http_date(second: int) -> str:
+    """The Date header, formatted once a second rather than once a response."""
+    return email.utils.formatdate(second, usegmt=True)
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     """Thin: read, call App.route, write JSON (or the text it returns)."""
 
@@ -2799,7 +2855,61 @@ class Handler(http.server.BaseHTTPRequestHandler):
         super().setup()
 
     def log_message(self, format: str, *args: Any) -> None:
-        log.debug("http %s %s", self.address_string(), format % args)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("http %s %s", self.address_string(), format % args)
+
+    def parse_request(self) -> bool:
+        """The request line and headers, read without the email package http.server uses.
+
+        Same rules as http.server for what we serve (HTTP/1.0 and 1.1 only): one
+        request line of three words, at most 100 header lines of 64 KiB, no folded
+        lines, Connection and Expect: 100-continue honoured, and duplicate framing
+        or credential headers refused. Parsing headers the standard way cost as much
+        as the whole alert's own work.
+        """
+        self.command, self.close_connection = None, True
+        self.request_version = "HTTP/1.0"
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = self.requestline.split()
+        if len(words) != 3 or not words[2].startswith("HTTP/"):
+            self.send_error(400, "malformed request line")
+            return False
+        if words[2] not in ("HTTP/1.0", "HTTP/1.1"):
+            self.send_error(505, "only HTTP/1.0 and HTTP/1.1 are served")
+            return False
+        self.command, self.path, self.request_version = words
+        headers = RequestHeaders()
+        for _ in range(100):
+            line = self.rfile.readline(65537)
+            if len(line) > 65536:
+                self.send_error(431, "header line too long")
+                return False
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, colon, value = str(line, "iso-8859-1").partition(":")
+            if not colon or not name or name != name.strip() or name.lower() in headers and \
+                    name.lower() in RequestHeaders.SINGLE:
+                self.send_error(400, "malformed or duplicate header")
+                return False
+            headers[name.lower()] = value.strip()
+        else:
+            self.send_error(431, "too many headers")
+            return False
+        self.headers = headers  # type: ignore[assignment]
+        connection = headers.get("connection", "").lower()
+        self.close_connection = connection == "close" or (self.request_version == "HTTP/1.0"
+                                                          and connection != "keep-alive")
+        if headers.get("expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
+            return self.handle_expect_100()
+        return True
+
+    def handle_expect_100(self) -> bool:
+        answered = super().handle_expect_100()
+        self.wfile.flush()  # the client waits for this before sending the body; our writes are buffered
+        return answered
+
+    def date_time_string(self, timestamp: Optional[float] = None) -> str:
+        return http_date(int(time.time() if timestamp is None else timestamp))
 
     def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
         """http.server's own errors (bad request line, oversized headers) as JSON too."""
@@ -2836,23 +2946,29 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         app = self.server.app
-        with app.request():
-            try:
-                status, body, headers = app.route(self.command, self.path, self.headers, self._read_body)
-            except BadRequest as e:
-                status, body, headers = e.status, {"ok": False, "error": str(e)}, {}
-            except (socket.timeout, ConnectionError):
-                self.close_connection = True
-                return
-            except Exception:
-                log.exception("internal error on %s %s", self.command, truncate(self.path, 200))
-                status, body, headers = 500, {"ok": False, "error": "internal error (see the service log)"}, {}
-            if urllib.parse.urlsplit(self.path).path.rstrip("/") == "/alert":
-                app.metrics.inc("alert_threader_webhooks_total", code=str(status))
-            if app.stopping:
-                self.close_connection = True
-                headers = dict(headers, Connection="close")
-            self._write(status, body, headers)
+        app.begin_request()  # counted, so that a graceful stop waits for this request
+        try:
+            self._answer(app)
+        finally:
+            app.end_request()
+
+    def _answer(self, app: "App") -> None:
+        try:
+            status, body, headers = app.route(self.command, self.path, self.headers, self._read_body)
+        except BadRequest as e:
+            status, body, headers = e.status, {"ok": False, "error": str(e)}, {}
+        except (socket.timeout, ConnectionError):
+            self.close_connection = True
+            return
+        except Exception:
+            log.exception("internal error on %s %s", self.command, truncate(self.path, 200))
+            status, body, headers = 500, {"ok": False, "error": "internal error (see the service log)"}, {}
+        if self.path.split("?", 1)[0].rstrip("/") == "/alert":
+            app.metrics.inc("alert_threader_webhooks_total", code=str(status))
+        if app.stopping:
+            self.close_connection = True
+            headers = dict(headers, Connection="close")
+        self._write(status, body, headers)
 
     def _write(self, status: int, body: Any, headers: Dict[str, str]) -> None:
         if isinstance(body, (dict, list)):
@@ -3029,7 +3145,7 @@ def cmd_render(config: Config, path: Optional[str]) -> int:
     slack = DryRunSlack(metrics, quiet=True)
     threader = Threader(config, FileStore(None, metrics), slack, metrics)
     threader.handle(hook)
-    calls = [{"method": method, "payload": payload} for _, method, payload, _ in slack.recent]
+    calls = [{"method": method, "payload": payload} for _, method, payload, _ in slack.recent_calls()]
     print(json.dumps(calls, indent=2, ensure_ascii=False))
     return 0
 
@@ -3081,6 +3197,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         log.error("%s", e)
         return 2
+    # Start-up objects (modules, classes, caches) live for the whole run: keep the collector
+    # from walking them again and again while it looks for garbage in webhook handling.
+    gc.collect()
+    gc.freeze()
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

@@ -2806,3 +2806,46 @@ def test_screenshot_script_is_shellcheck_clean():
     result = subprocess.run([require_binary("shellcheck"), "-S", "warning", str(EXAMPLES / "screenshot.sh")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("request_head, status", [
+    (b"POST /alert HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}", b"400"),
+    (b"POST /alert HTTP/1.1\r\nX-Folded: a\r\n  continued\r\nContent-Length: 2\r\n\r\n{}", b"400"),
+    (b"POST /alert HTTP/1.1\r\nNo colon here\r\n\r\n", b"400"),
+    (b"GET /health HTTP/2.0\r\n\r\n", b"505"),
+    (b"GET /health\r\n\r\n", b"400"),
+    (b"GET /health HTTP/1.1\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n", b"431"),
+    (b"GET /health HTTP/1.1\r\n" + b"X-Many: 1\r\n" * 101 + b"\r\n", b"431"),
+])
+def test_malformed_requests_are_refused_with_json(start, slack, request_head, status):
+    svc = start()
+    answer = raw_exchange(svc.port, request_head)
+    assert answer.startswith(b"HTTP/1.1 " + status), answer[:100]
+    assert b'"ok": false' in answer and slack.calls == []
+    assert svc.get("/health").status == 200
+
+
+def test_expect_100_continue_as_curl_sends_it_for_large_bodies(start, slack):
+    svc = start()
+    body = json.dumps(webhook(*[make_alert(name=f"Big{i}") for i in range(3)])).encode()
+    with socket.create_connection(("127.0.0.1", svc.port), timeout=5) as sock:
+        sock.sendall(b"POST /alert HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(body)
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200 ") and len(slack.messages) == 3
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(start, slack):
+    svc = start()
+    conn = http.client.HTTPConnection("127.0.0.1", svc.port, timeout=5)
+    for name in ("A", "B", "C"):
+        conn.request("POST", "/alert", json.dumps(webhook(make_alert(name=name))),
+                     {"Content-Type": "application/json", "Connection": "keep-alive"})
+        response = conn.getresponse()
+        assert response.status == 200 and response.getheader("Connection") != "close"
+        response.read()
+    conn.request("GET", "/health", headers={"Connection": "close"})
+    assert conn.getresponse().getheader("Connection") == "close"
+    assert len(slack.messages) == 3
