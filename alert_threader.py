@@ -108,6 +108,8 @@ def clip_escaped(escaped: str, limit: int) -> str:
 
 def mrkdwn(text: str, limit: int) -> str:
     """An alert-supplied value as escaped mrkdwn within `limit` characters."""
+    if len(text) <= limit and "&" not in text and "<" not in text and ">" not in text:
+        return text  # the common case, on every field of every message
     # Escaping only lengthens, so the first limit+1 characters decide the result.
     return clip_escaped(escape_mrkdwn(text[: limit + 1]), limit)
 
@@ -196,6 +198,7 @@ class Alert:
     ends_at: Optional[float]
     generator_url: str
     fingerprint: str
+    _key: Optional[Tuple[str, str]] = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def alertname(self) -> str:
@@ -214,7 +217,9 @@ class Alert:
 
     def thread_key(self, environment: str) -> str:
         """The seed's key: alertname|severity|service|cluster|ENVIRONMENT."""
-        return "|".join([self.labels.get(name, "") for name in KEY_LABELS] + [environment])
+        if self._key is None or self._key[0] != environment:
+            self._key = (environment, "|".join([self.labels.get(name, "") for name in KEY_LABELS] + [environment]))
+        return self._key[1]
 
 
 @dataclasses.dataclass
@@ -1813,15 +1818,14 @@ def silence_url(base: str, labels: Dict[str, str]) -> Optional[str]:
     if not is_http_url(base):
         return None
 
-    def quoted(value: str) -> str:
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-
     prefix = base.rstrip("/") + "/#/silences/new?filter="
     for names in (sorted(labels), [n for n in ("alertname",) + KEY_LABELS[1:] + ("instance",) if n in labels]):
-        if len(prefix) + sum(len(n) + len(labels[n]) + 4 for n in names) > URL_MAX:
-            continue  # quoting only lengthens: this set cannot fit
-        matchers = ", ".join(f"{name}={quoted(labels[name])}" for name in names)
-        url = prefix + percent_encode("{" + matchers + "}")
+        matchers = "{" + ", ".join(
+            name + '="' + labels[name].replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+            for name in names) + "}"
+        if len(prefix) + len(matchers) > URL_MAX:
+            continue  # percent-encoding only lengthens: this set cannot fit
+        url = prefix + percent_encode(matchers)
         if len(url) <= URL_MAX:
             return url
     return None
@@ -1854,17 +1858,12 @@ def alert_buttons(alert: Alert, external_url: str, silence: bool = True) -> Opti
 
 
 def alert_fields(alert: Alert, environment: str) -> Dict[str, Any]:
-    def field(name: str, value: str) -> Dict[str, str]:
-        return {"type": "mrkdwn", "text": f"*{name}:*\n" + mrkdwn(value or "-", FIELD_MAX - len(name) - 4)}
-
     labels = alert.labels
+    values = (("Severity", alert.severity.upper()), ("Environment", environment),
+              ("Service", labels.get("service", "")), ("Cluster", labels.get("cluster", "")),
+              ("Instance", labels.get("instance", "")))
     return {"type": "section", "fields": [
-        field("Severity", alert.severity.upper()),
-        field("Environment", environment),
-        field("Service", labels.get("service", "")),
-        field("Cluster", labels.get("cluster", "")),
-        field("Instance", labels.get("instance", "")),
-    ]}
+        {"type": "mrkdwn", "text": f"*{name}:*\n" + mrkdwn(value or "-", FIELD_MAX - 20)} for name, value in values]}
 
 
 def time_line(alert: Alert, resolved: bool) -> str:
@@ -2976,16 +2975,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
             headers = dict({"Content-Type": "application/json; charset=utf-8"}, **headers)
         else:
             payload = str(body).encode()
-        if self.close_connection and "Connection" not in headers:
+        if headers.get("Connection", "").lower() == "close":
+            self.close_connection = True
+        elif self.close_connection:
             headers = dict(headers, Connection="close")
+        self.log_request(status)
+        # The status line and headers in one piece, as send_response/send_header would write them.
+        head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        head = (f"{self.protocol_version} {status} {http.HTTPStatus(status).phrase}\r\n"
+                f"Server: {self.version_string()}\r\nDate: {self.date_time_string()}\r\n"
+                f"{head}Content-Length: {len(payload)}\r\n\r\n").encode("latin-1")
         try:
-            self.send_response(status)
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(payload)
+            self.wfile.write(head if self.command == "HEAD" else head + payload)
         except (ConnectionError, socket.timeout):
             self.close_connection = True
 
