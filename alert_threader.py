@@ -1149,11 +1149,9 @@ class FileStore(ThreadStore):
         Returns the version the snapshot holds."""
         with self._lock:
             version = self._version
-            text = '{"version":1,"threads":{' + ",".join(self._fragments.values()) + "}}\n"
+            fragments = list(self._fragments.values())  # references only: the text is written piece by piece
             self._pending = []  # all in the snapshot
-        data = text.encode()
-        self._write_snapshot(data)
-        self._snapshot_bytes = len(data)
+        self._snapshot_bytes = self._write_snapshot(fragments)
         # After the rename: a crash before this truncation only replays changes the snapshot already has.
         if self._journal_fd is not None:
             os.ftruncate(self._journal_fd, 0)
@@ -1164,22 +1162,31 @@ class FileStore(ThreadStore):
         self._count("write")
         return version
 
-    def _write_snapshot(self, data: bytes) -> None:
-        """Temporary file in the same directory, fsync, rename, fsync the directory."""
+    def _write_snapshot(self, fragments: List[str]) -> int:
+        """Temporary file in the same directory, fsync, rename, fsync the directory; returns its size.
+
+        Written fragment by fragment, so that folding a large store never holds a second copy of it."""
         assert self.path
         directory = os.path.dirname(self.path) or "."
         fd, temp_path = tempfile.mkstemp(prefix=self._temp_prefix(), dir=directory)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+                f.write('{"version":1,"threads":{')
+                for i, fragment in enumerate(fragments):
+                    if i:
+                        f.write(",")
+                    f.write(fragment)
+                f.write("}}\n")
                 f.flush()
                 os.fsync(f.fileno())
+                size = os.fstat(f.fileno()).st_size
             os.replace(temp_path, self.path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(temp_path)
             raise
         self._fsync_directory()
+        return size
 
     def _fsync_directory(self) -> None:
         dir_fd = os.open(os.path.dirname(self.path or "") or ".", os.O_RDONLY)

@@ -614,11 +614,27 @@ install_file() {
     info "    $(target "$destination") (mode $mode)"
 }
 
+# The unit runs `python3 -m alert_threader`, which uses this bytecode: compiling the
+# source at every start costs time and leaves about 8 MB of compiler memory behind.
+compile_code() {
+    local python=/usr/bin/python3
+    [[ -n $ROOT ]] && python=$(command -v python3 || true)
+    if [[ -z $python || ! -x $python ]]; then
+        warn "no python3 to compile $(target "$CODE_FILE"): the service compiles it at each start instead"
+        return
+    fi
+    rm -rf -- "$CODE_DIR/__pycache__"
+    "$python" -m compileall -q -d /opt/alert-threader "$CODE_DIR" >/dev/null
+    chmod -R go-w,a+rX "$CODE_DIR/__pycache__"
+    info "    $(target "$CODE_DIR")/__pycache__ (bytecode)"
+}
+
 install_files() {
     step "Files"
     mkdir -p -- "$CODE_DIR"
     chmod 0755 "$CODE_DIR"
     install_file "$SOURCE_CODE" "$CODE_FILE" 0644
+    compile_code
     install_file "$SOURCE_UNIT" "$UNIT_FILE" 0644
     if [[ -d $UNIT_DROPINS ]]; then
         warn "$(target "$UNIT_DROPINS") has drop-ins that still apply (values in the env file win over their Environment= lines)"

@@ -1517,6 +1517,8 @@ def test_install_writes_layout_modes_and_settings(installed):
     assert code.read_bytes() == (REPO / "alert_threader.py").read_bytes()
     assert unit.read_bytes() == UNIT.read_bytes()
     assert file_mode(code) == 0o644
+    [bytecode] = (code.parent / "__pycache__").glob("alert_threader.*.pyc")
+    assert file_mode(bytecode) == 0o644, "the unit runs python3 -m alert_threader from this bytecode"
     assert file_mode(unit) == 0o644
     assert file_mode(env_file) == 0o600
     assert file_mode(env_file.parent) == 0o700
@@ -1947,7 +1949,8 @@ def test_unit_runs_the_installed_code_unprivileged_with_graceful_stop():
         if "=" in line and not line.startswith("#"):
             key, _, value = line.partition("=")
             directives.setdefault(key, []).append(value)
-    assert directives["ExecStart"] == ["/usr/bin/python3 /opt/alert-threader/alert_threader.py"]
+    assert directives["ExecStart"] == ["/usr/bin/python3 -m alert_threader"]
+    assert directives["WorkingDirectory"] == ["/opt/alert-threader"]
     assert directives["EnvironmentFile"] == ["/etc/alert-threader/alert-threader.env"]
     assert directives["DynamicUser"] == ["yes"]
     assert directives["StateDirectory"] == ["alert-threader"]

@@ -564,8 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter for the fake Slack and both services (default: this one)")
     parser.add_argument("--threader-command", default=None, metavar="CMD",
-                        help="how to start the threader instead of 'PYTHON alert_threader.py', e.g. "
-                             "'python3 -m alert_threader' (split on spaces; the process it starts is measured)")
+                        help="how to start the threader instead of 'PYTHON -m alert_threader', e.g. "
+                             "'python3 alert_threader.py' (split on spaces; the process it starts is measured)")
     parser.add_argument("--output", default=RESULTS_FILE, help=f"JSON results file (default: {RESULTS_FILE})")
     return parser
 
@@ -573,7 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
 def make_services(args: argparse.Namespace, slack_url: str, state_dir: str) -> List[Service]:
     """How to start each service; the threader keeps its state in state_dir."""
     store_file = os.path.join(state_dir, "threads.json")
-    threader_command = args.threader_command.split() if args.threader_command else [args.python, THREADER]
+    # As its systemd unit runs it: a module with bytecode compiled at install (see compile_threader).
+    threader_command = args.threader_command.split() if args.threader_command else [args.python, "-m", "alert_threader"]
     forwarder = Service("forwarder", [args.python, os.path.join(BENCH_DIR, "forwarder.py"), "--port", "0",
                                       "--slack-api-url", slack_url, "--slack-bot-token", TOKEN,
                                       "--slack-channel", CHANNEL], ready_path="/", announces_port=True)
@@ -620,6 +621,15 @@ def interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def compile_threader(python: str) -> None:
+    """Bytecode for `python -m alert_threader`, as install.sh compiles it for the unit."""
+    try:
+        subprocess.run([python, "-m", "compileall", "-q", THREADER], check=True, timeout=60,
+                       capture_output=True)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise BenchError(f"cannot compile {THREADER}: {e}") from None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
@@ -635,6 +645,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started = time.monotonic()
     try:
         python_version = interpreter_version(args.python)
+        compile_threader(args.python)
         workload = Workload.build(args.alerts, args.storm, warmup=3 * args.concurrency, probes=5)
         with tempfile.TemporaryDirectory(prefix="alert-threader-bench-") as workdir:
             rounds = run_rounds(args, workload, workdir, say)
