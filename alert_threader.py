@@ -27,9 +27,9 @@ import base64
 import contextlib
 import dataclasses
 import email.utils
+import fcntl
 import functools
 import gc
-import hashlib
 import hmac
 import html
 import http.server
@@ -234,10 +234,23 @@ class Webhook:
     alerts: List[Alert]
 
 
+FNV64_OFFSET, FNV64_PRIME = 14695981039346656037, 1099511628211
+
+
+def fnv1a64(data: bytes, value: int = FNV64_OFFSET) -> int:
+    for byte in data:
+        value = ((value ^ byte) * FNV64_PRIME) & 0xFFFFFFFFFFFFFFFF
+    return value
+
+
 def label_fingerprint(labels: Dict[str, str]) -> str:
-    """Stand-in for Alertmanager's fingerprint when a sender leaves it out."""
-    canonical = json.dumps(sorted(labels.items()), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    """Alertmanager's own fingerprint of a label set, for senders that leave it out.
+
+    Prometheus' labelSetToFingerprint: FNV-1a 64 over the labels sorted by name,
+    each name and value followed by a 0xff byte. Computing the same value means
+    a curl-posted alert and the same alert from Alertmanager are one alert."""
+    data = b"".join(name.encode() + b"\xff" + labels[name].encode() + b"\xff" for name in sorted(labels))
+    return f"{fnv1a64(data):016x}"
 
 
 def _json_depth_ok(value: Any, limit: int) -> bool:
@@ -520,7 +533,8 @@ def load_config(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
             kind = "an integer" if integer else "a duration such as 30s or 5m"
             raise ConfigError(f"{variable}={text!r} is not {kind}") from None
         if not low <= value <= high:
-            raise ConfigError(f"{variable}={text} is out of range ({low:g}..{high:g})")
+            bounds = f"{low}..{high}" if integer else f"{low:g}s..{high:g}s"
+            raise ConfigError(f"{variable}={text} is out of range ({bounds})")
         return value
 
     for variable in ("SLACK_BOT_TOKEN", "WEBHOOK_TOKEN"):
@@ -571,7 +585,7 @@ def load_config(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
     except ValueError:
         raise ConfigError("REDIS_URL is malformed") from None
     if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
-        raise ConfigError("REDIS_URL must be redis://[:password@]host:port/db or rediss://...")
+        raise ConfigError("REDIS_URL must be redis://[:password@]host:port/db, rediss://... or unix:///path")
     prefix = raw["REDIS_KEY_PREFIX"] or ""
     if not prefix or any(c in prefix for c in "*?[] "):
         raise ConfigError("REDIS_KEY_PREFIX must be non-empty without spaces or glob characters")
@@ -1565,8 +1579,13 @@ class SlackError(ThreaderError):
     def hint(self) -> str:
         if self.kind == CONFIGURATION:
             return CONFIGURATION_ERRORS[self.error]
-        if self.kind in (TRANSIENT, RATE_LIMITED):
-            return "Slack is unavailable or rate limiting; Alertmanager retries the webhook"
+        if self.error.startswith(("network", "timeout")):
+            return ("cannot reach Slack at SLACK_API_URL: check the URL, DNS, proxy and firewall "
+                    "(Alertmanager keeps retrying the webhook meanwhile)")
+        if self.kind == RATE_LIMITED:
+            return "Slack is rate limiting; Alertmanager retries the webhook"
+        if self.kind == TRANSIENT:
+            return "Slack is having trouble; Alertmanager retries the webhook"
         if self.kind == LAYOUT:
             return "Slack rejected the message layout; sent as plain text instead"
         return "see https://api.slack.com/methods/" + self.method
@@ -2120,7 +2139,7 @@ def chunks(items: List[Any], size: int) -> Iterator[List[Any]]:
 @functools.lru_cache(maxsize=1024)  # Alertmanager's group keys repeat with every notification
 def group_id(group_key: str) -> str:
     """A short, stable name for an Alertmanager group (its key can be long)."""
-    return hashlib.sha256(group_key.encode()).hexdigest()[:12] if group_key else "nogroup"
+    return f"{fnv1a64(group_key.encode()):016x}" if group_key else "nogroup"
 
 
 @dataclasses.dataclass
@@ -2800,7 +2819,7 @@ class App:
         store = self.store.health()
         body: Dict[str, Any] = {
             "status": "healthy", "environment": self.config.environment,
-            "channel": self.config.slack_channel, "thread_store": self.store.name,
+            "channel": self.threader.default_channel, "thread_store": self.store.name,
             "cached_threads": self.store.count(), "timestamp": iso_now(), "version": __version__,
             "dry_run": self.config.dry_run, "last_slack_error": self.threader.last_slack_error}
         body.update({k: v for k, v in store.items() if k != "ok"})
@@ -3008,9 +3027,10 @@ class ThreaderServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: Tuple[str, int], app: App) -> None:
-        self.app = app
-        self._slots = threading.BoundedSemaphore(app.config.max_connections)
+    app: App  # attached once the port is ours (see Service): requests only arrive after that
+
+    def __init__(self, address: Tuple[str, int], max_connections: int) -> None:
+        self._slots = threading.BoundedSemaphore(max_connections)
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
@@ -3056,24 +3076,56 @@ def make_slack(config: Config, metrics: Metrics) -> SlackAPI:
     return SlackClient(config.slack_api_url, config.slack_bot_token, config.slack_timeout, metrics)
 
 
+def lock_state_file(path: str) -> int:
+    """An exclusive lock beside the state file: two services writing one store would corrupt it."""
+    try:
+        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise ConfigError(f"THREAD_STORE_FILE: cannot create {path}.lock: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ConfigError(f"THREAD_STORE_FILE: {path} is in use by another running alert-threader") from None
+    return fd
+
+
 class Service:
     """The running threader: store, Slack client, HTTP server and housekeeping, as main starts them."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.store = open_store(config, self.metrics)
+        # The port first, then the store: a second instance started by mistake must stop
+        # before it touches the state of the one already running.
+        try:
+            self.server = ThreaderServer((config.host, config.port), config.max_connections)
+        except (OSError, OverflowError) as e:
+            reason = getattr(e, "strerror", None) or str(e)
+            raise ConfigError(f"HOST/PORT: cannot listen on {config.host}:{config.port}: {reason}") from None
+        self._state_lock: Optional[int] = None
+        try:
+            if config.thread_store == "file":
+                self._state_lock = lock_state_file(config.thread_store_file)
+            self.store = open_store(config, self.metrics)
+        except ConfigError:
+            self.server.server_close()
+            self._unlock_state()
+            raise
         self.slack = make_slack(config, self.metrics)
         self.threader = Threader(config, self.store, self.slack, self.metrics)
         self.app = App(config, self.store, self.slack, self.threader, self.metrics)
-        try:
-            self.server = ThreaderServer((config.host, config.port), self.app)
-        except OSError as e:
-            self.store.close()
-            raise ConfigError(f"PORT: cannot listen on {config.host}:{config.port}: {e.strerror}") from None
+        self.server.app = self.app
         self.port: int = self.server.server_address[1]
         self.metrics.set("alert_threader_build_info", 1, version=__version__,
                          python=".".join(map(str, sys.version_info[:3])), store=self.store.name)
+        # Series that alert rules use exist from the start at 0, so that increase() sees the first event.
+        for code in ("200", "503"):
+            self.metrics.inc("alert_threader_webhooks_total", 0, code=code)
+        for op in (("write", "append") if self.store.name == "file" else ("get", "put", "lock")):
+            self.metrics.inc("alert_threader_store_errors_total", 0, store=self.store.name, op=op)
+        self.metrics.inc("alert_threader_slack_fallbacks_total", 0)
+        self.metrics.inc("alert_threader_slack_rate_limit_wait_seconds_total", 0)
         self.metrics.gauge("alert_threader_open_threads", self.store.open_count)
         self.metrics.gauge("alert_threader_stored_threads", self.store.count)
         self._stop = threading.Event()
@@ -3081,6 +3133,7 @@ class Service:
 
     @property
     def url(self) -> str:
+        """Where to reach the service from this machine."""
         host = self.config.host if self.config.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
         return f"http://{host}:{self.port}"
 
@@ -3108,17 +3161,23 @@ class Service:
         self.server.server_close()
         drained = self.app.wait_idle(timeout)
         self.store.close()
+        self._unlock_state()
         return drained
+
+    def _unlock_state(self) -> None:
+        if self._state_lock is not None:
+            os.close(self._state_lock)  # closing the descriptor releases the flock
+            self._state_lock = None
 
 
 def start_service(config: Config) -> Service:
     """Build and start the service exactly as main does (tests use this with PORT=0)."""
     service = Service(config).start()
-    where = (f"file={config.thread_store_file}" if config.thread_store == "file"
-             else f"redis={redact_url(config.redis_url)}")
-    log_event(logging.INFO, f"alert-threader {__version__} listening on {service.url}", store=config.thread_store,
-              **{where.split("=", 1)[0]: where.split("=", 1)[1]}, channel=service.threader.default_channel,
-              environment=config.environment)
+    where = ({"file": config.thread_store_file} if config.thread_store == "file"
+             else {"redis": redact_url(config.redis_url)})
+    log_event(logging.INFO, f"alert-threader {__version__} listening on {config.host or '*'}:{service.port} "
+              f"({service.url} from this machine)", store=config.thread_store, **where,
+              channel=service.threader.default_channel, environment=config.environment)
     if config.dry_run:
         log_event(logging.WARNING, "DRY-RUN: no SLACK_BOT_TOKEN is set, so nothing is posted to Slack; "
                   f"every payload is logged and shown on {service.url}/preview")
@@ -3165,17 +3224,22 @@ def cmd_check(config: Config) -> int:
     print(f"settings: OK (store={config.thread_store}, channel={config.slack_channel}, "
           f"environment={config.environment})")
     metrics = Metrics()
+    # Read-only: the running service may own this store, and check must never rewrite it.
     try:
-        store = open_store(config, metrics)
-        health = store.health()
-        store.close()
-    except ConfigError as e:
+        if config.thread_store == "file":
+            threads = len(FileStore.read(config.thread_store_file))
+            where = f"{config.thread_store_file}, {threads} threads"
+        else:
+            store = open_store(config, metrics)
+            health = store.health()
+            store.close()
+            if not health["ok"]:
+                raise StoreError(health.get("store_error", "unreachable"))
+            where = redact_url(config.redis_url)
+    except (ConfigError, StoreError) as e:
         print(f"store: FAILED: {e}")
         return 1
-    if not health["ok"]:
-        print(f"store: FAILED: {health.get('store_error')}")
-        return 1
-    print(f"store: OK ({config.thread_store})")
+    print(f"store: OK ({where})")
     if config.dry_run:
         print("slack: no SLACK_BOT_TOKEN: the service would run in dry-run mode and post nothing. "
               "Fix: set SLACK_BOT_TOKEN or SLACK_BOT_TOKEN_FILE to the app's xoxb- token")
@@ -3186,7 +3250,9 @@ def cmd_check(config: Config) -> int:
     except SlackError as e:
         print(f"slack: FAILED: {e.error}. Fix: {e.hint}")
         return 1
-    print(f"slack: OK (team {identity.get('team')}, bot user {identity.get('user')})")
+    print(f"slack: OK: the token works (team {identity.get('team')}, bot user {identity.get('user')}). "
+          f"Not checked: that the bot may post in {config.slack_channel}; if not, the first alert's "
+          "Slack error says how to fix it (e.g. not_in_channel: /invite the bot)")
     return 0
 
 

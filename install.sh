@@ -849,10 +849,13 @@ do_uninstall() {
     if ((STAGING)) || command -v systemctl >/dev/null; then
         run systemctl disable --now "$SERVICE" || warn "could not stop $SERVICE (not installed?)"
     fi
-    rm -f -- "$UNIT_FILE"
-    info "    removed $(target "$UNIT_FILE")"
-    rm -rf -- "$CODE_DIR" "$CONF_DIR"
-    info "    removed $(target "$CODE_DIR") and $(target "$CONF_DIR")"
+    local path
+    for path in "$UNIT_FILE" "$CODE_DIR" "$CONF_DIR"; do
+        if [[ -e $path ]]; then
+            rm -rf -- "$path"
+            info "    removed $(target "$path")"
+        fi
+    done
     if ((OPT_PURGE)); then
         rm -rf -- "${STATE_DIRS[@]}" "$UNIT_DROPINS"
         info "    removed the thread state ($(target "${STATE_DIRS[0]}"), $(target "${STATE_DIRS[1]}"))"
@@ -863,7 +866,7 @@ do_uninstall() {
     if ((STAGING)) || command -v systemctl >/dev/null; then
         run systemctl daemon-reload
     fi
-    info "Packages (python3, python3-redis, redis-server) were left installed."
+    info "Packages are left installed (python3, and python3-redis or redis-server if the Redis store used them)."
 }
 
 # Drops the include line first, then the file, so Redis never has an include of a missing file.

@@ -28,6 +28,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -1763,13 +1764,22 @@ def test_questions_need_a_terminal(tmp_path):
     assert not (tmp_path / "root").exists()
 
 
-def test_real_install_needs_root(tmp_path):
-    command = ["bash", str(INSTALL_SH), "--yes"]
-    if os.geteuid() == 0:
-        setpriv = require_binary("setpriv")
-        command = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *command]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=30, cwd=tmp_path,
-                            env={"PATH": "/usr/bin:/bin"})
+def test_real_install_needs_root():
+    # A copy in a world-readable directory: a root's checkout (and pytest's tmp_path) may be 0700.
+    public = Path(tempfile.mkdtemp(prefix="install-as-nobody-"))
+    try:
+        public.chmod(0o755)
+        for name in ("install.sh", "alert_threader.py", "alert-threader.service"):
+            shutil.copy(REPO / name, public / name)
+            (public / name).chmod(0o644)
+        command = ["bash", str(public / "install.sh"), "--yes"]
+        if os.geteuid() == 0:
+            setpriv = require_binary("setpriv")
+            command = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=30, cwd=str(public),
+                                env={"PATH": "/usr/bin:/bin"})
+    finally:
+        shutil.rmtree(public)
     assert result.returncode != 0
     assert "run as root" in result.stderr
 
@@ -2669,7 +2679,8 @@ def test_check_asks_slack_whether_the_token_works(slack, tmp_path):
     env = {"SLACK_BOT_TOKEN": SLACK_TOKEN, "SLACK_CHANNEL": "C0ALERTS", "SLACK_API_URL": slack.url}
     ok = run_cli("check", cwd=tmp_path, env=env)
     assert ok.returncode == 0, ok.stdout
-    assert "slack: OK (team Test Team, bot user threader)" in ok.stdout.decode()
+    assert "slack: OK: the token works (team Test Team, bot user threader)" in ok.stdout.decode()
+    assert "Not checked: that the bot may post in C0ALERTS" in ok.stdout.decode()
     assert [c.method for c in slack.calls] == ["auth.test"]
     slack.fail("auth.test", {"error": "invalid_auth"})
     bad = run_cli("check", cwd=tmp_path, env=env)
@@ -2852,3 +2863,69 @@ def test_keep_alive_serves_several_requests_on_one_connection(start, slack):
     conn.request("GET", "/health", headers={"Connection": "close"})
     assert conn.getresponse().getheader("Connection") == "close"
     assert len(slack.messages) == 3
+
+
+# ---------------------------------------------------------------------------
+# Never touch the state of a service that is already running
+# ---------------------------------------------------------------------------
+
+def test_check_reads_a_running_services_store_without_writing_it(start, slack, tmp_path):
+    svc = start()
+    svc.alert(webhook(make_alert()))
+    before = state_bytes(tmp_path)
+    env = {"SLACK_BOT_TOKEN": SLACK_TOKEN, "SLACK_CHANNEL": "C0ALERTS", "SLACK_API_URL": slack.url,
+           "THREAD_STORE_FILE": str(tmp_path / "threads.json")}
+    result = run_cli("check", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout
+    assert f"store: OK ({tmp_path / 'threads.json'}, 1 threads)" in result.stdout.decode()
+    assert state_bytes(tmp_path) == before, "check must not fold or rewrite the live store"
+
+
+def test_a_second_instance_stops_before_touching_the_running_ones_state(start, slack, tmp_path):
+    svc = start()
+    svc.alert(webhook(make_alert()))
+    before = state_bytes(tmp_path)
+    env = {"THREAD_STORE_FILE": str(tmp_path / "threads.json"), "HOST": "127.0.0.1"}
+    same_port = run_cli("--port", str(svc.port), cwd=tmp_path, env=env)
+    assert same_port.returncode == 2
+    assert "HOST/PORT: cannot listen on 127.0.0.1:%d" % svc.port in same_port.stderr.decode()
+    other_port = run_cli("--port", "0", cwd=tmp_path, env=env)
+    assert other_port.returncode == 2
+    assert "is in use by another running alert-threader" in other_port.stderr.decode()
+    assert state_bytes(tmp_path) == before
+    stop(svc)
+    svc = start()  # the lock goes with the service that held it
+    assert svc.get("/cache").json()["cached_threads"] == 1
+
+
+def test_alert_without_fingerprint_is_the_same_alert_alertmanager_sends(start, slack):
+    """The README's smoke tests in order: the seed's curl alert, then the real Alertmanager payloads."""
+    svc = start()
+    seed = json.loads((EXAMPLES / "firing.json").read_text())["alerts"][0]
+    curl_alert = {"labels": seed["labels"], "annotations": seed["annotations"], "startsAt": seed["startsAt"]}
+    assert at.label_fingerprint(seed["labels"]) == seed["fingerprint"] == "0e1cd657711730e5"
+    first = svc.alert({"status": "firing", "alerts": [curl_alert]}).json()
+    actions = [[r["action"] for r in first["results"]]]
+    for name in PAYLOADS:
+        answer = svc.request("POST", "/alert", raw=(EXAMPLES / name).read_bytes()).json()
+        actions.append([r["action"] for r in answer["results"]])
+    assert actions == [["posted"], ["unchanged"], ["unchanged", "replied"], ["replied", "replied"]]
+    assert svc.get("/cache").json()["threads"]["TestCritical|critical|database|production|production"][
+        "status"] == "closed"
+
+
+def test_alert_rule_series_exist_from_the_start(start, slack):
+    svc = start()
+    text = svc.get("/metrics").text.splitlines()
+    for line in ('alert_threader_webhooks_total{code="200"} 0', 'alert_threader_webhooks_total{code="503"} 0',
+                 'alert_threader_store_errors_total{op="write",store="file"} 0',
+                 "alert_threader_slack_fallbacks_total 0"):
+        assert line in text, line
+
+
+def test_check_says_when_slack_cannot_be_reached(tmp_path):
+    env = {"SLACK_BOT_TOKEN": SLACK_TOKEN, "SLACK_CHANNEL": "C0ALERTS",
+           "SLACK_API_URL": f"http://127.0.0.1:{free_port()}/api/"}
+    result = run_cli("check", cwd=tmp_path, env=env)
+    assert result.returncode == 1
+    assert "cannot reach Slack at SLACK_API_URL: check the URL, DNS, proxy and firewall" in result.stdout.decode()
