@@ -757,6 +757,16 @@ class Metrics:
         with self._lock:
             return self._values.get((name, tuple(sorted(labels.items()))), 0.0)
 
+    def by_label(self, name: str, label: str) -> Dict[str, float]:
+        """A counter's values keyed by one of its labels (summed over the others)."""
+        with self._lock:
+            found: Dict[str, float] = {}
+            for (n, labels), v in self._values.items():
+                key = dict(labels).get(label)
+                if n == name and key is not None:
+                    found[key] = found.get(key, 0.0) + v
+            return found
+
     def total(self, name: str, **match: str) -> float:
         with self._lock:
             return sum(v for (n, labels), v in self._values.items()
@@ -924,11 +934,6 @@ class ThreadStore:
     def _count(self, op: str, error: bool = False) -> None:
         self.metrics.inc("alert_threader_store_errors_total" if error else "alert_threader_store_operations_total",
                          store=self.name, op=op)
-
-
-def expired(record: Dict[str, Any], now: float, retention: float) -> bool:
-    closed = record.get("closed")
-    return record.get("status") == "closed" and isinstance(closed, (int, float)) and closed + retention < now
 
 
 class FileStore(ThreadStore):
@@ -1249,8 +1254,9 @@ class FileStore(ThreadStore):
 
     def prune(self, now: float) -> int:
         with self._lock:
+            # Closed past the retention; open threads are kept however old (their resolve is still due).
             stale = [k for k, (status, closed) in self._summary.items()
-                     if expired({"status": status, "closed": closed}, now, self.retention)]
+                     if status == "closed" and isinstance(closed, (int, float)) and closed + self.retention < now]
             for key in stale:
                 self._forget(key)
             version = self._change(json.dumps({"del": stale}, ensure_ascii=False)) if stale else 0
@@ -2211,6 +2217,8 @@ class Threader:
         return 200, body
 
     def _deliver(self, delivery: Delivery, groups: Dict[str, List[Tuple[int, Alert]]]) -> None:
+        # An unlocked look decides what is a storm and which resolves belong to a digest;
+        # every key is read again under its lock before anything is posted.
         peeked = self.store.get_many(list(groups))
         storm: List[Tuple[int, Alert, str]] = []
         digest_resolves: Dict[str, List[Tuple[int, Alert, str]]] = {}
@@ -2843,8 +2851,8 @@ class App:
                                           - value("alert_threader_slack_requests_total", result="ok")),
                       "fallbacks": int(value("alert_threader_slack_fallbacks_total")),
                       "rate_limit_wait_seconds": value("alert_threader_slack_rate_limit_wait_seconds_total")},
-            "webhooks": {code: int(n) for (name, labels), n in self.metrics._values.items()
-                         if name == "alert_threader_webhooks_total" for _, code in labels},
+            "webhooks": {code: int(n) for code, n in self.metrics.by_label("alert_threader_webhooks_total",
+                                                                            "code").items()},
         }
         stats.update(self.store.stats())
         return stats
