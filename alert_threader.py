@@ -2168,7 +2168,6 @@ class Threader:
         self.slack = slack
         self.metrics = metrics
         self.default_channel = config.slack_channel or "C0DRYRUN"
-        self.sleep = time.sleep
         self._lock = threading.Lock()
         self.last_slack_error: Optional[Dict[str, Any]] = None
         # False while Slack refuses our configuration (token, scope, channel): /health turns 503.
@@ -2424,7 +2423,7 @@ class Threader:
                     raise SlackUnavailable(e) from None
                 if e.kind == RATE_LIMITED:
                     self.metrics.inc("alert_threader_slack_rate_limit_wait_seconds_total", wait)
-                self.sleep(wait)
+                time.sleep(wait)
                 backoff = min(backoff * 2, 4.0)
                 continue
             if method == "chat.postMessage":
