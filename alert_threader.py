@@ -1160,7 +1160,13 @@ class FileStore(ThreadStore):
         if self._journal_fd is None:
             self._journal_fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             self._fsync_directory()  # the journal's own name must survive a crash too
-        os.write(self._journal_fd, data)
+        with memoryview(data) as view:  # a short write (a full disk) must not leave a torn line behind
+            written = 0
+            while written < len(view):
+                count = os.write(self._journal_fd, view[written:])
+                if count <= 0:
+                    raise OSError("the journal write made no progress")
+                written += count
         os.fdatasync(self._journal_fd)
         self._journal_bytes += len(data)
         self._count("append")

@@ -12,6 +12,7 @@ shellcheck or systemd-analyze skip on a laptop without them, and fail in CI
 import base64
 import collections
 import contextlib
+import errno
 import html.parser
 import http.client
 import http.server
@@ -734,6 +735,36 @@ def test_incomplete_last_journal_line_from_a_crash_is_ignored(tmp_path):
     assert set(again.items()) == {"kept"}
     assert "ignored an incomplete last journal entry" in log.getvalue()
     assert again.moved_aside is None and json.loads((tmp_path / "threads.json").read_text())["threads"]["kept"]
+
+
+def test_short_and_failed_journal_writes_never_leave_a_torn_line(tmp_path, monkeypatch):
+    """A nearly full disk: writes that take part of the data, then one that fails."""
+    store = at.FileStore(str(tmp_path / "threads.json"), at.Metrics())
+    store.put("before", {"ts": "1.1", "status": "open", "alerts": {}})
+    real_write, mode = os.write, {"short": True, "fail": False}
+
+    def disk_nearly_full(fd: int, data: Any) -> int:
+        if fd == store._journal_fd and mode["fail"]:
+            real_write(fd, bytes(data[:10]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        if fd == store._journal_fd and mode["short"]:
+            return real_write(fd, bytes(data[:7]))  # the kernel may take only part of a write
+        return real_write(fd, data)
+
+    monkeypatch.setattr(at.os, "write", disk_nearly_full)
+    store.put("short", {"ts": "2.2", "status": "open", "alerts": {}, "note": "x" * 100})
+    assert store.write_error is None
+    assert set(at.FileStore.read(str(tmp_path / "threads.json"))) == {"before", "short"}
+    mode["fail"] = True
+    store.put("failed", {"ts": "3.3", "status": "open", "alerts": {}})
+    assert "No space left" in store.write_error and store.health()["ok"] is False
+    mode["fail"] = False
+    store.put("after", {"ts": "4.4", "status": "open", "alerts": {}})  # folds: the torn bytes are gone
+    assert store.write_error is None
+    monkeypatch.undo()
+    again = at.FileStore(str(tmp_path / "threads.json"), at.Metrics())
+    assert set(again.items()) == {"before", "short", "failed", "after"} and again.moved_aside is None
+    store.close()
 
 
 def test_damaged_journal_is_moved_aside_and_reported(tmp_path):
