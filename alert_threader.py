@@ -84,8 +84,10 @@ class BadRequest(ThreaderError):
 
 ELLIPSIS = "…"
 # Encoders made once: json.dumps with options builds a new encoder object on every call.
-COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-UNICODE_JSON = json.JSONEncoder(ensure_ascii=False)
+# What they encode is built here and holds no cycles, so the encoder need not look for any.
+COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
+UNICODE_JSON = json.JSONEncoder(ensure_ascii=False, check_circular=False)
+SLACK_JSON = json.JSONEncoder(separators=(",", ":"), check_circular=False)  # ASCII: \u escapes
 ZERO_TIME = "0001-01-01T00:00:00Z"
 RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
 
@@ -1624,7 +1626,7 @@ class SlackAPI:
         self.recent: deque = deque(maxlen=keep)
 
     def call(self, method: str, payload: Dict[str, Any]) -> Dict[str, Any]:
-        body = json.dumps(payload).encode()
+        body = SLACK_JSON.encode(payload).encode()
         start = time.monotonic()
         try:
             response = self._call(method, body)
