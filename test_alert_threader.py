@@ -130,7 +130,7 @@ class FakeSlack:
     {"chunked": True} (answer ok in chunks), {"close": True} (answer ok, then close the connection),
     {"close_header": True} (answer ok with Connection: close)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: Any = None) -> None:
         self.calls: List[Call] = []
         self.lock = threading.Lock()
         self.scripts: Dict[str, collections.deque] = collections.defaultdict(collections.deque)
@@ -203,7 +203,10 @@ class FakeSlack:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/api/"
+        if tls is not None:  # an ssl.SSLContext: HTTPS, as the real Slack speaks
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}/api/"
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
@@ -833,6 +836,40 @@ def test_slack_answers_in_chunks_or_closing_the_connection_are_read(start, slack
     answer = svc.alert(webhook(make_alert(name="Six"), make_alert(name="Seven"))).json()
     assert [r["action"] for r in answer["results"]] == ["posted", "posted"]
     assert len(slack.messages) == 7 and len([c for c in slack.calls if c.method == "chat.postMessage"]) == 7
+
+
+@pytest.fixture
+def tls_slack(tmp_path, monkeypatch):
+    """A fake Slack over HTTPS with a throw-away certificate for 127.0.0.1, trusted through SSL_CERT_FILE."""
+    import ssl
+    cert, key = tmp_path / "slack-cert.pem", tmp_path / "slack-key.pem"
+    subprocess.run([require_binary("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the service's default context trusts only this
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(cert), str(key))
+    fake = FakeSlack(tls=context)
+    yield fake
+    fake.close()
+
+
+def test_slack_over_https_posts_replies_and_keeps_its_connection(start, tls_slack):
+    assert tls_slack.url.startswith("https://127.0.0.1:")
+    svc = start(SLACK_API_URL=tls_slack.url, SLACK_TIMEOUT="2s")
+    first = svc.alert(webhook(make_alert())).json()["results"][0]
+    svc.alert(webhook(make_alert(instance="db02.example.com")))
+    tls_slack.fail("chat.postMessage", {"close": True}, {"chunked": True})
+    svc.alert(webhook(make_alert(name="Two")))
+    svc.alert(webhook(make_alert(name="Three")))
+    posted = tls_slack.messages
+    assert len(posted) == 4 and posted[1].payload["thread_ts"] == first["thread_ts"]
+    assert posted[1].headers["Authorization"] == f"Bearer {SLACK_TOKEN}"
+    assert len([c for c in tls_slack.calls if c.method == "chat.postMessage"]) == 4, "no retries were needed"
+    # A slow answer over TLS is a timeout (503, Alertmanager retries), not a hang or a second post.
+    tls_slack.fail("chat.postMessage", {"sleep": 3.0})
+    answer = svc.alert(webhook(make_alert(name="Slow")), expect=503)
+    assert "timeout after 2s" in answer.json()["error"]
 
 
 def test_slack_down_past_the_budget_answers_503_and_the_retry_posts_once(start, slack):

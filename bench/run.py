@@ -556,8 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="one-alert webhooks in each CPU phase (default: 1000)")
     parser.add_argument("--storm", type=int, default=2000, help="alerts in the one big webhook (default: 2000)")
     parser.add_argument("--concurrency", type=int, default=8, help="client connections at once (default: 8)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="fresh start-ups of each service; the table shows medians (default: 3)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="fresh start-ups of each service; the table shows medians (default: 5)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: one round, 300 alerts per CPU phase")
     parser.add_argument("--only", choices=("forwarder", "threader"),
                         help="measure one service (no ratios; for profiling)")
@@ -663,6 +663,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{args.alerts:,} one-alert webhooks per CPU phase at concurrency {args.concurrency}, "
           f"one webhook of {args.storm:,} alerts; {os.cpu_count()} CPUs, Python {python_version}, {elapsed:.0f}s\n")
     print(table)
+    if rounds["threader"] and rounds["forwarder"]:
+        print("\nCPU ratio fwd/thr in each round (the machine's noise):")
+        for key, label in (("cpu_ms_per_alert", "one-alert webhooks"), ("cpu_ms_per_alert_stored", "with threads stored")):
+            ratios = [fwd[key] / thr[key] for fwd, thr in zip(rounds["forwarder"], rounds["threader"]) if thr[key]]
+            print(f"  {label:<22} " + "  ".join(f"{r:.2f}" for r in ratios))
     if rounds["threader"]:
         print(f"\nthreader state on disk when answered: {sum(r['probes_passed'] for r in rounds['threader'])} "
               f"probes passed; at the end, every thread in memory was on disk in each round")
