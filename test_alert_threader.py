@@ -1156,6 +1156,7 @@ BAD_BODIES = [
     (b'{"alerts": [', "body is not valid JSON"),
     (b'{"alerts": [], "x": NaN}', "body is not valid JSON"),
     (b'\xff\xfe{"alerts": []}', "body is not UTF-8"),
+    (b'\xef\xbb\xbf{"alerts": []}', "starts with a byte order mark"),
     (b'{"alerts": [], "deep": ' + b"[" * 40 + b"]" * 40 + b"}", "nested deeper than 32"),
     (b'{"alerts": [], "deeper": ' + b"[" * 100000 + b"]" * 100000 + b"}", "nested deeper than 32"),
     (b'{"alerts": [{"status": "firing", "labels": {"a": "\\ud800"}}]}', "alerts[0].labels.a is not valid Unicode"),
