@@ -2230,13 +2230,26 @@ def chunks(items: List[Any], size: int) -> Iterator[List[Any]]:
         yield items[i:i + size]
 
 
+@functools.lru_cache(maxsize=1024)
+def _fnv_prefix(prefix: bytes) -> int:
+    return fnv1a64(prefix)
+
+
 @functools.lru_cache(maxsize=1024)  # Alertmanager's group keys repeat with every notification
 def group_id(group_key: str) -> str:
     """A short, stable name for an Alertmanager group (its key can be long).
 
     Part of the key of a stored storm digest: changing it would orphan the open
-    digests of an upgraded service."""
-    return f"{fnv1a64(group_key.encode()):016x}" if group_key else "nogroup"
+    digests of an upgraded service. FNV-1a runs byte by byte in Python, so a new
+    key continues from the cached hash of its start: a key is the route's path,
+    ':' and the group's labels, {a="x", b="y"}, and keys of one route and
+    alertname differ only after the last ", ".
+    """
+    if not group_key:
+        return "nogroup"
+    data = group_key.encode()
+    cut = max(data.rfind(b", ") + 2, data.rfind(b":") + 1, 0)
+    return f"{fnv1a64(data[cut:], _fnv_prefix(data[:cut])):016x}"
 
 
 @dataclasses.dataclass

@@ -2983,6 +2983,22 @@ def test_alert_without_fingerprint_is_the_same_alert_alertmanager_sends(start, s
         "status"] == "closed"
 
 
+def test_group_ids_of_storm_digests_never_change():
+    """Stored digests are found by this id after an upgrade: FNV-1a 64 of the whole key, however computed."""
+    assert at.group_id('{}/{severity="warning"}:{alertname="HighRequestLatency", group="a-17"}') == "787cef50b2ef4663"
+    assert at.group_id('{}:{alertname="DatabaseDown"}') == "fafcef8d0aa1ef38"
+    assert at.group_id("") == "nogroup"
+
+    def fnv(data: bytes) -> int:
+        value = 0xCBF29CE484222325
+        for byte in data:
+            value = ((value ^ byte) * 0x100000001B3) % 2 ** 64
+        return value
+
+    for key in ["x", ":", ", ", "a, b, c:d", "🚨, é:ü, ", '{}:{a="1", b="2"}', '{}:{a="1", b="3"}', "no separators"]:
+        assert at.group_id(key) == f"{fnv(key.encode()):016x}", key
+
+
 def test_alert_rule_series_exist_from_the_start(start, slack):
     svc = start()
     text = svc.get("/metrics").text.splitlines()
