@@ -1935,6 +1935,15 @@ def percent_encode(text: str) -> str:
     return "".join([_PERCENT_ENCODED[byte] for byte in text.encode("utf-8")])
 
 
+def matcher(name: str, value: str) -> Tuple[int, str]:
+    """name="value" as a silence matcher: its length, and the matcher percent-encoded."""
+    text = name + '="' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return len(text), percent_encode(text)
+
+
+cached_matcher = functools.lru_cache(maxsize=2048)(matcher)  # most label pairs recur alert after alert
+
+
 def silence_url(base: str, labels: Dict[str, str]) -> Optional[str]:
     """Alertmanager's new-silence form pre-filled with matchers for these labels."""
     if not is_http_url(base):
@@ -1942,12 +1951,10 @@ def silence_url(base: str, labels: Dict[str, str]) -> Optional[str]:
 
     prefix = base.rstrip("/") + "/#/silences/new?filter="
     for names in (sorted(labels), [n for n in ("alertname",) + KEY_LABELS[1:] + ("instance",) if n in labels]):
-        matchers = "{" + ", ".join(
-            name + '="' + labels[name].replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-            for name in names) + "}"
-        if len(prefix) + len(matchers) > URL_MAX:
-            continue  # percent-encoding only lengthens: this set cannot fit
-        url = prefix + percent_encode(matchers)
+        matchers = [(cached_matcher if len(labels[name]) <= 200 else matcher)(name, labels[name]) for name in names]
+        if len(prefix) + sum(size + 2 for size, _ in matchers) > URL_MAX:
+            continue  # "{" + matchers joined by ", " + "}"; percent-encoding only lengthens: this set cannot fit
+        url = prefix + "%7B" + "%2C%20".join(encoded for _, encoded in matchers) + "%7D"
         if len(url) <= URL_MAX:
             return url
     return None
