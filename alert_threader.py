@@ -1941,7 +1941,7 @@ def matcher(name: str, value: str) -> Tuple[int, str]:
     return len(text), percent_encode(text)
 
 
-cached_matcher = functools.lru_cache(maxsize=2048)(matcher)  # most label pairs recur alert after alert
+cached_matcher = functools.lru_cache(maxsize=512)(matcher)  # most label pairs recur alert after alert
 
 
 def silence_url(base: str, labels: Dict[str, str]) -> Optional[str]:
