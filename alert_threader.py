@@ -744,7 +744,7 @@ class Metrics:
         self._gauges: Dict[str, Callable[[], float]] = {}
 
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
-        key = (name, tuple(sorted(labels.items())))
+        key = (name, tuple(sorted(labels.items())) if len(labels) > 1 else tuple(labels.items()))
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + amount
 
@@ -3046,11 +3046,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if line in (b"\r\n", b"\n", b""):
                 break
             name, colon, value = str(line, "iso-8859-1").partition(":")
-            if not colon or not name or name != name.strip() or name.lower() in headers and \
-                    name.lower() in RequestHeaders.SINGLE:
+            key = name.lower()
+            if not colon or not name or name != name.strip() or key in headers and key in RequestHeaders.SINGLE:
                 self.send_error(400, "malformed or duplicate header")
                 return False
-            headers[name.lower()] = value.strip()
+            headers[key] = value.strip()
         else:
             self.send_error(431, "too many headers")
             return False
@@ -3134,7 +3134,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
         elif self.close_connection:
             headers = dict(headers, Connection="close")
-        self.log_request(status)
+        if log.isEnabledFor(logging.DEBUG):
+            self.log_request(status)
         # The status line and headers in one piece, as send_response/send_header would write them.
         head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
         head = (f"{self.protocol_version} {status} {status_phrase(status)}\r\n"
