@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """Benchmark: alert_threader.py against the bare forwarder (bench/forwarder.py), in one run.
 
-Run:   python3 bench/run.py              three rounds, medians (under a minute on 2 cores)
+Run:   python3 bench/run.py              five rounds, medians (under a minute on 2 cores)
        python3 bench/run.py --quick      one round with fewer alerts: a smoke run
        python3 bench/run.py --alerts 3000 --storm 2000 --concurrency 8 --rounds 5
 
 It starts bench/fake_slack.py (a fake Slack answering at once, in its own
-process), then in each round each service in turn as a fresh subprocess on a
-loopback port, the threader on its file store in a new temporary directory,
-and measures:
+process), then in each round both services as fresh subprocesses on loopback
+ports, the threader on its file store in a new temporary directory, and
+measures, for each (the CPU phases in turns that alternate the services, so
+that the machine's drift falls on both):
 
   idle RSS        VmRSS from /proc/PID/status once the service answers
   CPU per alert   utime+stime of the service process (/proc/PID/stat) over
@@ -294,15 +295,18 @@ class Load:
         return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-def send_webhooks(port: int, bodies: Sequence[bytes], concurrency: int) -> Load:
-    """POST every body to /alert from `concurrency` threads, each on one kept-alive connection."""
+def send_webhooks(port: int, bodies: Sequence[bytes], concurrency: int,
+                  connections: Optional[List[http.client.HTTPConnection]] = None) -> Load:
+    """POST every body to /alert from `concurrency` threads, each on one kept-alive connection.
+
+    With `connections` (one per thread), those are used and left open for the next batch."""
     latencies = [0.0] * len(bodies)
     statuses = [0] * len(bodies)
     order = itertools.count()
     order_lock = threading.Lock()
 
-    def worker() -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    def worker(n: int) -> None:
+        conn = connections[n] if connections else http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         try:
             while True:
                 with order_lock:
@@ -317,9 +321,11 @@ def send_webhooks(port: int, bodies: Sequence[bytes], concurrency: int) -> Load:
                     conn.close()
                 latencies[i] = time.perf_counter() - started
         finally:
-            conn.close()
+            if not connections:
+                conn.close()
 
-    workers = [threading.Thread(target=worker, name=f"client-{n}", daemon=True) for n in range(concurrency)]
+    workers = [threading.Thread(target=worker, args=(n,), name=f"client-{n}", daemon=True)
+               for n in range(concurrency)]
     started = time.perf_counter()
     for thread in workers:
         thread.start()
@@ -392,10 +398,11 @@ def durability_probe(port: int, store_file: str, bodies: Sequence[bytes], scratc
         conn.close()
 
 
-def cpu_phase(pid: int, port: int, bodies: Sequence[bytes], concurrency: int) -> Tuple[float, float, Load]:
+def cpu_phase(pid: int, port: int, bodies: Sequence[bytes], concurrency: int,
+              connections: Optional[List[http.client.HTTPConnection]] = None) -> Tuple[float, float, Load]:
     """User and system CPU seconds the service spent on these webhooks, and what the client saw."""
     user, system = cpu_times(pid)
-    load = send_webhooks(port, bodies, concurrency)
+    load = send_webhooks(port, bodies, concurrency, connections)
     user_after, system_after = cpu_times(pid)
     return user_after - user, system_after - system, load
 
@@ -406,74 +413,113 @@ def check_answers(name: str, phase: str, load: Load) -> None:
                          f"were not answered 200 (statuses {sorted(set(load.statuses))})")
 
 
-def measure(service: Service, processes: Processes, workload: Workload, slack_port: int,
-            concurrency: int, say: Callable[[str], None]) -> Dict[str, Any]:
-    """Start the service, run every phase against it, stop it; returns its numbers."""
-    process = processes.start(service.name, service.argv, service.announces_port)
-    try:
-        port = (processes.announced_port(service.name, process) if service.announces_port
-                else int(service.argv[service.argv.index("--port") + 1]))
+class Measured:
+    """One service in one round: its process, and its numbers as the phases add them."""
+
+    def __init__(self, service: Service, processes: Processes, slack_port: int, concurrency: int,
+                 say: Callable[[str], None]) -> None:
+        self.service, self.processes, self.slack_port = service, processes, slack_port
+        self.concurrency, self.say = concurrency, say
+        self.process = processes.start(service.name, service.argv, service.announces_port)
+        self.port = (processes.announced_port(service.name, self.process) if service.announces_port
+                     else int(service.argv[service.argv.index("--port") + 1]))
         try:
-            wait_ready(port, service.ready_path, process)
+            wait_ready(self.port, service.ready_path, self.process)
         except BenchError as e:
             raise BenchError(f"{service.name} {e}\n{processes.log_tail(service.name)}") from None
-        pid = process.pid
+        self.pid = self.process.pid
         time.sleep(0.2)  # let start-up work settle before calling the process idle
-        numbers: Dict[str, Any] = {"rss_idle_mb": memory_mb(pid, "VmRSS"), "rss_peak_mb_after": {}}
-        peaks = numbers["rss_peak_mb_after"]  # which phase set the peak
+        self.numbers: Dict[str, Any] = {"rss_idle_mb": memory_mb(self.pid, "VmRSS"), "rss_peak_mb_after": {}}
+        self.phases: Dict[str, Tuple[float, float, List[float], List[int], float]] = {}
+        # The CPU phases' clients: kept alive from turn to turn, like Alertmanager's.
+        self.connections = [http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+                            for _ in range(concurrency)]
 
-        check_answers(service.name, "warm-up", send_webhooks(port, workload.warmup, concurrency))
-        if service.store_file:
-            durability_probe(port, service.store_file, workload.probes, processes.log_dir)
-            numbers["probes_passed"] = len(workload.probes)
+    @property
+    def name(self) -> str:
+        return self.service.name
+
+    def peak(self, phase: str) -> None:
+        self.numbers["rss_peak_mb_after"][phase] = memory_mb(self.pid, "VmHWM")  # which phase set the peak
+
+    def warm_up(self, workload: Workload) -> None:
+        # On the connections the CPU phases use: those measure alerts, not connection set-up.
+        check_answers(self.name, "warm-up", send_webhooks(self.port, workload.warmup, self.concurrency,
+                                                          self.connections))
+        if self.service.store_file:
+            durability_probe(self.port, self.service.store_file, workload.probes, self.processes.log_dir)
+            self.numbers["probes_passed"] = len(workload.probes)
+            self.numbers["stored_threads_first"] = get_json(self.port, "/health")["cached_threads"]
         else:
-            check_answers(service.name, "warm-up", send_webhooks(port, workload.probes, 1))
-        peaks["warmup"] = memory_mb(pid, "VmHWM")
+            check_answers(self.name, "warm-up", send_webhooks(self.port, workload.probes, 1))
+        self.peak("warmup")
 
-        say(f"{service.name}: {len(workload.first)} one-alert webhooks at concurrency {concurrency}")
-        if service.store_file:
-            numbers["stored_threads_first"] = get_json(port, "/health")["cached_threads"]
-        user, system, load = cpu_phase(pid, port, workload.first, concurrency)
-        check_answers(service.name, "per-alert", load)
-        numbers.update(cpu_ms_per_alert=(user + system) / len(workload.first) * 1000,
-                       cpu_user_s_first=user, cpu_sys_s_first=system,
-                       p50_ms=load.percentile(0.50) * 1000, p99_ms=load.percentile(0.99) * 1000,
-                       webhooks_per_s=len(workload.first) / load.wall)
-        peaks["first"] = memory_mb(pid, "VmHWM")
+    def cpu_chunk(self, phase: str, bodies: Sequence[bytes]) -> None:
+        """Part of a CPU phase; the parts add up (see interleaved)."""
+        user, system, load = cpu_phase(self.pid, self.port, bodies, self.concurrency, self.connections)
+        check_answers(self.name, phase, load)
+        total_user, total_system, latencies, statuses, wall = self.phases.get(phase, (0.0, 0.0, [], [], 0.0))
+        self.phases[phase] = (total_user + user, total_system + system, latencies + load.latencies,
+                              statuses + load.statuses, wall + load.wall)
 
-        storm_alerts = workload.storm_alerts
-        say(f"{service.name}: one webhook of {storm_alerts} alerts")
-        calls_before = get_json(slack_port, "/count")["count"]
-        cpu_before = cpu_seconds(pid)
-        load = send_webhooks(port, [workload.storm], 1)
-        check_answers(service.name, "storm", load)
-        numbers.update(storm_wall_s=load.wall,
-                       storm_cpu_ms_per_alert=(cpu_seconds(pid) - cpu_before) / storm_alerts * 1000,
-                       storm_slack_calls=get_json(slack_port, "/count")["count"] - calls_before)
-        peaks["storm"] = memory_mb(pid, "VmHWM")
+    def phase_load(self, phase: str) -> Tuple[float, float, Load]:
+        user, system, latencies, statuses, wall = self.phases[phase]
+        return user, system, Load(latencies, statuses, wall)
 
-        if service.store_file:
-            numbers["stored_threads"] = get_json(port, "/health")["cached_threads"]
-        say(f"{service.name}: {len(workload.second)} more one-alert webhooks"
-            + (f", {numbers['stored_threads']} threads stored" if service.store_file else ""))
-        user, system, load = cpu_phase(pid, port, workload.second, concurrency)
-        check_answers(service.name, "stored", load)
-        numbers.update(cpu_ms_per_alert_stored=(user + system) / len(workload.second) * 1000,
-                       cpu_user_s_second=user, cpu_sys_s_second=system,
-                       p50_ms_stored=load.percentile(0.50) * 1000, p99_ms_stored=load.percentile(0.99) * 1000)
+    def storm(self, workload: Workload) -> None:
+        self.say(f"{self.name}: one webhook of {workload.storm_alerts} alerts")
+        calls_before = get_json(self.slack_port, "/count")["count"]
+        cpu_before = cpu_seconds(self.pid)
+        load = send_webhooks(self.port, [workload.storm], 1)
+        check_answers(self.name, "storm", load)
+        self.numbers.update(storm_wall_s=load.wall,
+                            storm_cpu_ms_per_alert=(cpu_seconds(self.pid) - cpu_before) / workload.storm_alerts * 1000,
+                            storm_slack_calls=get_json(self.slack_port, "/count")["count"] - calls_before)
+        self.peak("storm")
+        if self.service.store_file:
+            self.numbers["stored_threads"] = get_json(self.port, "/health")["cached_threads"]
 
-        numbers["rss_peak_mb"] = peaks["stored"] = memory_mb(pid, "VmHWM")
-        if service.store_file:
-            on_disk = len(threads_on_disk(service.store_file, processes.log_dir))
-            numbers["threads_on_disk"] = on_disk
-            state_dir = os.path.dirname(service.store_file)
-            numbers["state_dir_mb"] = sum(entry.stat().st_size for entry in os.scandir(state_dir)) / 1e6
-            served = get_json(port, "/health")["cached_threads"]
+    def finish(self) -> Dict[str, Any]:
+        """The numbers of both CPU phases, peak memory, and the final check of the state on disk."""
+        for phase, suffix, user_key, system_key in (("first", "", "cpu_user_s_first", "cpu_sys_s_first"),
+                                                     ("stored", "_stored", "cpu_user_s_second", "cpu_sys_s_second")):
+            user, system, load = self.phase_load(phase)
+            alerts = len(load.statuses)
+            self.numbers.update({f"cpu_ms_per_alert{suffix}": (user + system) / alerts * 1000,
+                                 user_key: user, system_key: system,
+                                 f"p50_ms{suffix}": load.percentile(0.50) * 1000,
+                                 f"p99_ms{suffix}": load.percentile(0.99) * 1000})
+            if phase == "first":
+                self.numbers["webhooks_per_s"] = alerts / load.wall
+        self.numbers["rss_peak_mb"] = memory_mb(self.pid, "VmHWM")
+        self.peak("stored")
+        if self.service.store_file:
+            on_disk = len(threads_on_disk(self.service.store_file, self.processes.log_dir))
+            self.numbers["threads_on_disk"] = on_disk
+            state_dir = os.path.dirname(self.service.store_file)
+            self.numbers["state_dir_mb"] = sum(entry.stat().st_size for entry in os.scandir(state_dir)) / 1e6
+            served = get_json(self.port, "/health")["cached_threads"]
             if on_disk != served:
-                raise BenchError(f"{service.name}: {served} threads in memory but {on_disk} in {service.store_file}")
-        return numbers
-    finally:
-        processes.stop(process)
+                raise BenchError(f"{self.name}: {served} threads in memory but {on_disk} in {self.service.store_file}")
+        return self.numbers
+
+    def stop(self) -> None:
+        for conn in self.connections:
+            conn.close()
+        self.processes.stop(self.process)
+
+
+def interleaved(services: List[Measured], phase: str, bodies: Sequence[bytes], chunks: int, first: int) -> None:
+    """A CPU phase for every service, in chunks taken in turn (ABBA...).
+
+    This machine's speed drifts by ±10% over seconds; measured one after the
+    other, one service could get the slow seconds. In turns, both share them.
+    """
+    size = max(1, math.ceil(len(bodies) / chunks))
+    for n, start in enumerate(range(0, len(bodies), size)):
+        turn = services if (n + first) % 2 == 0 else services[::-1]
+        for service in turn:
+            service.cpu_chunk(phase, bodies[start:start + size])
 
 
 # ---------------------------------------------------------------------------
@@ -556,6 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="one-alert webhooks in each CPU phase (default: 1000)")
     parser.add_argument("--storm", type=int, default=2000, help="alerts in the one big webhook (default: 2000)")
     parser.add_argument("--concurrency", type=int, default=8, help="client connections at once (default: 8)")
+    parser.add_argument("--chunks", type=int, default=5,
+                        help="turns each CPU phase is taken in, alternating the services (default: 5)")
     parser.add_argument("--rounds", type=int, default=5,
                         help="fresh start-ups of each service; the table shows medians (default: 5)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: one round, 300 alerts per CPU phase")
@@ -587,7 +635,7 @@ def make_services(args: argparse.Namespace, slack_url: str, state_dir: str) -> L
 
 def run_rounds(args: argparse.Namespace, workload: Workload, workdir: str,
                say: Callable[[str], None]) -> Dict[str, List[Dict[str, Any]]]:
-    """Every round of every service; stops every process it started, whatever happens."""
+    """Every round: both services started fresh, measured phase by phase in turns; all stopped at the end."""
     processes = Processes(workdir)
     rounds: Dict[str, List[Dict[str, Any]]] = {"forwarder": [], "threader": []}
     try:
@@ -598,13 +646,32 @@ def run_rounds(args: argparse.Namespace, workload: Workload, workdir: str,
         for n in range(1, args.rounds + 1):
             state_dir = os.path.join(workdir, f"state-{n}")  # the threader's alone: the probe copies it whole
             os.mkdir(state_dir)
-            services = make_services(args, slack_url, state_dir)
-            if n % 2 == 0:
-                services.reverse()  # alternate who goes first, so that drift favours neither
-            for service in services:
-                say(f"round {n} of {args.rounds}: {service.name}")
-                rounds[service.name].append(measure(service, processes, workload, slack_port,
-                                                    args.concurrency, say))
+            measured: List[Measured] = []
+            try:
+                for service in make_services(args, slack_url, state_dir):
+                    measured.append(Measured(service, processes, slack_port, args.concurrency, say))
+                if n % 2 == 0:
+                    measured.reverse()  # alternate who goes first, so that drift favours neither
+                names = " and ".join(m.name for m in measured)
+                say(f"round {n} of {args.rounds}: {names}, warm-up and durability probe")
+                for m in measured:
+                    m.warm_up(workload)
+                say(f"round {n}: {len(workload.first)} one-alert webhooks each at concurrency {args.concurrency}, "
+                    f"in {args.chunks} turns")
+                interleaved(measured, "first", workload.first, args.chunks, n)
+                for m in measured:
+                    m.peak("first")
+                for m in measured:
+                    m.storm(workload)
+                stored = {m.name: m.numbers["stored_threads"] for m in measured if "stored_threads" in m.numbers}
+                say(f"round {n}: {len(workload.second)} more one-alert webhooks each"
+                    + (f", {stored['threader']} threads stored in the threader" if "threader" in stored else ""))
+                interleaved(measured, "stored", workload.second, args.chunks, n + 1)
+                for m in measured:
+                    rounds[m.name].append(m.finish())
+            finally:
+                for m in measured:
+                    m.stop()
     finally:
         processes.stop_all()
     return rounds
@@ -634,8 +701,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
         args.alerts, args.rounds = min(args.alerts, 300), 1
-    if min(args.alerts, args.storm, args.concurrency, args.rounds) < 1:
-        print("bench: --alerts, --storm, --concurrency and --rounds must be at least 1", file=sys.stderr)
+    if min(args.alerts, args.storm, args.concurrency, args.rounds, args.chunks) < 1:
+        print("bench: --alerts, --storm, --concurrency, --rounds and --chunks must be at least 1", file=sys.stderr)
         return 2
 
     def say(text: str) -> None:
