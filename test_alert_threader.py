@@ -2800,6 +2800,8 @@ def test_benchmark_runs_end_to_end_and_checks_durability(tmp_path):
     threader, forwarder = results["rounds"]["threader"][0], results["rounds"]["forwarder"][0]
     assert threader["probes_passed"] == 5 and threader["threads_on_disk"] == threader["stored_threads"] + 40
     assert forwarder["storm_slack_calls"] == 60 and threader["storm_slack_calls"] < 10
+    assert threader["cpu_ms_per_alert"] > 0 and forwarder["cpu_ms_per_alert"] > 0, "CPU read from the services"
+    assert results["settings"]["chunks"] == 2 and 0 < threader["p50_ms"] <= threader["p99_ms"]
 
 
 # ---------------------------------------------------------------------------

@@ -3,13 +3,13 @@
 
 Run:   python3 bench/run.py              five rounds, medians (under a minute on 2 cores)
        python3 bench/run.py --quick      one round with fewer alerts: a smoke run
-       python3 bench/run.py --alerts 3000 --storm 2000 --concurrency 8 --rounds 5
+       python3 bench/run.py --alerts 3000 --storm 2000 --concurrency 8 --rounds 5 --chunks 5
 
 It starts bench/fake_slack.py (a fake Slack answering at once, in its own
 process), then in each round both services as fresh subprocesses on loopback
 ports, the threader on its file store in a new temporary directory, and
-measures, for each (the CPU phases in turns that alternate the services, so
-that the machine's drift falls on both):
+measures, for each (the CPU phases in --chunks turns, 5 by default, that
+alternate the services, so that the machine's drift falls on both):
 
   idle RSS        VmRSS from /proc/PID/status once the service answers
   CPU per alert   utime+stime of the service process (/proc/PID/stat) over
@@ -187,8 +187,10 @@ def interpreter_version(python: str) -> str:
 
 
 def child_environment() -> Dict[str, str]:
-    """This environment without proxy settings: urllib would send loopback calls through a proxy."""
-    return {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    """This environment without proxy settings (urllib would send loopback calls through a proxy)
+    and without the threader's settings (say STORM_THRESHOLD): its flags alone configure it."""
+    settings = {name for name, _, _ in load_threader_module().SETTINGS}
+    return {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and k not in settings}
 
 
 class Processes:
@@ -509,17 +511,17 @@ class Measured:
         self.processes.stop(self.process)
 
 
-def interleaved(services: List[Measured], phase: str, bodies: Sequence[bytes], chunks: int, first: int) -> None:
-    """A CPU phase for every service, in chunks taken in turn (ABBA...).
+def interleaved(services: List[Measured], phase: str, bodies: Sequence[bytes], chunks: int) -> None:
+    """A CPU phase for every service, in `chunks` turns: A B, B A, A B, ...
 
     This machine's speed drifts by ±10% over seconds; measured one after the
     other, one service could get the slow seconds. In turns, both share them.
     """
-    size = max(1, math.ceil(len(bodies) / chunks))
-    for n, start in enumerate(range(0, len(bodies), size)):
-        turn = services if (n + first) % 2 == 0 else services[::-1]
-        for service in turn:
-            service.cpu_chunk(phase, bodies[start:start + size])
+    chunks = min(chunks, len(bodies))
+    for n in range(chunks):
+        start, end = n * len(bodies) // chunks, (n + 1) * len(bodies) // chunks
+        for service in (services if n % 2 == 0 else services[::-1]):
+            service.cpu_chunk(phase, bodies[start:end])
 
 
 # ---------------------------------------------------------------------------
@@ -629,7 +631,9 @@ def make_services(args: argparse.Namespace, slack_url: str, state_dir: str) -> L
     threader = Service("threader", threader_command + [
         "--port", str(free_port()), "--host", "127.0.0.1", "--slack-api-url", slack_url,
         "--slack-bot-token", TOKEN, "--slack-channel", CHANNEL, "--thread-store-file", store_file,
-        "--log-level", "warning"], ready_path="/health", announces_port=False, store_file=store_file)
+        # The harness's connections wait through the other service's turns: keep them open.
+        "--client-timeout", "3600", "--log-level", "warning"],
+        ready_path="/health", announces_port=False, store_file=store_file)
     return [s for s in (forwarder, threader) if args.only in (None, s.name)]
 
 
@@ -658,7 +662,7 @@ def run_rounds(args: argparse.Namespace, workload: Workload, workdir: str,
                     m.warm_up(workload)
                 say(f"round {n}: {len(workload.first)} one-alert webhooks each at concurrency {args.concurrency}, "
                     f"in {args.chunks} turns")
-                interleaved(measured, "first", workload.first, args.chunks, n)
+                interleaved(measured, "first", workload.first, args.chunks)
                 for m in measured:
                     m.peak("first")
                 for m in measured:
@@ -666,7 +670,7 @@ def run_rounds(args: argparse.Namespace, workload: Workload, workdir: str,
                 stored = {m.name: m.numbers["stored_threads"] for m in measured if "stored_threads" in m.numbers}
                 say(f"round {n}: {len(workload.second)} more one-alert webhooks each"
                     + (f", {stored['threader']} threads stored in the threader" if "threader" in stored else ""))
-                interleaved(measured, "stored", workload.second, args.chunks, n + 1)
+                interleaved(measured[::-1], "stored", workload.second, args.chunks)  # the other goes first
                 for m in measured:
                     rounds[m.name].append(m.finish())
             finally:
@@ -727,7 +731,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results = {name: median_numbers(numbers) if numbers else {} for name, numbers in rounds.items()}
     table, verdicts = report(results, args.storm)
     print(f"\nalert-threader benchmark: medians of {args.rounds} round{'s' * (args.rounds > 1)}; "
-          f"{args.alerts:,} one-alert webhooks per CPU phase at concurrency {args.concurrency}, "
+          f"{args.alerts:,} one-alert webhooks per CPU phase at concurrency {args.concurrency} "
+          f"in {args.chunks} alternating turns, "
           f"one webhook of {args.storm:,} alerts; {os.cpu_count()} CPUs, Python {python_version}, {elapsed:.0f}s\n")
     print(table)
     if rounds["threader"] and rounds["forwarder"]:
@@ -748,7 +753,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "machine": {"cpus": os.cpu_count(), "python": python_version, "interpreter": args.python,
                                "platform": platform.platform()},
                    "settings": {"alerts": args.alerts, "storm": args.storm, "concurrency": args.concurrency,
-                                "rounds": args.rounds, "threader_command": args.threader_command},
+                                "rounds": args.rounds, "chunks": args.chunks,
+                                "threader_command": args.threader_command},
                    "alert_threader_sha256": file_sha256(THREADER),
                    "seconds": round(elapsed, 1), "medians": results, "rounds": rounds,
                    "rows": verdicts, "missed": missed}, f, indent=2)
