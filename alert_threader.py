@@ -1951,7 +1951,8 @@ def silence_url(base: str, labels: Dict[str, str]) -> Optional[str]:
 
     prefix = base.rstrip("/") + "/#/silences/new?filter="
     for names in (sorted(labels), [n for n in ("alertname",) + KEY_LABELS[1:] + ("instance",) if n in labels]):
-        matchers = [(cached_matcher if len(labels[name]) <= 200 else matcher)(name, labels[name]) for name in names]
+        matchers = [(cached_matcher if len(name) + len(labels[name]) <= 200 else matcher)(name, labels[name])
+                    for name in names]  # long pairs (hostile ones too) are not kept
         if len(prefix) + sum(size + 2 for size, _ in matchers) > URL_MAX:
             continue  # "{" + matchers joined by ", " + "}"; percent-encoding only lengthens: this set cannot fit
         url = prefix + "%7B" + "%2C%20".join(encoded for _, encoded in matchers) + "%7D"
