@@ -432,7 +432,7 @@ class Measured:
         self.pid = self.process.pid
         time.sleep(0.2)  # let start-up work settle before calling the process idle
         self.numbers: Dict[str, Any] = {"rss_idle_mb": memory_mb(self.pid, "VmRSS"), "rss_peak_mb_after": {}}
-        self.phases: Dict[str, Tuple[float, float, List[float], List[int], float]] = {}
+        self.phases: Dict[str, Tuple[float, float, Load]] = {}  # phase -> user, system, what the client saw
         # The CPU phases' clients: kept alive from turn to turn, like Alertmanager's.
         self.connections = [http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
                             for _ in range(concurrency)]
@@ -460,13 +460,11 @@ class Measured:
         """Part of a CPU phase; the parts add up (see interleaved)."""
         user, system, load = cpu_phase(self.pid, self.port, bodies, self.concurrency, self.connections)
         check_answers(self.name, phase, load)
-        total_user, total_system, latencies, statuses, wall = self.phases.get(phase, (0.0, 0.0, [], [], 0.0))
-        self.phases[phase] = (total_user + user, total_system + system, latencies + load.latencies,
-                              statuses + load.statuses, wall + load.wall)
-
-    def phase_load(self, phase: str) -> Tuple[float, float, Load]:
-        user, system, latencies, statuses, wall = self.phases[phase]
-        return user, system, Load(latencies, statuses, wall)
+        if phase in self.phases:
+            user_before, system_before, before = self.phases[phase]
+            user, system = user_before + user, system_before + system
+            load = Load(before.latencies + load.latencies, before.statuses + load.statuses, before.wall + load.wall)
+        self.phases[phase] = (user, system, load)
 
     def storm(self, workload: Workload) -> None:
         self.say(f"{self.name}: one webhook of {workload.storm_alerts} alerts")
@@ -485,7 +483,7 @@ class Measured:
         """The numbers of both CPU phases, peak memory, and the final check of the state on disk."""
         for phase, suffix, user_key, system_key in (("first", "", "cpu_user_s_first", "cpu_sys_s_first"),
                                                      ("stored", "_stored", "cpu_user_s_second", "cpu_sys_s_second")):
-            user, system, load = self.phase_load(phase)
+            user, system, load = self.phases[phase]
             alerts = len(load.statuses)
             self.numbers.update({f"cpu_ms_per_alert{suffix}": (user + system) / alerts * 1000,
                                  user_key: user, system_key: system,
@@ -493,8 +491,8 @@ class Measured:
                                  f"p99_ms{suffix}": load.percentile(0.99) * 1000})
             if phase == "first":
                 self.numbers["webhooks_per_s"] = alerts / load.wall
-        self.numbers["rss_peak_mb"] = memory_mb(self.pid, "VmHWM")
         self.peak("stored")
+        self.numbers["rss_peak_mb"] = self.numbers["rss_peak_mb_after"]["stored"]
         if self.service.store_file:
             on_disk = len(threads_on_disk(self.service.store_file, self.processes.log_dir))
             self.numbers["threads_on_disk"] = on_disk
