@@ -27,22 +27,21 @@ import base64
 import bisect
 import contextlib
 import dataclasses
-import email.utils
+import email.errors
 import fcntl
-import functools
-import gc
+import hashlib
 import hmac
 import html
+import http.client
 import http.server
-import io
 import itertools
 import json
 import logging
 import os
 import re
+import select
 import signal
 import socket
-import struct
 import sys
 import tempfile
 import threading
@@ -82,13 +81,13 @@ class BadRequest(ThreaderError):
 # ---------------------------------------------------------------------------
 
 ELLIPSIS = "…"
-# Encoders made once: json.dumps with options builds a new encoder object on every call.
-# What they encode is built here and holds no cycles, so the encoder need not look for any.
-COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
-UNICODE_JSON = json.JSONEncoder(ensure_ascii=False, check_circular=False)
-SLACK_JSON = json.JSONEncoder(separators=(",", ":"), check_circular=False)  # ASCII: \u escapes
 ZERO_TIME = "0001-01-01T00:00:00Z"
 RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def compact_json(value: Any) -> str:
+    """JSON as stored: no spaces, Unicode as it is."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def escape_mrkdwn(text: str) -> str:
@@ -116,20 +115,13 @@ def clip_escaped(escaped: str, limit: int) -> str:
 
 def mrkdwn(text: str, limit: int) -> str:
     """An alert-supplied value as escaped mrkdwn within `limit` characters."""
-    if len(text) <= limit and "&" not in text and "<" not in text and ">" not in text:
-        return text  # the common case, on every field of every message
     # Escaping only lengthens, so the first limit+1 characters decide the result.
     return clip_escaped(escape_mrkdwn(text[: limit + 1]), limit)
 
 
 def is_http_url(url: Any, max_length: int = 3000) -> bool:
     """An absolute http(s) URL that Slack can show as a link or button."""
-    return isinstance(url, str) and _is_http_url(url, max_length)
-
-
-@functools.lru_cache(maxsize=4096)  # the same runbook and generator URLs come again and again
-def _is_http_url(url: str, max_length: int) -> bool:
-    if not 0 < len(url) <= max_length:
+    if not isinstance(url, str) or not 0 < len(url) <= max_length:
         return False
     if any(c in url for c in "<>|\"` ") or not url.isprintable():
         return False
@@ -140,7 +132,6 @@ def _is_http_url(url: str, max_length: int) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
-@functools.lru_cache(maxsize=4096)  # Alertmanager repeats each alert's startsAt in every webhook
 def parse_time(text: str) -> Optional[float]:
     """Epoch seconds of an RFC 3339 time as Alertmanager writes it; None for its zero time."""
     match = RFC3339.fullmatch(text)
@@ -161,7 +152,6 @@ def parse_time(text: str) -> Optional[float]:
     return epoch
 
 
-@functools.lru_cache(maxsize=4096)
 def format_time(epoch: Optional[float]) -> str:
     if epoch is None:
         return "unknown"
@@ -195,6 +185,16 @@ MAX_JSON_DEPTH = 32
 KEY_LABELS = ("alertname", "severity", "service", "cluster")
 
 
+MAX_KEY_LENGTH = 512
+
+
+def bounded_key(key: str) -> str:
+    """A store key of at most MAX_KEY_LENGTH characters: a longer one keeps its start and a digest of the whole."""
+    if len(key) <= MAX_KEY_LENGTH:
+        return key
+    return key[:MAX_KEY_LENGTH - 33] + "#" + hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
 @dataclasses.dataclass
 class Alert:
     """One alert of a webhook, validated and normalised."""
@@ -206,7 +206,7 @@ class Alert:
     ends_at: Optional[float]
     generator_url: str
     fingerprint: str
-    _key: Optional[Tuple[str, str]] = dataclasses.field(default=None, repr=False, compare=False)
+    labels_whole: bool = True  # False for a stored first alert whose labels were clipped
 
     @property
     def alertname(self) -> str:
@@ -225,9 +225,7 @@ class Alert:
 
     def thread_key(self, environment: str) -> str:
         """The seed's key: alertname|severity|service|cluster|ENVIRONMENT."""
-        if self._key is None or self._key[0] != environment:
-            self._key = (environment, "|".join([self.labels.get(name, "") for name in KEY_LABELS] + [environment]))
-        return self._key[1]
+        return bounded_key("|".join([self.labels.get(name, "") for name in KEY_LABELS] + [environment]))
 
 
 @dataclasses.dataclass
@@ -274,10 +272,6 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-# Made once: json.loads with an option builds a new decoder on every call.
-WEBHOOK_JSON = json.JSONDecoder(parse_constant=_reject_constant)
-
-
 def _lone_surrogate_path(value: Any, path: str) -> Optional[str]:
     """Where a JSON \\ud800-style escape left a string that is not valid Unicode, if anywhere."""
     if isinstance(value, str):
@@ -306,17 +300,16 @@ def parse_webhook(body: bytes, content_type: Optional[str] = "application/json")
     if text.startswith("\ufeff"):
         raise BadRequest("body is not valid JSON: it starts with a byte order mark (send UTF-8 without one)")
     try:
-        document = WEBHOOK_JSON.decode(text)
+        document = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
         raise BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError as e:
         raise BadRequest(f"body is not valid JSON: {truncate(str(e), 200)}") from None
     if not isinstance(document, dict):
         raise BadRequest("body must be a JSON object with an 'alerts' list")
-    # Nesting needs brackets: with fewer than the limit in the whole body, no walk is needed.
-    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and not _json_depth_ok(document, MAX_JSON_DEPTH):
+    if not _json_depth_ok(document, MAX_JSON_DEPTH):
         raise BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
-    if "\\u" in text and re.search(r"\\u[dD][89a-fA-F]", text):
+    if re.search(r"\\u[dD][89a-fA-F]", text):  # only an escape can leave half of a surrogate pair
         where = _lone_surrogate_path(document, "")
         if where:
             raise BadRequest(f"{truncate(where, 200)} is not valid Unicode (lone surrogate)")
@@ -729,6 +722,8 @@ class Metrics:
         "alert_threader_slack_request_duration_seconds": ("histogram", "Slack API call latency."),
         "alert_threader_slack_rate_limit_wait_seconds_total": ("counter", "Seconds spent waiting on Slack rate limits."),
         "alert_threader_slack_fallbacks_total": ("counter", "Messages re-sent as plain text after Slack rejected the layout."),
+        "alert_threader_slack_resends_total": ("counter", "Requests sent once more because Slack had closed a "
+                                                          "kept-alive connection without answering a byte."),
         "alert_threader_store_operations_total": ("counter", "Thread store operations, by store and operation."),
         "alert_threader_store_errors_total": ("counter", "Thread store errors, by store and operation."),
         "alert_threader_connections_refused_total": ("counter", "Connections refused past MAX_CONNECTIONS."),
@@ -744,7 +739,7 @@ class Metrics:
         self._gauges: Dict[str, Callable[[], float]] = {}
 
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
-        key = (name, tuple(sorted(labels.items())) if len(labels) > 1 else tuple(labels.items()))
+        key = (name, tuple(sorted(labels.items())))
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + amount
 
@@ -1106,7 +1101,7 @@ class FileStore(ThreadStore):
 
     def _remember(self, key: str, record: Dict[str, Any]) -> str:
         fragment = (json.dumps(key, ensure_ascii=False) + ":"
-                    + COMPACT_JSON.encode(record))
+                    + compact_json(record))
         self._fragments[key] = fragment
         self._summary[key] = (record.get("status", "open"), record.get("closed"))
         return fragment
@@ -1418,7 +1413,7 @@ class RedisStore(ThreadStore):
         log_event(logging.INFO, "redis reachable again", outage=format_duration(outage), threads_written_back=written)
 
     def _set(self, client: Any, key: str, record: Dict[str, Any]) -> None:
-        text = COMPACT_JSON.encode(record)
+        text = compact_json(record)
         if record.get("status") == "closed":
             client.set(self._key(key), text, ex=max(1, int(self.retention)))
         else:
@@ -1627,7 +1622,7 @@ class SlackAPI:
         self.recent: deque = deque(maxlen=keep)
 
     def call(self, method: str, payload: Dict[str, Any]) -> Dict[str, Any]:
-        body = SLACK_JSON.encode(payload).encode()
+        body = json.dumps(payload, separators=(",", ":")).encode()
         start = time.monotonic()
         try:
             response = self._call(method, body)
@@ -1665,188 +1660,56 @@ class DryRunSlack(SlackAPI):
         return {"ok": True, "ts": payload.get("ts", ts), "channel": payload.get("channel")}
 
 
-def set_kernel_timeouts(sock: socket.socket, seconds: float) -> bool:
-    """Bound each recv and send on a blocking socket by the kernel (SO_RCVTIMEO, SO_SNDTIMEO).
-
-    False where the platform's timeval is not two C longs (the call fails there):
-    the caller falls back to settimeout().
-    """
-    whole = int(seconds)
-    micros = min(999999, max(0 if whole else 1, round((seconds - whole) * 1e6)))  # 0 would mean "never"
-    timeval = struct.pack("@ll", whole, micros)
+def peer_closed(sock: Any) -> bool:
+    """Has the peer of an idle kept-alive connection closed it (or sent something unasked)?"""
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-    except (OSError, AttributeError):
-        return False
-    return True
-
-
-class TimedSocketIO(io.RawIOBase):
-    """Reads and writes of a plain TCP socket, each bounded by `timeout` seconds.
-
-    settimeout() makes Python poll() before every recv and send: two system
-    calls, and two hand-offs of the GIL, where one does. With several webhooks
-    in flight those hand-offs were a measurable share of the CPU per alert, so
-    the kernel bounds each call instead, and a call that runs out fails with
-    EAGAIN. That is raised here as socket.timeout, as settimeout() would; the
-    standard SocketIO would return "no data" and a timeout would look like the
-    peer closing. A write also stops at `timeout` in total, like sendall().
-    """
-
-    def __init__(self, sock: socket.socket, timeout: float) -> None:
-        super().__init__()
-        self._sock = sock
-        self._timeout = timeout
-        if not set_kernel_timeouts(sock, timeout):
-            sock.settimeout(timeout)
-
-    def readable(self) -> bool:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
         return True
-
-    def writable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        try:
-            return self._sock.recv_into(buffer)
-        except BlockingIOError:
-            raise socket.timeout("timed out") from None
-
-    def write(self, data: Any) -> int:
-        with memoryview(data) as view:
-            size, sent, deadline = len(view), 0, time.monotonic() + self._timeout
-            while sent < size:
-                try:
-                    sent += self._sock.send(view[sent:])
-                except BlockingIOError:
-                    raise socket.timeout("timed out") from None
-                if sent < size and time.monotonic() > deadline:
-                    raise socket.timeout("timed out")
-        return size
-
-
-class KeepAliveConnection:
-    """A minimal HTTP/1.1 client for one host: send a request, read the answer, keep the socket.
-
-    http.client parses every response's headers with the email package, which made
-    reading Slack's small JSON answer the largest single cost of a delivery. This
-    reads what Slack's API sends: a status line, headers, then a Content-Length,
-    chunked or read-until-close body.
-    """
-
-    MAX_LINE = 65536
-    MAX_HEADERS = 100
-    MAX_BODY = 16 * 1024 * 1024
-
-    def __init__(self, host: str, port: int, timeout: float, ssl_context: Any = None) -> None:
-        sock = socket.create_connection((host, port), timeout=timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._sock = sock
-        self._reader: Any
-        if ssl_context is not None:  # TLS keeps Python's timeouts: the ssl module expects them
-            self._sock = ssl_context.wrap_socket(sock, server_hostname=host)
-            self._reader = self._sock.makefile("rb")
-            self._send = self._sock.sendall
-        else:
-            sock.settimeout(None)
-            raw = TimedSocketIO(sock, timeout)
-            self._reader = io.BufferedReader(raw)
-            self._send = raw.write
-
-    def _line(self) -> bytes:
-        line = self._reader.readline(self.MAX_LINE + 1)
-        if not line:
-            raise ConnectionResetError("connection closed before the answer was complete")
-        if len(line) > self.MAX_LINE:
-            raise ValueError("answer line too long")
-        return line
-
-    def exchange(self, request: bytes) -> Tuple[int, Dict[bytes, bytes], bytes, bool]:
-        """Send one request; return (status, headers in lower case, body, connection still usable)."""
-        self._send(request)
-        status_line = self._line()
-        version, _, rest = status_line.partition(b" ")
-        if not version.startswith(b"HTTP/1.") or not rest[:3].isdigit():
-            raise ValueError("not an HTTP/1.x answer")
-        status = int(rest[:3])
-        headers: Dict[bytes, bytes] = {}
-        for _ in range(self.MAX_HEADERS):
-            line = self._line()
-            if line in (b"\r\n", b"\n"):
-                break
-            name, colon, value = line.partition(b":")
-            if not colon:
-                raise ValueError("malformed header line")
-            headers[name.strip().lower()] = value.strip()
-        else:
-            raise ValueError("too many headers")
-        keep = version == b"HTTP/1.1" and headers.get(b"connection", b"").lower() != b"close"
-        if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
-            body = self._read_chunked()
-        elif b"content-length" in headers:
-            body = self._read_exactly(int(headers[b"content-length"]))
-        else:
-            body, keep = self._reader.read(self.MAX_BODY), False
-        return status, headers, body, keep
-
-    def _read_exactly(self, size: int) -> bytes:
-        if not 0 <= size <= self.MAX_BODY:
-            raise ValueError("answer body too large")
-        body = self._reader.read(size)
-        if len(body) < size:
-            raise ConnectionResetError("connection closed in the middle of the answer")
-        return body
-
-    def _read_chunked(self) -> bytes:
-        chunks, total = [], 0
-        while True:
-            size = int(self._line().split(b";", 1)[0].strip(), 16)
-            if size == 0:
-                while self._line() not in (b"\r\n", b"\n"):  # trailers
-                    pass
-                return b"".join(chunks)
-            total += size
-            if total > self.MAX_BODY:
-                raise ValueError("answer body too large")
-            chunks.append(self._read_exactly(size))
-            self._line()  # the CRLF after each chunk
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._reader.close()
-            self._sock.close()
 
 
 class SlackClient(SlackAPI):
-    """One keep-alive connection to Slack per worker thread; every call has a timeout."""
+    """Slack's Web API over http.client: one kept-alive connection per worker thread, every call timed out.
+
+    A request is sent a second time only when a connection kept from an earlier
+    call turns out to have been closed by Slack before any byte of the answer
+    came back (the idle-connection race every HTTP client has): Slack cannot
+    have acted on it. Once any part of an answer has arrived, a failure is
+    reported, never retried here.
+    """
+
+    MAX_ANSWER = 1 << 20
 
     def __init__(self, api_url: str, token: str, timeout: float, metrics: Metrics) -> None:
         super().__init__(metrics)
         parts = urllib.parse.urlsplit(api_url)
         self._https = parts.scheme == "https"
         self._host = parts.hostname or ""
-        self._port = parts.port or (443 if self._https else 80)
+        self._port = parts.port
         self._path = parts.path
         self._timeout = timeout
-        default_port = 443 if self._https else 80
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        host_header = host if self._port == default_port else f"{host}:{self._port}"
-        # Everything but the request line and the length, encoded once (the token is validated: no CR/LF).
-        self._headers = (f"Host: {host_header}\r\nAuthorization: Bearer {token}\r\n"
-                         f"Content-Type: application/json; charset=utf-8\r\n"
-                         f"User-Agent: alert-threader/{__version__}\r\n").encode()
+        self._headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json; charset=utf-8",
+                         "User-Agent": f"alert-threader/{__version__}"}
         self._local = threading.local()
         self._ssl_context: Any = None
 
-    def _connection(self) -> Tuple[KeepAliveConnection, bool]:
+    def _connection(self) -> Tuple[http.client.HTTPConnection, bool]:
+        """This thread's connection, and whether it carried an earlier call."""
         conn = getattr(self._local, "conn", None)
-        if conn is not None:
+        if conn is not None and conn.sock is not None and not peer_closed(conn.sock):
             return conn, True
-        if self._https and self._ssl_context is None:
-            import ssl  # only when talking TLS: keeps the dry-run and test process small
-            self._ssl_context = ssl.create_default_context()
-        conn = KeepAliveConnection(self._host, self._port, self._timeout, self._ssl_context if self._https else None)
+        if conn is not None:
+            conn.close()
+        if self._https:
+            if self._ssl_context is None:
+                import ssl  # only when talking TLS
+                self._ssl_context = ssl.create_default_context()
+            conn = http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout,
+                                               context=self._ssl_context)
+        else:
+            conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
         self._local.conn = conn
         return conn, False
 
@@ -1856,35 +1719,50 @@ class SlackClient(SlackAPI):
         if conn is not None:
             conn.close()
 
-    def _call(self, method: str, body: bytes) -> Dict[str, Any]:
-        request = (f"POST {self._path}{method} HTTP/1.1\r\n".encode() + self._headers
-                   + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    def _exchange(self, method: str, body: bytes) -> Tuple[int, Optional[str], bytes]:
+        """One request and its whole answer: (status, Retry-After, body)."""
         for attempt in (1, 2):
-            reused = False
+            conn, reused = self._connection()
+            sent = False
             try:
-                conn, reused = self._connection()
-                status, headers, raw, keep = conn.exchange(request)
-                break
+                try:
+                    conn.request("POST", self._path + method, body, self._headers)
+                    sent = True
+                    response = conn.getresponse()
+                except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError,
+                        ConnectionAbortedError) as e:
+                    # Only a request that could not be sent, or one answered by a close without a
+                    # single byte, is known not to have been acted on; any other failure may have been.
+                    untouched = not sent or isinstance(e, http.client.RemoteDisconnected)
+                    if not (untouched and reused and attempt == 1):
+                        raise
+                    self._drop_connection()
+                    self.metrics.inc("alert_threader_slack_resends_total")
+                    log_event(logging.INFO, "Slack had closed a kept-alive connection; sent once more on a new one",
+                              method=method, error=type(e).__name__)
+                    continue
+                answer = response.read(self.MAX_ANSWER + 1)
+                if len(answer) > self.MAX_ANSWER:
+                    raise ValueError("answer too large")
+                if response.will_close:
+                    self._drop_connection()
+                return response.status, response.getheader("Retry-After"), answer
             except socket.timeout:
                 self._drop_connection()
                 raise SlackError(method, f"timeout after {self._timeout:g}s", TRANSIENT) from None
-            except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError) as e:
-                self._drop_connection()
-                # A kept-alive connection the server had already closed: send once more on a new one.
-                if reused and attempt == 1:
-                    continue
-                raise SlackError(method, f"network: {type(e).__name__}", TRANSIENT) from None
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, http.client.HTTPException) as e:
                 self._drop_connection()
                 raise SlackError(method, f"network: {type(e).__name__}", TRANSIENT) from None
-        if not keep:
-            self._drop_connection()
+        raise AssertionError("unreachable: the loop returns or raises")
+
+    def _call(self, method: str, body: bytes) -> Dict[str, Any]:
+        status, retry_after, raw = self._exchange(method, body)
         if status == 429:
             try:
-                retry_after = float(headers.get(b"retry-after", b"1"))
+                wait = float(retry_after or "1")
             except ValueError:
-                retry_after = 1.0
-            raise SlackError(method, "ratelimited", RATE_LIMITED, max(0.0, min(retry_after, 3600.0)))
+                wait = 1.0
+            raise SlackError(method, "ratelimited", RATE_LIMITED, max(0.0, min(wait, 3600.0)))
         if status >= 500:
             raise SlackError(method, f"http_{status}", TRANSIENT)
         if status >= 400:
@@ -1925,37 +1803,25 @@ def severity_style(severity: str) -> Tuple[str, str]:
     return SEVERITY_STYLE.get(severity.lower(), UNKNOWN_STYLE)
 
 
-# Every byte but RFC 3986's unreserved characters, percent-encoded (urllib.parse.quote(safe="")):
-# what each byte becomes, looked up by value (a third of the time quote() takes).
-_PERCENT_ENCODED = tuple(chr(i) if chr(i).isascii() and (chr(i).isalnum() or chr(i) in "_.-~") else f"%{i:02X}"
-                         for i in range(256))
+def matcher(name: str, value: str) -> str:
+    """name="value", a silence matcher as Alertmanager's filter syntax writes it."""
+    return name + '="' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
-def percent_encode(text: str) -> str:
-    return "".join([_PERCENT_ENCODED[byte] for byte in text.encode("utf-8")])
+def silence_url(base: str, labels: Dict[str, str], whole: bool = True) -> Optional[str]:
+    """Alertmanager's new-silence form pre-filled with matchers for these labels.
 
-
-def matcher(name: str, value: str) -> Tuple[int, str]:
-    """name="value" as a silence matcher: its length, and the matcher percent-encoded."""
-    text = name + '="' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-    return len(text), percent_encode(text)
-
-
-cached_matcher = functools.lru_cache(maxsize=512)(matcher)  # most label pairs recur alert after alert
-
-
-def silence_url(base: str, labels: Dict[str, str]) -> Optional[str]:
-    """Alertmanager's new-silence form pre-filled with matchers for these labels."""
+    Every label when they fit (and all of them are known: `whole`), else the thread key's and the instance."""
     if not is_http_url(base):
         return None
-
     prefix = base.rstrip("/") + "/#/silences/new?filter="
-    for names in (sorted(labels), [n for n in ("alertname",) + KEY_LABELS[1:] + ("instance",) if n in labels]):
-        matchers = [(cached_matcher if len(name) + len(labels[name]) <= 200 else matcher)(name, labels[name])
-                    for name in names]  # long pairs (hostile ones too) are not kept
-        if len(prefix) + sum(size + 2 for size, _ in matchers) > URL_MAX:
-            continue  # "{" + matchers joined by ", " + "}"; percent-encoding only lengthens: this set cannot fit
-        url = prefix + "%7B" + "%2C%20".join(encoded for _, encoded in matchers) + "%7D"
+    fallback = [n for n in ("alertname",) + KEY_LABELS[1:] + ("instance",) if n in labels]
+    for names in ((sorted(labels), fallback) if whole else (fallback,)):
+        matchers = [matcher(name, labels[name]) for name in names]
+        # Percent-encoding only lengthens: a filter already too long as text cannot fit.
+        if len(prefix) + sum(len(text) + 2 for text in matchers) > URL_MAX:
+            continue
+        url = prefix + urllib.parse.quote("{" + ", ".join(matchers) + "}", safe="")
         if len(url) <= URL_MAX:
             return url
     return None
@@ -1979,7 +1845,7 @@ def alert_buttons(alert: Alert, external_url: str, silence: bool = True) -> Opti
     runbook = alert.annotations.get("runbook_url", "")
     links = (("View Runbook", "runbook", runbook if is_http_url(runbook) else None),
              # Built from a checked base URL and percent-encoded matchers: safe by construction.
-             ("Silence", "silence", silence_url(external_url, alert.labels) if silence else None),
+             ("Silence", "silence", silence_url(external_url, alert.labels, alert.labels_whole) if silence else None),
              ("Source", "source", alert.generator_url if is_http_url(alert.generator_url) else None))
     buttons = [{"type": "button", "action_id": action_id, "url": url,
                 "text": {"type": "plain_text", "text": label, "emoji": True}}
@@ -2092,7 +1958,7 @@ def plain_version(payload: Dict[str, Any]) -> Dict[str, Any]:
 def alert_from_record(first: Dict[str, Any]) -> Alert:
     return Alert(status="firing", labels=first.get("labels", {}), annotations=first.get("annotations", {}),
                  starts_at=first.get("startsAt"), ends_at=None, generator_url=first.get("generatorURL", ""),
-                 fingerprint="")
+                 fingerprint="", labels_whole=not first.get("labels_clipped"))
 
 
 def card_status(record: Dict[str, Any]) -> str:
@@ -2217,13 +2083,40 @@ def alert_entry(alert: Alert, state: str) -> List[Any]:
     return [state, alert.starts_at, alert.ends_at if state == RESOLVED else None]
 
 
+# A stored record keeps only what its messages can show, so that hostile megabyte values cost kilobytes.
+# A value longer than any link may be (URL_MAX) is clipped to one character past it: still shown as far as
+# a field shows, never usable as a link or a silence matcher.
+RECORD_VALUE_MAX = URL_MAX + 1
+RECORD_NAME_MAX = 200
+RECORD_TEXT_BUDGET = 16384  # characters of label (or annotation) names and values kept per record
+
+
+def clip_for_record(values: Dict[str, str], first: Sequence[str]) -> Tuple[Dict[str, str], bool]:
+    """The values a record keeps, the names in `first` before the rest; and whether all were kept whole."""
+    kept: Dict[str, str] = {}
+    whole, budget = True, RECORD_TEXT_BUDGET
+    for name in [n for n in first if n in values] + sorted(n for n in values if n not in first):
+        value = values[name]
+        if len(value) > RECORD_VALUE_MAX:
+            value, whole = value[:RECORD_VALUE_MAX - 1] + ELLIPSIS, False
+        if len(name) > RECORD_NAME_MAX or len(name) + len(value) > budget:
+            whole = False
+            continue
+        kept[name] = value
+        budget -= len(name) + len(value)
+    return kept, whole
+
+
 def first_alert(alert: Alert, external_url: str) -> Dict[str, Any]:
-    """What the status card needs of the thread's first alert."""
-    first: Dict[str, Any] = {"labels": alert.labels, "annotations": alert.annotations,
-                             "startsAt": alert.starts_at}
-    if alert.generator_url:
+    """What the status card needs of the thread's first alert, clipped to what it can show."""
+    labels, whole = clip_for_record(alert.labels, KEY_LABELS + ("instance",))
+    annotations, _ = clip_for_record(alert.annotations, ("summary", "description", "runbook_url"))
+    first: Dict[str, Any] = {"labels": labels, "annotations": annotations, "startsAt": alert.starts_at}
+    if not whole:
+        first["labels_clipped"] = True  # matchers built from these labels would silence too much
+    if is_http_url(alert.generator_url):
         first["generatorURL"] = alert.generator_url
-    if external_url:
+    if is_http_url(external_url):
         first["externalURL"] = external_url
     return first
 
@@ -2238,26 +2131,19 @@ def chunks(items: List[Any], size: int) -> Iterator[List[Any]]:
         yield items[i:i + size]
 
 
-@functools.lru_cache(maxsize=1024)
-def _fnv_prefix(prefix: bytes) -> int:
-    return fnv1a64(prefix)
-
-
-@functools.lru_cache(maxsize=1024)  # Alertmanager's group keys repeat with every notification
 def group_id(group_key: str) -> str:
     """A short, stable name for an Alertmanager group (its key can be long).
 
     Part of the key of a stored storm digest: changing it would orphan the open
-    digests of an upgraded service. FNV-1a runs byte by byte in Python, so a new
-    key continues from the cached hash of its start: a key is the route's path,
-    ':' and the group's labels, {a="x", b="y"}, and keys of one route and
-    alertname differ only after the last ", ".
+    digests of an upgraded service. FNV-1a runs byte by byte in Python, so a key
+    longer than any real group's is hashed with SHA-256 instead.
     """
     if not group_key:
         return "nogroup"
     data = group_key.encode()
-    cut = max(data.rfind(b", ") + 2, data.rfind(b":") + 1, 0)
-    return f"{fnv1a64(data[cut:], _fnv_prefix(data[:cut])):016x}"
+    if len(data) > 4096:
+        return "s" + hashlib.sha256(data).hexdigest()[:15]
+    return f"{fnv1a64(data):016x}"
 
 
 @dataclasses.dataclass
@@ -2641,10 +2527,10 @@ class Threader:
 
     @staticmethod
     def _count_in(storm: Dict[str, Any], alert: Alert) -> None:
-        by_name = storm["by_name"]
-        if alert.alertname in by_name or len(by_name) < 200:
-            by_name[alert.alertname] = by_name.get(alert.alertname, 0) + 1
-        severity = alert.severity.lower()
+        by_name, name = storm["by_name"], truncate(alert.alertname, 120)
+        if name in by_name or len(by_name) < 200:
+            by_name[name] = by_name.get(name, 0) + 1
+        severity = truncate(alert.severity.lower(), 40)
         storm["by_severity"][severity] = storm["by_severity"].get(severity, 0) + 1
 
     def _digest_resolves(self, delivery: Delivery, storm_key: str, items: List[Tuple[int, Alert, str]]) -> None:
@@ -2827,6 +2713,28 @@ Response = Tuple[int, Any, Dict[str, str]]
 ROUTES = {"/alert": ("POST",), "/health": ("GET", "HEAD"), "/stats": ("GET",), "/cache": ("GET", "DELETE"),
           "/metrics": ("GET", "HEAD"), "/preview": ("GET",), "/": ("GET", "HEAD")}
 PROTECTED = {("POST", "/alert"), ("GET", "/cache"), ("DELETE", "/cache"), ("GET", "/preview")}
+TAKES_BODY = {("POST", "/alert")}
+
+
+@dataclasses.dataclass
+class Request:
+    """What the routes need of one HTTP request, its body aside."""
+
+    method: str
+    path: str
+    query: Dict[str, List[str]]
+    headers: Any  # http.client.HTTPMessage: case-insensitive get()
+    length: Optional[int]  # the declared Content-Length, None without one
+
+    @classmethod
+    def parse(cls, method: str, target: str, headers: Any, length: Optional[int]) -> "Request":
+        parts = urllib.parse.urlsplit(target)
+        return cls(method=method, path=parts.path.rstrip("/") or "/",
+                   query=urllib.parse.parse_qs(parts.query), headers=headers, length=length)
+
+
+def error(status: int, message: str, **headers: str) -> Response:
+    return status, {"ok": False, "error": message}, headers
 
 
 class App:
@@ -2878,31 +2786,42 @@ class App:
             return hmac.compare_digest(password.encode(), token.encode())
         return False
 
-    def route(self, method: str, target: str, headers: Any, read_body: Callable[[], bytes]) -> Response:
-        if target[:1] == "/" and target[:2] != "//" and "?" not in target and "#" not in target:
-            path, query_string = target, ""  # what Alertmanager sends: no need to parse it as a URL
-        else:
-            parts = urllib.parse.urlsplit(target)
-            path, query_string = parts.path, parts.query
-        path = path.rstrip("/") or "/"
+    def refusal(self, request: Request) -> Optional[Response]:
+        """The answer to a request that goes no further, decided before its body is read (or continued)."""
+        path, method = request.path, request.method
         allowed = ROUTES.get(path)
         if allowed is None:
-            raise BadRequest(f"no such endpoint: {truncate(path, 100)}", 404)
+            return error(404, f"no such endpoint: {truncate(path, 100)}")
         if method not in allowed:
-            return 405, {"ok": False, "error": f"{method} is not allowed on {path}"}, {"Allow": ", ".join(allowed)}
-        if (method, path) in PROTECTED and not self.authorized(headers, allow_basic=path == "/preview"):
+            return error(405, f"{method} is not allowed on {path}", Allow=", ".join(allowed))
+        if (method, path) in PROTECTED and not self.authorized(request.headers, allow_basic=path == "/preview"):
             challenge = 'Basic realm="alert-threader"' if path == "/preview" else 'Bearer realm="alert-threader"'
-            return 401, {"ok": False, "error": "missing or wrong bearer token (WEBHOOK_TOKEN)"}, \
-                {"WWW-Authenticate": challenge}
-        query = urllib.parse.parse_qs(query_string) if query_string else {}
+            return error(401, "missing or wrong bearer token (WEBHOOK_TOKEN)", **{"WWW-Authenticate": challenge})
+        if path == "/alert" and "channel" in request.query:
+            channel = request.query["channel"][-1]
+            if channel not in self.config.slack_channels:
+                return error(400, f"channel {truncate(channel, 80)!r} is not in SLACK_CHANNELS")
+        if (method, path) in TAKES_BODY:
+            if request.length is None:
+                return error(411, "Content-Length is required")
+            if request.length > self.config.max_body_bytes:
+                return error(413, f"body of {request.length} bytes is over the "
+                                  f"{self.config.max_body_bytes}-byte limit (MAX_BODY_BYTES)")
+        return None
+
+    def route(self, request: Request, read_body: Callable[[], bytes]) -> Response:
+        refused = self.refusal(request)
+        if refused is not None:
+            return refused
+        path = request.path
         if path == "/alert":
-            return self.alert(headers, read_body, query)
+            return self.alert(request, read_body)
         if path == "/health":
             return self.health()
         if path == "/stats":
             return 200, self.stats(), {}
         if path == "/cache":
-            if method == "DELETE":
+            if request.method == "DELETE":
                 cleared = self.store.clear()
                 log_event(logging.WARNING, "thread cache cleared", threads=cleared)
                 return 200, {"ok": True, "cleared": cleared, "thread_store": self.store.name}, {}
@@ -2918,26 +2837,21 @@ class App:
         return 200, {"ok": True, "service": "alert-threader", "version": __version__,
                      "endpoints": sorted(f"{m} {p}" for p, ms in ROUTES.items() for m in ms if m != "HEAD")}, {}
 
-    def alert(self, headers: Any, read_body: Callable[[], bytes], query: Dict[str, List[str]]) -> Response:
+    def alert(self, request: Request, read_body: Callable[[], bytes]) -> Response:
         started = time.monotonic()
-        channel = None
-        if "channel" in query:
-            channel = query["channel"][-1]
-            if channel not in self.config.slack_channels:
-                raise BadRequest(f"channel {truncate(channel, 80)!r} is not in SLACK_CHANNELS")
-        hook = parse_webhook(read_body(), headers.get("Content-Type"))
+        channel = request.query["channel"][-1] if "channel" in request.query else None
+        hook = parse_webhook(read_body(), request.headers.get("Content-Type"))
         if self.stopping:
-            return 503, {"ok": False, "error": "shutting down; Alertmanager will retry"}, {"Connection": "close"}
+            return error(503, "shutting down; Alertmanager will retry", Connection="close")
         status, body = self.threader.handle(hook, channel)
-        level = logging.INFO if status == 200 else logging.WARNING
-        if log.isEnabledFor(level):
-            actions: Dict[str, int] = {}
-            for result in body["results"]:
-                actions[result["action"]] = actions.get(result["action"], 0) + 1
-            log_event(level, "webhook", group_key=hook.group_key, channel=channel or self.threader.default_channel,
-                      alerts=len(hook.alerts), **actions, code=status,
-                      duration_ms=round((time.monotonic() - started) * 1000, 1),
-                      **({"error": body["error"]} if "error" in body else {}))
+        actions: Dict[str, int] = {}
+        for result in body["results"]:
+            actions[result["action"]] = actions.get(result["action"], 0) + 1
+        log_event(logging.INFO if status == 200 else logging.WARNING, "webhook",
+                  group_key=truncate(hook.group_key, 200), channel=channel or self.threader.default_channel,
+                  alerts=len(hook.alerts), **actions, code=status,
+                  duration_ms=round((time.monotonic() - started) * 1000, 1),
+                  **({"error": body["error"]} if "error" in body else {}))
         return status, body, {}
 
     def health(self) -> Response:
@@ -2975,179 +2889,201 @@ class App:
         return stats
 
 
-class RequestHeaders(dict):
-    """Request headers by lower-case name, looked up case-insensitively like http.server's."""
-
-    SINGLE = frozenset({"content-length", "transfer-encoding", "authorization", "content-type", "host"})
-
-    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
-        return super().get(name.lower(), default)
-
-
-@functools.lru_cache(maxsize=None)  # a handful of codes
-def status_phrase(status: int) -> str:
-    return http.HTTPStatus(status).phrase
+CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
+HEADER_SYNTAX_DEFECTS = (email.errors.MissingHeaderBodySeparatorDefect, email.errors.InvalidHeaderDefect,
+                         email.errors.FirstHeaderLineIsContinuationDefect)
+# Headers that frame or authorise a request: a second copy is a smuggling attempt, never a mistake.
+SINGLE_HEADERS = ("Content-Length", "Transfer-Encoding", "Authorization", "Content-Type", "Host", "Expect")
+# After answering a request whose body is left unread, the connection is closed; until the client
+# stops sending, what it sends is read and dropped, so that the close does not reset the answer away.
+LINGER_SECONDS, LINGER_IDLE_SECONDS, LINGER_BYTES = 10.0, 2.0, 64 << 20
+BODY_METHODS = ("POST", "PUT", "PATCH")
 
 
-@functools.lru_cache(maxsize=2)
-def http_date(second: int) -> str:
-    """The Date header, formatted once a second rather than once a response."""
-    return email.utils.formatdate(second, usegmt=True)
+def linger(sock: socket.socket) -> None:
+    """Half-close, then read and drop what the client still sends, within a bound of time and size."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+        deadline, dropped = time.monotonic() + LINGER_SECONDS, 0
+        while dropped < LINGER_BYTES:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            sock.settimeout(min(remaining, LINGER_IDLE_SECONDS))
+            chunk = sock.recv(65536)
+            if not chunk:
+                return
+            dropped += len(chunk)
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
-    """Thin: read, call App.route, write JSON (or the text it returns)."""
+    """Thin: http.server parses, App decides, the answer is JSON (or the text App returns).
+
+    What it adds to http.server: JSON error bodies; framing headers checked
+    (no duplicates, no chunked bodies, a plain Content-Length); Expect:
+    100-continue answered only once the request would be accepted; and a
+    connection whose request body was left unread is closed after the answer,
+    so that the body is never read as the next request.
+    """
 
     protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.0"  # every answer, refusals of bad request lines too, has a status line
+    disable_nagle_algorithm = True  # head and body are two writes: no delayed-ACK stall between them
     server: "ThreaderServer"
-    # _write hands the status line, headers and body to the socket in one piece, which
-    # avoids the 40 ms Nagle/delayed-ACK stall of a separate small body write.
+
+    def setup(self) -> None:
+        self.timeout = self.server.app.config.client_timeout  # each read and write; set by setup()
+        super().setup()
+        self.unread = 0  # declared body bytes not read
+        self.lingering = False
+        self.request_info: Optional[Request] = None
 
     def version_string(self) -> str:
         return f"alert-threader/{__version__}"
-
-    def setup(self) -> None:
-        # Slow or idle clients cannot hold a thread: each read and each answer is bounded.
-        self.timeout = self.server.app.config.client_timeout
-        self.connection = self.request
-        raw = TimedSocketIO(self.connection, self.timeout)
-        self.rfile = io.BufferedReader(raw)
-        self.wfile = raw  # type: ignore[assignment]
 
     def log_message(self, format: str, *args: Any) -> None:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("http %s %s", self.address_string(), format % args)
 
-    def parse_request(self) -> bool:
-        """The request line and headers, read without the email package http.server uses.
+    # -- before the body ------------------------------------------------------
 
-        Same rules as http.server for what we serve (HTTP/1.0 and 1.1 only): one
-        request line of three words, at most 100 header lines of 64 KiB, no folded
-        lines, Connection and Expect: 100-continue honoured, and duplicate framing
-        or credential headers refused. Parsing headers the standard way cost as much
-        as the whole alert's own work.
-        """
-        self.command, self.close_connection = None, True
-        self.request_version = "HTTP/1.0"
-        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        words = self.requestline.split()
-        if len(words) != 3 or not words[2].startswith("HTTP/"):
-            self.send_error(400, "malformed request line")
-            return False
-        if words[2] not in ("HTTP/1.0", "HTTP/1.1"):
-            self.send_error(505, "only HTTP/1.0 and HTTP/1.1 are served")
-            return False
-        self.command, self.path, self.request_version = words
-        headers = RequestHeaders()
-        for _ in range(100):
-            line = self.rfile.readline(65537)
-            if len(line) > 65536:
-                self.send_error(431, "header line too long")
-                return False
-            if line in (b"\r\n", b"\n", b""):
-                break
-            name, colon, value = str(line, "iso-8859-1").partition(":")
-            key = name.lower()
-            if not colon or not name or name != name.strip() or key in headers and key in RequestHeaders.SINGLE:
-                self.send_error(400, "malformed or duplicate header")
-                return False
-            headers[key] = value.strip()
-        else:
-            self.send_error(431, "too many headers")
-            return False
-        self.headers = headers  # type: ignore[assignment]
-        connection = headers.get("connection", "").lower()
-        self.close_connection = connection == "close" or (self.request_version == "HTTP/1.0"
-                                                          and connection != "keep-alive")
-        if headers.get("expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
-            return self.handle_expect_100()
-        return True
+    def framing_refusal(self) -> Optional[Response]:
+        """Refuse what http.server accepts but this service does not; else note the request."""
+        self.unread = -1  # until the framing is known to be sound, where this request ends is not
+        if len(self.requestline.split()) != 3:  # http.server would take "GET /path" as HTTP/0.9
+            return error(400, "malformed request line (expected METHOD /path HTTP/1.1)")
+        if self.request_version not in ("HTTP/1.0", "HTTP/1.1"):
+            return error(505, "only HTTP/1.0 and HTTP/1.1 are served")
+        headers = self.headers
+        if (any(isinstance(d, HEADER_SYNTAX_DEFECTS) for d in headers.defects) or headers.get_payload()
+                or any("\n" in v or "\r" in v for v in headers.values())):
+            return error(400, "malformed header line (a line without a colon, or a folded line)")
+        for name in SINGLE_HEADERS:
+            if len(headers.get_all(name, ())) > 1:
+                return error(400, f"duplicate {name} header")
+        if headers.get("Transfer-Encoding") is not None:
+            return error(411, "chunked bodies are not accepted; send Content-Length")
+        length = headers.get("Content-Length")
+        if length is not None and not CONTENT_LENGTH.fullmatch(length.strip()):
+            return error(400, "Content-Length must be a non-negative integer")
+        self.unread = int(length) if length is not None else 0
+        self.request_info = Request.parse(self.command, self.path, headers,
+                                          int(length) if length is not None else None)
+        return None
 
-    def date_time_string(self, timestamp: Optional[float] = None) -> str:
-        return http_date(int(time.time() if timestamp is None else timestamp))
+    def refusal(self) -> Optional[Response]:
+        return self.framing_refusal() or self.server.app.refusal(self.request_info)  # type: ignore[arg-type]
+
+    def handle_expect_100(self) -> bool:
+        """100 Continue only for a request that will be taken; anything else gets its answer at once."""
+        refused = self.refusal()
+        if refused is not None:
+            self.write_answer(*refused)
+            return False
+        return super().handle_expect_100()
 
     def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
-        """http.server's own errors (bad request line, oversized headers) as JSON too."""
-        self.close_connection = True
-        self._write(code, {"ok": False, "error": message or http.HTTPStatus(code).phrase}, {"Connection": "close"})
+        """http.server's own refusals (request line, headers) as JSON, on a connection then closed."""
+        self.unread = -1  # where the request ends is unknown
+        self.write_answer(*error(code, message or http.HTTPStatus(code).phrase))
 
-    def _read_body(self) -> bytes:
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            self.close_connection = True
-            raise BadRequest("chunked bodies are not accepted; send Content-Length", 411)
-        length = self.headers.get("Content-Length")
-        if length is None:
-            self.close_connection = True
-            raise BadRequest("Content-Length is required", 411)
-        if not length.strip().isdigit():
-            self.close_connection = True
-            raise BadRequest("Content-Length must be a non-negative integer")
-        size = int(length)
-        limit = self.server.app.config.max_body_bytes
-        if size > limit:
-            self.close_connection = True  # the excess is never read
-            raise BadRequest(f"body of {size} bytes is over the {limit}-byte limit (MAX_BODY_BYTES)", 413)
-        chunks_read, remaining = [], size
+    # -- the request ----------------------------------------------------------
+
+    def read_body(self) -> bytes:
+        """The declared body, within CLIENT_TIMEOUT for each read and twice that for the whole."""
+        parts, remaining = [], self.unread
         deadline = time.monotonic() + 2 * self.timeout
-        while remaining:
-            chunk = self.rfile.read1(min(remaining, 65536)) if hasattr(self.rfile, "read1") else \
-                self.rfile.read(min(remaining, 65536))
+        while remaining > 0:
+            chunk = self.rfile.read1(min(remaining, 65536))
             if not chunk or time.monotonic() > deadline:
-                self.close_connection = True
                 raise BadRequest("body ended before Content-Length bytes arrived")
-            chunks_read.append(chunk)
+            parts.append(chunk)
             remaining -= len(chunk)
-        return b"".join(chunks_read)
+            self.unread = remaining
+        return b"".join(parts)
 
-    def _dispatch(self) -> None:
+    def dispatch(self) -> None:
         app = self.server.app
         app.begin_request()  # counted, so that a graceful stop waits for this request
         try:
-            self._answer(app)
+            self.write_answer(*self.answer(app))
         finally:
             app.end_request()
 
-    def _answer(self, app: "App") -> None:
+    def answer(self, app: App) -> Response:
+        refused = self.framing_refusal()
+        if refused is not None:
+            return refused
+        assert self.request_info is not None
         try:
-            status, body, headers = app.route(self.command, self.path, self.headers, self._read_body)
+            status, body, headers = app.route(self.request_info, self.read_body)
         except BadRequest as e:
-            status, body, headers = e.status, {"ok": False, "error": str(e)}, {}
+            status, body, headers = error(e.status, str(e))
         except (socket.timeout, ConnectionError):
-            self.close_connection = True
-            return
+            self.unread = -1
+            status, body, headers = error(408, "the request did not arrive in time (CLIENT_TIMEOUT)")
         except Exception:
             log.exception("internal error on %s %s", self.command, truncate(self.path, 200))
-            status, body, headers = 500, {"ok": False, "error": "internal error (see the service log)"}, {}
-        if self.path.split("?", 1)[0].rstrip("/") == "/alert":
+            status, body, headers = error(500, "internal error (see the service log)")
+        if self.request_info.path == "/alert":
             app.metrics.inc("alert_threader_webhooks_total", code=str(status))
-        if app.stopping:
-            self.close_connection = True
-            headers = dict(headers, Connection="close")
-        self._write(status, body, headers)
+        return status, body, headers
 
-    def _write(self, status: int, body: Any, headers: Dict[str, str]) -> None:
+    def write_answer(self, status: int, body: Any, headers: Dict[str, str]) -> None:
         if isinstance(body, (dict, list)):
-            payload = UNICODE_JSON.encode(body).encode()
-            headers = dict({"Content-Type": "application/json; charset=utf-8"}, **headers)
+            payload = json.dumps(body, ensure_ascii=False).encode()
+            headers = {"Content-Type": "application/json; charset=utf-8", **headers}
         else:
             payload = str(body).encode()
-        if headers.get("Connection", "").lower() == "close":
+        # A body still on the wire, or a refused request that may have carried one without saying so:
+        # what follows on this connection cannot be trusted to be a request of its own.
+        if self.unread or (status >= 400 and self.command in BODY_METHODS):
+            self.lingering = self.close_connection = True
+        if self.server.app.stopping or headers.get("Connection", "").lower() == "close":
             self.close_connection = True
-        elif self.close_connection:
-            headers = dict(headers, Connection="close")
-        if log.isEnabledFor(logging.DEBUG):
-            self.log_request(status)
-        # The status line and headers in one piece, as send_response/send_header would write them.
-        head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-        head = (f"{self.protocol_version} {status} {status_phrase(status)}\r\n"
-                f"Server: {self.version_string()}\r\nDate: {self.date_time_string()}\r\n"
-                f"{head}Content-Length: {len(payload)}\r\n\r\n").encode("latin-1")
         try:
-            self.wfile.write(head if self.command == "HEAD" else head + payload)
+            self.send_response(status)
+            for name, value in headers.items():
+                if name != "Connection":
+                    self.send_header(name, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(payload)
         except (ConnectionError, socket.timeout):
             self.close_connection = True
+            self.lingering = False
 
-    do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = do_HEAD = do_OPTIONS = _dispatch
+    def finish(self) -> None:
+        super().finish()
+        if self.lingering:
+            linger(self.connection)
+
+    do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = do_HEAD = do_OPTIONS = dispatch
+
+
+class RefusingHandler(Handler):
+    """For a connection past MAX_CONNECTIONS: one request, answered 503, and closed."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.timeout = min(self.timeout, 5.0)
+        self.connection.settimeout(self.timeout)
+
+    def handle(self) -> None:
+        self.close_connection = True
+        self.handle_one_request()
+
+    def handle_expect_100(self) -> bool:
+        return True  # the 503 is the final answer: no body is wanted
+
+    def dispatch(self) -> None:
+        self.lingering = True
+        self.write_answer(*error(503, "too many connections (MAX_CONNECTIONS); retry later", Connection="close"))
+
+    do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = do_HEAD = do_OPTIONS = dispatch
 
 
 class ThreaderServer(http.server.ThreadingHTTPServer):
@@ -3155,35 +3091,54 @@ class ThreaderServer(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    REFUSALS = 16  # connections answered 503 at once; past those, closed unanswered
 
     app: App  # attached once the port is ours (see Service): requests only arrive after that
 
     def __init__(self, address: Tuple[str, int], max_connections: int) -> None:
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._refusals = threading.BoundedSemaphore(self.REFUSALS)
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            body = b'{"ok": false, "error": "too many connections (MAX_CONNECTIONS); retry later"}'
-            with contextlib.suppress(OSError):
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-            self.shutdown_request(request)
-            self.app.metrics.inc("alert_threader_connections_refused_total")
+        if self._slots.acquire(blocking=False):
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self._slots.release()
+                raise
             return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
+        self.app.metrics.inc("alert_threader_connections_refused_total")
+        if not self._refusals.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        threading.Thread(target=self._refuse, args=(request, client_address), daemon=True,
+                         name="alert-threader-refuse").start()
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+
+    def _refuse(self, request: Any, client_address: Any) -> None:
+        try:
+            RefusingHandler(request, client_address, self)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            self._refusals.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that failed outside a request's own handling: logged, never printed raw."""
+        error_type = sys.exc_info()[0]
+        if error_type is not None and issubclass(error_type, (ConnectionError, socket.timeout)):
+            log_event(logging.DEBUG, "connection dropped", client=client_address[0], error=error_type.__name__)
+        else:
+            log.exception("error on a connection from %s", client_address[0])
 
 
 # ---------------------------------------------------------------------------
@@ -3254,6 +3209,7 @@ class Service:
         for op in (("write", "append") if self.store.name == "file" else ("get", "put", "lock")):
             self.metrics.inc("alert_threader_store_errors_total", 0, store=self.store.name, op=op)
         self.metrics.inc("alert_threader_slack_fallbacks_total", 0)
+        self.metrics.inc("alert_threader_slack_resends_total", 0)
         self.metrics.inc("alert_threader_slack_rate_limit_wait_seconds_total", 0)
         self.metrics.gauge("alert_threader_open_threads", self.store.open_count)
         self.metrics.gauge("alert_threader_stored_threads", self.store.count)
@@ -3402,10 +3358,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         log.error("%s", e)
         return 2
-    # Start-up objects (modules, classes, caches) live for the whole run: keep the collector
-    # from walking them again and again while it looks for garbage in webhook handling.
-    gc.collect()
-    gc.freeze()
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

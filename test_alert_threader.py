@@ -32,7 +32,9 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -126,7 +128,8 @@ def visible_text(payload: Dict[str, Any]) -> str:
 class FakeSlack:
     """Slack's Web API on 127.0.0.1:0. Script answers with fail(method, *answers):
     {"error": code} (ok:false), {"status": 503}, {"status": 429, "retry_after": 1},
-    {"drop": True} (close without answering), {"sleep": s} (then answer ok),
+    {"drop": True} (close without answering), {"partial": True} (accept, send half an answer, close),
+    {"sleep": s} (then answer ok),
     {"chunked": True} (answer ok in chunks), {"close": True} (answer ok, then close the connection),
     {"close_header": True} (answer ok with Connection: close)."""
 
@@ -156,6 +159,16 @@ class FakeSlack:
                 answer = answer or {}
                 if answer.get("drop"):
                     self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if answer.get("partial"):  # Slack has taken it: the head of an answer, then the line drops
+                    with fake.lock:
+                        fake.seq += 1
+                        call.accepted, call.ts = True, f"1700000000.{fake.seq:06d}"
+                    self.close_connection = True
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                     b"Content-Length: 80\r\n\r\n{\"ok\": true, \"ts\": ")
+                    self.wfile.flush()
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
                 if answer.get("sleep"):
@@ -2949,6 +2962,196 @@ def test_keep_alive_serves_several_requests_on_one_connection(start, slack):
     conn.request("GET", "/health", headers={"Connection": "close"})
     assert conn.getresponse().getheader("Connection") == "close"
     assert len(slack.messages) == 3
+
+
+# ---------------------------------------------------------------------------
+# HTTP edges: a refused body is never read as the next request; 413 and 401 reach every client
+# ---------------------------------------------------------------------------
+
+SMUGGLED = b"DELETE /cache HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+
+
+def answers_in(data: bytes) -> List[bytes]:
+    """The status lines of every answer in what a connection received."""
+    return re.findall(rb"HTTP/1\.1 \d{3} [^\r]*\r\n", data)
+
+
+@pytest.mark.parametrize("head, status", [
+    (b"POST /alert HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n", b"401"),
+    (b"POST /nowhere HTTP/1.1\r\nAuthorization: Bearer " + WEBHOOK_TOKEN.encode() + b"\r\nContent-Length: %d\r\n",
+     b"404"),
+    (b"PUT /alert HTTP/1.1\r\nAuthorization: Bearer " + WEBHOOK_TOKEN.encode() + b"\r\nContent-Length: %d\r\n",
+     b"405"),
+    (b"POST /alert?channel=C0NOTALLOWED HTTP/1.1\r\nAuthorization: Bearer " + WEBHOOK_TOKEN.encode()
+     + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n", b"400"),
+    (b"POST /alert HTTP/1.1\r\nAuthorization: Bearer " + WEBHOOK_TOKEN.encode()
+     + b"\r\nContent-Type: application/json\r\nX-Length: %d\r\n", b"411"),
+    (b"POST /alert HTTP/1.1\r\nAuthorization: Bearer " + WEBHOOK_TOKEN.encode()
+     + b"\r\nContent-Type: application/json\r\nContent-Length: 9999%d\r\n", b"413"),
+    (b"GET /health HTTP/1.1\r\nContent-Length: %d\r\n", b"200"),
+])
+def test_a_body_left_unread_is_never_parsed_as_the_next_request(start, slack, tmp_path, head, status):
+    svc = start(WEBHOOK_TOKEN=WEBHOOK_TOKEN, MAX_BODY_BYTES="4096")
+    svc.alert(webhook(make_alert()), token=WEBHOOK_TOKEN)
+    before = state_bytes(tmp_path)
+    answer = raw_exchange(svc.port, head % len(SMUGGLED) + b"Host: x\r\n\r\n" + SMUGGLED)
+    assert answers_in(answer) and answers_in(answer)[0].startswith(b"HTTP/1.1 " + status + b" "), answer[:200]
+    assert len(answers_in(answer)) == 1, f"the body was answered as a request of its own: {answer!r}"
+    assert b"Connection: close" in answer
+    assert state_bytes(tmp_path) == before
+    assert svc.get("/cache", headers={"Authorization": f"Bearer {WEBHOOK_TOKEN}"}).json()["cached_threads"] == 1
+
+
+def test_a_refused_webhook_carrying_a_request_gets_one_answer(start, slack):
+    svc = start(WEBHOOK_TOKEN=WEBHOOK_TOKEN)
+    inner = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    answer = raw_exchange(svc.port, b"POST /alert HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                    b"Content-Length: %d\r\n\r\n" % len(inner) + inner)
+    assert [line[:12] for line in answers_in(answer)] == [b"HTTP/1.1 401"]
+
+
+@pytest.mark.parametrize("settings, head, status", [
+    ({"WEBHOOK_TOKEN": WEBHOOK_TOKEN}, b"", b"401"),
+    ({"MAX_BODY_BYTES": "4096"}, b"", b"413"),
+    ({}, b"", b"100"),
+])
+def test_expect_100_continue_is_answered_only_for_a_request_that_will_be_taken(start, slack, settings, head,
+                                                                              status):
+    svc = start(**settings)
+    body = json.dumps(webhook(make_alert())).encode()
+    size = 10000 if "MAX_BODY_BYTES" in settings else len(body)
+    with socket.create_connection(("127.0.0.1", svc.port), timeout=5) as sock:
+        sock.sendall(b"POST /alert HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % size)
+        first = sock.recv(65536)  # before any byte of the body is sent
+        assert first.startswith(b"HTTP/1.1 " + status), first[:100]
+        if status == b"100":
+            sock.sendall(body)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        else:
+            assert b'"ok": false' in first and b"Connection: close" in first
+    assert len(slack.messages) == (1 if status == b"100" else 0)
+
+
+def test_413_reaches_clients_that_write_the_whole_body_before_reading(start, slack):
+    """urllib, http.client and Go's net/http send everything first; a close with unread data would reset them."""
+    svc = start()
+    body = b'{"alerts": [' + b" " * (20 << 20) + b"]}"
+    request = urllib.request.Request(f"http://127.0.0.1:{svc.port}/alert", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 413
+    assert "MAX_BODY_BYTES" in json.loads(refused.value.read())["error"]
+    conn = http.client.HTTPConnection("127.0.0.1", svc.port, timeout=30)
+    conn.request("POST", "/alert", body, {"Content-Type": "application/json"})
+    assert conn.getresponse().status == 413
+    assert slack.calls == [] and svc.get("/health").status == 200
+
+
+@pytest.mark.parametrize("request_head", [
+    b"POST /alert HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+    b"POST /alert HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    b"POST /alert HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    b"POST /alert HTTP/1.1\r\nContent-Length: -1\r\n\r\n{}",
+    b"POST /alert HTTP/1.1\r\nContent-Length: +2\r\n\r\n{}",
+    b"POST /alert HTTP/1.1\r\nContent-Length: 0x2\r\n\r\n{}",
+    b"POST /alert HTTP/1.1\r\nContent-Length: \xd9\xa2\r\n\r\n{}",
+    b"POST /alert HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n{}",
+    b"POST /alert HTTP/1.1\r\nAuthorization: Bearer a\r\nAuthorization: Bearer b\r\nContent-Length: 2\r\n\r\n{}",
+    b"POST /alert HTTP/1.1\r\nHost: a\r\nHost: b\r\nContent-Length: 2\r\n\r\n{}",
+    b"POST  HTTP/1.1\r\n\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 TLS hello\r\n\r\n",
+    b"POST /alert HTTP/1.1\r\nContent-Length: 50\r\nContent-Type: application/json\r\n\r\n{\"alerts\": [",
+])
+def test_bad_framing_is_refused_and_changes_nothing(start, slack, tmp_path, request_head):
+    svc = start()
+    svc.alert(webhook(make_alert()))
+    before = state_bytes(tmp_path)
+    with socket.create_connection(("127.0.0.1", svc.port), timeout=5) as sock:
+        sock.sendall(request_head)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+    if answer:
+        assert re.match(rb"HTTP/1\.1 4\d\d ", answer), answer[:100]
+        assert b'"ok": false' in answer and len(answers_in(answer)) == 1
+    assert state_bytes(tmp_path) == before and len(slack.calls) == 1
+    assert svc.get("/health").status == 200 and "Traceback" not in svc.log.getvalue()
+
+
+def slack_client(url: str, timeout: float = 2.0) -> at.SlackClient:
+    return at.SlackClient(url, SLACK_TOKEN, timeout, at.Metrics())
+
+
+def test_a_half_received_answer_is_never_sent_again(slack):
+    client = slack_client(slack.url)
+    client.call("chat.postMessage", {"channel": "C0ALERTS", "text": "first"})  # the connection is kept
+    slack.fail("chat.postMessage", {"partial": True})
+    with pytest.raises(at.SlackError) as failed:
+        client.call("chat.postMessage", {"channel": "C0ALERTS", "text": "second"})
+    assert failed.value.kind == at.TRANSIENT
+    assert [c.payload["text"] for c in slack.calls] == ["first", "second"], "sent once, not re-sent"
+    assert client.metrics.total("alert_threader_slack_resends_total") == 0
+
+
+def test_a_kept_connection_closed_by_slack_is_used_for_nothing_more(slack):
+    client = slack_client(slack.url)
+    slack.fail("chat.postMessage", {"close": True})  # answered, then Slack closes the idle connection
+    client.call("chat.postMessage", {"channel": "C0ALERTS", "text": "one"})
+    wait_for(lambda: at.peer_closed(client._local.conn.sock), what="Slack's close to arrive")
+    client.call("chat.postMessage", {"channel": "C0ALERTS", "text": "two"})
+    assert [c.payload["text"] for c in slack.calls] == ["one", "two"]
+    assert client.metrics.total("alert_threader_slack_resends_total") == 0
+
+
+def test_a_request_closed_without_a_byte_of_answer_is_sent_once_more_and_counted(slack, caplog):
+    client = slack_client(slack.url)
+    client.call("chat.postMessage", {"channel": "C0ALERTS", "text": "one"})
+    slack.fail("chat.postMessage", {"drop": True})  # closed with no answer: the idle-connection race
+    assert client.call("chat.postMessage", {"channel": "C0ALERTS", "text": "two"})["ok"]
+    assert [c.payload["text"] for c in slack.calls] == ["one", "two", "two"]
+    assert client.metrics.total("alert_threader_slack_resends_total") == 1
+    slack.fail("chat.postMessage", {"drop": True}, {"drop": True})  # a fresh connection is never re-sent
+    client._drop_connection()
+    with pytest.raises(at.SlackError):
+        client.call("chat.postMessage", {"channel": "C0ALERTS", "text": "three"})
+    assert [c.payload["text"] for c in slack.calls][3:] == ["three"]
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def test_hostile_megabyte_values_cost_kilobytes_of_memory_and_state(tmp_path, slack):
+    proc, port = start_process(tmp_path, slack, env={"MAX_BODY_BYTES": str(16 << 20)})
+    try:
+        post_to(port, webhook(make_alert(name="Warm")))
+        baseline = rss_mb(proc.pid)
+        state_before = sum(p.stat().st_size for p in tmp_path.glob("threads.json*"))
+        for i in range(120):
+            huge = f"{i:04d}" + "x" * (1 << 20)
+            alert = make_alert(name=f"Huge{i}", service="svc-" + huge, instance="host-" + huge, team="t" + huge,
+                               summary=f"Huge {i}", fingerprint=f"{i:016x}")
+            alert["annotations"]["runbook_url"] = "https://runbooks.example.com/" + huge
+            alert["generatorURL"] = "http://prometheus.example.com/graph?g0.expr=" + huge
+            status, body = post_to(port, webhook(alert, group_key="{}:{x=\"" + huge + "\"}"), timeout=60)
+            assert status == 200 and body["results"][0]["action"] == "posted"
+            assert len(body["results"][0]["key"]) < 1000
+        grown = rss_mb(proc.pid) - baseline
+        state_grown = sum(p.stat().st_size for p in tmp_path.glob("threads.json*")) - state_before
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    assert grown < 120, f"resident memory grew by {grown:.0f} MB"
+    assert state_grown < 120 * 64 * 1024, f"the state grew by {state_grown / 1e6:.1f} MB"
+    assert len(slack.messages) == 121
 
 
 # ---------------------------------------------------------------------------
