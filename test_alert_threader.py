@@ -851,8 +851,7 @@ def test_slack_answers_in_chunks_or_closing_the_connection_are_read(start, slack
     assert len(slack.messages) == 7 and len([c for c in slack.calls if c.method == "chat.postMessage"]) == 7
 
 
-@pytest.fixture
-def tls_slack(tmp_path, monkeypatch):
+def make_tls_slack(tmp_path: Path, monkeypatch: Any) -> FakeSlack:
     """A fake Slack over HTTPS with a throw-away certificate for 127.0.0.1, trusted through SSL_CERT_FILE."""
     import ssl
     cert, key = tmp_path / "slack-cert.pem", tmp_path / "slack-key.pem"
@@ -862,7 +861,20 @@ def tls_slack(tmp_path, monkeypatch):
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the service's default context trusts only this
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(str(cert), str(key))
-    fake = FakeSlack(tls=context)
+    return FakeSlack(tls=context)
+
+
+@pytest.fixture
+def tls_slack(tmp_path, monkeypatch):
+    fake = make_tls_slack(tmp_path, monkeypatch)
+    yield fake
+    fake.close()
+
+
+@pytest.fixture(params=["http", "https"])
+def any_slack(request, tmp_path, monkeypatch):
+    """The fake Slack over plain HTTP, then over TLS as the real one speaks."""
+    fake = FakeSlack() if request.param == "http" else make_tls_slack(tmp_path, monkeypatch)
     yield fake
     fake.close()
 
@@ -3089,39 +3101,39 @@ def slack_client(url: str, timeout: float = 2.0) -> at.SlackClient:
     return at.SlackClient(url, SLACK_TOKEN, timeout, at.Metrics())
 
 
-def test_a_half_received_answer_is_never_sent_again(slack):
-    client = slack_client(slack.url)
+def test_a_half_received_answer_is_never_sent_again(any_slack):
+    client = slack_client(any_slack.url)
     client.call("chat.postMessage", {"channel": "C0ALERTS", "text": "first"})  # the connection is kept
-    slack.fail("chat.postMessage", {"partial": True})
+    any_slack.fail("chat.postMessage", {"partial": True})
     with pytest.raises(at.SlackError) as failed:
         client.call("chat.postMessage", {"channel": "C0ALERTS", "text": "second"})
     assert failed.value.kind == at.TRANSIENT
-    assert [c.payload["text"] for c in slack.calls] == ["first", "second"], "sent once, not re-sent"
+    assert [c.payload["text"] for c in any_slack.calls] == ["first", "second"], "sent once, not re-sent"
     assert client.metrics.total("alert_threader_slack_resends_total") == 0
 
 
-def test_a_kept_connection_closed_by_slack_is_used_for_nothing_more(slack):
-    client = slack_client(slack.url)
-    slack.fail("chat.postMessage", {"close": True})  # answered, then Slack closes the idle connection
+def test_a_kept_connection_closed_by_slack_is_used_for_nothing_more(any_slack):
+    client = slack_client(any_slack.url)
+    any_slack.fail("chat.postMessage", {"close": True})  # answered, then Slack closes the idle connection
     client.call("chat.postMessage", {"channel": "C0ALERTS", "text": "one"})
     wait_for(lambda: at.peer_closed(client._local.conn.sock), what="Slack's close to arrive")
     client.call("chat.postMessage", {"channel": "C0ALERTS", "text": "two"})
-    assert [c.payload["text"] for c in slack.calls] == ["one", "two"]
+    assert [c.payload["text"] for c in any_slack.calls] == ["one", "two"]
     assert client.metrics.total("alert_threader_slack_resends_total") == 0
 
 
-def test_a_request_closed_without_a_byte_of_answer_is_sent_once_more_and_counted(slack, caplog):
-    client = slack_client(slack.url)
+def test_a_request_closed_without_a_byte_of_answer_is_sent_once_more_and_counted(any_slack):
+    client = slack_client(any_slack.url)
     client.call("chat.postMessage", {"channel": "C0ALERTS", "text": "one"})
-    slack.fail("chat.postMessage", {"drop": True})  # closed with no answer: the idle-connection race
+    any_slack.fail("chat.postMessage", {"drop": True})  # closed with no answer: the idle-connection race
     assert client.call("chat.postMessage", {"channel": "C0ALERTS", "text": "two"})["ok"]
-    assert [c.payload["text"] for c in slack.calls] == ["one", "two", "two"]
+    assert [c.payload["text"] for c in any_slack.calls] == ["one", "two", "two"]
     assert client.metrics.total("alert_threader_slack_resends_total") == 1
-    slack.fail("chat.postMessage", {"drop": True}, {"drop": True})  # a fresh connection is never re-sent
+    any_slack.fail("chat.postMessage", {"drop": True}, {"drop": True})  # a fresh connection is never re-sent
     client._drop_connection()
     with pytest.raises(at.SlackError):
         client.call("chat.postMessage", {"channel": "C0ALERTS", "text": "three"})
-    assert [c.payload["text"] for c in slack.calls][3:] == ["three"]
+    assert [c.payload["text"] for c in any_slack.calls][3:] == ["three"]
 
 
 def rss_mb(pid: int) -> float:
