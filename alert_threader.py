@@ -34,6 +34,7 @@ import hmac
 import html
 import http.client
 import http.server
+import ipaddress
 import itertools
 import json
 import logging
@@ -82,6 +83,8 @@ class BadRequest(ThreaderError):
 
 ELLIPSIS = "…"
 ZERO_TIME = "0001-01-01T00:00:00Z"
+FIRST_EPOCH = datetime(1, 1, 1, tzinfo=timezone.utc).timestamp()
+LAST_EPOCH = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp()
 RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
 
 
@@ -149,13 +152,15 @@ def parse_time(text: str) -> Optional[float]:
     if zone not in "Zz":
         sign = 1 if zone[0] == "+" else -1
         epoch -= sign * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
-    return epoch
+    # Past the end of year 9999 (by rounding, or by an offset) no date can be written: the last second stands in.
+    return min(epoch, LAST_EPOCH)
 
 
 def format_time(epoch: Optional[float]) -> str:
     if epoch is None:
         return "unknown"
-    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    moment = datetime.fromtimestamp(max(FIRST_EPOCH, min(epoch, LAST_EPOCH)), timezone.utc)
+    return f"{moment.year:04d}-{moment:%m-%d %H:%M:%S} UTC"
 
 
 def format_duration(seconds: float) -> str:
@@ -477,24 +482,39 @@ class Config:
         return not self.slack_bot_token
 
     def secrets(self) -> List[str]:
-        return [s for s in (self.slack_bot_token, self.webhook_token, redis_password(self.redis_url)) if s]
+        return [s for s in (self.slack_bot_token, self.webhook_token, *redis_passwords(self.redis_url)) if s]
 
 
-def redis_password(url: str) -> Optional[str]:
+QUERY_PASSWORD = re.compile(r"(?i)((?:^|&)password=)([^&]*)")
+
+
+def redis_passwords(url: str) -> List[str]:
+    """Every form in which a Redis URL carries a password (user:pw@ and ?password=), raw and decoded."""
     try:
-        return urllib.parse.urlsplit(url).password
+        parts = urllib.parse.urlsplit(url)
+        password = parts.password
     except ValueError:
-        return None
+        return []
+    found = [password] if password else []
+    found += [match.group(2) for match in QUERY_PASSWORD.finditer(parts.query) if match.group(2)]
+    return found + [urllib.parse.unquote(p) for p in found]
 
 
 def redact_url(url: str) -> str:
-    """The URL with any password replaced, for logs and endpoints."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    """The URL with any password replaced, for logs, endpoints and check."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "(a malformed URL)"
+    if password is not None:
+        user, host = parts.netloc.rsplit("@", 1)
+        parts = parts._replace(netloc=f"{user.split(':', 1)[0]}:***@{host}")
+    parts = parts._replace(query=QUERY_PASSWORD.sub(lambda m: m.group(1) + "***", parts.query))
+    redacted = urllib.parse.urlunsplit(parts)
+    if not parts.netloc and url.startswith(parts.scheme + "://"):  # unix:///path: urlunsplit drops the //
+        redacted = parts.scheme + "://" + redacted[len(parts.scheme) + 1:]
+    return redacted
 
 
 def flag_name(variable: str) -> str:
@@ -505,6 +525,8 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("settings (each flag wins over its environment variable)")
     for variable, default, help_text in SETTINGS:
         shown = "" if default is None or variable in SECRET_SETTINGS else f" (default: {default})"
+        if variable in SECRET_SETTINGS:
+            shown = f" (as a variable only: the flag is refused, use {flag_name(variable + '_FILE')})"
         group.add_argument(flag_name(variable), dest=variable, metavar="VALUE",
                            help=f"{variable}: {help_text}{shown}")
 
@@ -518,6 +540,16 @@ def _read_secret_file(variable: str, path: str) -> str:
     if not value:
         raise ConfigError(f"{variable}: {path} is empty")
     return value
+
+
+def check_channel_id(variable: str, channel: str) -> None:
+    """Slack takes a channel's name for posting but only its ID for edits and reactions: IDs only."""
+    if re.fullmatch(r"[A-Z0-9][A-Z0-9_-]{1,79}", channel):
+        return
+    if re.fullmatch(r"#?[a-z0-9][a-z0-9._-]{0,79}", channel):
+        raise ConfigError(f"{variable}: {channel!r} is a channel name; give its ID instead (in Slack: the channel's "
+                          "name > About, at the bottom: Channel ID, like C0123456789)")
+    raise ConfigError(f"{variable}: {channel!r} is not a channel ID like C0123456789")
 
 
 def load_config(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
@@ -541,6 +573,11 @@ def load_config(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
             raise ConfigError(f"{variable}={text} is out of range ({bounds})")
         return value
 
+    for variable in sorted(SECRET_SETTINGS):
+        if getattr(args, variable, None) is not None:
+            raise ConfigError(f"{flag_name(variable)}: a secret on the command line is visible to every user in ps; "
+                              f"use {flag_name(variable + '_FILE')} FILE, or the {variable}_FILE or {variable} "
+                              "variable")
     for variable in ("SLACK_BOT_TOKEN", "WEBHOOK_TOKEN"):
         path = raw[variable + "_FILE"]
         if path:
@@ -556,15 +593,13 @@ def load_config(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
         raise ConfigError("WEBHOOK_TOKEN must be at least 16 printable characters without spaces")
 
     channel = raw["SLACK_CHANNEL"]
-    channel_re = r"[A-Z0-9][A-Z0-9_-]{1,79}|#[a-z0-9][a-z0-9_-]{0,79}"
-    if channel and not re.fullmatch(channel_re, channel):
-        raise ConfigError(f"SLACK_CHANNEL={channel!r} is not a channel ID like C0123456789")
+    if channel:
+        check_channel_id("SLACK_CHANNEL", channel)
     if not channel and token:
         raise ConfigError("SLACK_CHANNEL is required when SLACK_BOT_TOKEN is set")
     channels = tuple(c.strip() for c in (raw["SLACK_CHANNELS"] or "").split(",") if c.strip())
     for c in channels:
-        if not re.fullmatch(channel_re, c):
-            raise ConfigError(f"SLACK_CHANNELS: {c!r} is not a channel ID")
+        check_channel_id("SLACK_CHANNELS", c)
     if channel and channel not in channels:
         channels = (channel,) + channels
 
@@ -643,6 +678,13 @@ def load_config(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
 # Logging and metrics
 # ---------------------------------------------------------------------------
 
+def redact(text: str, secrets: Sequence[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
 class RedactingFilter(logging.Filter):
     """Last line of defence: no secret leaves through a log record."""
 
@@ -651,9 +693,7 @@ class RedactingFilter(logging.Filter):
         self.secrets = [s for s in secrets if s]
 
     def _redact(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
+        return redact(text, self.secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -913,6 +953,9 @@ class ThreadStore:
     def put_many(self, records: Dict[str, Dict[str, Any]]) -> None:
         raise NotImplementedError
 
+    def flush(self) -> None:
+        """Every change durable on return; raises StoreError when that cannot be done."""
+
     def locked(self, keys: Sequence[str]) -> Any:
         return self._key_locks.hold(keys, self.lock_timeout)
 
@@ -1144,13 +1187,17 @@ class FileStore(ThreadStore):
                     self._append(("\n".join(lines) + "\n").encode())
             except OSError as e:
                 self._needs_fold = True  # memory holds every change: the next commit writes them all
+                first = self.write_error is None
                 self.write_error = f"{e.strerror or e} ({self.path})"
                 self._count("write", error=True)
-                log_event(logging.ERROR, "cannot write thread store; threads are kept in memory and the write is "
-                          "retried", file=self.path, error=e.strerror or str(e))
-                return
+                if first:
+                    log_event(logging.ERROR, "cannot write thread store; webhooks are answered 503 (Alertmanager "
+                              "retries them) until a write succeeds", file=self.path, error=e.strerror or str(e))
+                raise StoreError(f"cannot write {self.path}: {e.strerror or e}") from None
             self._needs_fold = False
             self._durable = max(self._durable, version)
+            if self.write_error is not None:
+                log_event(logging.INFO, "thread store written again", file=self.path)
             self.write_error = None
 
     def _append(self, data: bytes) -> None:
@@ -1239,7 +1286,7 @@ class FileStore(ThreadStore):
         return store.items()
 
     def flush(self) -> None:
-        """Retry a commit that failed earlier."""
+        """Make every change durable now (after a failed write: retry it); raises StoreError if it cannot."""
         with self._lock:
             version = self._version
         if version > self._durable:
@@ -1283,6 +1330,8 @@ class FileStore(ThreadStore):
         return len(stale)
 
     def health(self) -> Dict[str, Any]:
+        with contextlib.suppress(StoreError):
+            self.flush()  # a disk that has recovered shows so at once
         status: Dict[str, Any] = {"ok": self.write_error is None,
                                   "file_status": "ok" if self.write_error is None else "write failing"}
         if self.write_error:
@@ -1343,8 +1392,10 @@ class RedisStore(ThreadStore):
         from redis.retry import Retry
         # No client-side retries: an outage must fail fast so alerts go out without threading
         # (newer redis-py retries three times with backoff by default).
-        self._client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout,
-                                            decode_responses=True, retry=Retry(NoBackoff(), 0))
+        timeouts = {"socket_timeout": timeout}
+        if not url.startswith("unix:"):  # a unix socket connects at once; redis-py 4.3 refuses this there
+            timeouts["socket_connect_timeout"] = timeout
+        self._client = redis.Redis.from_url(url, decode_responses=True, retry=Retry(NoBackoff(), 0), **timeouts)
         self._release_lock = self._client.register_script(RELEASE_LOCK_LUA)
         self._extend_lock = self._client.register_script(EXTEND_LOCK_LUA)
         self._lock = threading.Lock()
@@ -1523,6 +1574,14 @@ class RedisStore(ThreadStore):
         except StoreError:
             return dropped
 
+    def probe(self) -> Optional[str]:
+        """Why Redis cannot be used now (None if it answers), without the outage bookkeeping."""
+        try:
+            self._client.ping()
+        except self._errors as e:
+            return f"{type(e).__name__}: {truncate(str(e), 200)}"
+        return None
+
     def health(self) -> Dict[str, Any]:
         try:
             self._run("ping", self._client.ping)
@@ -1615,7 +1674,7 @@ class SlackError(ThreaderError):
 class SlackAPI:
     """Calls Slack's Web API; keeps the recent calls for /preview."""
 
-    def __init__(self, metrics: Metrics, keep: int = 300) -> None:
+    def __init__(self, metrics: Metrics, keep: Optional[int] = 300) -> None:
         self.metrics = metrics
         # (time, method, the JSON body sent, the answer's ts): bytes, not dicts, so that
         # the history costs little memory and nothing to the garbage collector.
@@ -1644,19 +1703,18 @@ class SlackAPI:
 
 
 class DryRunSlack(SlackAPI):
-    """Logs what would be sent and answers like Slack would."""
+    """Logs what would be sent and answers like Slack would, with a ts of the moment it was sent."""
 
-    def __init__(self, metrics: Metrics, quiet: bool = False) -> None:
-        super().__init__(metrics)
+    def __init__(self, metrics: Metrics, quiet: bool = False, keep: Optional[int] = 300) -> None:
+        super().__init__(metrics, keep)
         self.quiet = quiet
         self._seq = itertools.count(1)
-        self._base = int(time.time())
 
     def _call(self, method: str, body: bytes) -> Dict[str, Any]:
         payload = json.loads(body)
         if not self.quiet:
             log_event(logging.INFO, f"dry-run: would call {method} {json.dumps(payload, ensure_ascii=False)}")
-        ts = f"{self._base}.{next(self._seq):06d}"
+        ts = f"{int(time.time())}.{next(self._seq) % 1000000:06d}"  # unique, like Slack's, and the send time
         return {"ok": True, "ts": payload.get("ts", ts), "channel": payload.get("channel")}
 
 
@@ -2196,6 +2254,7 @@ class Threader:
         error: Optional[str] = None
         try:
             self._deliver(delivery, groups)
+            self.store.flush()  # a retry that finds its alerts told must not be answered before they are durable
         except SlackUnavailable as e:
             error = f"{e} ({e.cause.hint})"
         except SlackError as e:  # a thread that could not be mended: Alertmanager retries later
@@ -2713,7 +2772,18 @@ Response = Tuple[int, Any, Dict[str, str]]
 ROUTES = {"/alert": ("POST",), "/health": ("GET", "HEAD"), "/stats": ("GET",), "/cache": ("GET", "DELETE"),
           "/metrics": ("GET", "HEAD"), "/preview": ("GET",), "/": ("GET", "HEAD")}
 PROTECTED = {("POST", "/alert"), ("GET", "/cache"), ("DELETE", "/cache"), ("GET", "/preview")}
+# What shows or changes the stored alerts: with no WEBHOOK_TOKEN, only for clients on this machine.
+LOCAL_ONLY = {("GET", "/cache"), ("DELETE", "/cache"), ("GET", "/preview")}
 TAKES_BODY = {("POST", "/alert")}
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
 
 
 @dataclasses.dataclass
@@ -2725,12 +2795,13 @@ class Request:
     query: Dict[str, List[str]]
     headers: Any  # http.client.HTTPMessage: case-insensitive get()
     length: Optional[int]  # the declared Content-Length, None without one
+    client: str = "127.0.0.1"  # the peer's address
 
     @classmethod
-    def parse(cls, method: str, target: str, headers: Any, length: Optional[int]) -> "Request":
+    def parse(cls, method: str, target: str, headers: Any, length: Optional[int], client: str) -> "Request":
         parts = urllib.parse.urlsplit(target)
         return cls(method=method, path=parts.path.rstrip("/") or "/",
-                   query=urllib.parse.parse_qs(parts.query), headers=headers, length=length)
+                   query=urllib.parse.parse_qs(parts.query), headers=headers, length=length, client=client)
 
 
 def error(status: int, message: str, **headers: str) -> Response:
@@ -2797,6 +2868,9 @@ class App:
         if (method, path) in PROTECTED and not self.authorized(request.headers, allow_basic=path == "/preview"):
             challenge = 'Basic realm="alert-threader"' if path == "/preview" else 'Bearer realm="alert-threader"'
             return error(401, "missing or wrong bearer token (WEBHOOK_TOKEN)", **{"WWW-Authenticate": challenge})
+        if (method, path) in LOCAL_ONLY and not self.config.webhook_token and not is_loopback(request.client):
+            return error(403, f"{path} shows the stored alerts: with no WEBHOOK_TOKEN set it answers only on this "
+                              "machine; set WEBHOOK_TOKEN to use it from elsewhere")
         if path == "/alert" and "channel" in request.query:
             channel = request.query["channel"][-1]
             if channel not in self.config.slack_channels:
@@ -2968,7 +3042,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return error(400, "Content-Length must be a non-negative integer")
         self.unread = int(length) if length is not None else 0
         self.request_info = Request.parse(self.command, self.path, headers,
-                                          int(length) if length is not None else None)
+                                          int(length) if length is not None else None, self.client_address[0])
         return None
 
     def refusal(self) -> Optional[Response]:
@@ -3263,6 +3337,13 @@ def start_service(config: Config) -> Service:
     log_event(logging.INFO, f"alert-threader {__version__} listening on {config.host or '*'}:{service.port} "
               f"({service.url} from this machine)", store=config.thread_store, **where,
               channel=service.threader.default_channel, environment=config.environment)
+    if config.webhook_token:
+        log_event(logging.INFO, "WEBHOOK_TOKEN is set: POST /alert, /cache and /preview need it; "
+                  "/health, /metrics and /stats are open")
+    else:
+        log_event(logging.WARNING, f"no WEBHOOK_TOKEN: POST /alert takes webhooks from anyone who can reach "
+                  f"{config.host or '*'}:{service.port}; /cache and /preview answer only this machine")
+    service.store.health()  # a store out of reach is said now, not when the first alert arrives
     if config.dry_run:
         log_event(logging.WARNING, "DRY-RUN: no SLACK_BOT_TOKEN is set, so nothing is posted to Slack; "
                   f"every payload is logged and shown on {service.url}/preview")
@@ -3275,12 +3356,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("command", nargs="?", default="serve", choices=("serve", "render", "check"),
                         help="serve (default), render FILE, or check")
     parser.add_argument("file", nargs="?", help="for render: an Alertmanager webhook JSON file, or - for stdin")
+    parser.add_argument("--payload", type=int, metavar="N",
+                        help="for render: print only the Nth call's message, as Block Kit Builder takes it")
     parser.add_argument("--version", action="version", version=f"alert-threader {__version__}")
     add_setting_flags(parser)
     return parser
 
 
-def cmd_render(config: Config, path: Optional[str]) -> int:
+def cmd_render(config: Config, path: Optional[str], payload: Optional[int] = None) -> int:
     """Print the Slack calls a webhook file would cause on an empty store: no network, no state."""
     if not path:
         print("alert-threader: render needs a webhook JSON file (or - for stdin)", file=sys.stderr)
@@ -3296,11 +3379,20 @@ def cmd_render(config: Config, path: Optional[str]) -> int:
         print(f"alert-threader: {path}: {e}", file=sys.stderr)
         return 1
     metrics = Metrics()
-    slack = DryRunSlack(metrics, quiet=True)
+    slack = DryRunSlack(metrics, quiet=True, keep=None)  # every call, however many
     threader = Threader(config, FileStore(None, metrics), slack, metrics)
     threader.handle(hook)
-    calls = [{"method": method, "payload": payload} for _, method, payload, _ in slack.recent_calls()]
-    print(json.dumps(calls, indent=2, ensure_ascii=False))
+    calls = [{"method": method, "payload": sent} for _, method, sent, _ in slack.recent_calls()]
+    if payload is None:
+        print(json.dumps(calls, indent=2, ensure_ascii=False))
+        return 0
+    if not 1 <= payload <= len(calls) or not {"blocks", "attachments"} & set(calls[payload - 1]["payload"]):
+        print(f"alert-threader: --payload {payload}: the webhook makes {len(calls)} calls; "
+              "choose one that posts or updates a message", file=sys.stderr)
+        return 2
+    message = calls[payload - 1]["payload"]
+    print(json.dumps({k: message[k] for k in ("blocks", "attachments") if k in message}, indent=2,
+                     ensure_ascii=False))
     return 0
 
 
@@ -3316,13 +3408,16 @@ def cmd_check(config: Config) -> int:
             where = f"{config.thread_store_file}, {threads} threads"
         else:
             store = open_store(config, metrics)
-            health = store.health()
-            store.close()
-            if not health["ok"]:
-                raise StoreError(health.get("store_error", "unreachable"))
+            try:
+                problem = store.probe()  # type: ignore[attr-defined]
+            finally:
+                store.close()
+            if problem:
+                raise StoreError(f"cannot reach Redis at {redact_url(config.redis_url)} ({problem}). Fix: start "
+                                 "redis-server, or correct REDIS_URL; redis-cli -u URL ping tells whether it answers")
             where = redact_url(config.redis_url)
     except (ConfigError, StoreError) as e:
-        print(f"store: FAILED: {e}")
+        print(f"store: FAILED: {redact(str(e), config.secrets())}")
         return 1
     print(f"store: OK ({where})")
     if config.dry_run:
@@ -3349,7 +3444,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"alert-threader: {e}", file=sys.stderr)
         return 2
     if args.command == "render":
-        return cmd_render(config, args.file)
+        return cmd_render(config, args.file, args.payload)
     if args.command == "check":
         return cmd_check(config)
     setup_logging(config)

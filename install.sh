@@ -83,10 +83,10 @@ Settings:
 
 Actions:
   --yes, -y                   ask nothing; defaults for anything not given
-  --uninstall                 stop and remove the service, its code and its
-                              settings; keep the thread state
-  --purge                     with --uninstall: remove the thread state and
-                              this script's Redis settings too
+  --uninstall                 stop and remove the service and its code; keep
+                              the settings (with the tokens) and the thread state
+  --purge                     with --uninstall: remove the settings, the
+                              thread state and this script's Redis settings too
   --root DIR                  write the files under DIR instead of /, without
                               running systemctl, apt-get or curl (packaging)
   --help, -h                  show this help
@@ -849,19 +849,35 @@ do_uninstall() {
     if ((STAGING)) || command -v systemctl >/dev/null; then
         run systemctl disable --now "$SERVICE" || warn "could not stop $SERVICE (not installed?)"
     fi
-    local path
-    for path in "$UNIT_FILE" "$CODE_DIR" "$CONF_DIR"; do
+    local path state=()
+    for path in "$UNIT_FILE" "$CODE_DIR"; do
         if [[ -e $path ]]; then
             rm -rf -- "$path"
             info "    removed $(target "$path")"
         fi
     done
+    for path in "${STATE_DIRS[@]}"; do
+        [[ -e $path ]] && state+=("$path")
+    done
     if ((OPT_PURGE)); then
-        rm -rf -- "${STATE_DIRS[@]}" "$UNIT_DROPINS"
-        info "    removed the thread state ($(target "${STATE_DIRS[0]}"), $(target "${STATE_DIRS[1]}"))"
+        if [[ -e $CONF_DIR ]]; then
+            rm -rf -- "$CONF_DIR"
+            info "    removed the settings and tokens in $(target "$CONF_DIR")"
+        fi
+        rm -rf -- "$UNIT_DROPINS"
+        if ((${#state[@]})); then
+            rm -rf -- "${state[@]}"
+            info "    removed the thread state ($(target "${state[0]}"))"
+        fi
         purge_redis_settings
     else
-        info "    kept the thread state in /var/lib/$SERVICE (remove it with --uninstall --purge)"
+        if [[ -e $CONF_DIR ]]; then
+            info "    kept the settings and tokens in $(target "$CONF_DIR") (a reinstall uses them again;"
+            info "    remove them with --uninstall --purge)"
+        fi
+        if ((${#state[@]})); then
+            info "    kept the thread state in $(target "${state[0]}") (remove it with --uninstall --purge)"
+        fi
     fi
     if ((STAGING)) || command -v systemctl >/dev/null; then
         run systemctl daemon-reload

@@ -259,11 +259,14 @@ def slack():
 # ---------------------------------------------------------------------------
 
 def make_config(settings: Dict[str, str]) -> at.Config:
-    """A Config through the same parser and loader main uses (settings passed as flags)."""
-    argv = []
+    """A Config through the same parser and loader main uses (settings passed as flags, secrets as variables)."""
+    argv, environ = [], {}
     for name, value in settings.items():
-        argv += [at.flag_name(name), str(value)]
-    return at.load_config(at.build_parser().parse_args(argv), {})
+        if name in at.SECRET_SETTINGS:
+            environ[name] = str(value)
+        else:
+            argv += [at.flag_name(name), str(value)]
+    return at.load_config(at.build_parser().parse_args(argv), environ)
 
 
 class Running:
@@ -413,7 +416,10 @@ def test_help_lists_every_setting_with_its_default(tmp_path):
     ("SLACK_API_URL", "ftp://slack.example.com/", "SLACK_API_URL='ftp://slack.example.com/' must be an http(s) URL"),
     ("REOPEN_WINDOW", "soon", "REOPEN_WINDOW='soon' is not a duration"),
     ("STORM_THRESHOLD", "0", "STORM_THRESHOLD=0 is out of range"),
-    ("SLACK_CHANNEL", "not a channel", "SLACK_CHANNEL='not a channel' is not a channel ID"),
+    ("SLACK_CHANNEL", "not a channel", "SLACK_CHANNEL: 'not a channel' is not a channel ID"),
+    ("SLACK_CHANNEL", "#alerts", "SLACK_CHANNEL: '#alerts' is a channel name; give its ID instead (in Slack: "
+                                 "the channel's name > About, at the bottom: Channel ID, like C0123456789)"),
+    ("SLACK_CHANNELS", "C0ALERTS,alerts-db", "SLACK_CHANNELS: 'alerts-db' is a channel name; give its ID"),
     ("LOG_FORMAT", "xml", "LOG_FORMAT='xml' must be text or json"),
 ])
 def test_invalid_setting_stops_startup_with_one_line_naming_it(tmp_path, variable, value, message):
@@ -772,8 +778,9 @@ def test_short_and_failed_journal_writes_never_leave_a_torn_line(tmp_path, monke
     assert store.write_error is None
     assert set(at.FileStore.read(str(tmp_path / "threads.json"))) == {"before", "short"}
     mode["fail"] = True
-    store.put("failed", {"ts": "3.3", "status": "open", "alerts": {}})
-    assert "No space left" in store.write_error and store.health()["ok"] is False
+    with pytest.raises(at.StoreError, match="No space left"):
+        store.put("failed", {"ts": "3.3", "status": "open", "alerts": {}})
+    assert "No space left" in store.write_error
     mode["fail"] = False
     store.put("after", {"ts": "4.4", "status": "open", "alerts": {}})  # folds: the torn bytes are gone
     assert store.write_error is None
@@ -781,6 +788,38 @@ def test_short_and_failed_journal_writes_never_leave_a_torn_line(tmp_path, monke
     again = at.FileStore(str(tmp_path / "threads.json"), at.Metrics())
     assert set(again.items()) == {"before", "short", "failed", "after"} and again.moved_aside is None
     store.close()
+
+
+@pytest.mark.parametrize("error", [errno.EIO, errno.ENOSPC])
+def test_a_failed_state_write_answers_503_until_the_disk_recovers(start, slack, tmp_path, monkeypatch, error):
+    svc = start()
+    real_write = os.write
+
+    def broken(*args: Any) -> None:
+        raise OSError(error, os.strerror(error))
+
+    def broken_write(fd: int, data: Any) -> int:
+        if fd == svc.service.store._journal_fd:
+            raise OSError(error, os.strerror(error))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(at.os, "write", broken_write)
+    monkeypatch.setattr(at.os, "fsync", broken)
+    monkeypatch.setattr(at.os, "fdatasync", broken)
+    answer = svc.alert(webhook(make_alert()), expect=503)
+    assert "thread store: cannot write" in answer.json()["error"] and os.strerror(error) in answer.json()["error"]
+    health = svc.get("/health")
+    assert health.status == 503 and health.json()["status"] == "degraded"
+    assert os.strerror(error) in health.json()["store_error"]
+    again = svc.alert(webhook(make_alert()), expect=503)  # Alertmanager's retry: told, but not yet durable
+    assert [r["action"] for r in again.json()["results"]] == ["unchanged"]
+    monkeypatch.undo()  # the disk recovers
+    assert svc.get("/health").status == 200
+    assert svc.alert(webhook(make_alert())).json()["results"][0]["action"] == "unchanged"
+    assert len(slack.messages) == 1, "posted once, whatever the disk did"
+    assert list(at.FileStore.read(str(tmp_path / "threads.json"))) == [
+        "DatabaseDown|critical|database|prod-eu|production"]
+    assert svc.log.getvalue().count("cannot write thread store") == 1
 
 
 def test_damaged_journal_is_moved_aside_and_reported(tmp_path):
@@ -1111,8 +1150,10 @@ def test_sigterm_finishes_the_webhook_in_flight_and_exits_0(tmp_path, slack):
     assert "stopping: finishing webhooks in flight" in log and "stopped" in log
 
 
-def test_sigkill_at_any_moment_leaves_a_valid_state_file(tmp_path, slack):
+def test_sigkill_at_any_moment_loses_nothing_that_was_answered(tmp_path, slack):
+    """Every webhook answered 200 before a kill -9 is in the state the restart finds; the file is never torn."""
     rng = random.Random(7)
+    answered: Dict[str, str] = {}  # thread key -> the ts an answer named
     sent = 0
     for round_number in range(4):
         proc, port = start_process(tmp_path, slack)
@@ -1122,7 +1163,10 @@ def test_sigkill_at_any_moment_leaves_a_valid_state_file(tmp_path, slack):
             nonlocal sent
             while not stop_sending.is_set():
                 with contextlib.suppress(OSError, http.client.HTTPException, ValueError):
-                    post_to(port, webhook(*[make_alert(name=f"Crash{sent}-{i}") for i in range(3)]), timeout=5)
+                    status, body = post_to(port, webhook(*[make_alert(name=f"Crash{sent}-{i}") for i in range(3)]),
+                                           timeout=5)
+                    if status == 200:
+                        answered.update({r["key"]: r["thread_ts"] for r in body["results"]})
                 sent += 1
 
         sender = threading.Thread(target=keep_sending)
@@ -1134,12 +1178,17 @@ def test_sigkill_at_any_moment_leaves_a_valid_state_file(tmp_path, slack):
         sender.join(10)
         document = json.loads((tmp_path / "threads.json").read_text())
         assert isinstance(document["threads"], dict)
+        after_restart = at.FileStore.read(str(tmp_path / "threads.json"))  # snapshot and journal, as a restart
+        missing = {key for key in answered if key not in after_restart}
+        assert not missing, f"answered 200, then lost in round {round_number}: {sorted(missing)[:3]}"
+        assert all(after_restart[key]["ts"] == ts for key, ts in answered.items())
+    assert len(answered) >= 12, "the kills came before anything was answered: the test proved nothing"
     proc, port = start_process(tmp_path, slack)
     try:
         assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         conn.request("GET", "/health")
-        assert json.loads(conn.getresponse().read())["cached_threads"] >= 1
+        assert json.loads(conn.getresponse().read())["cached_threads"] >= len(answered)
     finally:
         proc.terminate()
         proc.wait(20)
@@ -1550,6 +1599,58 @@ def test_secrets_never_reach_logs_errors_endpoints_or_help(tmp_path, slack, star
         assert secret not in everything  # ...the secrets are not
 
 
+@pytest.mark.parametrize("flag, value", [("--slack-bot-token", SLACK_TOKEN), ("--webhook-token", WEBHOOK_TOKEN)])
+def test_secrets_are_refused_as_flag_values_which_ps_shows(tmp_path, flag, value):
+    result = run_cli(flag, value, "--port", "0", cwd=tmp_path)
+    assert result.returncode == 2
+    message = result.stderr.decode()
+    assert f"{flag}: a secret on the command line is visible to every user in ps; use {flag}-file FILE" in message
+    assert value not in message + result.stdout.decode()
+
+
+@pytest.mark.parametrize("url, password", [
+    ("redis://:pw-one-SECRET@127.0.0.1:{port}/0", "pw-one-SECRET"),
+    ("redis://alice:pw-two-SECRET@127.0.0.1:{port}/0", "pw-two-SECRET"),
+    ("redis://127.0.0.1:{port}/0?password=pw-three-SECRET", "pw-three-SECRET"),
+    ("redis://127.0.0.1:{port}/0?db=0&password=pw%2Dfour%2DSECRET", "pw-four-SECRET"),
+])
+def test_redis_password_is_redacted_in_every_form_the_url_carries_it(start, slack, tmp_path, url, password):
+    url = url.format(port=free_port())  # nothing listens: the start-up line, the outage and check all name it
+    svc = start(THREAD_STORE="redis", REDIS_URL=url)
+    log_text = svc.log.getvalue()
+    assert "listening on" in log_text and "redis unreachable" in log_text.split("listening on", 1)[1], \
+        "an unreachable Redis is said at start"
+    seen = [log_text, svc.get("/health").text, svc.get("/stats").text]
+    result = run_cli("check", cwd=tmp_path, env={"THREAD_STORE": "redis", "REDIS_URL": url})
+    seen += [result.stdout.decode(), result.stderr.decode()]
+    assert result.returncode == 1
+    assert result.stdout.decode().splitlines()[1].startswith("store: FAILED: cannot reach Redis at redis://")
+    assert "alerts are still posted" not in result.stdout.decode() + result.stderr.decode(), \
+        "check reads as a check, not as the service's outage message"
+    everything = "\n".join(seen)
+    assert "***" in everything
+    assert password not in everything and "SECRET" not in everything
+
+
+def test_without_a_webhook_token_stored_alerts_answer_only_this_machine(start, slack):
+    svc = start()
+    svc.alert(webhook(make_alert()))
+    assert "no WEBHOOK_TOKEN: POST /alert takes webhooks from anyone" in svc.log.getvalue()
+    assert "/cache and /preview answer only this machine" in svc.log.getvalue()
+    assert svc.get("/cache").json()["cached_threads"] == 1  # the seed's curl smoke tests on localhost
+    app = svc.service.app
+    for method, path in (("GET", "/cache"), ("DELETE", "/cache"), ("GET", "/preview")):
+        for client in ("192.0.2.10", "2001:db8::1", "::ffff:192.0.2.10"):
+            request = at.Request.parse(method, path, http.client.HTTPMessage(), 0, client)
+            status, body, _ = app.route(request, lambda: b"")
+            assert status == 403 and "WEBHOOK_TOKEN" in body["error"], (method, path, client)
+        for client in ("127.0.0.1", "::1", "::ffff:127.0.0.1", "127.8.9.10"):
+            assert app.refusal(at.Request.parse(method, path, http.client.HTTPMessage(), 0, client)) is None
+    health = at.Request.parse("GET", "/health", http.client.HTTPMessage(), 0, "192.0.2.10")
+    assert app.route(health, lambda: b"")[0] == 200
+    assert svc.get("/cache").json()["cached_threads"] == 1, "nothing was cleared"
+
+
 # ---------------------------------------------------------------------------
 # install.sh and the systemd unit (every install.sh run is staged with --root)
 # ---------------------------------------------------------------------------
@@ -1571,8 +1672,12 @@ def run_install(root: Path, *args: str, input: Optional[str] = None, timeout: fl
 
 def read_env(path: Path) -> dict:
     """KEY=value lines as systemd's EnvironmentFile= reads the plain ones install.sh writes."""
+    return read_env_text(path.read_text())
+
+
+def read_env_text(text: str) -> dict:
     values = {}
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             key, _, value = line.partition("=")
             values[key.strip()] = value
@@ -1772,17 +1877,30 @@ def make_state(root: Path) -> Path:
     return private
 
 
-def test_uninstall_removes_the_service_and_keeps_the_state(installed):
+def test_uninstall_removes_the_service_and_keeps_the_settings_and_state(installed):
     root, _ = installed
     private = make_state(root)
+    settings = (root / "etc/alert-threader/alert-threader.env").read_text()
     result = run_install(root, "--uninstall")
     assert result.returncode == 0, result.stderr
     assert not (root / "opt/alert-threader").exists()
-    assert not (root / "etc/alert-threader").exists()
     assert not (root / "etc/systemd/system/alert-threader.service").exists()
+    assert (root / "etc/alert-threader/alert-threader.env").read_text() == settings, "the tokens are kept"
+    assert "kept the settings and tokens in" in result.stdout and "--uninstall --purge" in result.stdout
     assert (private / "threads.json").read_text() == "{}"
     assert (root / "var/lib/alert-threader/threads.json").exists()
+    assert "kept the thread state in" in result.stdout
     assert "would run: systemctl disable --now alert-threader" in result.stdout
+    again = run_install(root, "--yes")  # a reinstall finds the settings it had
+    assert again.returncode == 0, again.stderr
+    assert read_env(root / "etc/alert-threader/alert-threader.env") == read_env_text(settings)
+
+
+def test_uninstall_says_nothing_of_state_that_was_never_there(tmp_path):
+    root = tmp_path / "root"
+    result = run_install(root, "--uninstall")
+    assert result.returncode == 0, result.stderr
+    assert "thread state" not in result.stdout and "kept the settings" not in result.stdout
 
 
 def test_uninstall_purge_removes_the_state(installed):
@@ -2076,12 +2194,16 @@ class RedisServer:
         self.directory = directory
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        # A unix socket's path must be short (108 bytes): not under pytest's long tmp_path.
+        self.socket_dir = tempfile.mkdtemp(prefix="redis-", dir="/tmp")
+        self.unix_url = f"unix://{self.socket_dir}/redis.sock?db=0"
         self.proc: Optional[subprocess.Popen] = None
         self.start()
 
     def start(self) -> None:
         self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.directory)],
+                                      "--appendonly", "no", "--dir", str(self.directory),
+                                      "--unixsocket", f"{self.socket_dir}/redis.sock", "--unixsocketperm", "700"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(self.ping, what="redis-server to answer PING")
 
@@ -2098,24 +2220,29 @@ class RedisServer:
             self.proc.terminate()
             self.proc.wait(10)
 
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+
 
 @pytest.fixture
 def redis_server(tmp_path):
     server = RedisServer(tmp_path)
     yield server
-    server.stop()
+    server.remove()
 
 
-@pytest.fixture(params=["file", "redis"])
+@pytest.fixture(params=["file", "redis", "redis-unix"])
 def store(request, tmp_path):
     """Each store, twice over the same backing state (to test what survives a restart)."""
     made: List[at.ThreadStore] = []
-    if request.param == "redis":
+    if request.param.startswith("redis"):
         server = RedisServer(tmp_path)
-        request.addfinalizer(server.stop)
+        request.addfinalizer(server.remove)
+        url = server.unix_url if request.param == "redis-unix" else server.url
 
         def make() -> at.ThreadStore:
-            made.append(at.RedisStore(server.url, "threader:ts", at.Metrics(), retention=3600, lease=5))
+            made.append(at.RedisStore(url, "threader:ts", at.Metrics(), retention=3600, lease=5))
             return made[-1]
     else:
         def make() -> at.ThreadStore:
@@ -2215,7 +2342,22 @@ def test_redis_url_with_password_and_database(start, slack, tmp_path):
         assert db3.keys("threader:ts:*") == ["threader:ts:DatabaseDown|critical|database|prod-eu|production"]
         assert "s3cret-redis-pass" not in svc.log.getvalue() + svc.get("/health").text + svc.get("/stats").text
     finally:
-        server.stop()
+        server.remove()
+
+
+def test_redis_over_a_unix_socket_serves_webhooks_and_check(start, slack, redis_server, tmp_path):
+    svc = start(THREAD_STORE="redis", REDIS_URL=redis_server.unix_url)
+    posted = svc.alert(webhook(make_alert())).json()["results"][0]
+    assert posted["action"] == "posted"
+    stored = redis_server.client().get("threader:ts:DatabaseDown|critical|database|prod-eu|production")
+    assert json.loads(stored)["ts"] == posted["thread_ts"]
+    assert svc.alert(webhook(make_alert())).json()["results"][0]["action"] == "unchanged"
+    assert svc.get("/health").json()["redis_status"] == "connected"
+    result = run_cli("check", cwd=tmp_path, env={"THREAD_STORE": "redis", "REDIS_URL": redis_server.unix_url,
+                                                 "SLACK_BOT_TOKEN": SLACK_TOKEN, "SLACK_CHANNEL": "C0ALERTS",
+                                                 "SLACK_API_URL": slack.url})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"store: OK ({redis_server.unix_url})" in result.stdout.decode()
 
 
 def test_redis_key_prefix_is_configurable(start, slack, redis_server):
@@ -2760,6 +2902,23 @@ def test_render_prints_the_exact_payloads_without_network_or_state(start, slack,
         payload.pop("thread_ts", None)
         payload.pop("ts", None)
     assert rendered == sent
+
+
+def test_render_prints_every_call_and_one_payload_for_block_kit_builder(tmp_path):
+    alerts = [make_alert(name=f"Many{i:03d}") for i in range(350)]
+    (tmp_path / "hook.json").write_text(json.dumps(webhook(*alerts)))
+    result = run_cli("render", str(tmp_path / "hook.json"), cwd=tmp_path, env={"STORM_THRESHOLD": "1000"})
+    assert result.returncode == 0, result.stderr
+    calls = json.loads(result.stdout)
+    assert len(calls) == 350, "every call, not only the last 300"
+    assert "Many000" in visible_text(calls[0]["payload"]) and "Many349" in visible_text(calls[-1]["payload"])
+    one = run_cli("render", str(tmp_path / "hook.json"), "--payload", "2", cwd=tmp_path,
+                  env={"STORM_THRESHOLD": "1000"})
+    builder = json.loads(one.stdout)
+    assert set(builder) == {"attachments"} and builder["attachments"] == calls[1]["payload"]["attachments"]
+    wrong = run_cli("render", str(tmp_path / "hook.json"), "--payload", "351", cwd=tmp_path,
+                    env={"STORM_THRESHOLD": "1000"})
+    assert wrong.returncode == 2 and "the webhook makes 350 calls" in wrong.stderr.decode()
 
 
 def test_render_refuses_a_bad_file(tmp_path):
