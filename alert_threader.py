@@ -17,7 +17,8 @@ Every setting is an environment variable, mirrored by a flag that wins:
 SLACK_BOT_TOKEN(_FILE), SLACK_CHANNEL, SLACK_CHANNELS, ENVIRONMENT,
 THREAD_STORE (file|redis), THREAD_STORE_FILE, REDIS_URL, REDIS_KEY_PREFIX,
 HOST, PORT, SLACK_API_URL, WEBHOOK_TOKEN(_FILE), REOPEN_WINDOW,
-STORM_THRESHOLD, THREAD_RETENTION, SLACK_TIMEOUT, SLACK_RETRY_BUDGET,
+STORM_THRESHOLD, STORM_WINDOW, THREAD_RETENTION, SLACK_TIMEOUT, SLACK_RETRY_BUDGET,
+SLACK_PACE,
 MAX_BODY_BYTES, MAX_CONNECTIONS, CLIENT_TIMEOUT, SHUTDOWN_TIMEOUT, ALERTMANAGER_URL,
 LOG_LEVEL, LOG_FORMAT.
 """
@@ -432,10 +433,14 @@ SETTINGS: Tuple[Tuple[str, Optional[str], str], ...] = (
     ("WEBHOOK_TOKEN", None, "bearer token required on POST /alert, /cache and /preview"),
     ("WEBHOOK_TOKEN_FILE", None, "read the webhook token from this file"),
     ("REOPEN_WINDOW", "30m", "a key firing again this soon after its thread closed reopens it (0 disables)"),
-    ("STORM_THRESHOLD", "10", "more new alerts than this in one webhook are posted as one digest thread"),
+    ("STORM_THRESHOLD", "10", "more new threads than this for one channel within STORM_WINDOW: further new alerts "
+                              "join the channel's storm digest"),
+    ("STORM_WINDOW", "60s", "the window STORM_THRESHOLD counts new threads in"),
     ("THREAD_RETENTION", "24h", "how long closed threads are kept (for dedupe and reopen)"),
     ("SLACK_TIMEOUT", "10s", "timeout of one Slack API call"),
-    ("SLACK_RETRY_BUDGET", "15s", "time one webhook may spend retrying Slack before answering 503"),
+    ("SLACK_RETRY_BUDGET", "15s", "time one webhook may spend retrying and waiting for Slack before answering 503"),
+    ("SLACK_PACE", "1s", "least time between two messages to one channel (Slack allows about one a second, with "
+                         "short bursts); edits get 50 a minute at 1s. 0 turns pacing off"),
     ("MAX_BODY_BYTES", "8388608", "largest webhook body accepted (413 past it)"),
     ("MAX_CONNECTIONS", "64", "concurrent connections served (503 past it)"),
     ("CLIENT_TIMEOUT", "30s", "how long a client may stay silent, idle or mid-request, before it is dropped"),
@@ -466,11 +471,16 @@ class Config:
     webhook_token: Optional[str] = dataclasses.field(default=None, repr=False)
     reopen_window: float = 1800.0
     storm_threshold: int = 10
+    storm_window: float = 60.0
     thread_retention: float = 86400.0
     slack_timeout: float = 10.0
     slack_retry_budget: float = 15.0
+    slack_pace: float = 1.0
     max_body_bytes: int = 8 * 1024 * 1024
     max_connections: int = 64
+    # Not a setting: a Redis lease covers one Slack call (and its one re-send) and a store write; the holder
+    # renews it before each call and while it waits.
+    redis_lease: float = 30.0
     client_timeout: float = 30.0
     shutdown_timeout: float = 20.0
     alertmanager_url: Optional[str] = None
@@ -603,6 +613,7 @@ def load_config(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
     if channel and channel not in channels:
         channels = (channel,) + channels
 
+    slack_timeout = number("SLACK_TIMEOUT", 0.1, 300)
     environment = raw["ENVIRONMENT"] or ""
     if not environment or "|" in environment or not environment.isprintable():
         raise ConfigError("ENVIRONMENT must be a non-empty printable name without '|'")
@@ -661,9 +672,12 @@ def load_config(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
         webhook_token=webhook_token,
         reopen_window=number("REOPEN_WINDOW", 0, 30 * 86400),
         storm_threshold=number("STORM_THRESHOLD", 1, 100000, integer=True),
+        storm_window=number("STORM_WINDOW", 1, 86400),
         thread_retention=number("THREAD_RETENTION", 60, 365 * 86400),
-        slack_timeout=number("SLACK_TIMEOUT", 0.1, 300),
+        slack_timeout=slack_timeout,
+        redis_lease=2 * slack_timeout + 10,
         slack_retry_budget=number("SLACK_RETRY_BUDGET", 0, 3600),
+        slack_pace=number("SLACK_PACE", 0, 60),
         max_body_bytes=number("MAX_BODY_BYTES", 1024, 1 << 30, integer=True),
         max_connections=number("MAX_CONNECTIONS", 1, 10000, integer=True),
         client_timeout=number("CLIENT_TIMEOUT", 0.1, 3600),
@@ -760,7 +774,11 @@ class Metrics:
         "alert_threader_alerts_total": ("counter", "Alerts processed, by status and action."),
         "alert_threader_slack_requests_total": ("counter", "Slack API calls, by method and result (ok or the Slack error)."),
         "alert_threader_slack_request_duration_seconds": ("histogram", "Slack API call latency."),
-        "alert_threader_slack_rate_limit_wait_seconds_total": ("counter", "Seconds spent waiting on Slack rate limits."),
+        "alert_threader_slack_rate_limit_wait_seconds_total": ("counter", "Seconds spent waiting out Slack's "
+                                                                          "Retry-After after a 429."),
+        "alert_threader_slack_wait_seconds_total": ("counter", "Seconds spent waiting for a turn at Slack, by "
+                                                               "bucket (post:CHANNEL, edit:METHOD)."),
+        "alert_threader_slack_refused_total": ("counter", "Slack calls refused with HTTP 429, by method."),
         "alert_threader_slack_fallbacks_total": ("counter", "Messages re-sent as plain text after Slack rejected the layout."),
         "alert_threader_slack_resends_total": ("counter", "Requests sent once more because Slack had closed a "
                                                           "kept-alive connection without answering a byte."),
@@ -865,18 +883,67 @@ def _label_escape(value: str) -> str:
 # Thread stores
 # ---------------------------------------------------------------------------
 #
-# A store maps a thread key to a record, a JSON object:
-#   {"ts": parent message ts, "channel": ..., "key": seed thread key,
-#    "status": "open" | "closed", "alerts": {fingerprint: [state, startsAt, endsAt]},
-#    "created"/"updated"/"closed": wall-clock seconds, "ended": the alerts' last endsAt,
-#    "reopened": count, "first": the first alert (for the status card),
-#    "digest": storm key (members of a storm digest)}
-# Storm digests are records of their own under "storm|CHANNEL|ID".
+# A store maps a key to a record, a JSON object. The record's fields are
+# named here, once:
 #
-# Interface shared by both stores:
-#   get_many(keys) -> {key: record}     put_many({key: record})  (durable on return)
-#   locked(keys)   -> context manager serialising work on those keys
-#   items() / count() / clear() / prune(now) / health() / stats() / close()
+# A thread (key: the thread key, or CHANNEL:THREAD_KEY outside the default channel):
+#   ts        the parent message's ts          channel   where it lives (an ID)
+#   key       the thread key                   status    "open" (an alert firing) or "closed"
+#   alerts    {fingerprint: [state "f"|"r", startsAt, endsAt]}
+#   created, updated, closed   wall-clock seconds     ended    the alerts' last endsAt
+#   reopened  times it fired again after closing      first    the first alert, for the status card
+#   digest    the storm digest's key, for an alert that joined one (its ts is the digest's)
+# A storm digest (key: storm|CHANNEL; before 1.1 also storm|CHANNEL|GROUP):
+#   storm: true, ts, channel, key, status, created, updated, closed, ended, started, reopened,
+#   members   {fingerprint: [state, alertname, severity]}: every count on its card comes from these
+#
+# The interface both stores share is ThreadStore's; RedisStore shares its locks,
+# turns and counts between replicas through Redis.
+
+
+class LeaseLost(StoreError):
+    """Another replica took a thread over while this one worked on it: this one writes nothing more."""
+
+
+class LocalLimits:
+    """Shared turns (rate limits) and sliding counts, for the workers of this process.
+
+    A turn is taken the GCRA way: each bucket keeps the moment its next turn is
+    due; up to `burst` turns may be taken early, then one per `interval`.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._due: Dict[str, float] = {}  # bucket -> monotonic time the next turn is due
+        self._seen: Dict[str, Dict[str, float]] = {}  # name -> {member: when it was first seen}
+
+    def reserve(self, bucket: str, interval: float, burst: int, max_wait: float) -> Optional[float]:
+        now = time.monotonic()
+        with self._lock:
+            due = max(self._due.get(bucket, now), now)
+            wait = max(0.0, due - (burst - 1) * interval - now)
+            if wait > max_wait:
+                return None
+            self._due[bucket] = due + interval
+            return wait
+
+    def hold_off(self, bucket: str, seconds: float, interval: float, burst: int) -> None:
+        now = time.monotonic()
+        with self._lock:  # the first turn comes `seconds` from now, and no burst after it
+            self._due[bucket] = max(self._due.get(bucket, now), now + seconds + (burst - 1) * interval)
+
+    def count_recent(self, name: str, members: Sequence[str], window: float, cap: int) -> int:
+        now = time.time()
+        with self._lock:
+            seen = self._seen.setdefault(name, {})
+            for member in [m for m, at in seen.items() if at <= now - window]:
+                del seen[member]
+            for member in members:
+                seen.setdefault(member, now)
+            if len(seen) > cap:  # only whether there are more than the cap matters: keep the newest
+                for member in sorted(seen, key=seen.__getitem__)[:len(seen) - cap]:
+                    del seen[member]
+            return len(seen)
 
 
 class KeyLocks:
@@ -932,7 +999,12 @@ class HeldKeys:
 
 
 class ThreadStore:
-    """The interface both stores implement (see the comment above)."""
+    """The interface both stores implement. Records are JSON objects (fields above).
+
+    Unless a method says otherwise it may raise StoreError; a store that has
+    lost its backend (Redis down) keeps working from memory and says so in
+    health().
+    """
 
     name = "none"
 
@@ -940,6 +1012,7 @@ class ThreadStore:
         self.metrics = metrics
         self.lock_timeout = lock_timeout
         self._key_locks = KeyLocks()
+        self._limits = LocalLimits()
 
     def get(self, key: str) -> Optional[Dict[str, Any]]:
         return self.get_many([key]).get(key)
@@ -948,18 +1021,47 @@ class ThreadStore:
         self.put_many({key: record})
 
     def get_many(self, keys: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+        """The records of those keys that exist; copies, which the caller may change freely."""
         raise NotImplementedError
 
     def put_many(self, records: Dict[str, Dict[str, Any]]) -> None:
+        """Store these records, durable on return (file: fdatasync'd; Redis: written).
+
+        Inside locked(), a record is written only while this worker still holds
+        its keys: LeaseLost (nothing written) if another replica took them over."""
         raise NotImplementedError
 
     def flush(self) -> None:
         """Every change durable on return; raises StoreError when that cannot be done."""
 
     def locked(self, keys: Sequence[str]) -> Any:
+        """A context manager holding those keys for this worker alone (across replicas on Redis).
+
+        Keys are taken in one order, so two workers never deadlock; StoreError
+        after lock_timeout."""
         return self._key_locks.hold(keys, self.lock_timeout)
 
+    def renew(self) -> None:
+        """Keep the keys this worker holds for another lease (before each Slack call); LeaseLost if gone."""
+
+    def reserve(self, bucket: str, interval: float, burst: int, max_wait: float) -> Optional[float]:
+        """Take a turn of a rate limit shared by every worker: the seconds to wait for it.
+
+        None, taking nothing, when the turn is further off than max_wait."""
+        return self._limits.reserve(bucket, interval, burst, max_wait)
+
+    def hold_off(self, bucket: str, seconds: float, interval: float, burst: int) -> None:
+        """No turn of this bucket for anyone before `seconds` from now (Slack's Retry-After)."""
+        self._limits.hold_off(bucket, seconds, interval, burst)
+
+    def count_recent(self, name: str, members: Sequence[str], window: float, cap: int) -> int:
+        """Note these members (each counted once) and return how many were noted in the last `window` seconds.
+
+        The count stops at `cap`: asking again for the same member (a retry) never counts it twice."""
+        return self._limits.count_recent(name, members, window, cap)
+
     def items(self) -> Dict[str, Dict[str, Any]]:
+        """Every record, by key (for /cache)."""
         raise NotImplementedError
 
     def count(self) -> int:
@@ -969,12 +1071,15 @@ class ThreadStore:
         return sum(1 for r in self.items().values() if r.get("status") == "open")
 
     def clear(self) -> int:
+        """Forget every record; returns how many there were."""
         raise NotImplementedError
 
     def prune(self, now: float) -> int:
+        """Forget closed threads past the retention; returns how many."""
         return 0
 
     def health(self) -> Dict[str, Any]:
+        """{"ok": bool, and what /health shows of the store}; never raises."""
         return {"ok": True}
 
     def stats(self) -> Dict[str, Any]:
@@ -1360,17 +1465,81 @@ class FileStore(ThreadStore):
 
 
 RELEASE_LOCK_LUA = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
-EXTEND_LOCK_LUA = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
-                   "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0")
+# KEYS: the leases held; ARGV: lease ms, then one token per lease. Returns how many are still ours (and extended).
+RENEW_LEASES_LUA = """
+local held = 0
+for i, key in ipairs(KEYS) do
+  if redis.call('get', key) == ARGV[i + 1] then
+    redis.call('pexpire', key, ARGV[1])
+    held = held + 1
+  end
+end
+return held
+"""
+# KEYS: n leases, then the records; ARGV: n, lease ms, n tokens, then per record its JSON and expiry (0: none).
+# Writes nothing unless every lease is still ours: a replica that lost a thread never writes over it.
+GUARDED_WRITE_LUA = """
+local n = tonumber(ARGV[1])
+for i = 1, n do
+  if redis.call('get', KEYS[i]) ~= ARGV[i + 2] then return 0 end
+end
+for i = 1, n do redis.call('pexpire', KEYS[i], ARGV[2]) end
+for i = n + 1, #KEYS do
+  local value, ttl = ARGV[n + 3 + 2 * (i - n - 1)], tonumber(ARGV[n + 4 + 2 * (i - n - 1)])
+  if ttl > 0 then redis.call('set', KEYS[i], value, 'EX', ttl) else redis.call('set', KEYS[i], value) end
+end
+return 1
+"""
+# Redis's own clock, so that replicas on several machines agree. Before Redis 7 a script must ask
+# for its effects to be replicated before it may write after reading the time.
+NOW_MS_LUA = """
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('time')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+# KEYS[1]: the bucket; ARGV: interval ms, burst, max wait ms. The wait in ms, or -1 (nothing taken).
+RESERVE_TURN_LUA = NOW_MS_LUA + """
+local interval, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local due = tonumber(redis.call('get', KEYS[1]) or now)
+if due < now then due = now end
+local wait = due - (burst - 1) * interval - now
+if wait < 0 then wait = 0 end
+if wait > tonumber(ARGV[3]) then return -1 end
+redis.call('set', KEYS[1], due + interval, 'PX', due + interval - now + 60000)
+return wait
+"""
+# KEYS[1]: the bucket; ARGV: pause ms, interval ms, burst.
+HOLD_OFF_LUA = NOW_MS_LUA + """
+local due = now + tonumber(ARGV[1]) + (tonumber(ARGV[3]) - 1) * tonumber(ARGV[2])
+if due > tonumber(redis.call('get', KEYS[1]) or 0) then
+  redis.call('set', KEYS[1], due, 'PX', due - now + 60000)
+end
+return 1
+"""
+# KEYS[1]: a sorted set of member -> when first seen; ARGV: window ms, cap, members to note.
+# The members seen within the window, at most cap (the newest are kept).
+COUNT_RECENT_LUA = NOW_MS_LUA + """
+local window, cap = tonumber(ARGV[1]), tonumber(ARGV[2])
+redis.call('zremrangebyscore', KEYS[1], '-inf', now - window)
+for i = 3, #ARGV do redis.call('zadd', KEYS[1], 'NX', now, ARGV[i]) end
+redis.call('zremrangebyrank', KEYS[1], 0, -(cap + 1))
+redis.call('pexpire', KEYS[1], window + 1000)
+return redis.call('zcard', KEYS[1])
+"""
 
 
 class RedisStore(ThreadStore):
     """Records as JSON strings under PREFIX:KEY, shared by every replica.
 
     Work on a key is serialised across processes by a lease (SET NX PX) that
-    expires if its holder dies. Closed threads expire after the retention.
-    While Redis is unreachable, records live in memory (threading degrades,
-    delivery does not) and are written back when Redis returns.
+    expires if its holder dies. The holder renews it before each Slack call and
+    while it waits, and writes only while it still holds it (one Lua script
+    checks and writes), so a replica that lost a key never writes over the
+    thread another one took over. Closed threads expire after the retention.
+    Turns of Slack's rate limits and the storm counts live in Redis too, so
+    that replicas share them. While Redis is unreachable, records live in
+    memory (threading degrades, delivery does not) and are written back when
+    Redis returns.
     """
 
     name = "redis"
@@ -1397,7 +1566,11 @@ class RedisStore(ThreadStore):
             timeouts["socket_connect_timeout"] = timeout
         self._client = redis.Redis.from_url(url, decode_responses=True, retry=Retry(NoBackoff(), 0), **timeouts)
         self._release_lock = self._client.register_script(RELEASE_LOCK_LUA)
-        self._extend_lock = self._client.register_script(EXTEND_LOCK_LUA)
+        self._renew_leases = self._client.register_script(RENEW_LEASES_LUA)
+        self._guarded_write = self._client.register_script(GUARDED_WRITE_LUA)
+        self._reserve_turn = self._client.register_script(RESERVE_TURN_LUA)
+        self._hold_off = self._client.register_script(HOLD_OFF_LUA)
+        self._count_recent = self._client.register_script(COUNT_RECENT_LUA)
         self._lock = threading.Lock()
         self._fallback: Dict[str, Dict[str, Any]] = {}
         self._down_since: Optional[float] = None
@@ -1463,12 +1636,16 @@ class RedisStore(ThreadStore):
             return
         log_event(logging.INFO, "redis reachable again", outage=format_duration(outage), threads_written_back=written)
 
+    def _expiry(self, record: Dict[str, Any]) -> int:
+        """Seconds a record lives: closed threads for the retention, open ones for ever (0)."""
+        return max(1, int(self.retention)) if record.get("status") == "closed" else 0
+
     def _set(self, client: Any, key: str, record: Dict[str, Any]) -> None:
-        text = compact_json(record)
-        if record.get("status") == "closed":
-            client.set(self._key(key), text, ex=max(1, int(self.retention)))
+        expiry = self._expiry(record)
+        if expiry:
+            client.set(self._key(key), compact_json(record), ex=expiry)
         else:
-            client.set(self._key(key), text)  # a plain SET also clears an earlier expiry
+            client.set(self._key(key), compact_json(record))  # a plain SET also clears an earlier expiry
 
     # -- the store interface ------------------------------------------------
 
@@ -1493,23 +1670,68 @@ class RedisStore(ThreadStore):
         return found
 
     def put_many(self, records: Dict[str, Dict[str, Any]]) -> None:
-        def write() -> None:
-            pipe = self._client.pipeline(transaction=False)
-            for key, record in records.items():
-                self._set(pipe, key, record)
-            for lock_key, token in getattr(self._held, "tokens", {}).items():
-                self._extend_lock(keys=[lock_key], args=[token, int(self.lease * 1000)], client=pipe)
-            pipe.execute()
+        held: Dict[str, str] = getattr(self._held, "tokens", {})
+
+        def write() -> int:
+            if not held:
+                pipe = self._client.pipeline(transaction=False)
+                for key, record in records.items():
+                    self._set(pipe, key, record)
+                pipe.execute()
+                return 1
+            args: List[Any] = [len(held), int(self.lease * 1000), *held.values()]
+            for record in records.values():
+                args += [compact_json(record), self._expiry(record)]
+            return self._guarded_write(keys=[*held, *(self._key(k) for k in records)], args=args)
         try:
-            self._run("put", write)
+            written = self._run("put", write)
         except StoreError:
             with self._lock:
                 self._fallback.update(json.loads(json.dumps(records)))
+            return
+        if not written:
+            raise LeaseLost(f"another replica took over {truncate(', '.join(records), 200)} (this one's lease "
+                            "ran out); nothing was written, and Alertmanager's retry carries on from its state")
+
+    def renew(self) -> None:
+        held: Dict[str, str] = getattr(self._held, "tokens", {})
+        if not held:
+            return
+        try:
+            kept = self._run("renew", lambda: self._renew_leases(keys=list(held),
+                                                                  args=[int(self.lease * 1000), *held.values()]))
+        except StoreError:
+            return  # Redis is down: this process's own locks are all there is
+        if kept < len(held):
+            raise LeaseLost("another replica took over a thread this one was working on (its lease ran out); "
+                            "Alertmanager's retry carries on from that replica's state")
+
+    def reserve(self, bucket: str, interval: float, burst: int, max_wait: float) -> Optional[float]:
+        try:
+            wait = self._run("turn", lambda: self._reserve_turn(
+                keys=[f"{self.prefix}-turn:{bucket}"], args=[int(interval * 1000), burst, int(max_wait * 1000)]))
+        except StoreError:
+            return super().reserve(bucket, interval, burst, max_wait)
+        return None if wait < 0 else wait / 1000
+
+    def hold_off(self, bucket: str, seconds: float, interval: float, burst: int) -> None:
+        super().hold_off(bucket, seconds, interval, burst)
+        with contextlib.suppress(StoreError):
+            self._run("turn", lambda: self._hold_off(keys=[f"{self.prefix}-turn:{bucket}"],
+                                                     args=[int(seconds * 1000), int(interval * 1000), burst]))
+
+    def count_recent(self, name: str, members: Sequence[str], window: float, cap: int) -> int:
+        try:
+            return self._run("count", lambda: self._count_recent(keys=[f"{self.prefix}-count:{name}"],
+                                                                 args=[int(window * 1000), cap, *members]))
+        except StoreError:
+            return super().count_recent(name, members, window, cap)
 
     @contextlib.contextmanager
     def locked(self, keys: Sequence[str]) -> Iterator[None]:
         with self._key_locks.hold(keys, self.lock_timeout):
-            tokens = {}
+            tokens: Dict[str, str] = {}
+            outer: Dict[str, str] = getattr(self._held, "tokens", {})  # held by an enclosing locked()
             deadline = time.monotonic() + self.lock_timeout
             try:
                 for key in sorted(set(keys)):
@@ -1525,10 +1747,10 @@ class RedisStore(ThreadStore):
                         if time.monotonic() > deadline:
                             raise StoreError(f"timed out waiting for another replica on thread {key!r}")
                         time.sleep(0.01)
-                self._held.tokens = tokens
+                self._held.tokens = {**outer, **tokens}
                 yield
             finally:
-                self._held.tokens = {}
+                self._held.tokens = outer
                 for lock_key, token in tokens.items():
                     with contextlib.suppress(StoreError):
                         self._run("unlock", lambda: self._release_lock(keys=[lock_key], args=[token]))
@@ -1849,6 +2071,7 @@ SEVERITY_STYLE = {
     "debug": ("🐛", "#36C5F0"),
 }
 UNKNOWN_STYLE = ("🔔", "#ECB22E")
+FIRING, RESOLVED = "f", "r"  # an alert's state in a stored record
 RESOLVED_STYLE = ("✅", "#2EB67D")
 STORM_EMOJI = "🌩️"
 SEVERITY_RANK = {"critical": 0, "error": 1, "warning": 2, "info": 3, "debug": 4}
@@ -2071,13 +2294,26 @@ def pack_sections(head: str, lines: List[str]) -> List[Dict[str, Any]]:
     return blocks[:45]
 
 
+def digest_counts(storm: Dict[str, Any]) -> Tuple[int, int, Dict[str, int], Dict[str, int]]:
+    """(alerts, resolved, by alertname, by severity) of a storm digest, counted from its members."""
+    members = list(storm.get("members", {}).values())
+    # A digest stored before members were kept carries counters instead.
+    total = storm.get("firing", 0) + len(members)
+    resolved = storm.get("resolved", 0) + sum(1 for state, _, _ in members if state == RESOLVED)
+    by_name, by_severity = dict(storm.get("by_name", {})), dict(storm.get("by_severity", {}))
+    for _, name, severity in members:
+        by_name[name] = by_name.get(name, 0) + 1
+        by_severity[severity] = by_severity.get(severity, 0) + 1
+    return total, resolved, by_name, by_severity
+
+
 def render_digest(storm: Dict[str, Any], channel: str, environment: str) -> Dict[str, Any]:
     """The parent of a storm digest: counts by alertname and severity, and its state."""
-    total, resolved = storm.get("firing", 0), storm.get("resolved", 0)
+    total, resolved, by_name_counts, severities = digest_counts(storm)
     closed = storm.get("status") == "closed"
-    severities = storm.get("by_severity", {})
     worst = min(severities, key=lambda s: SEVERITY_RANK.get(s, 5), default="")
     color = RESOLVED_STYLE[1] if closed else severity_style(worst)[1]
+    again = f" · reopened {storm['reopened']}×" if storm.get("reopened") else ""
     if closed:
         title = f"✅ Alert storm over: all {total:,} alerts resolved"
         status = f"*Status:* ✅ {resolved:,} resolved"
@@ -2088,13 +2324,14 @@ def render_digest(storm: Dict[str, Any], channel: str, environment: str) -> Dict
         status = f"*Status:* 🔥 {total - resolved:,} firing · {resolved:,} resolved"
         if storm.get("started"):
             status += f" · since {format_time(storm['started'])}"
-    by_name = count_lines(storm.get("by_name", {}), 30, lambda n: "*" + mrkdwn(n or "(no alertname)", 120) + "*")
+    by_name = count_lines(by_name_counts, 30, lambda n: "*" + mrkdwn(n or "(no alertname)", 120) + "*")
     by_severity = count_lines(severities, 10, lambda s: f"{severity_style(s)[0]} {mrkdwn(s or 'none', 40)}")
-    blocks = [header_block(title), section_block(status)]
+    blocks = [header_block(title), section_block(status + again)]
     blocks += pack_sections("*By alertname:*", by_name)
     blocks += pack_sections("*By severity:*", by_severity)
-    blocks.append(context_block(mrkdwn(f"env={environment} | {total:,} alerts in one webhook", 500),
-                                "The alerts are listed in this thread; their resolves land here too."))
+    blocks.append(context_block(mrkdwn(f"env={environment} | {total:,} alerts", 500),
+                                "So many new alerts at once that they are listed in this thread instead of "
+                                "opening threads of their own; their resolves land here too."))
     text = f"{STORM_EMOJI} Alert storm: {total:,} alerts ({mrkdwn(environment, 80)})"
     payload = message(channel, text, color, blocks)
     if storm.get("ts"):
@@ -2102,38 +2339,57 @@ def render_digest(storm: Dict[str, Any], channel: str, environment: str) -> Dict
     return payload
 
 
-def digest_line(alert: Alert) -> str:
+def digest_line(alert: Alert, again: bool = False) -> str:
     emoji = RESOLVED_STYLE[0] if alert.status == "resolved" else severity_style(alert.severity)[0]
     parts = [f"*{mrkdwn(alert.alertname or '-', 60)}*"]
     if alert.labels.get("instance"):
         parts.append(mrkdwn(alert.labels["instance"], 50))
     parts.append(mrkdwn(alert.summary, 80))
-    return clip_escaped(f"{emoji} " + " · ".join(parts), 145)
+    if again:
+        parts.append("firing again")
+    return clip_escaped(f"{emoji} " + " · ".join(parts), 160)
 
 
-def render_digest_batch(alerts: List[Alert], channel: str, thread_ts: str, resolved: bool) -> Dict[str, Any]:
-    """A compact reply listing up to twenty alerts of a storm, one line each."""
+def render_batch(alerts: List[Alert], channel: str, thread_ts: Optional[str], resolved: bool,
+                 again: Sequence[bool] = (), note: str = "") -> Dict[str, Any]:
+    """A compact message listing up to twenty alerts, one line each: storm digests, busy threads, orphans."""
     n = len(alerts)
-    head = f"*✅ {n} resolved*" if resolved else f"*🔥 {n} firing*"
+    head = (f"*✅ {n} resolved*" if resolved else f"*🔥 {n} firing*") + note
     color = RESOLVED_STYLE[1] if resolved else severity_style(
         min((a.severity for a in alerts), key=lambda s: SEVERITY_RANK.get(s, 5), default=""))[1]
     names = ", ".join(sorted({mrkdwn(a.alertname or "-", 60) for a in alerts}))
     text = clip_escaped(f"{'✅' if resolved else '🔥'} {n} {'resolved' if resolved else 'firing'}: {names}", 500)
-    return message(channel, text, color, pack_sections(head, [digest_line(a) for a in alerts]), thread_ts)
+    lines = [digest_line(a, bool(again[i]) if i < len(again) else False) for i, a in enumerate(alerts)]
+    return message(channel, text, color, pack_sections(head, lines), thread_ts)
 
 
 # ---------------------------------------------------------------------------
 # Webhook handling: the thread lifecycle
 # ---------------------------------------------------------------------------
+#
+# A webhook's alerts become entries; each entry waits in a batch for its target
+# (its thread, the channel's storm digest, or the channel's orphan resolves).
+# The worker that flushes a target takes the entries of every webhook waiting
+# there at that moment, decides under the thread's lock what each alert does
+# (decide, a pure function), and tells it: one full message for a single
+# alert, one compact message for many. Posting is paced per channel, so
+# webhooks that arrive together end up sharing messages.
 
-FIRING, RESOLVED = "f", "r"
+# What one alert does to its thread.
+POST, REPLY, REFIRE, REOPEN, RESOLVE, ORPHAN, UNCHANGED = (
+    "post", "reply", "refire", "reopen", "resolve", "orphan", "unchanged")
+# How each step is reported in the answer's results (action).
+ACTIONS = {POST: "posted", REPLY: "replied", REFIRE: "replied", REOPEN: "reopened", RESOLVE: "replied",
+           ORPHAN: "standalone", UNCHANGED: "unchanged"}
+# How a single alert's reply is drawn, by step.
+REPLY_KINDS = {REPLY: "firing", REFIRE: "refire", REOPEN: "refire", RESOLVE: "resolved"}
 
 
 class SlackUnavailable(ThreaderError):
     """Slack did not take a message within the webhook's budget: Alertmanager must retry."""
 
-    def __init__(self, cause: SlackError) -> None:
-        super().__init__(str(cause))
+    def __init__(self, cause: SlackError, message: Optional[str] = None) -> None:
+        super().__init__(message or str(cause))
         self.cause = cause
 
 
@@ -2184,76 +2440,721 @@ def later(a: Optional[float], b: Optional[float]) -> bool:
     return a is not None and b is not None and a > b + 1.0
 
 
+def reopenable(record: Dict[str, Any], alert: Alert, window: float) -> bool:
+    """Fired again within `window` of closing, measured by the alerts' own times (replays change nothing)."""
+    if window <= 0 or record.get("ended") is None:
+        return False
+    starts = alert.starts_at if alert.starts_at is not None else time.time()
+    return starts - record["ended"] <= window
+
+
+def decide(record: Optional[Dict[str, Any]], alert: Alert, reopen_window: float) -> str:
+    """What one alert does to its thread, from the stored record alone (a pure function)."""
+    entry = record["alerts"].get(alert.fingerprint) if record else None
+    if alert.status == "firing":
+        if record is None:
+            return POST
+        if entry and not later(alert.starts_at, entry[1]):
+            return UNCHANGED  # told already: a repeat, a retry, or a late copy of an episode that resolved
+        if record["status"] == "open":
+            return REFIRE if entry else REPLY
+        return REOPEN if reopenable(record, alert, reopen_window) else POST
+    if record is None:
+        return ORPHAN
+    if entry and (entry[0] == RESOLVED or later(entry[1], alert.starts_at)):
+        return UNCHANGED  # resolved already, or the resolve of an older episode than the one told
+    return RESOLVE
+
+
+def close_record(record: Dict[str, Any], alert: Alert, now: float) -> None:
+    ends = [e[2] for e in record["alerts"].values() if e[0] == RESOLVED and e[2] is not None]
+    record["status"], record["closed"] = "closed", now
+    record["ended"] = max(ends) if ends else (alert.ends_at or now)
+
+
+def apply_step(record: Dict[str, Any], alert: Alert, step: str, now: float) -> bool:
+    """Change the record as `step` does (in place); True when it closed the thread."""
+    record["updated"] = now
+    if alert.status == "firing":
+        record["alerts"][alert.fingerprint] = alert_entry(alert, FIRING)
+        if step == REOPEN:
+            record["status"], record["closed"] = "open", None
+            record["reopened"] = record.get("reopened", 0) + 1
+        return False
+    record["alerts"][alert.fingerprint] = alert_entry(alert, RESOLVED)
+    if record["status"] == "open" and all(e[0] == RESOLVED for e in record["alerts"].values()):
+        close_record(record, alert, now)
+        return True
+    return False
+
+
+def new_record(key: str, alert: Alert, channel: str, environment: str, external_url: str,
+               now: float) -> Dict[str, Any]:
+    return {"ts": "", "channel": channel, "key": alert.thread_key(environment), "status": "open",
+            "created": now, "updated": now, "closed": None, "ended": None, "reopened": 0,
+            "first": first_alert(alert, external_url), "alerts": {}}
+
+
+def usable(record: Optional[Dict[str, Any]], channel: str) -> Optional[Dict[str, Any]]:
+    """A stored thread, unless it lives in another channel (the channel changed): then none."""
+    if record is None or record.get("channel", channel) != channel:
+        return None
+    return record
+
+
 def chunks(items: List[Any], size: int) -> Iterator[List[Any]]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
 
 
-def group_id(group_key: str) -> str:
-    """A short, stable name for an Alertmanager group (its key can be long).
+@dataclasses.dataclass(eq=False)
+class Entry:
+    """One alert on its way to Slack, and what became of it (shared by webhooks that carry the same alert)."""
 
-    Part of the key of a stored storm digest: changing it would orphan the open
-    digests of an upgraded service. FNV-1a runs byte by byte in Python, so a key
-    longer than any real group's is hashed with SHA-256 instead.
-    """
-    if not group_key:
-        return "nogroup"
-    data = group_key.encode()
-    if len(data) > 4096:
-        return "s" + hashlib.sha256(data).hexdigest()[:15]
-    return f"{fnv1a64(data):016x}"
-
-
-@dataclasses.dataclass
-class Delivery:
-    """One webhook on its way: where it goes and what became of each alert."""
-
-    hook: Webhook
+    key: str  # the store key of its thread
+    alert: Alert
     channel: str
-    deadline: float
     external_url: str
-    results: List[Optional[Dict[str, Any]]]
+    target: str  # the batch it waits in: its thread's key, storm|CHANNEL, or orphans|CHANNEL
+    result: Optional[Tuple[str, Optional[str]]] = None  # (action, ts) once told
+    taken: bool = False
+    waiters: int = 1
+
+    @property
+    def identity(self) -> Tuple[str, str, str, Optional[float]]:
+        return self.key, self.alert.fingerprint, self.alert.status, self.alert.starts_at
+
+    def told(self, step: str, ts: Optional[str], action: Optional[str] = None) -> None:
+        self.result = (action or ACTIONS[step], ts)
+
+
+class Batches:
+    """Entries wait here by target, and the worker that flushes a target takes up to 20 of them at once.
+
+    A worker only flushes targets its own entries wait in, so its deadline
+    bounds its work; while it waits for its turn at Slack, other webhooks'
+    entries gather behind it and go out together in the next flush. Entries
+    for the same alert from several webhooks at once are one entry.
+    """
+
+    SIZE = LINES_PER_DIGEST_MESSAGE
+
+    def __init__(self, flush: Callable[[float, str, List[Entry], List[Entry]], None]) -> None:
+        self._flush = flush
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._waiting: Dict[str, List[Entry]] = {}  # target -> entries not taken, oldest first
+        self._busy: set = set()  # targets being flushed
+        self._entries: Dict[Tuple[str, str, str, Optional[float]], Entry] = {}
+
+    def enqueue(self, entries: List[Entry]) -> List[Tuple[Entry, bool]]:
+        """Queue the entries: (the entry waited on, whether another webhook's entry for the same alert)."""
+        with self._lock:
+            return [self._join(entry) for entry in entries]
+
+    def wait(self, mine: List[Tuple[Entry, bool]], deadline: float) -> None:
+        """Flush the targets these entries wait in until each is told; SlackUnavailable past the deadline."""
+        entries = [entry for entry, _ in mine]
+        try:
+            while True:
+                with self._lock:
+                    target = self._next_target(entries)
+                    if target is None:
+                        if all(entry.result for entry in entries):
+                            return
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            raise SlackUnavailable(SlackError("chat.postMessage", "ratelimited", RATE_LIMITED),
+                                                   "waited SLACK_RETRY_BUDGET for the channel's turn at Slack")
+                        self._changed.wait(min(remaining, 1.0))
+                        continue
+                    queue = self._waiting[target]
+                    batch, self._waiting[target] = queue[:self.SIZE], queue[self.SIZE:]
+                    behind = list(self._waiting[target])
+                    self._busy.add(target)
+                    for entry in batch:
+                        entry.taken = True
+                try:
+                    self._flush(deadline, target, batch, behind)
+                finally:
+                    self._return(target, batch)
+        finally:
+            self._withdraw(entries)
+
+    def _join(self, entry: Entry) -> Tuple[Entry, bool]:
+        existing = self._entries.get(entry.identity)
+        if existing is not None and existing.result is None:
+            existing.waiters += 1
+            return existing, True
+        self._entries[entry.identity] = entry
+        self._waiting.setdefault(entry.target, []).append(entry)
+        return entry, False
+
+    def _next_target(self, entries: List[Entry]) -> Optional[str]:
+        for entry in entries:
+            if entry.result is None and not entry.taken and entry.target not in self._busy:
+                return entry.target
+        return None
+
+    def _return(self, target: str, batch: List[Entry]) -> None:
+        """After a flush: what it did not tell waits again (first in line), maybe in another target."""
+        with self._lock:
+            self._busy.discard(target)
+            for entry in reversed(batch):
+                entry.taken = False
+                if entry.result is None and entry.waiters > 0:
+                    self._waiting.setdefault(entry.target, []).insert(0, entry)
+                elif entry.result is None and self._entries.get(entry.identity) is entry:
+                    del self._entries[entry.identity]  # every webhook that carried it has given up
+            self._prune()
+            self._changed.notify_all()
+
+    def _withdraw(self, entries: List[Entry]) -> None:
+        """A webhook gives up (or is done): its untold entries leave unless another webhook waits for them."""
+        with self._lock:
+            for entry in entries:
+                entry.waiters -= 1
+                if entry.waiters == 0 and entry.result is None and not entry.taken:
+                    queue = self._waiting.get(entry.target, [])
+                    if entry in queue:
+                        queue.remove(entry)
+                    if self._entries.get(entry.identity) is entry:
+                        del self._entries[entry.identity]
+            self._prune()
+
+    def _prune(self) -> None:
+        for target in [t for t, queue in self._waiting.items() if not queue]:
+            del self._waiting[target]
+        for identity in [i for i, e in self._entries.items() if e.result is not None and e.waiters <= 0]:
+            del self._entries[identity]
+
+
+class Poster:
+    """Every Slack call of the lifecycle, and what it learns of Slack.
+
+    Turns are shared by every worker (and every replica on Redis): about one
+    chat.postMessage a second per channel with a short burst, and a budget of
+    their own for chat.update and reactions.add (Tier 3, about 50 a minute).
+    A 429's Retry-After holds the turn back for everyone. Waiting counts
+    against the webhook's deadline; past it, SlackUnavailable (a 503).
+    Refused layouts are sent again as plain text once; a reply whose parent
+    is gone starts the thread again.
+    """
+
+    POST_EVERY, POST_BURST = 1.0, 3
+    EDIT_EVERY, EDIT_BURST = 60 / 50, 5
+    EDIT_WAIT = 2.0  # a card edit waits this long at most for its turn; otherwise the card is refreshed later
+
+    def __init__(self, slack: SlackAPI, store: ThreadStore, metrics: Metrics, pace: float = 1.0) -> None:
+        self.slack = slack
+        self.store = store
+        self.metrics = metrics
+        self.post_every, self.edit_every = pace * self.POST_EVERY, pace * self.EDIT_EVERY
+        self._lock = threading.Lock()
+        self.last_error: Optional[Dict[str, Any]] = None
+        # False while Slack refuses our configuration (token, scope, channel): /health turns 503.
+        self.delivering = True
+        # An edit Slack can never take (channel_not_found, not_in_channel, is_archived), with its fix.
+        self.edit_problem: Optional[Dict[str, Any]] = None
+        self._warned_reactions = False
+
+    # -- messages -------------------------------------------------------------
+
+    def post(self, deadline: float, payload: Dict[str, Any],
+             plain: Optional[Callable[[], Dict[str, Any]]] = None) -> Dict[str, Any]:
+        """chat.postMessage within the deadline; once as plain text if Slack refuses the layout."""
+        try:
+            return self._send(deadline, "chat.postMessage", payload)
+        except SlackError as e:
+            if e.kind != LAYOUT:
+                raise
+            self.metrics.inc("alert_threader_slack_fallbacks_total")
+            log_event(logging.WARNING, "Slack rejected the message layout; sending plain text", error=e.error)
+        try:
+            return self._send(deadline, "chat.postMessage", plain() if plain else plain_version(payload))
+        except SlackError as e:
+            raise SlackUnavailable(e) from None  # even plain text refused: nothing simpler to try
+
+    def reply(self, deadline: float, record: Dict[str, Any], payload: Dict[str, Any],
+              new_parent: Callable[[], Dict[str, Any]], moved: Callable[[], None],
+              plain: Optional[Callable[[], Dict[str, Any]]] = None) -> Dict[str, Any]:
+        """A reply in the record's thread; if its parent is gone, a new parent first, and the record moves there."""
+        payload["thread_ts"] = record["ts"]
+        try:
+            return self.post(deadline, payload, plain)
+        except SlackError as e:
+            if e.kind != THREAD_GONE:
+                raise
+        log_event(logging.WARNING, "thread parent is gone; starting the thread again", key=record.get("key"),
+                  old_ts=record["ts"])
+        parent = new_parent()
+        parent.pop("ts", None)
+        parent.pop("thread_ts", None)
+        record["ts"] = self.post(deadline, parent)["ts"]
+        moved()
+        payload["thread_ts"] = record["ts"]
+        return self.post(deadline, payload, plain)
+
+    def edit(self, deadline: float, payload: Dict[str, Any]) -> bool:
+        """chat.update, best effort: False when it has to wait for later (or cannot be done)."""
+        return self._best_effort(deadline, "chat.update", payload)
+
+    def react(self, deadline: float, channel: str, ts: str) -> bool:
+        return self._best_effort(deadline, "reactions.add",
+                                 {"channel": channel, "timestamp": ts, "name": "white_check_mark"})
+
+    # -- one call -------------------------------------------------------------
+
+    def _bucket(self, method: str, payload: Dict[str, Any]) -> Tuple[str, float, int]:
+        if method == "chat.postMessage":
+            return f"post:{payload.get('channel', '')}", self.post_every, self.POST_BURST
+        return f"edit:{method}", self.edit_every, self.EDIT_BURST
+
+    def _send(self, deadline: float, method: str, payload: Dict[str, Any]) -> Dict[str, Any]:
+        """One Slack call in its turn, retried on transient errors and 429s until the deadline."""
+        bucket, every, burst = self._bucket(method, payload)
+        backoff, refused = 0.25, None
+        while True:
+            self._take_turn(deadline, method, bucket, every, burst, refused)
+            self.store.renew()
+            try:
+                response = self.slack.call(method, payload)
+            except SlackError as e:
+                self.note_error(e)
+                if e.kind in (LAYOUT, THREAD_GONE):
+                    raise
+                if e.kind == RATE_LIMITED:
+                    self.metrics.inc("alert_threader_slack_refused_total", method=method)
+                    self.store.hold_off(bucket, e.retry_after, every, burst)  # for every worker, not only this one
+                    refused = e
+                    continue
+                if e.kind != TRANSIENT or time.monotonic() + backoff > deadline:
+                    raise SlackUnavailable(e) from None
+                self._sleep(backoff)
+                backoff = min(backoff * 2, 4.0)
+                continue
+            if method == "chat.postMessage":
+                self.delivering = True
+            return response
+
+    def _take_turn(self, deadline: float, method: str, bucket: str, every: float, burst: int,
+                   refused: Optional[SlackError]) -> None:
+        wait = self.store.reserve(bucket, every, burst, max(0.0, deadline - time.monotonic()))
+        if wait is None:
+            if refused is not None:
+                raise SlackUnavailable(refused, f"Slack {method}: ratelimited, and its Retry-After of "
+                                                f"{refused.retry_after:g}s goes past SLACK_RETRY_BUDGET")
+            raise SlackUnavailable(SlackError(method, "ratelimited", RATE_LIMITED),
+                                   f"Slack {method}: no turn within SLACK_RETRY_BUDGET (the channel's pace)")
+        if wait > 0:
+            self.metrics.inc("alert_threader_slack_wait_seconds_total", wait, bucket=bucket)
+            if refused is not None:
+                self.metrics.inc("alert_threader_slack_rate_limit_wait_seconds_total", wait)
+            self._sleep(wait)
+
+    def _sleep(self, seconds: float) -> None:
+        """Sleep, keeping the leases of the threads this worker holds."""
+        end = time.monotonic() + seconds
+        while True:
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                return
+            time.sleep(min(remaining, 1.0))
+            self.store.renew()
+
+    def _best_effort(self, deadline: float, method: str, payload: Dict[str, Any]) -> bool:
+        bucket, every, burst = self._bucket(method, payload)
+        wait = self.store.reserve(bucket, every, burst, max(0.0, min(self.EDIT_WAIT, deadline - time.monotonic())))
+        if wait is None:
+            return False
+        self._sleep(wait)
+        self.store.renew()
+        try:
+            self.slack.call(method, payload)
+        except SlackError as e:
+            if e.kind == RATE_LIMITED:
+                self.metrics.inc("alert_threader_slack_refused_total", method=method)
+                self.store.hold_off(bucket, e.retry_after, every, burst)
+                return False
+            if e.error == "already_reacted":
+                return True
+            self._note_edit_error(method, e)
+            return e.kind != TRANSIENT  # a transient failure is tried again later; the rest never would work
+        if self.edit_problem and self.edit_problem["method"] == method:
+            with self._lock:
+                self.edit_problem = None
+        return True
+
+    def _note_edit_error(self, method: str, e: SlackError) -> None:
+        if e.error == "missing_scope" and method == "reactions.add":
+            if not self._warned_reactions:
+                self._warned_reactions = True
+                log_event(logging.WARNING, "cannot add ✅ reactions: give the Slack app the reactions:write scope")
+            return
+        if e.kind == CONFIGURATION:
+            with self._lock:
+                self.edit_problem = {"method": method, "error": e.error, "fix": e.hint, "at": iso_now()}
+            log_event(logging.ERROR, "Slack refuses to edit the status cards; they stay as first posted",
+                      method=method, error=e.error, fix=e.hint)
+            return
+        log_event(logging.WARNING, "Slack call failed; the thread itself is fine", method=method, error=e.error)
+
+    def note_error(self, e: SlackError) -> None:
+        entry = {"method": e.method, "error": e.error, "kind": e.kind, "fix": e.hint, "at": iso_now()}
+        with self._lock:
+            self.last_error = entry
+            if e.kind == CONFIGURATION:
+                self.delivering = False
+        level = logging.ERROR if e.kind in (CONFIGURATION, OTHER) else logging.WARNING
+        log_event(level, "Slack call failed", method=e.method, error=e.error, fix=e.hint)
+
+
+FULL_REPLIES = 3  # up to this many alerts of one flush are replies of their own; more share compact ones
+DIGEST_REFRESH = 5.0  # seconds between edits of a storm digest's card while alerts keep coming
+
+
+class Teller:
+    """Tells one flushed batch, under the locks of its threads: one thread's news, a storm digest's, or orphans'.
+
+    Each decision is made again here, on the records as stored now, so that a
+    retry, a second webhook or a second replica never tells an alert twice.
+    Every message Slack accepts is stored before the next is sent.
+    """
+
+    def __init__(self, config: Config, store: ThreadStore, poster: Poster) -> None:
+        self.config = config
+        self.store = store
+        self.poster = poster
+        self._lock = threading.Lock()
+        self._stale: Dict[str, bool] = {}  # store key -> the ✅ is due too: cards to edit when Slack gives a turn
+        self._edited: Dict[str, float] = {}  # digest key -> when its card was last edited (monotonic)
+        self._drawn: Dict[str, str] = {}  # digest key -> its card as last drawn: an edit that changes nothing is skipped
+
+    def flush(self, deadline: float, target: str, batch: List[Entry], behind: List[Entry]) -> None:
+        """Tell `batch`; `behind` are the entries still waiting in the same target (a digest counts them)."""
+        if target.startswith("storm|"):
+            self.digest(deadline, target, batch, behind)
+        elif target.startswith("orphans|"):
+            self.orphans(deadline, batch)
+        else:
+            self.thread(deadline, target, batch)
+
+    # -- one thread -----------------------------------------------------------
+
+    def plan(self, record: Optional[Dict[str, Any]], batch: List[Entry],
+             now: float) -> List[Tuple[Entry, str]]:
+        """Each entry's step, firing first, deciding on a scratch copy of the record as the steps change it."""
+        scratch = json.loads(json.dumps(record)) if record else None
+        steps = []
+        for entry in sorted(batch, key=lambda e: e.alert.status != "firing"):
+            step = decide(scratch, entry.alert, self.config.reopen_window)
+            if step == POST:
+                scratch = new_record(entry.key, entry.alert, entry.channel, self.config.environment, "", now)
+            if scratch is not None and step not in (UNCHANGED, ORPHAN):
+                apply_step(scratch, entry.alert, step, now)
+            steps.append((entry, step))
+        return steps
+
+    def thread(self, deadline: float, key: str, batch: List[Entry]) -> None:
+        channel, now = batch[0].channel, time.time()
+        with self.store.locked([key]):
+            record = usable(self.store.get(key), channel)
+            if record is not None and record.get("digest"):
+                for entry in batch:
+                    entry.target = record["digest"]  # it joined a storm digest meanwhile
+                return
+            was_open = record is not None and record["status"] == "open"
+            lines = []
+            for entry, step in self.plan(record, batch, now):
+                if step == UNCHANGED:
+                    entry.told(step, record["ts"] if record else None)
+                elif step == ORPHAN:
+                    entry.target = f"orphans|{channel}"  # no thread after all (the store was cleared)
+                elif step == POST:
+                    record = self.open(deadline, key, entry, now)
+                else:
+                    lines.append((entry, step))
+            if not lines or record is None:
+                return
+            if len(lines) <= FULL_REPLIES:
+                for entry, step in lines:
+                    self.reply(deadline, key, record, entry, step, now)
+            else:
+                for resolved in (False, True):
+                    group = [(e, s) for e, s in lines if (e.alert.status == "resolved") == resolved]
+                    for part in chunks(group, LINES_PER_DIGEST_MESSAGE):
+                        self.compact_reply(deadline, key, record, part, resolved, now)
+            if record.get("first"):  # a new parent is drawn with its state; only later changes leave it behind
+                self.refresh(deadline, key, record, closing=was_open and record["status"] == "closed")
+
+    def open(self, deadline: float, key: str, entry: Entry, now: float) -> Dict[str, Any]:
+        """A new thread: its parent, the status card, drawn for its first alert."""
+        alert, env = entry.alert, self.config.environment
+        record = new_record(key, alert, entry.channel, env, entry.external_url, now)
+        apply_step(record, alert, POST, now)
+        card = render_card(record, entry.channel, env)
+        record["ts"] = self.poster.post(deadline, card, lambda: render_plain(alert, entry.channel, env, "firing"))["ts"]
+        self.store.put(key, record)
+        entry.told(POST, record["ts"])
+        return record
+
+    def new_parent(self, record: Dict[str, Any], entry: Entry) -> Dict[str, Any]:
+        if record.get("first"):
+            return render_card(record, entry.channel, self.config.environment)
+        return render_alert(entry.alert, entry.channel, self.config.environment, "firing",
+                            external_url=entry.external_url)
+
+    def reply(self, deadline: float, key: str, record: Dict[str, Any], entry: Entry, step: str,
+              now: float) -> None:
+        alert, channel, env = entry.alert, entry.channel, self.config.environment
+        payload = render_alert(alert, channel, env, REPLY_KINDS[step], record["ts"], entry.external_url)
+        plain_kind = "resolved" if alert.status == "resolved" else "firing"
+        self.poster.reply(deadline, record, payload, lambda: self.new_parent(record, entry),
+                          lambda: self.store.put(key, record),
+                          lambda: render_plain(alert, channel, env, plain_kind, record["ts"]))
+        apply_step(record, alert, step, now)
+        self.store.put(key, record)
+        entry.told(step, record["ts"])
+
+    def compact_reply(self, deadline: float, key: str, record: Dict[str, Any], lines: List[Tuple[Entry, str]],
+                      resolved: bool, now: float) -> None:
+        payload = render_batch([e.alert for e, _ in lines], lines[0][0].channel, record["ts"], resolved,
+                               again=[s in (REFIRE, REOPEN) for _, s in lines])
+        self.poster.reply(deadline, record, payload, lambda: self.new_parent(record, lines[0][0]),
+                          lambda: self.store.put(key, record))
+        for entry, step in lines:
+            apply_step(record, entry.alert, step, now)
+        self.store.put(key, record)
+        for entry, step in lines:
+            entry.told(step, record["ts"])
+
+    # -- a storm digest -------------------------------------------------------
+
+    def digest(self, deadline: float, digest_key: str, batch: List[Entry], behind: List[Entry]) -> None:
+        channel, now = batch[0].channel, time.time()
+        keys = sorted({e.key for e in batch} - {digest_key})
+        with self.store.locked(keys + [digest_key]):
+            stored = self.store.get_many(keys + [digest_key])
+            storm = usable(stored.pop(digest_key, None), channel)
+            members = {k: r for k, r in ((k, usable(r, channel)) for k, r in stored.items()) if r is not None}
+            lines = []
+            for entry in sorted(batch, key=lambda e: e.alert.status != "firing"):
+                record = members.get(entry.key)
+                if record is not None and not record.get("digest"):
+                    entry.target = entry.key  # a thread of its own by now
+                    continue
+                step = decide(record, entry.alert, self.config.reopen_window)
+                if step == UNCHANGED:
+                    entry.told(step, record["ts"] if record else None)
+                elif step == ORPHAN:
+                    entry.target = f"orphans|{channel}"
+                else:
+                    if record is None or step == POST:
+                        record = members[entry.key] = self.member(digest_key, entry, now)
+                    apply_step(record, entry.alert, step, now)  # scratch: stored only once told
+                    lines.append((entry, step))
+            if not lines:
+                return
+            storm = self.storm_for(deadline, digest_key, channel, storm, lines, behind, now)
+            closing = False
+            for resolved in (False, True):
+                group = [(e, s) for e, s in lines if (e.alert.status == "resolved") == resolved]
+                if group:
+                    closing = self.digest_lines(deadline, digest_key, storm, members, group, resolved, now) or closing
+            self.refresh_digest(deadline, digest_key, storm, closing, last=not behind)
+
+    def member(self, digest_key: str, entry: Entry, now: float) -> Dict[str, Any]:
+        return {"ts": "", "channel": entry.channel, "key": entry.alert.thread_key(self.config.environment),
+                "status": "open", "digest": digest_key, "created": now, "updated": now, "closed": None,
+                "ended": None, "alerts": {}}
+
+    def storm_for(self, deadline: float, digest_key: str, channel: str, storm: Optional[Dict[str, Any]],
+                  lines: List[Tuple[Entry, str]], behind: List[Entry], now: float) -> Dict[str, Any]:
+        """The open digest these lines go in: the stored one, reopened, or a new one (its parent posted)."""
+        if storm is not None and storm["status"] == "open":
+            return storm
+        if storm is not None and not any(step == POST for _, step in lines):
+            storm["status"], storm["closed"] = "open", None  # members firing again: the storm is back
+            storm["reopened"] = storm.get("reopened", 0) + 1
+            return storm
+        starts = [e.alert.starts_at for e, _ in lines if e.alert.starts_at is not None]
+        storm = {"ts": "", "channel": channel, "key": digest_key, "storm": True, "status": "open", "created": now,
+                 "updated": now, "closed": None, "ended": None, "reopened": 0, "started": min(starts, default=now),
+                 "members": {}}
+        # Drawn with every alert already waiting for it, so that the first look shows the storm's size.
+        coming = [e for e, _ in lines] + [e for e in behind if e.alert.status == "firing"]
+        drawn = dict(storm, members={e.alert.fingerprint: self.member_entry(e.alert) for e in coming})
+        card = render_digest(drawn, channel, self.config.environment)
+        storm["ts"] = self.poster.post(deadline, card)["ts"]
+        self.store.put(digest_key, storm)
+        self._edited[digest_key], self._drawn[digest_key] = time.monotonic(), self.card_text(card)
+        return storm
+
+    @staticmethod
+    def card_text(card: Dict[str, Any]) -> str:
+        return json.dumps({k: v for k, v in card.items() if k != "ts"}, sort_keys=True)
+
+    @staticmethod
+    def member_entry(alert: Alert) -> List[str]:
+        state = RESOLVED if alert.status == "resolved" else FIRING
+        return [state, truncate(alert.alertname, 120), truncate(alert.severity.lower(), 40)]
+
+    def digest_lines(self, deadline: float, digest_key: str, storm: Dict[str, Any],
+                     members: Dict[str, Dict[str, Any]], lines: List[Tuple[Entry, str]], resolved: bool,
+                     now: float) -> bool:
+        """One compact reply in the digest, then its members and the digest stored; True if that closed it."""
+        channel, env = storm["channel"], self.config.environment
+        payload = render_batch([e.alert for e, _ in lines], channel, storm["ts"], resolved,
+                               again=[s in (REFIRE, REOPEN) for _, s in lines])
+        self.poster.reply(deadline, storm, payload, lambda: render_digest(storm, channel, env),
+                          lambda: self.store.put(digest_key, storm))
+        changed: Dict[str, Dict[str, Any]] = {}
+        for entry, step in lines:
+            record = members[entry.key]
+            record["ts"] = storm["ts"]
+            changed[entry.key] = record
+            fingerprint, known = entry.alert.fingerprint, storm.setdefault("members", {})
+            if resolved and "firing" in storm and fingerprint not in known:
+                storm["resolved"] = storm.get("resolved", 0) + 1  # a digest of before 1.1 counts its own
+            else:
+                storm["members"][fingerprint] = self.member_entry(entry.alert)
+            if resolved and entry.alert.ends_at is not None:
+                storm["ended"] = max(storm.get("ended") or 0, entry.alert.ends_at)
+        total, told_resolved, _, _ = digest_counts(storm)
+        closing = storm["status"] == "open" and told_resolved >= total
+        if closing:
+            storm["status"], storm["closed"] = "closed", now
+            storm["ended"] = storm.get("ended") or now
+        storm["updated"] = now
+        changed[digest_key] = storm
+        self.store.put_many(changed)
+        for entry, step in lines:
+            entry.told(step, storm["ts"], "digest" if step in (POST, REPLY, REFIRE) else None)
+        return closing
+
+    # -- resolves with no known thread ----------------------------------------
+
+    def orphans(self, deadline: float, batch: List[Entry]) -> None:
+        channel, env, now = batch[0].channel, self.config.environment, time.time()
+        keys = sorted({e.key for e in batch})
+        with self.store.locked(keys):
+            stored = self.store.get_many(keys)
+            lines = []
+            for entry in batch:
+                record = usable(stored.get(entry.key), channel)
+                if record is not None:
+                    entry.target = record.get("digest") or entry.key  # a thread appeared meanwhile
+                else:
+                    lines.append(entry)
+            if not lines:
+                return
+            if len(lines) == 1:
+                alert = lines[0].alert
+                payload = render_alert(alert, channel, env, "resolved", None, lines[0].external_url)
+                ts = self.poster.post(deadline, payload, lambda: render_plain(alert, channel, env, "resolved"))["ts"]
+            else:
+                payload = render_batch([e.alert for e in lines], channel, None, True,
+                                       note=" · no thread was known for these")
+                ts = self.poster.post(deadline, payload)["ts"]
+            changed: Dict[str, Dict[str, Any]] = {}
+            for entry in lines:
+                record = changed.get(entry.key)
+                if record is None:
+                    record = new_record(entry.key, entry.alert, channel, env, entry.external_url, now)
+                    record["ts"] = ts
+                    if len(lines) > 1:
+                        del record["first"]  # a list of many: never to be redrawn as one alert's card
+                    changed[entry.key] = record
+                apply_step(record, entry.alert, ORPHAN, now)
+            self.store.put_many(changed)
+            for entry in lines:
+                entry.told(ORPHAN, ts)
+
+    # -- status cards ---------------------------------------------------------
+
+    def refresh(self, deadline: float, key: str, record: Dict[str, Any], closing: bool) -> None:
+        """Edit the parent to show the thread's state; a card Slack gives no turn to is edited later."""
+        edited = self.poster.edit(deadline, render_card(record, record["channel"], self.config.environment))
+        reacted = not closing or self.poster.react(deadline, record["channel"], record["ts"])
+        if not (edited and reacted):
+            with self._lock:
+                self._stale[key] = self._stale.get(key, False) or (closing and not reacted)
+
+    def refresh_digest(self, deadline: float, key: str, storm: Dict[str, Any], closing: bool, last: bool) -> None:
+        recently = time.monotonic() - self._edited.get(key, 0.0) < DIGEST_REFRESH
+        if recently and not (closing or last):
+            with self._lock:
+                self._stale.setdefault(key, False)
+            return
+        self._edited[key] = time.monotonic()
+        card = render_digest(storm, storm["channel"], self.config.environment)
+        drawn = self.card_text(card) == self._drawn.get(key)
+        edited = drawn or self.poster.edit(deadline, card)
+        if edited:
+            self._drawn[key] = self.card_text(card)
+        reacted = not closing or self.poster.react(deadline, storm["channel"], storm["ts"])
+        if not (edited and reacted):
+            with self._lock:
+                self._stale[key] = self._stale.get(key, False) or (closing and not reacted)
+
+    def refresh_stale(self) -> None:
+        """Edit the cards that had to wait, from their records as stored now."""
+        with self._lock:
+            stale, self._stale = self._stale, {}
+        for key, react in stale.items():
+            deadline = time.monotonic() + self.poster.EDIT_WAIT
+            with contextlib.suppress(StoreError, SlackError, SlackUnavailable):
+                with self.store.locked([key]):
+                    record = self.store.get(key)
+                    if record is None or not record.get("ts"):
+                        continue
+                    if record.get("storm"):
+                        self._edited[key] = time.monotonic()
+                        payload = render_digest(record, record["channel"], self.config.environment)
+                    elif record.get("first"):
+                        payload = render_card(record, record["channel"], self.config.environment)
+                    else:
+                        continue
+                    edited = self.poster.edit(deadline, payload)
+                    reacted = not react or self.poster.react(deadline, record["channel"], record["ts"])
+                if not (edited and reacted):
+                    with self._lock:
+                        self._stale[key] = self._stale.get(key, False) or (react and not reacted)
 
 
 class Threader:
-    """Turns validated webhooks into Slack messages, threads and stored state."""
+    """Turns validated webhooks into entries, and answers once they are told: the lifecycle's orchestration."""
 
     def __init__(self, config: Config, store: ThreadStore, slack: SlackAPI, metrics: Metrics) -> None:
         self.config = config
         self.store = store
-        self.slack = slack
         self.metrics = metrics
+        self.poster = Poster(slack, store, metrics, config.slack_pace)
+        self.teller = Teller(config, store, self.poster)
+        self.batches = Batches(self.teller.flush)
         self.default_channel = config.slack_channel or "C0DRYRUN"
-        self._lock = threading.Lock()
-        self.last_slack_error: Optional[Dict[str, Any]] = None
-        # False while Slack refuses our configuration (token, scope, channel): /health turns 503.
-        self.delivering = True
-        self._warned_reactions = False
 
-    # -- keys -----------------------------------------------------------------
+    @property
+    def last_slack_error(self) -> Optional[Dict[str, Any]]:
+        return self.poster.last_error
+
+    @property
+    def delivering(self) -> bool:
+        return self.poster.delivering
 
     def store_key(self, thread_key: str, channel: str) -> str:
         """The seed's key in the default channel; other channels are prefixed with their ID."""
         return thread_key if channel == self.default_channel else f"{channel}:{thread_key}"
 
-    def storm_key(self, hook: Webhook, channel: str) -> str:
-        return f"storm|{channel}|{group_id(hook.group_key)}"
-
-    # -- the webhook ----------------------------------------------------------
-
     def handle(self, hook: Webhook, channel: Optional[str] = None) -> Tuple[int, Dict[str, Any]]:
-        """Deliver one webhook; 200 when everything is in Slack, 503 when Alertmanager must retry."""
+        """Deliver one webhook; 200 when everything is in Slack and stored, 503 when Alertmanager must retry."""
         channel = channel or self.default_channel
-        delivery = Delivery(hook=hook, channel=channel, deadline=time.monotonic() + self.config.slack_retry_budget,
-                            external_url=self.config.alertmanager_url or hook.external_url,
-                            results=[None] * len(hook.alerts))
-        groups: Dict[str, List[Tuple[int, Alert]]] = {}
-        for index, alert in enumerate(hook.alerts):
-            key = self.store_key(alert.thread_key(self.config.environment), channel)
-            groups.setdefault(key, []).append((index, alert))
+        deadline = time.monotonic() + self.config.slack_retry_budget
+        order, entries = self.entries(hook, channel, self.config.alertmanager_url or hook.external_url)
+        mine = self.batches.enqueue(entries)
         error: Optional[str] = None
         try:
-            self._deliver(delivery, groups)
+            self.batches.wait(mine, deadline)
             self.store.flush()  # a retry that finds its alerts told must not be answered before they are durable
         except SlackUnavailable as e:
             error = f"{e} ({e.cause.hint})"
@@ -2261,395 +3162,55 @@ class Threader:
             error = f"{e} ({e.hint})"
         except StoreError as e:
             error = f"thread store: {e}"
-        for result in delivery.results:
-            if result:
-                self.metrics.inc("alert_threader_alerts_total", status=result["status"], action=result["action"])
+        results: List[Optional[Dict[str, Any]]] = [None] * len(hook.alerts)
+        for index, (entry, joined) in zip(order, mine):
+            if entry.result:
+                results[index] = self.result(entry, joined)
+                self.metrics.inc("alert_threader_alerts_total", status=entry.alert.status,
+                                 action=results[index]["action"])  # type: ignore[index]
         body: Dict[str, Any] = {"ok": error is None, "count": len(hook.alerts), "status": hook.status,
                                 "group_key": hook.group_key, "thread_store": self.store.name,
-                                "results": [r for r in delivery.results if r]}
+                                "results": [r for r in results if r]}
         if error:
             body["error"] = error
             return 503, body
         return 200, body
 
-    def _deliver(self, delivery: Delivery, groups: Dict[str, List[Tuple[int, Alert]]]) -> None:
-        # An unlocked look decides what is a storm and which resolves belong to a digest;
-        # every key is read again under its lock before anything is posted.
-        peeked = self.store.get_many(list(groups))
-        storm: List[Tuple[int, Alert, str]] = []
-        digest_resolves: Dict[str, List[Tuple[int, Alert, str]]] = {}
-        regular: Dict[str, List[Tuple[int, Alert]]] = {}
-        for key, items in groups.items():
-            record = self._usable(peeked.get(key), delivery.channel)
-            for index, alert in items:
-                if alert.status == "firing" and self._starts_thread(record, alert):
-                    storm.append((index, alert, key))
-                elif (alert.status == "resolved" and record and record.get("digest")
-                      and record["alerts"].get(alert.fingerprint, [""])[0] == FIRING):
-                    digest_resolves.setdefault(record["digest"], []).append((index, alert, key))
-                else:
-                    regular.setdefault(key, []).append((index, alert))
-        storm_key = self.storm_key(delivery.hook, delivery.channel) if storm else ""
-        storm_record = self._usable(self.store.get(storm_key), delivery.channel) if storm else None
-        storm_open = storm_record is not None and storm_record.get("status") == "open"
-        if len(storm) <= self.config.storm_threshold and not storm_open:
-            for index, alert, key in storm:  # not a storm after all: ordinary new threads
-                regular.setdefault(key, []).append((index, alert))
-            if len(regular) > 1:  # back in the webhook's order
-                regular = dict(sorted(regular.items(), key=lambda kv: min(i for i, _ in kv[1])))
-            storm = []
-        for key, items in regular.items():
-            self._thread_alerts(delivery, key, items)
-        if storm:
-            self._storm(delivery, storm_key, storm)
-        for digest_key, items in digest_resolves.items():
-            self._digest_resolves(delivery, digest_key, items)
+    def entries(self, hook: Webhook, channel: str, external_url: str) -> Tuple[List[int], List[Entry]]:
+        """The webhook's alerts as entries, firing first, each in the batch of its target."""
+        env, window = self.config.environment, self.config.reopen_window
+        keys = [self.store_key(alert.thread_key(env), channel) for alert in hook.alerts]
+        groups: Dict[str, List[Alert]] = {}
+        for key, alert in zip(keys, hook.alerts):
+            groups.setdefault(key, []).append(alert)
+        peeked = self.store.get_many(list(groups))  # a look only: every decision is made again under the lock
+        targets: Dict[str, str] = {}
+        opening = []
+        for key, alerts in groups.items():
+            record = usable(peeked.get(key), channel)
+            if record is not None and record.get("digest"):
+                targets[key] = record["digest"]
+            elif record is None and all(a.status == "resolved" for a in alerts):
+                targets[key] = f"orphans|{channel}"
+            else:
+                targets[key] = key
+                if any(decide(record, a, window) == POST for a in alerts if a.status == "firing"):
+                    opening.append(key)
+        # A storm: more new threads in the channel than STORM_THRESHOLD within STORM_WINDOW, this webhook's too.
+        threshold = self.config.storm_threshold
+        if opening and self.store.count_recent(f"new|{channel}", opening, self.config.storm_window,
+                                               threshold + 1) > threshold:
+            for key in opening:
+                targets[key] = f"storm|{channel}"
+        order = sorted(range(len(hook.alerts)), key=lambda i: hook.alerts[i].status != "firing")
+        return order, [Entry(keys[i], hook.alerts[i], channel, external_url, targets[keys[i]]) for i in order]
 
-    def _usable(self, record: Optional[Dict[str, Any]], channel: str) -> Optional[Dict[str, Any]]:
-        """A stored thread, unless it lives in another channel (the channel changed): then none."""
-        if record is None or record.get("channel", channel) != channel:
-            return None
-        return record
-
-    def _reopenable(self, record: Dict[str, Any], alert: Alert) -> bool:
-        """Lifecycle 6: fired again within REOPEN_WINDOW of closing, by the alerts' own times."""
-        if self.config.reopen_window <= 0 or record.get("digest") or record.get("ended") is None:
-            return False
-        starts = alert.starts_at if alert.starts_at is not None else time.time()
-        return starts - record["ended"] <= self.config.reopen_window
-
-    def _starts_thread(self, record: Optional[Dict[str, Any]], alert: Alert) -> bool:
-        """Would this firing alert post a new parent (and so count towards a storm)?"""
-        if record is None:
-            return True
-        if record.get("status") == "open":
-            return False
-        entry = record["alerts"].get(alert.fingerprint)
-        if entry and not later(alert.starts_at, entry[1]):
-            return False  # a replay of an episode already told
-        return not self._reopenable(record, alert)
-
-    def _result(self, delivery: Delivery, index: int, alert: Alert, ts: Optional[str], action: str) -> None:
-        delivery.results[index] = {
-            "key": alert.thread_key(self.config.environment), "thread_ts": ts, "status": alert.status,
-            "alertname": alert.alertname, "severity": alert.severity, "action": action}
-
-    # -- one thread -----------------------------------------------------------
-
-    def _thread_alerts(self, delivery: Delivery, key: str, items: List[Tuple[int, Alert]]) -> None:
-        """All alerts of one key, under its lock; every message is stored before the next is sent."""
-        with self.store.locked([key]):
-            record = self._usable(self.store.get(key), delivery.channel)
-            was_open = record is not None and record["status"] == "open"
-            stale_card = False
-            # Firing first, so that resolves of unknown alerts find the thread they open.
-            for index, alert in sorted(items, key=lambda item: item[1].status != "firing"):
-                record, action = self._apply(delivery, key, record, alert)
-                self._result(delivery, index, alert, record["ts"] if record else None, action)
-                # A new parent is drawn with its state; only later changes leave it behind.
-                stale_card = stale_card or action in ("replied", "reopened")
-            if stale_card and record is not None and record.get("first"):
-                self._refresh_card(record, delivery.channel, closing=was_open and record["status"] == "closed")
-
-    def _apply(self, delivery: Delivery, key: str, record: Optional[Dict[str, Any]],
-               alert: Alert) -> Tuple[Optional[Dict[str, Any]], str]:
-        """The lifecycle rules for one alert; returns the (stored) record and the action taken."""
-        entry = record["alerts"].get(alert.fingerprint) if record else None
-        if alert.status == "firing":
-            if record is None or (record["status"] == "closed" and self._starts_thread(record, alert)):
-                return self._new_thread(delivery, key, alert), "posted"
-            if entry and entry[0] == FIRING and not later(alert.starts_at, entry[1]):
-                return record, "unchanged"
-            if entry and entry[0] == RESOLVED and not later(alert.starts_at, entry[1]):
-                return record, "unchanged"  # a late copy of an episode that already resolved
-            reopening = record["status"] == "closed"
-            kind = "refire" if entry or reopening else "firing"
-            self._reply(delivery, key, record, render_alert(alert, delivery.channel, self.config.environment, kind,
-                                                            record["ts"], delivery.external_url), alert)
-            record["alerts"][alert.fingerprint] = alert_entry(alert, FIRING)
-            if reopening:
-                record["status"], record["closed"] = "open", None
-                record["reopened"] = record.get("reopened", 0) + 1
-            self._save(key, record)
-            return record, "reopened" if reopening else "replied"
-        # resolved
-        if entry and entry[0] == RESOLVED:
-            return record, "unchanged"
-        if entry and later(entry[1], alert.starts_at):
-            return record, "unchanged"  # resolves an older episode than the one in the thread
-        if record is None:
-            ts = self._post(delivery, render_alert(alert, delivery.channel, self.config.environment, "resolved",
-                                                   None, delivery.external_url), alert)
-            record = self._new_record(delivery, alert, ts)
-            record["alerts"][alert.fingerprint] = alert_entry(alert, RESOLVED)
-            self._close(record, alert)
-            self._save(key, record)
-            return record, "standalone"
-        self._reply(delivery, key, record, render_alert(alert, delivery.channel, self.config.environment, "resolved",
-                                                        record["ts"], delivery.external_url), alert)
-        record["alerts"][alert.fingerprint] = alert_entry(alert, RESOLVED)
-        if record["status"] == "open" and all(e[0] == RESOLVED for e in record["alerts"].values()):
-            self._close(record, alert)
-        self._save(key, record)
-        return record, "replied"
-
-    def _new_record(self, delivery: Delivery, alert: Alert, ts: str) -> Dict[str, Any]:
-        now = time.time()
-        return {"ts": ts, "channel": delivery.channel, "key": alert.thread_key(self.config.environment),
-                "status": "open", "created": now, "updated": now, "closed": None, "ended": None,
-                "reopened": 0, "first": first_alert(alert, delivery.external_url), "alerts": {}}
-
-    def _new_thread(self, delivery: Delivery, key: str, alert: Alert) -> Dict[str, Any]:
-        record = self._new_record(delivery, alert, "")
-        record["alerts"][alert.fingerprint] = alert_entry(alert, FIRING)
-        card = render_card(record, delivery.channel, self.config.environment)
-        record["ts"] = self._post(delivery, card, alert)
-        self._save(key, record)
-        return record
-
-    def _close(self, record: Dict[str, Any], alert: Alert) -> None:
-        ends = [e[2] for e in record["alerts"].values() if e[0] == RESOLVED and e[2] is not None]
-        record["status"] = "closed"
-        record["closed"] = time.time()
-        record["ended"] = max(ends) if ends else (alert.ends_at or time.time())
-
-    def _save(self, key: str, record: Dict[str, Any]) -> None:
-        record["updated"] = time.time()
-        self.store.put(key, record)
-
-    # -- talking to Slack -----------------------------------------------------
-
-    def _post(self, delivery: Delivery, payload: Dict[str, Any], alert: Optional[Alert] = None) -> str:
-        """chat.postMessage within the webhook's budget; plain text once if the layout is refused."""
-        try:
-            return self._send(delivery, "chat.postMessage", payload)["ts"]
-        except SlackError as e:
-            if e.kind != LAYOUT:
-                raise
-            self.metrics.inc("alert_threader_slack_fallbacks_total")
-            log_event(logging.WARNING, "Slack rejected the message layout; sending plain text", error=e.error,
-                      alertname=alert.alertname if alert else "(digest)")
-        if alert is not None:
-            kind = "resolved" if alert.status == "resolved" else "firing"
-            plain = render_plain(alert, delivery.channel, self.config.environment, kind, payload.get("thread_ts"))
-        else:
-            plain = plain_version(payload)
-        try:
-            return self._send(delivery, "chat.postMessage", plain)["ts"]
-        except SlackError as e:
-            raise SlackUnavailable(e) from None  # even plain text refused: nothing simpler to try
-
-    def _reply(self, delivery: Delivery, key: str, record: Dict[str, Any], payload: Dict[str, Any],
-               alert: Optional[Alert] = None, parent: Optional[Callable[[], Dict[str, Any]]] = None) -> str:
-        """A reply in the record's thread; if the parent is gone, post a new parent and move there."""
-        try:
-            return self._post(delivery, payload, alert)
-        except SlackError as e:
-            if e.kind != THREAD_GONE:
-                raise
-        log_event(logging.WARNING, "thread parent is gone; starting the thread again", key=key, old_ts=record["ts"])
-        if parent is not None:
-            new_parent = parent()
-        elif record.get("first"):
-            new_parent = render_card(record, delivery.channel, self.config.environment)
-        elif alert is not None:
-            new_parent = render_alert(alert, delivery.channel, self.config.environment, "firing",
-                                      external_url=delivery.external_url)
-        else:
-            new_parent = dict(payload)
-        new_parent.pop("ts", None)
-        new_parent.pop("thread_ts", None)
-        record["ts"] = self._post(delivery, new_parent, alert)
-        self._save(key, record)
-        payload["thread_ts"] = record["ts"]
-        return self._post(delivery, payload, alert)
-
-    def _send(self, delivery: Delivery, method: str, payload: Dict[str, Any]) -> Dict[str, Any]:
-        """One Slack call, retried on transient errors and rate limits while the budget lasts."""
-        backoff = 0.25
-        while True:
-            try:
-                response = self.slack.call(method, payload)
-            except SlackError as e:
-                self._note_error(e)
-                if e.kind in (LAYOUT, THREAD_GONE):
-                    raise
-                if e.kind not in (TRANSIENT, RATE_LIMITED):
-                    raise SlackUnavailable(e) from None
-                wait = e.retry_after if e.kind == RATE_LIMITED else backoff
-                if time.monotonic() + wait > delivery.deadline:
-                    raise SlackUnavailable(e) from None
-                if e.kind == RATE_LIMITED:
-                    self.metrics.inc("alert_threader_slack_rate_limit_wait_seconds_total", wait)
-                time.sleep(wait)
-                backoff = min(backoff * 2, 4.0)
-                continue
-            if method == "chat.postMessage":
-                self.delivering = True
-            return response
-
-    def _note_error(self, e: SlackError) -> None:
-        entry = {"method": e.method, "error": e.error, "kind": e.kind, "fix": e.hint, "at": iso_now()}
-        with self._lock:
-            self.last_slack_error = entry
-            if e.kind == CONFIGURATION:
-                self.delivering = False
-        level = logging.ERROR if e.kind in (CONFIGURATION, OTHER) else logging.WARNING
-        log_event(level, "Slack call failed", method=e.method, error=e.error, fix=e.hint)
-
-    def _refresh_card(self, record: Dict[str, Any], channel: str, closing: bool) -> None:
-        """Edit the parent to show the thread's state; never fails the delivery."""
-        payload = render_card(record, channel, self.config.environment)
-        self._best_effort("chat.update", payload)
-        if closing:
-            self._react(record["ts"], channel)
-
-    def _react(self, ts: str, channel: str) -> None:
-        error = self._best_effort("reactions.add", {"channel": channel, "timestamp": ts, "name": "white_check_mark"})
-        if error == "missing_scope" and not self._warned_reactions:
-            self._warned_reactions = True
-            log_event(logging.WARNING, "cannot add ✅ reactions: give the Slack app the reactions:write scope")
-
-    def _best_effort(self, method: str, payload: Dict[str, Any]) -> Optional[str]:
-        try:
-            self.slack.call(method, payload)
-        except SlackError as e:
-            if e.error not in ("already_reacted", "missing_scope"):
-                log_event(logging.WARNING, "Slack call failed; the thread itself is fine",
-                          method=method, error=e.error)
-            return e.error
-        return None
-
-    # -- storms ---------------------------------------------------------------
-
-    def _storm(self, delivery: Delivery, storm_key: str, items: List[Tuple[int, Alert, str]]) -> None:
-        """Many new alerts at once: one digest parent, then compact replies of about twenty."""
-        channel = delivery.channel
-        with self.store.locked([storm_key]):
-            storm = self._usable(self.store.get(storm_key), channel)
-            fresh = storm is None or storm["status"] == "closed"
-            if fresh:
-                now = time.time()
-                storm = {"ts": "", "channel": channel, "key": storm_key, "storm": True, "status": "open",
-                         "created": now, "updated": now, "closed": None, "ended": None,
-                         "started": min((a.starts_at for _, a, _ in items if a.starts_at), default=now),
-                         "firing": len(items), "resolved": 0, "by_name": {}, "by_severity": {}, "alerts": {}}
-                for _, alert, _ in items:
-                    self._count_in(storm, alert)
-                storm["ts"] = self._post(delivery, render_digest(storm, channel, self.config.environment))
-                storm["firing"] = 0  # counted again below as each batch lands
-                storm["by_name"], storm["by_severity"] = {}, {}
-                self._save(storm_key, storm)
-        assert storm is not None
-        leftovers: Dict[str, List[Tuple[int, Alert]]] = OrderedDict()
-        ordered = sorted(items, key=lambda item: (item[1].alertname, item[1].labels.get("instance", ""), item[0]))
-        for batch in chunks(ordered, LINES_PER_DIGEST_MESSAGE):
-            keys = sorted({key for _, _, key in batch})
-            with self.store.locked(keys + [storm_key]):
-                records = self.store.get_many(keys)
-                storm = self.store.get(storm_key) or storm
-                pending = []
-                for index, alert, key in batch:
-                    record = self._usable(records.get(key), channel)
-                    if record is not None and not self._starts_thread(record, alert) and not record.get("digest"):
-                        leftovers.setdefault(key, []).append((index, alert))  # a thread appeared meanwhile
-                    elif record is not None and record.get("digest") and alert.fingerprint in record["alerts"]:
-                        self._result(delivery, index, alert, record["ts"], "unchanged")
-                    else:
-                        pending.append((index, alert, key))
-                if not pending:
-                    continue
-                payload = render_digest_batch([a for _, a, _ in pending], channel, storm["ts"], resolved=False)
-                self._reply(delivery, storm_key, storm, payload,
-                            parent=lambda: render_digest(storm, channel, self.config.environment))
-                now = time.time()
-                changed: Dict[str, Dict[str, Any]] = {}
-                for index, alert, key in pending:
-                    record = changed.get(key) or self._usable(records.get(key), channel)
-                    if record is None or not record.get("digest") or record.get("status") == "closed":
-                        record = {"ts": storm["ts"], "channel": channel,
-                                  "key": alert.thread_key(self.config.environment), "status": "open",
-                                  "digest": storm_key, "created": now, "closed": None, "ended": None, "alerts": {}}
-                    record["alerts"][alert.fingerprint] = alert_entry(alert, FIRING)
-                    record["updated"] = now
-                    changed[key] = record
-                    storm["firing"] += 1
-                    self._count_in(storm, alert)
-                    self._result(delivery, index, alert, storm["ts"], "digest")
-                storm["updated"] = now
-                changed[storm_key] = storm
-                self.store.put_many(changed)
-        if not fresh:
-            self._best_effort("chat.update", render_digest(storm, channel, self.config.environment))
-        for key, key_items in leftovers.items():
-            self._thread_alerts(delivery, key, key_items)
-
-    @staticmethod
-    def _count_in(storm: Dict[str, Any], alert: Alert) -> None:
-        by_name, name = storm["by_name"], truncate(alert.alertname, 120)
-        if name in by_name or len(by_name) < 200:
-            by_name[name] = by_name.get(name, 0) + 1
-        severity = truncate(alert.severity.lower(), 40)
-        storm["by_severity"][severity] = storm["by_severity"].get(severity, 0) + 1
-
-    def _digest_resolves(self, delivery: Delivery, storm_key: str, items: List[Tuple[int, Alert, str]]) -> None:
-        """Resolves of storm alerts: compact replies in the digest thread, twenty at a time."""
-        channel = delivery.channel
-        storm: Optional[Dict[str, Any]] = None
-        closing = False
-        for batch in chunks(items, LINES_PER_DIGEST_MESSAGE):
-            keys = sorted({key for _, _, key in batch})
-            with self.store.locked(keys + [storm_key]):
-                records = self.store.get_many(keys)
-                storm = self._usable(self.store.get(storm_key), channel)
-                pending = []
-                for index, alert, key in batch:
-                    record = self._usable(records.get(key), channel)
-                    entry = record["alerts"].get(alert.fingerprint) if record else None
-                    if record is None or not entry or entry[0] != FIRING:
-                        self._result(delivery, index, alert, record["ts"] if record else None, "unchanged")
-                    else:
-                        pending.append((index, alert, key))
-                if not pending:
-                    continue
-                thread_ts = storm["ts"] if storm is not None else records[pending[0][2]]["ts"]
-                payload = render_digest_batch([a for _, a, _ in pending], channel, thread_ts, True)
-                if storm is not None:
-                    self._reply(delivery, storm_key, storm, payload,
-                                parent=lambda: render_digest(storm, channel, self.config.environment))
-                    thread_ts = storm["ts"]
-                else:
-                    try:
-                        self._post(delivery, payload)
-                    except SlackError as e:
-                        if e.kind != THREAD_GONE:
-                            raise
-                        payload.pop("thread_ts")  # digest gone and forgotten: tell it in the channel
-                        self._post(delivery, payload)
-                now = time.time()
-                changed = {}
-                for index, alert, key in pending:
-                    record = changed.get(key) or records[key]
-                    record["alerts"][alert.fingerprint] = alert_entry(alert, RESOLVED)
-                    if all(e[0] == RESOLVED for e in record["alerts"].values()):
-                        self._close(record, alert)
-                    record["updated"] = now
-                    changed[key] = record
-                    self._result(delivery, index, alert, thread_ts, "replied")
-                if storm is not None:
-                    storm["resolved"] = storm.get("resolved", 0) + len(pending)
-                    ended = max((a.ends_at or now) for _, a, _ in pending)
-                    storm["ended"] = max(storm.get("ended") or 0, ended)
-                    if storm["status"] == "open" and storm["resolved"] >= storm.get("firing", 0):
-                        storm["status"], storm["closed"] = "closed", now
-                        closing = True
-                    storm["updated"] = now
-                    changed[storm_key] = storm
-                self.store.put_many(changed)
-        if storm is not None:
-            self._best_effort("chat.update", render_digest(storm, channel, self.config.environment))
-            if closing:
-                self._react(storm["ts"], channel)
+    def result(self, entry: Entry, joined: bool) -> Dict[str, Any]:
+        action, ts = entry.result or ("unchanged", None)
+        alert = entry.alert
+        return {"key": alert.thread_key(self.config.environment), "thread_ts": ts, "status": alert.status,
+                "alertname": alert.alertname, "severity": alert.severity,
+                "action": "unchanged" if joined else action}  # joined: another webhook's copy told it
 
 
 # ---------------------------------------------------------------------------
@@ -2936,7 +3497,10 @@ class App:
             "cached_threads": self.store.count(), "timestamp": iso_now(), "version": __version__,
             "dry_run": self.config.dry_run, "last_slack_error": self.threader.last_slack_error}
         body.update({k: v for k, v in store.items() if k != "ok"})
-        if not store["ok"] or not self.threader.delivering:
+        edit_problem = self.threader.poster.edit_problem
+        if edit_problem:
+            body["card_updates"] = edit_problem  # cards that can never be edited: the fix is in it
+        if not store["ok"] or not self.threader.delivering or edit_problem:
             body["status"] = "degraded"
             return 503, body, {}
         return 200, body, {}
@@ -3220,10 +3784,11 @@ class ThreaderServer(http.server.ThreadingHTTPServer):
 # ---------------------------------------------------------------------------
 
 def open_store(config: Config, metrics: Metrics) -> ThreadStore:
+    # A worker may hold a thread for its whole retry budget and a Slack call or two more.
     lock_timeout = config.slack_retry_budget + 2 * config.slack_timeout + 30
     if config.thread_store == "redis":
         return RedisStore(config.redis_url, config.redis_key_prefix, metrics, config.thread_retention,
-                          lock_timeout=lock_timeout)
+                          lock_timeout=lock_timeout, lease=config.redis_lease)
     return FileStore(config.thread_store_file, metrics, config.thread_retention, lock_timeout=lock_timeout)
 
 
@@ -3298,11 +3863,16 @@ class Service:
 
     def start(self) -> "Service":
         for target, name in ((lambda: self.server.serve_forever(poll_interval=0.2), "http"),
-                             (self._housekeeping, "housekeeping")):
+                             (self._housekeeping, "housekeeping"), (self._cards, "cards")):
             thread = threading.Thread(target=target, name=f"alert-threader-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
         return self
+
+    def _cards(self) -> None:
+        """Status cards that had to wait for Slack's turn (a storm, a 429) are edited here."""
+        while not self._stop.wait(2):
+            self.threader.teller.refresh_stale()
 
     def _housekeeping(self) -> None:
         while not self._stop.wait(30):
@@ -3380,7 +3950,7 @@ def cmd_render(config: Config, path: Optional[str], payload: Optional[int] = Non
         return 1
     metrics = Metrics()
     slack = DryRunSlack(metrics, quiet=True, keep=None)  # every call, however many
-    threader = Threader(config, FileStore(None, metrics), slack, metrics)
+    threader = Threader(dataclasses.replace(config, slack_pace=0), FileStore(None, metrics), slack, metrics)
     threader.handle(hook)
     calls = [{"method": method, "payload": sent} for _, method, sent, _ in slack.recent_calls()]
     if payload is None:

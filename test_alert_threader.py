@@ -12,6 +12,7 @@ shellcheck or systemd-analyze skip on a laptop without them, and fail in CI
 import base64
 import collections
 import contextlib
+import dataclasses
 import errno
 import html.parser
 import http.client
@@ -140,6 +141,9 @@ class FakeSlack:
         self.always: Dict[str, Dict[str, Any]] = {}
         self.seq = 0
         self.barrier: Optional[threading.Barrier] = None
+        self.limits: Dict[str, Any] = {}  # method -> (per second, burst), enforced as Slack does: 429 past it
+        self.turns: Dict[str, float] = {}
+        self.refused: List[Call] = []
         fake = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -156,6 +160,11 @@ class FakeSlack:
                 with fake.lock:
                     fake.calls.append(call)
                     answer = fake.scripts[method].popleft() if fake.scripts[method] else fake.always.get(method)
+                    wait = fake.over_limit(call)
+                if wait:
+                    fake.refused.append(call)
+                    return self.reply(429, {"ok": False, "error": "ratelimited"},
+                                      {"Retry-After": str(max(1, int(wait + 0.999)))})
                 answer = answer or {}
                 if answer.get("drop"):
                     self.close_connection = True
@@ -222,6 +231,19 @@ class FakeSlack:
         self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}/api/"
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
+
+    def over_limit(self, call: Call) -> float:
+        """A token bucket per method and channel, like Slack's: the seconds until a turn, 0 if there is one."""
+        if call.method not in self.limits:
+            return 0.0
+        per_second, burst = self.limits[call.method]
+        bucket = call.method + "|" + str(call.payload.get("channel", ""))
+        now = time.monotonic()
+        due = max(self.turns.get(bucket, now), now)
+        if due - (burst - 1) / per_second > now:
+            return due - (burst - 1) / per_second - now
+        self.turns[bucket] = due + 1 / per_second
+        return 0.0
 
     def fail(self, method: str, *answers: Dict[str, Any]) -> None:
         with self.lock:
@@ -322,14 +344,16 @@ def start(tmp_path, slack):
     """start(**settings) -> Running; defaults: fake Slack, file store in tmp_path, port 0."""
     started: List[Running] = []
 
-    def _start(**settings: Any) -> Running:
+    def _start(overrides: Optional[Dict[str, Any]] = None, **settings: Any) -> Running:
+        """`overrides` replace fields of the Config that no setting reaches (a short Redis lease)."""
         values = {"SLACK_BOT_TOKEN": SLACK_TOKEN, "SLACK_CHANNEL": "C0ALERTS", "SLACK_API_URL": slack.url,
                   "THREAD_STORE_FILE": str(tmp_path / "threads.json"), "HOST": "127.0.0.1", "PORT": "0",
-                  "SLACK_RETRY_BUDGET": "2s", "SLACK_TIMEOUT": "1s", "LOG_LEVEL": "debug"}
+                  "SLACK_RETRY_BUDGET": "2s", "SLACK_TIMEOUT": "1s", "LOG_LEVEL": "debug",
+                  "SLACK_PACE": "0"}  # pacing has tests of its own; the others need not wait for it
         values.update({k: v for k, v in settings.items() if v is not None})
         for name in [k for k, v in settings.items() if v is None]:
             values.pop(name, None)
-        config = make_config(values)
+        config = dataclasses.replace(make_config(values), **(overrides or {}))
         log = io.StringIO()
         at.setup_logging(config, log)
         running = Running(at.start_service(config), log)
@@ -965,18 +989,26 @@ def test_rate_limit_waits_for_retry_after_when_it_fits_the_budget(start, slack):
     assert time.monotonic() - started >= 1.0
     assert len(slack.messages) == 1
     metrics = svc.get("/metrics").text
-    assert "alert_threader_slack_rate_limit_wait_seconds_total 1" in metrics
+    waited = float(re.search(r"^alert_threader_slack_rate_limit_wait_seconds_total (\S+)$", metrics, re.M).group(1))
+    assert 0.9 <= waited <= 1.1
+    assert 'alert_threader_slack_refused_total{method="chat.postMessage"} 1' in metrics
     assert 'alert_threader_slack_requests_total{method="chat.postMessage",result="ratelimited"} 1' in metrics
 
 
-def test_rate_limit_longer_than_the_budget_answers_503_not_429(start, slack):
+def test_rate_limit_longer_than_the_budget_answers_503_and_holds_the_channel_back(start, slack):
     svc = start(SLACK_RETRY_BUDGET="1s")
-    slack.fail("chat.postMessage", {"status": 429, "retry_after": 30})
+    slack.fail("chat.postMessage", {"status": 429, "retry_after": 3})
     started = time.monotonic()
     answer = svc.alert(webhook(make_alert()), expect=503)
     assert time.monotonic() - started < 1.0, "must not sleep a Retry-After that cannot fit"
-    assert "ratelimited" in answer.json()["error"]
-    svc.alert(webhook(make_alert()))
+    assert "ratelimited, and its Retry-After of 3s goes past SLACK_RETRY_BUDGET" in answer.json()["error"]
+    # Another webhook for the channel during the pause is not sent to Slack to be refused again.
+    other = svc.alert(webhook(make_alert(name="Other")), expect=503)
+    assert "no turn within SLACK_RETRY_BUDGET" in other.json()["error"]
+    assert len([c for c in slack.calls if c.method == "chat.postMessage"]) == 1
+    wait_for(lambda: svc.alert(webhook(make_alert()), expect=None).status == 200, timeout=10,
+             what="the channel's turn after Retry-After")
+    assert time.monotonic() - started >= 3.0
     assert len(slack.messages) == 1
 
 
@@ -1105,7 +1137,7 @@ def start_process(tmp_path: Path, slack: FakeSlack, *extra: str, env: Optional[D
     proc_env = {k: v for k, v in os.environ.items() if k not in SETTING_NAMES}
     proc_env.update({"SLACK_BOT_TOKEN": SLACK_TOKEN, "SLACK_CHANNEL": "C0ALERTS", "SLACK_API_URL": slack.url,
                      "THREAD_STORE_FILE": str(tmp_path / "threads.json"), "HOST": "127.0.0.1",
-                     "PORT": str(port)})
+                     "PORT": str(port), "SLACK_PACE": "0"})
     proc_env.update(env or {})
     log = open(tmp_path / "service.log", "ab")
     proc = subprocess.Popen([sys.executable, str(REPO / "alert_threader.py"), *extra], env=proc_env,
@@ -1517,10 +1549,12 @@ def test_every_message_kind_stays_within_slack_limits_for_hostile_alerts():
                   "ended": 1705332625.0, "first": at.first_alert(alert, external),
                   "alerts": {"a": ["f", 1.0, None], "b": ["r", 1.0, 2.0]}}
         assert_within_slack_limits(at.render_card(record, "C1", "prod"))
-        assert_within_slack_limits(at.render_digest_batch([alert, done] * 10, "C1", "1.2", resolved=False))
+        assert_within_slack_limits(at.render_batch([alert, done] * 10, "C1", "1.2", resolved=False))
+        assert_within_slack_limits(at.render_batch([done] * 20, "C1", None, resolved=True, note=" · orphans"))
     storm = {"ts": "1.2", "status": "open", "firing": 3000, "resolved": 10, "started": 1705329025.0,
              "by_name": {"<!channel>" + str(i) * 500: i for i in range(200)},
-             "by_severity": {"<@U1>" * 100 + str(i): i for i in range(20)}}
+             "by_severity": {"<@U1>" * 100 + str(i): i for i in range(20)},
+             "members": {str(i): ["f", "<!here>" * 20 + str(i), "<@U1>" * 8] for i in range(3000)}}
     assert_within_slack_limits(at.render_digest(storm, "C1", "<!here>"))
 
 
@@ -2398,6 +2432,71 @@ def test_replicas_on_one_redis_make_one_parent_and_one_reply_per_alert(start, sl
     assert parent.thread_ts is None and reply.thread_ts == parent.ts and "db02" in reply.text
 
 
+def test_replicas_renew_a_short_lease_through_long_work_and_never_post_two_parents(start, slack, redis_server):
+    """Each Slack call is slower than half the lease, a webhook's work longer than the whole lease."""
+    replicas = [start(THREAD_STORE="redis", REDIS_URL=redis_server.url, overrides={"redis_lease": 0.5})
+                for _ in range(2)]
+    slack.fail_always("chat.postMessage", {"sleep": 0.3})
+    slack.fail_always("chat.update", {"sleep": 0.3})
+    barrier = threading.Barrier(4)
+    statuses: List[int] = []
+
+    def deliver(replica: Running) -> None:
+        barrier.wait()
+        statuses.append(replica.alert(webhook(make_alert(instance="db01"), make_alert(instance="db02")),
+                                      expect=None).status)
+
+    threads = [threading.Thread(target=deliver, args=(replicas[i % 2],)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert statuses == [200] * 4
+    parent, reply = slack.messages
+    assert parent.thread_ts is None and reply.thread_ts == parent.ts
+
+
+def test_a_replica_that_lost_its_lease_answers_503_and_never_writes_over_the_new_holder(start, slack,
+                                                                                       redis_server):
+    slow, fast = (start(THREAD_STORE="redis", REDIS_URL=redis_server.url, SLACK_TIMEOUT="5s",
+                        overrides={"redis_lease": 0.5}) for _ in range(2))
+    slack.fail("chat.postMessage", {"sleep": 1.5}, {})  # the first holder stalls past its lease
+    outcome: Dict[str, Answer] = {}
+    first = threading.Thread(target=lambda: outcome.update(slow=slow.alert(webhook(make_alert()), expect=None)))
+    first.start()
+    wait_for(lambda: slack.calls, what="the first replica's post to reach Slack")
+    taken_over = fast.alert(webhook(make_alert())).json()["results"][0]
+    first.join(30)
+    assert outcome["slow"].status == 503
+    assert "another replica took over" in outcome["slow"].json()["error"]
+    stored = json.loads(redis_server.client().get("threader:ts:DatabaseDown|critical|database|prod-eu|production"))
+    assert stored["ts"] == taken_over["thread_ts"], "the replica that lost the lease wrote nothing"
+    assert slow.alert(webhook(make_alert())).json()["results"][0]["action"] == "unchanged"
+
+
+def test_replicas_share_slacks_turns_and_the_storm_count_through_redis(start, slack, redis_server):
+    paced_slack(slack)
+    replicas = [start(THREAD_STORE="redis", REDIS_URL=redis_server.url, SLACK_PACE="0.2s",
+                      SLACK_RETRY_BUDGET="10s", STORM_THRESHOLD="10") for _ in range(2)]
+    barrier = threading.Barrier(16)
+    statuses: List[int] = []
+
+    def deliver(i: int) -> None:
+        barrier.wait()
+        statuses.append(replicas[i % 2].alert(webhook(make_alert(name=f"Shared{i:02d}")), expect=None).status)
+
+    threads = [threading.Thread(target=deliver, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert statuses == [200] * 16
+    assert slack.refused == [], "two replicas together stayed within one channel's limit"
+    parents = [m for m in slack.messages if m.thread_ts is None]
+    digests = [m for m in parents if m.payload["text"].startswith("🌩️ Alert storm")]
+    assert len(parents) == 11 and len(digests) == 1, "the storm was counted across both replicas"
+
+
 def test_redis_outage_still_delivers_reports_503_and_recovers_by_itself(start, slack, redis_server):
     svc = start(THREAD_STORE="redis", REDIS_URL=redis_server.url)
     svc.alert(webhook(make_alert(name="BeforeOutage")))
@@ -2739,14 +2838,263 @@ def test_storm_interrupted_by_slack_is_finished_by_the_retry_without_repeating(s
     assert len(replies) == 15 and all(r.thread_ts == parent.ts for r in replies)
     listed = "\n".join(r.text for r in replies)
     assert all(listed.count(f"*{a['labels']['alertname']}*") == 1 for a in alerts)
-    [update] = slack.accepted("chat.update")  # the digest card catches up with the later batches
-    assert "300 alerts firing" in update.text
+    # The parent was drawn with every alert waiting for it: the card already told the storm's size.
+    assert "300 alerts firing" in parent.text and slack.accepted("chat.update") == []
 
 
 def test_few_new_alerts_are_not_a_storm(start, slack):
     svc = start(STORM_THRESHOLD="10")
     svc.alert(webhook(*storm_alerts(10)))
     assert len(slack.messages) == 10 and all(m.thread_ts is None for m in slack.messages)
+
+
+# ---------------------------------------------------------------------------
+# The worst outage: one pacer per channel, storms across webhooks, resolves in bulk
+# ---------------------------------------------------------------------------
+
+def make_record(status: str = "open", alerts: Optional[Dict[str, List[Any]]] = None, ended: Optional[float] = None,
+                digest: Optional[str] = None) -> Dict[str, Any]:
+    record: Dict[str, Any] = {"ts": "1.1", "channel": "C0ALERTS", "key": "k", "status": status,
+                              "alerts": alerts or {}, "ended": ended}
+    if digest:
+        record["digest"] = digest
+    return record
+
+
+def parsed(alert: Dict[str, Any]) -> at.Alert:
+    return at.parse_webhook(json.dumps({"alerts": [alert]}).encode()).alerts[0]
+
+
+STARTS = at.parse_time("2024-01-15T14:30:25Z")
+ENDS = at.parse_time("2024-01-15T14:45:30Z")
+FIRING_A = make_alert(fingerprint="aaaa")
+
+
+@pytest.mark.parametrize("record, alert, window, step", [
+    (None, FIRING_A, 1800, at.POST),
+    (None, resolved(FIRING_A), 1800, at.ORPHAN),
+    (make_record(), FIRING_A, 1800, at.REPLY),
+    (make_record(alerts={"aaaa": ["f", STARTS, None]}), FIRING_A, 1800, at.UNCHANGED),
+    (make_record(alerts={"aaaa": ["f", STARTS, None]}), make_alert(fingerprint="aaaa", starts="2024-01-15T15:00:00Z"),
+     1800, at.REFIRE),
+    (make_record(alerts={"aaaa": ["f", STARTS, None]}), resolved(FIRING_A), 1800, at.RESOLVE),
+    (make_record(alerts={"aaaa": ["r", STARTS, ENDS]}), resolved(FIRING_A), 1800, at.UNCHANGED),
+    (make_record(alerts={"aaaa": ["f", STARTS + 600, None]}), resolved(FIRING_A), 1800, at.UNCHANGED),
+    (make_record("closed", {"aaaa": ["r", STARTS, ENDS]}, ENDS), FIRING_A, 1800, at.UNCHANGED),
+    (make_record("closed", {"aaaa": ["r", STARTS, ENDS]}, ENDS),
+     make_alert(fingerprint="aaaa", starts="2024-01-15T15:00:00Z"), 1800, at.REOPEN),
+    (make_record("closed", {"aaaa": ["r", STARTS, ENDS]}, ENDS),
+     make_alert(fingerprint="aaaa", starts="2024-01-15T15:16:00Z"), 1800, at.POST),
+    (make_record("closed", {"aaaa": ["r", STARTS, ENDS]}, ENDS),
+     make_alert(fingerprint="aaaa", starts="2024-01-15T15:00:00Z"), 0, at.POST),
+    (make_record("closed", {"aaaa": ["r", STARTS, ENDS]}, ENDS), make_alert(fingerprint="bbbb", starts=
+     "2024-01-15T14:50:00Z"), 1800, at.REOPEN),
+    (make_record("closed", {"aaaa": ["r", STARTS, ENDS]}, ENDS, digest="storm|C0ALERTS"),
+     make_alert(fingerprint="aaaa", starts="2024-01-15T15:00:00Z"), 1800, at.REOPEN),
+    (make_record("closed", {"aaaa": ["r", STARTS, ENDS]}, ENDS), resolved(make_alert(fingerprint="bbbb")), 1800,
+     at.RESOLVE),
+])
+def test_what_one_alert_does_to_its_thread_is_decided_from_the_record_alone(record, alert, window, step):
+    assert at.decide(record, parsed(alert), window) == step
+
+
+def paced_slack(slack: FakeSlack, per_second: float = 5.0) -> None:
+    """Slack's limits, five times faster (the service is paced five times faster too: SLACK_PACE=0.2s)."""
+    slack.limits = {"chat.postMessage": (per_second, 5), "chat.update": (per_second * 50 / 60, 5),
+                    "reactions.add": (per_second * 50 / 60, 5)}
+
+
+def like_alertmanager(port: int, bodies: List[Dict[str, Any]], path: str = "/alert",
+                      cap: float = 60.0) -> List[Dict[str, Any]]:
+    """Post every body at once, each on its own connection; re-send on a 5xx after Alertmanager's back-off."""
+    outcomes: List[Dict[str, Any]] = [{"attempts": 0, "status": None} for _ in bodies]
+
+    def send(i: int) -> None:
+        started, backoff = time.monotonic(), 0.5
+        while time.monotonic() - started < cap:
+            outcomes[i]["attempts"] += 1
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                conn.request("POST", path, json.dumps(bodies[i]), {"Content-Type": "application/json"})
+                response = conn.getresponse()
+                outcomes[i]["status"], outcomes[i]["body"] = response.status, json.loads(response.read())
+                conn.close()
+            except (OSError, http.client.HTTPException, ValueError):
+                outcomes[i]["status"] = "error"
+            if outcomes[i]["status"] == 200:
+                return
+            time.sleep(backoff)
+            backoff = min(backoff * 1.5, 60)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(cap + 60)
+    return outcomes
+
+
+def named(slack: FakeSlack, name: str) -> int:
+    """In how many accepted messages an alert's unique name appears."""
+    return sum(name in json.dumps(m.payload) for m in slack.messages)
+
+
+def test_posts_to_a_channel_take_turns_shared_by_every_worker(start, slack):
+    paced_slack(slack)
+    svc = start(SLACK_PACE="0.2s", SLACK_RETRY_BUDGET="10s", STORM_THRESHOLD="100")
+    barrier = threading.Barrier(12)
+    answers: List[Answer] = []
+
+    def send(i: int) -> None:
+        barrier.wait()
+        answers.append(svc.alert(webhook(make_alert(name=f"Turn{i:02d}")), expect=None))
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(a.status for a in answers) == [200] * 12
+    assert len(slack.messages) == 12 and slack.refused == [], "Slack never had to refuse one"
+    assert time.monotonic() - started >= (12 - 3) * 0.2 * 0.9, "at most a burst of 3, then one every 0.2s"
+    metrics = svc.get("/metrics").text
+    waited = re.search(r'alert_threader_slack_wait_seconds_total\{bucket="post:C0ALERTS"\} (\S+)', metrics)
+    assert waited and float(waited.group(1)) > 1.0
+
+
+def test_a_429_holds_the_channel_back_for_every_worker_within_the_budget(start, slack):
+    svc = start(SLACK_PACE="0.01s", SLACK_RETRY_BUDGET="5s", STORM_THRESHOLD="100")
+    slack.fail("chat.postMessage", {"status": 429, "retry_after": 1})
+    barrier = threading.Barrier(5)
+    answers: List[Answer] = []
+
+    def send(i: int) -> None:
+        barrier.wait()
+        answers.append(svc.alert(webhook(make_alert(name=f"Held{i}")), expect=None))
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(5)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(a.status for a in answers) == [200] * 5 and len(slack.messages) == 5
+    posts = [c for c in slack.calls if c.method == "chat.postMessage"]
+    refused_at = next(i for i, c in enumerate(posts) if not c.accepted)
+    assert len(posts) == 6, "the 429 was the only refusal: no worker went on sending into it"
+    assert time.monotonic() - started >= 1.0 and refused_at < 5
+    assert 'alert_threader_slack_refused_total{method="chat.postMessage"} 1' in svc.get("/metrics").text
+
+
+def storm_of_groups(count: int, prefix: str = "Rack") -> List[Dict[str, Any]]:
+    """A rack going dark: one Alertmanager group, and one webhook, per host."""
+    return [webhook(make_alert(name="NodeDown", instance=f"{prefix}-host-{i:03d}:9100", service=f"node-{i:03d}"),
+                    group_key=f'{{}}:{{alertname="NodeDown", instance="{prefix}-host-{i:03d}:9100"}}')
+            for i in range(count)]
+
+
+def test_a_storm_across_200_webhooks_is_one_calm_digest_and_nothing_is_lost_or_doubled(start, slack, tmp_path):
+    paced_slack(slack)
+    svc = start(SLACK_PACE="0.2s", SLACK_RETRY_BUDGET="15s", MAX_CONNECTIONS="256")
+    bodies = storm_of_groups(200)
+    outcomes = like_alertmanager(svc.port, bodies)
+    assert [o["status"] for o in outcomes] == [200] * 200
+    posts = slack.messages
+    assert len(posts) <= 30, f"{len(posts)} messages in the channel"
+    assert slack.refused == [] or len(slack.refused) <= 0.02 * len(slack.calls)
+    for i in range(200):
+        assert named(slack, f"Rack-host-{i:03d}:9100") == 1, f"host {i} told {named(slack, f'Rack-host-{i:03d}:9100')}x"
+    parents = [m for m in posts if m.thread_ts is None]
+    digest = next(m for m in parents if m.payload["text"].startswith("🌩️ Alert storm"))
+    assert len(parents) == 11, "ten threads of their own, then the storm's digest"
+    stored = at.FileStore.read(str(tmp_path / "threads.json"))
+    assert all(o["body"]["results"][0]["key"] in stored for o in outcomes), "answered 200 only once durable"
+    wait_for(lambda: "190 alerts firing" in card_of(slack, digest.ts), what="the digest card to count them all")
+    # The rack comes back: 200 resolves from 200 webhooks land in batches, and the digest closes.
+    outcomes = like_alertmanager(svc.port, [webhook(*[resolved(a) for a in b["alerts"]], group_key=b["groupKey"])
+                                            for b in bodies])
+    assert [o["status"] for o in outcomes] == [200] * 200
+    replies = [m for m in slack.messages[len(posts):] if m.thread_ts == digest.ts]
+    assert 9 <= len(replies) <= 12 and all(m.text.startswith("✅ ") for m in replies)
+    assert len(slack.messages) - len(posts) <= 30
+    wait_for(lambda: "Alert storm over: all 190 alerts resolved" in card_of(slack, digest.ts),
+             what="the digest card to close")
+    assert digest.ts in [r.payload["timestamp"] for r in slack.accepted("reactions.add")]
+
+
+def card_of(slack: FakeSlack, ts: str) -> str:
+    """What a parent shows now: its last edit, or the message as posted."""
+    edits = [u for u in slack.accepted("chat.update") if u.payload.get("ts") == ts]
+    if edits:
+        return edits[-1].text
+    return next(m.text for m in slack.messages if m.ts == ts)
+
+
+def test_the_storm_ends_when_the_rate_falls(start, slack):
+    svc = start(STORM_THRESHOLD="3", STORM_WINDOW="1s")
+    svc.alert(webhook(*storm_alerts(5)))
+    assert slack.messages[0].payload["text"].startswith("🌩️ Alert storm")
+    time.sleep(1.2)  # the window passes with no new alert
+    answer = svc.alert(webhook(make_alert(name="AfterTheStorm"))).json()
+    assert answer["results"][0]["action"] == "posted" and slack.messages[-1].thread_ts is None
+
+
+def test_a_digest_member_firing_again_reopens_into_its_digest(start, slack):
+    svc = start(STORM_THRESHOLD="3", REOPEN_WINDOW="30m")
+    alerts = storm_alerts(5)
+    svc.alert(webhook(*alerts))
+    digest = slack.messages[0]
+    svc.alert(webhook(*[resolved(a) for a in alerts]))
+    wait_for(lambda: "Alert storm over: all 5 alerts resolved" in card_of(slack, digest.ts), what="the close")
+    again = make_alert(name="Storm0002", instance="node2", severity="critical", starts="2024-01-15T14:50:00Z")
+    answer = svc.alert(webhook(again)).json()
+    assert answer["results"][0]["action"] == "reopened" and answer["results"][0]["thread_ts"] == digest.ts
+    refire = slack.messages[-1]
+    assert refire.thread_ts == digest.ts and "*Storm0002*" in refire.text and "firing again" in refire.text
+    wait_for(lambda: "1 alerts firing" in card_of(slack, digest.ts) and "reopened 1×" in card_of(slack, digest.ts),
+             what="the digest to reopen")
+
+
+def test_the_digest_counts_stay_right_when_a_member_joins_a_retried_storm(start, slack):
+    svc = start(STORM_THRESHOLD="10", SLACK_RETRY_BUDGET="0.3s")
+    alerts = storm_alerts(12)
+    slack.fail("chat.postMessage", {})
+    slack.fail_always("chat.postMessage", {"status": 503})
+    svc.alert(webhook(*alerts[:11]), expect=503)  # the digest's parent is posted, then Slack goes down
+    slack.fail_always("chat.postMessage", None)
+    answer = svc.alert(webhook(*alerts)).json()  # Alertmanager's retry, one more alert in the group by now
+    assert {r["action"] for r in answer["results"]} == {"digest"}
+    digest, *lines = slack.messages
+    assert all(m.thread_ts == digest.ts for m in lines)
+    assert all(sum(f"*{a['labels']['alertname']}*" in m.text for m in lines) == 1 for a in alerts)
+    wait_for(lambda: "12 alerts firing" in card_of(slack, digest.ts), what="the card to count the newcomer")
+    svc.alert(webhook(*[resolved(a) for a in alerts]))
+    wait_for(lambda: "Alert storm over: all 12 alerts resolved" in card_of(slack, digest.ts), what="the close")
+    assert "✅ 12 resolved" in card_of(slack, digest.ts)
+
+
+def test_500_orphan_resolves_cost_at_most_30_messages_and_each_alert_is_named(start, slack):
+    paced_slack(slack)
+    svc = start(SLACK_PACE="0.2s", SLACK_RETRY_BUDGET="30s")
+    alerts = [resolved(make_alert(name=f"Lost{i:03d}")) for i in range(500)]
+    svc.alert(webhook(*alerts))
+    assert len(slack.messages) <= 30 and all(m.thread_ts is None for m in slack.messages)
+    assert all(named(slack, f"Lost{i:03d}") == 1 for i in range(500))
+    assert svc.alert(webhook(*alerts)).json()["results"][0]["action"] == "unchanged"
+    # From many webhooks at once, as after a restart without state:
+    many = [webhook(resolved(make_alert(name=f"Gone{i:03d}")), group_key=f"g{i}") for i in range(120)]
+    before = len(slack.messages)
+    outcomes = like_alertmanager(svc.port, many)
+    assert [o["status"] for o in outcomes] == [200] * 120
+    assert len(slack.messages) - before <= 15 and all(named(slack, f"Gone{i:03d}") == 1 for i in range(120))
+
+
+def test_one_resolve_with_no_thread_is_still_a_message_of_its_own(start, slack):
+    svc = start()
+    svc.alert(webhook(resolved(make_alert())))
+    [message] = slack.messages
+    assert message.payload["text"].startswith("✅ RESOLVED — ") and "*Instance:*" in message.text
 
 
 # ---------------------------------------------------------------------------
@@ -3301,7 +3649,7 @@ def rss_mb(pid: int) -> float:
 
 
 def test_hostile_megabyte_values_cost_kilobytes_of_memory_and_state(tmp_path, slack):
-    proc, port = start_process(tmp_path, slack, env={"MAX_BODY_BYTES": str(16 << 20)})
+    proc, port = start_process(tmp_path, slack, env={"MAX_BODY_BYTES": str(16 << 20), "STORM_THRESHOLD": "1000"})
     try:
         post_to(port, webhook(make_alert(name="Warm")))
         baseline = rss_mb(proc.pid)
@@ -3374,21 +3722,28 @@ def test_alert_without_fingerprint_is_the_same_alert_alertmanager_sends(start, s
         "status"] == "closed"
 
 
-def test_group_ids_of_storm_digests_never_change():
-    """Stored digests are found by this id after an upgrade: FNV-1a 64 of the whole key, however computed."""
-    assert at.group_id('{}/{severity="warning"}:{alertname="HighRequestLatency", group="a-17"}') == "787cef50b2ef4663"
-    assert at.group_id('{}:{alertname="DatabaseDown"}') == "fafcef8d0aa1ef38"
-    assert at.group_id("") == "nogroup"
-
-    def fnv(data: bytes) -> int:
-        value = 0xCBF29CE484222325
-        for byte in data:
-            value = ((value ^ byte) * 0x100000001B3) % 2 ** 64
-        return value
-
-    for key in ["x", ":", ", ", "a, b, c:d", "🚨, é:ü, ", '{}:{a="1", b="2"}', '{}:{a="1", b="3"}', "no separators"]:
-        assert at.group_id(key) == f"{fnv(key.encode()):016x}", key
-
+def test_a_digest_stored_before_members_were_kept_takes_its_resolves(start, slack, tmp_path):
+    """An upgrade finds an open digest of the old shape (counters, keyed by Alertmanager group): it carries on."""
+    alerts = storm_alerts(12)
+    digest_key = "storm|C0ALERTS|fafcef8d0aa1ef38"
+    threads = {digest_key: {"ts": "1700000000.000001", "channel": "C0ALERTS", "key": digest_key, "storm": True,
+                            "status": "open", "created": 1.0, "updated": 1.0, "closed": None, "ended": None,
+                            "started": 1705329025.0, "firing": 12, "resolved": 0,
+                            "by_name": {a["labels"]["alertname"]: 1 for a in alerts},
+                            "by_severity": {"critical": 6, "warning": 6}, "alerts": {}}}
+    for a in alerts:
+        key = "|".join([a["labels"]["alertname"], a["labels"]["severity"], "database", "prod-eu", "production"])
+        threads[key] = {"ts": "1700000000.000001", "channel": "C0ALERTS", "key": key, "status": "open",
+                        "digest": digest_key, "created": 1.0, "updated": 1.0, "closed": None, "ended": None,
+                        "alerts": {a["fingerprint"]: ["f", 1705329025.0, None]}}
+    (tmp_path / "threads.json").write_text(json.dumps({"version": 1, "threads": threads}))
+    svc = start()
+    answer = svc.alert(webhook(*[resolved(a) for a in alerts])).json()
+    assert {r["action"] for r in answer["results"]} == {"replied"}
+    [batch] = slack.messages
+    assert batch.thread_ts == "1700000000.000001" and batch.text.startswith("✅ 12 resolved")
+    [update] = slack.accepted("chat.update")
+    assert "Alert storm over: all 12 alerts resolved" in update.text and "✅ 12 resolved" in update.text
 
 def test_alert_rule_series_exist_from_the_start(start, slack):
     svc = start()
