@@ -2694,6 +2694,24 @@ def test_status_card_failures_never_fail_the_delivery(start, slack):
     assert log.count("give the Slack app the reactions:write scope") == 1, "said once, not per thread"
 
 
+@pytest.mark.parametrize("error", ["channel_not_found", "not_in_channel", "is_archived"])
+def test_cards_slack_can_never_edit_show_on_health_with_the_fix(start, slack, error):
+    svc = start()
+    slack.fail_always("chat.update", {"error": error})
+    svc.alert(webhook(make_alert(instance="db01")))
+    assert svc.alert(webhook(make_alert(instance="db02"))).json()["results"][0]["action"] == "replied"
+    health = svc.get("/health")
+    assert health.status == 503 and health.json()["status"] == "degraded"
+    problem = health.json()["card_updates"]
+    assert problem["method"] == "chat.update" and problem["error"] == error
+    assert problem["fix"] == at.CONFIGURATION_ERRORS[error]
+    assert f"Slack refuses to edit the status cards; they stay as first posted method=chat.update error={error}" \
+        in svc.log.getvalue()
+    slack.fail_always("chat.update", None)  # fixed (the bot invited back): the next edit clears it
+    svc.alert(webhook(make_alert(instance="db03")))
+    assert svc.get("/health").status == 200
+
+
 def test_reopen_outside_the_window_starts_a_new_thread(start, slack):
     svc = start(REOPEN_WINDOW="30m")
     alert = make_alert()
