@@ -2813,12 +2813,13 @@ FULL_REPLIES = 3  # up to this many alerts of one flush are replies of their own
 DIGEST_REFRESH = 5.0  # seconds between edits of a storm digest's card while alerts keep coming
 
 
-class Teller:
-    """Tells one flushed batch, under the locks of its threads: one thread's news, a storm digest's, or orphans'.
+class Cards:
+    """The parents that show a thread's state: status cards and storm digests, edited as the thread changes.
 
-    Each decision is made again here, on the records as stored now, so that a
-    retry, a second webhook or a second replica never tells an alert twice.
-    Every message Slack accepts is stored before the next is sent.
+    An edit that gets no turn at Slack (a storm, a 429) waits here, and the
+    card loop makes it later from the record as stored then. A digest's card
+    is edited at most every DIGEST_REFRESH seconds while its alerts keep
+    coming, and never when it would show what it shows already.
     """
 
     def __init__(self, config: Config, store: ThreadStore, poster: Poster) -> None:
@@ -2828,249 +2829,15 @@ class Teller:
         self._lock = threading.Lock()
         self._stale: Dict[str, bool] = {}  # store key -> the ✅ is due too: cards to edit when Slack gives a turn
         self._edited: Dict[str, float] = {}  # digest key -> when its card was last edited (monotonic)
-        self._drawn: Dict[str, str] = {}  # digest key -> its card as last drawn: an edit that changes nothing is skipped
+        self._drawn: Dict[str, str] = {}  # digest key -> its card as last drawn
 
-    def flush(self, deadline: float, target: str, batch: List[Entry], behind: List[Entry]) -> None:
-        """Tell `batch`; `behind` are the entries still waiting in the same target (a digest counts them)."""
-        if target.startswith("storm|"):
-            self.digest(deadline, target, batch, behind)
-        elif target.startswith("orphans|"):
-            self.orphans(deadline, batch)
-        else:
-            self.thread(deadline, target, batch)
-
-    # -- one thread -----------------------------------------------------------
-
-    def plan(self, record: Optional[Dict[str, Any]], batch: List[Entry],
-             now: float) -> List[Tuple[Entry, str]]:
-        """Each entry's step, firing first, deciding on a scratch copy of the record as the steps change it."""
-        scratch = json.loads(json.dumps(record)) if record else None
-        steps = []
-        for entry in sorted(batch, key=lambda e: e.alert.status != "firing"):
-            step = decide(scratch, entry.alert, self.config.reopen_window)
-            if step == POST:
-                scratch = new_record(entry.key, entry.alert, entry.channel, self.config.environment, "", now)
-            if scratch is not None and step not in (UNCHANGED, ORPHAN):
-                apply_step(scratch, entry.alert, step, now)
-            steps.append((entry, step))
-        return steps
-
-    def thread(self, deadline: float, key: str, batch: List[Entry]) -> None:
-        channel, now = batch[0].channel, time.time()
-        with self.store.locked([key]):
-            record = usable(self.store.get(key), channel)
-            if record is not None and record.get("digest"):
-                for entry in batch:
-                    entry.target = record["digest"]  # it joined a storm digest meanwhile
-                return
-            was_open = record is not None and record["status"] == "open"
-            lines = []
-            for entry, step in self.plan(record, batch, now):
-                if step == UNCHANGED:
-                    entry.told(step, record["ts"] if record else None)
-                elif step == ORPHAN:
-                    entry.target = f"orphans|{channel}"  # no thread after all (the store was cleared)
-                elif step == POST:
-                    record = self.open(deadline, key, entry, now)
-                else:
-                    lines.append((entry, step))
-            if not lines or record is None:
-                return
-            if len(lines) <= FULL_REPLIES:
-                for entry, step in lines:
-                    self.reply(deadline, key, record, entry, step, now)
-            else:
-                for resolved in (False, True):
-                    group = [(e, s) for e, s in lines if (e.alert.status == "resolved") == resolved]
-                    for part in chunks(group, LINES_PER_DIGEST_MESSAGE):
-                        self.compact_reply(deadline, key, record, part, resolved, now)
-            if record.get("first"):  # a new parent is drawn with its state; only later changes leave it behind
-                self.refresh(deadline, key, record, closing=was_open and record["status"] == "closed")
-
-    def open(self, deadline: float, key: str, entry: Entry, now: float) -> Dict[str, Any]:
-        """A new thread: its parent, the status card, drawn for its first alert."""
-        alert, env = entry.alert, self.config.environment
-        record = new_record(key, alert, entry.channel, env, entry.external_url, now)
-        apply_step(record, alert, POST, now)
-        card = render_card(record, entry.channel, env)
-        record["ts"] = self.poster.post(deadline, card, lambda: render_plain(alert, entry.channel, env, "firing"))["ts"]
-        self.store.put(key, record)
-        entry.told(POST, record["ts"])
-        return record
-
-    def new_parent(self, record: Dict[str, Any], entry: Entry) -> Dict[str, Any]:
-        if record.get("first"):
-            return render_card(record, entry.channel, self.config.environment)
-        return render_alert(entry.alert, entry.channel, self.config.environment, "firing",
-                            external_url=entry.external_url)
-
-    def reply(self, deadline: float, key: str, record: Dict[str, Any], entry: Entry, step: str,
-              now: float) -> None:
-        alert, channel, env = entry.alert, entry.channel, self.config.environment
-        payload = render_alert(alert, channel, env, REPLY_KINDS[step], record["ts"], entry.external_url)
-        plain_kind = "resolved" if alert.status == "resolved" else "firing"
-        self.poster.reply(deadline, record, payload, lambda: self.new_parent(record, entry),
-                          lambda: self.store.put(key, record),
-                          lambda: render_plain(alert, channel, env, plain_kind, record["ts"]))
-        apply_step(record, alert, step, now)
-        self.store.put(key, record)
-        entry.told(step, record["ts"])
-
-    def compact_reply(self, deadline: float, key: str, record: Dict[str, Any], lines: List[Tuple[Entry, str]],
-                      resolved: bool, now: float) -> None:
-        payload = render_batch([e.alert for e, _ in lines], lines[0][0].channel, record["ts"], resolved,
-                               again=[s in (REFIRE, REOPEN) for _, s in lines])
-        self.poster.reply(deadline, record, payload, lambda: self.new_parent(record, lines[0][0]),
-                          lambda: self.store.put(key, record))
-        for entry, step in lines:
-            apply_step(record, entry.alert, step, now)
-        self.store.put(key, record)
-        for entry, step in lines:
-            entry.told(step, record["ts"])
-
-    # -- a storm digest -------------------------------------------------------
-
-    def digest(self, deadline: float, digest_key: str, batch: List[Entry], behind: List[Entry]) -> None:
-        channel, now = batch[0].channel, time.time()
-        keys = sorted({e.key for e in batch} - {digest_key})
-        with self.store.locked(keys + [digest_key]):
-            stored = self.store.get_many(keys + [digest_key])
-            storm = usable(stored.pop(digest_key, None), channel)
-            members = {k: r for k, r in ((k, usable(r, channel)) for k, r in stored.items()) if r is not None}
-            lines = []
-            for entry in sorted(batch, key=lambda e: e.alert.status != "firing"):
-                record = members.get(entry.key)
-                if record is not None and not record.get("digest"):
-                    entry.target = entry.key  # a thread of its own by now
-                    continue
-                step = decide(record, entry.alert, self.config.reopen_window)
-                if step == UNCHANGED:
-                    entry.told(step, record["ts"] if record else None)
-                elif step == ORPHAN:
-                    entry.target = f"orphans|{channel}"
-                else:
-                    if record is None or step == POST:
-                        record = members[entry.key] = self.member(digest_key, entry, now)
-                    apply_step(record, entry.alert, step, now)  # scratch: stored only once told
-                    lines.append((entry, step))
-            if not lines:
-                return
-            storm = self.storm_for(deadline, digest_key, channel, storm, lines, behind, now)
-            closing = False
-            for resolved in (False, True):
-                group = [(e, s) for e, s in lines if (e.alert.status == "resolved") == resolved]
-                if group:
-                    closing = self.digest_lines(deadline, digest_key, storm, members, group, resolved, now) or closing
-            self.refresh_digest(deadline, digest_key, storm, closing, last=not behind)
-
-    def member(self, digest_key: str, entry: Entry, now: float) -> Dict[str, Any]:
-        return {"ts": "", "channel": entry.channel, "key": entry.alert.thread_key(self.config.environment),
-                "status": "open", "digest": digest_key, "created": now, "updated": now, "closed": None,
-                "ended": None, "alerts": {}}
-
-    def storm_for(self, deadline: float, digest_key: str, channel: str, storm: Optional[Dict[str, Any]],
-                  lines: List[Tuple[Entry, str]], behind: List[Entry], now: float) -> Dict[str, Any]:
-        """The open digest these lines go in: the stored one, reopened, or a new one (its parent posted)."""
-        if storm is not None and storm["status"] == "open":
-            return storm
-        if storm is not None and not any(step == POST for _, step in lines):
-            storm["status"], storm["closed"] = "open", None  # members firing again: the storm is back
-            storm["reopened"] = storm.get("reopened", 0) + 1
-            return storm
-        starts = [e.alert.starts_at for e, _ in lines if e.alert.starts_at is not None]
-        storm = {"ts": "", "channel": channel, "key": digest_key, "storm": True, "status": "open", "created": now,
-                 "updated": now, "closed": None, "ended": None, "reopened": 0, "started": min(starts, default=now),
-                 "members": {}}
-        # Drawn with every alert already waiting for it, so that the first look shows the storm's size.
-        coming = [e for e, _ in lines] + [e for e in behind if e.alert.status == "firing"]
-        drawn = dict(storm, members={e.alert.fingerprint: self.member_entry(e.alert) for e in coming})
-        card = render_digest(drawn, channel, self.config.environment)
-        storm["ts"] = self.poster.post(deadline, card)["ts"]
-        self.store.put(digest_key, storm)
-        self._edited[digest_key], self._drawn[digest_key] = time.monotonic(), self.card_text(card)
-        return storm
+    def drawn(self, key: str, card: Dict[str, Any]) -> None:
+        """A digest's parent was just posted showing `card`."""
+        self._edited[key], self._drawn[key] = time.monotonic(), self.card_text(card)
 
     @staticmethod
     def card_text(card: Dict[str, Any]) -> str:
         return json.dumps({k: v for k, v in card.items() if k != "ts"}, sort_keys=True)
-
-    @staticmethod
-    def member_entry(alert: Alert) -> List[str]:
-        state = RESOLVED if alert.status == "resolved" else FIRING
-        return [state, truncate(alert.alertname, 120), truncate(alert.severity.lower(), 40)]
-
-    def digest_lines(self, deadline: float, digest_key: str, storm: Dict[str, Any],
-                     members: Dict[str, Dict[str, Any]], lines: List[Tuple[Entry, str]], resolved: bool,
-                     now: float) -> bool:
-        """One compact reply in the digest, then its members and the digest stored; True if that closed it."""
-        channel, env = storm["channel"], self.config.environment
-        payload = render_batch([e.alert for e, _ in lines], channel, storm["ts"], resolved,
-                               again=[s in (REFIRE, REOPEN) for _, s in lines])
-        self.poster.reply(deadline, storm, payload, lambda: render_digest(storm, channel, env),
-                          lambda: self.store.put(digest_key, storm))
-        changed: Dict[str, Dict[str, Any]] = {}
-        for entry, step in lines:
-            record = members[entry.key]
-            record["ts"] = storm["ts"]
-            changed[entry.key] = record
-            fingerprint, known = entry.alert.fingerprint, storm.setdefault("members", {})
-            if resolved and "firing" in storm and fingerprint not in known:
-                storm["resolved"] = storm.get("resolved", 0) + 1  # a digest of before 1.1 counts its own
-            else:
-                storm["members"][fingerprint] = self.member_entry(entry.alert)
-            if resolved and entry.alert.ends_at is not None:
-                storm["ended"] = max(storm.get("ended") or 0, entry.alert.ends_at)
-        total, told_resolved, _, _ = digest_counts(storm)
-        closing = storm["status"] == "open" and told_resolved >= total
-        if closing:
-            storm["status"], storm["closed"] = "closed", now
-            storm["ended"] = storm.get("ended") or now
-        storm["updated"] = now
-        changed[digest_key] = storm
-        self.store.put_many(changed)
-        for entry, step in lines:
-            entry.told(step, storm["ts"], "digest" if step in (POST, REPLY, REFIRE) else None)
-        return closing
-
-    # -- resolves with no known thread ----------------------------------------
-
-    def orphans(self, deadline: float, batch: List[Entry]) -> None:
-        channel, env, now = batch[0].channel, self.config.environment, time.time()
-        keys = sorted({e.key for e in batch})
-        with self.store.locked(keys):
-            stored = self.store.get_many(keys)
-            lines = []
-            for entry in batch:
-                record = usable(stored.get(entry.key), channel)
-                if record is not None:
-                    entry.target = record.get("digest") or entry.key  # a thread appeared meanwhile
-                else:
-                    lines.append(entry)
-            if not lines:
-                return
-            if len(lines) == 1:
-                alert = lines[0].alert
-                payload = render_alert(alert, channel, env, "resolved", None, lines[0].external_url)
-                ts = self.poster.post(deadline, payload, lambda: render_plain(alert, channel, env, "resolved"))["ts"]
-            else:
-                payload = render_batch([e.alert for e in lines], channel, None, True,
-                                       note=" · no thread was known for these")
-                ts = self.poster.post(deadline, payload)["ts"]
-            changed: Dict[str, Dict[str, Any]] = {}
-            for entry in lines:
-                record = changed.get(entry.key)
-                if record is None:
-                    record = new_record(entry.key, entry.alert, channel, env, entry.external_url, now)
-                    record["ts"] = ts
-                    if len(lines) > 1:
-                        del record["first"]  # a list of many: never to be redrawn as one alert's card
-                    changed[entry.key] = record
-                apply_step(record, entry.alert, ORPHAN, now)
-            self.store.put_many(changed)
-            for entry in lines:
-                entry.told(ORPHAN, ts)
-
-    # -- status cards ---------------------------------------------------------
 
     def refresh(self, deadline: float, key: str, record: Dict[str, Any], closing: bool) -> None:
         """Edit the parent to show the thread's state; a card Slack gives no turn to is edited later."""
@@ -3120,6 +2887,278 @@ class Teller:
                 if not (edited and reacted):
                     with self._lock:
                         self._stale[key] = self._stale.get(key, False) or (react and not reacted)
+
+
+class ThreadTeller:
+    """Tells one thread's batch: its new parent, then replies (full ones for a few alerts, compact for more)."""
+
+    def __init__(self, config: Config, store: ThreadStore, poster: Poster, cards: Cards) -> None:
+        self.config = config
+        self.store = store
+        self.poster = poster
+        self.cards = cards
+
+    def plan(self, record: Optional[Dict[str, Any]], batch: List[Entry],
+             now: float) -> List[Tuple[Entry, str]]:
+        """Each entry's step, firing first, deciding on a scratch copy of the record as the steps change it."""
+        scratch = json.loads(json.dumps(record)) if record else None
+        steps = []
+        for entry in sorted(batch, key=lambda e: e.alert.status != "firing"):
+            step = decide(scratch, entry.alert, self.config.reopen_window)
+            if step == POST:
+                scratch = new_record(entry.key, entry.alert, entry.channel, self.config.environment, "", now)
+            if scratch is not None and step not in (UNCHANGED, ORPHAN):
+                apply_step(scratch, entry.alert, step, now)
+            steps.append((entry, step))
+        return steps
+
+    def thread(self, deadline: float, key: str, batch: List[Entry]) -> None:
+        channel, now = batch[0].channel, time.time()
+        with self.store.locked([key]):
+            record = usable(self.store.get(key), channel)
+            if record is not None and record.get("digest"):
+                for entry in batch:
+                    entry.target = record["digest"]  # it joined a storm digest meanwhile
+                return
+            was_open = record is not None and record["status"] == "open"
+            lines = []
+            for entry, step in self.plan(record, batch, now):
+                if step == UNCHANGED:
+                    entry.told(step, record["ts"] if record else None)
+                elif step == ORPHAN:
+                    entry.target = f"orphans|{channel}"  # no thread after all (the store was cleared)
+                elif step == POST:
+                    record = self.open(deadline, key, entry, now)
+                else:
+                    lines.append((entry, step))
+            if not lines or record is None:
+                return
+            if len(lines) <= FULL_REPLIES:
+                for entry, step in lines:
+                    self.reply(deadline, key, record, entry, step, now)
+            else:
+                for resolved in (False, True):
+                    group = [(e, s) for e, s in lines if (e.alert.status == "resolved") == resolved]
+                    for part in chunks(group, LINES_PER_DIGEST_MESSAGE):
+                        self.compact_reply(deadline, key, record, part, resolved, now)
+            if record.get("first"):  # a new parent is drawn with its state; only later changes leave it behind
+                self.cards.refresh(deadline, key, record, closing=was_open and record["status"] == "closed")
+
+    def open(self, deadline: float, key: str, entry: Entry, now: float) -> Dict[str, Any]:
+        """A new thread: its parent, the status card, drawn for its first alert."""
+        alert, env = entry.alert, self.config.environment
+        record = new_record(key, alert, entry.channel, env, entry.external_url, now)
+        apply_step(record, alert, POST, now)
+        card = render_card(record, entry.channel, env)
+        record["ts"] = self.poster.post(deadline, card, lambda: render_plain(alert, entry.channel, env, "firing"))["ts"]
+        self.store.put(key, record)
+        entry.told(POST, record["ts"])
+        return record
+
+    def new_parent(self, record: Dict[str, Any], entry: Entry) -> Dict[str, Any]:
+        if record.get("first"):
+            return render_card(record, entry.channel, self.config.environment)
+        return render_alert(entry.alert, entry.channel, self.config.environment, "firing",
+                            external_url=entry.external_url)
+
+    def reply(self, deadline: float, key: str, record: Dict[str, Any], entry: Entry, step: str,
+              now: float) -> None:
+        alert, channel, env = entry.alert, entry.channel, self.config.environment
+        payload = render_alert(alert, channel, env, REPLY_KINDS[step], record["ts"], entry.external_url)
+        plain_kind = "resolved" if alert.status == "resolved" else "firing"
+        self.poster.reply(deadline, record, payload, lambda: self.new_parent(record, entry),
+                          lambda: self.store.put(key, record),
+                          lambda: render_plain(alert, channel, env, plain_kind, record["ts"]))
+        apply_step(record, alert, step, now)
+        self.store.put(key, record)
+        entry.told(step, record["ts"])
+
+    def compact_reply(self, deadline: float, key: str, record: Dict[str, Any], lines: List[Tuple[Entry, str]],
+                      resolved: bool, now: float) -> None:
+        payload = render_batch([e.alert for e, _ in lines], lines[0][0].channel, record["ts"], resolved,
+                               again=[s in (REFIRE, REOPEN) for _, s in lines])
+        self.poster.reply(deadline, record, payload, lambda: self.new_parent(record, lines[0][0]),
+                          lambda: self.store.put(key, record))
+        for entry, step in lines:
+            apply_step(record, entry.alert, step, now)
+        self.store.put(key, record)
+        for entry, step in lines:
+            entry.told(step, record["ts"])
+
+
+class DigestTeller:
+    """Tells a storm digest's batch: members joining, firing again or resolving, as compact lines in its thread.
+
+    Its card counts every member from the digest's member table; the digest
+    closes when all of them have resolved and reopens when one fires again.
+    """
+
+    def __init__(self, config: Config, store: ThreadStore, poster: Poster, cards: Cards) -> None:
+        self.config = config
+        self.store = store
+        self.poster = poster
+        self.cards = cards
+
+    def digest(self, deadline: float, digest_key: str, batch: List[Entry], behind: List[Entry]) -> None:
+        channel, now = batch[0].channel, time.time()
+        keys = sorted({e.key for e in batch} - {digest_key})
+        with self.store.locked(keys + [digest_key]):
+            stored = self.store.get_many(keys + [digest_key])
+            storm = usable(stored.pop(digest_key, None), channel)
+            members = {k: r for k, r in ((k, usable(r, channel)) for k, r in stored.items()) if r is not None}
+            lines = []
+            for entry in sorted(batch, key=lambda e: e.alert.status != "firing"):
+                record = members.get(entry.key)
+                if record is not None and not record.get("digest"):
+                    entry.target = entry.key  # a thread of its own by now
+                    continue
+                step = decide(record, entry.alert, self.config.reopen_window)
+                if step == UNCHANGED:
+                    entry.told(step, record["ts"] if record else None)
+                elif step == ORPHAN:
+                    entry.target = f"orphans|{channel}"
+                else:
+                    if record is None or step == POST:
+                        record = members[entry.key] = self.member(digest_key, entry, now)
+                    apply_step(record, entry.alert, step, now)  # scratch: stored only once told
+                    lines.append((entry, step))
+            if not lines:
+                return
+            storm = self.storm_for(deadline, digest_key, channel, storm, lines, behind, now)
+            closing = False
+            for resolved in (False, True):
+                group = [(e, s) for e, s in lines if (e.alert.status == "resolved") == resolved]
+                if group:
+                    closing = self.digest_lines(deadline, digest_key, storm, members, group, resolved, now) or closing
+            self.cards.refresh_digest(deadline, digest_key, storm, closing, last=not behind)
+
+    def member(self, digest_key: str, entry: Entry, now: float) -> Dict[str, Any]:
+        return {"ts": "", "channel": entry.channel, "key": entry.alert.thread_key(self.config.environment),
+                "status": "open", "digest": digest_key, "created": now, "updated": now, "closed": None,
+                "ended": None, "alerts": {}}
+
+    def storm_for(self, deadline: float, digest_key: str, channel: str, storm: Optional[Dict[str, Any]],
+                  lines: List[Tuple[Entry, str]], behind: List[Entry], now: float) -> Dict[str, Any]:
+        """The open digest these lines go in: the stored one, reopened, or a new one (its parent posted)."""
+        if storm is not None and storm["status"] == "open":
+            return storm
+        if storm is not None and not any(step == POST for _, step in lines):
+            storm["status"], storm["closed"] = "open", None  # members firing again: the storm is back
+            storm["reopened"] = storm.get("reopened", 0) + 1
+            return storm
+        starts = [e.alert.starts_at for e, _ in lines if e.alert.starts_at is not None]
+        storm = {"ts": "", "channel": channel, "key": digest_key, "storm": True, "status": "open", "created": now,
+                 "updated": now, "closed": None, "ended": None, "reopened": 0, "started": min(starts, default=now),
+                 "members": {}}
+        # Drawn with every alert already waiting for it, so that the first look shows the storm's size.
+        coming = [e for e, _ in lines] + [e for e in behind if e.alert.status == "firing"]
+        drawn = dict(storm, members={e.alert.fingerprint: self.member_entry(e.alert) for e in coming})
+        card = render_digest(drawn, channel, self.config.environment)
+        storm["ts"] = self.poster.post(deadline, card)["ts"]
+        self.store.put(digest_key, storm)
+        self.cards.drawn(digest_key, card)
+        return storm
+
+    @staticmethod
+    def member_entry(alert: Alert) -> List[str]:
+        state = RESOLVED if alert.status == "resolved" else FIRING
+        return [state, truncate(alert.alertname, 120), truncate(alert.severity.lower(), 40)]
+
+    def digest_lines(self, deadline: float, digest_key: str, storm: Dict[str, Any],
+                     members: Dict[str, Dict[str, Any]], lines: List[Tuple[Entry, str]], resolved: bool,
+                     now: float) -> bool:
+        """One compact reply in the digest, then its members and the digest stored; True if that closed it."""
+        channel, env = storm["channel"], self.config.environment
+        payload = render_batch([e.alert for e, _ in lines], channel, storm["ts"], resolved,
+                               again=[s in (REFIRE, REOPEN) for _, s in lines])
+        self.poster.reply(deadline, storm, payload, lambda: render_digest(storm, channel, env),
+                          lambda: self.store.put(digest_key, storm))
+        changed: Dict[str, Dict[str, Any]] = {}
+        for entry, step in lines:
+            record = members[entry.key]
+            record["ts"] = storm["ts"]
+            changed[entry.key] = record
+            fingerprint, known = entry.alert.fingerprint, storm.setdefault("members", {})
+            if resolved and "firing" in storm and fingerprint not in known:
+                storm["resolved"] = storm.get("resolved", 0) + 1  # a digest of before 1.1 counts its own
+            else:
+                storm["members"][fingerprint] = self.member_entry(entry.alert)
+            if resolved and entry.alert.ends_at is not None:
+                storm["ended"] = max(storm.get("ended") or 0, entry.alert.ends_at)
+        total, told_resolved, _, _ = digest_counts(storm)
+        closing = storm["status"] == "open" and told_resolved >= total
+        if closing:
+            storm["status"], storm["closed"] = "closed", now
+            storm["ended"] = storm.get("ended") or now
+        storm["updated"] = now
+        changed[digest_key] = storm
+        self.store.put_many(changed)
+        for entry, step in lines:
+            entry.told(step, storm["ts"], "digest" if step in (POST, REPLY, REFIRE) else None)
+        return closing
+
+
+class Teller:
+    """Tells one flushed batch, under the locks of its threads: a thread's news, a storm digest's, or orphans'.
+
+    Each decision is made again there, on the records as stored now, so that a
+    retry, a second webhook or a second replica never tells an alert twice.
+    Every message Slack accepts is stored before the next is sent.
+    """
+
+    def __init__(self, config: Config, store: ThreadStore, poster: Poster) -> None:
+        self.config = config
+        self.store = store
+        self.poster = poster
+        self.cards = Cards(config, store, poster)
+        self.threads = ThreadTeller(config, store, poster, self.cards)
+        self.digests = DigestTeller(config, store, poster, self.cards)
+
+    def flush(self, deadline: float, target: str, batch: List[Entry], behind: List[Entry]) -> None:
+        """Tell `batch`; `behind` are the entries still waiting in the same target (a digest counts them)."""
+        if target.startswith("storm|"):
+            self.digests.digest(deadline, target, batch, behind)
+        elif target.startswith("orphans|"):
+            self.orphans(deadline, batch)
+        else:
+            self.threads.thread(deadline, target, batch)
+
+    def orphans(self, deadline: float, batch: List[Entry]) -> None:
+        channel, env, now = batch[0].channel, self.config.environment, time.time()
+        keys = sorted({e.key for e in batch})
+        with self.store.locked(keys):
+            stored = self.store.get_many(keys)
+            lines = []
+            for entry in batch:
+                record = usable(stored.get(entry.key), channel)
+                if record is not None:
+                    entry.target = record.get("digest") or entry.key  # a thread appeared meanwhile
+                else:
+                    lines.append(entry)
+            if not lines:
+                return
+            if len(lines) == 1:
+                alert = lines[0].alert
+                payload = render_alert(alert, channel, env, "resolved", None, lines[0].external_url)
+                ts = self.poster.post(deadline, payload, lambda: render_plain(alert, channel, env, "resolved"))["ts"]
+            else:
+                payload = render_batch([e.alert for e in lines], channel, None, True,
+                                       note=" · no thread was known for these")
+                ts = self.poster.post(deadline, payload)["ts"]
+            changed: Dict[str, Dict[str, Any]] = {}
+            for entry in lines:
+                record = changed.get(entry.key)
+                if record is None:
+                    record = new_record(entry.key, entry.alert, channel, env, entry.external_url, now)
+                    record["ts"] = ts
+                    if len(lines) > 1:
+                        del record["first"]  # a list of many: never to be redrawn as one alert's card
+                    changed[entry.key] = record
+                apply_step(record, entry.alert, ORPHAN, now)
+            self.store.put_many(changed)
+            for entry in lines:
+                entry.told(ORPHAN, ts)
+
 
 
 class Threader:
@@ -3566,7 +3605,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     default_request_version = "HTTP/1.0"  # every answer, refusals of bad request lines too, has a status line
-    disable_nagle_algorithm = True  # head and body are two writes: no delayed-ACK stall between them
+    wbufsize = 65536  # an answer's head and body leave in one write
+    disable_nagle_algorithm = True  # and a longer one's last piece without waiting for a delayed ACK
     server: "ThreaderServer"
 
     def setup(self) -> None:
@@ -3618,7 +3658,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if refused is not None:
             self.write_answer(*refused)
             return False
-        return super().handle_expect_100()
+        super().handle_expect_100()
+        self.wfile.flush()  # the client waits for it before it sends the body
+        return True
 
     def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
         """http.server's own refusals (request line, headers) as JSON, on a connection then closed."""
@@ -3690,6 +3732,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(payload)
+            self.wfile.flush()
         except (ConnectionError, socket.timeout):
             self.close_connection = True
             self.lingering = False
@@ -3872,7 +3915,7 @@ class Service:
     def _cards(self) -> None:
         """Status cards that had to wait for Slack's turn (a storm, a 429) are edited here."""
         while not self._stop.wait(2):
-            self.threader.teller.refresh_stale()
+            self.threader.teller.cards.refresh_stale()
 
     def _housekeeping(self) -> None:
         while not self._stop.wait(30):
