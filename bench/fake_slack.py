@@ -14,7 +14,7 @@ It prints "PORT <n>" as its first line on stdout, then serves until killed:
     POST /delay                  {"seconds": S}: answer each API call S seconds late from now on
                                  (answers the delay before)
     GET  /calls                  with --rate-limited: every call so far, in order, as
-                                 {"at", "method", "status", "payload", "answer"}
+                                 {"at", "method", "status", "payload", "answer", "retry_after"}
 
 HTTP/1.1 with keep-alive, one thread per connection. By default no latency
 is added: the services under test see Slack at its fastest, so what they
@@ -114,10 +114,10 @@ class RateLimits:
             wait = bucket.take()
         return max(1, math.ceil(wait)) if wait else 0
 
-    def log(self, method: str, status: int, payload: Any, answer: Dict[str, Any]) -> None:
+    def log(self, method: str, status: int, payload: Any, answer: Dict[str, Any], retry_after: int = 0) -> None:
         with self._lock:
             self.calls.append({"at": time.time(), "method": method, "status": status,
-                               "payload": payload, "answer": answer})
+                               "payload": payload, "answer": answer, "retry_after": retry_after})
 
     def snapshot(self) -> List[Dict[str, Any]]:
         with self._lock:
@@ -175,7 +175,7 @@ class FakeSlackHandler(http.server.BaseHTTPRequestHandler):
         payload = call or body.decode("utf-8", "replace")
         if retry_after:
             answer = {"ok": False, "error": "ratelimited"}
-            limits.log(method, 429, payload, answer)
+            limits.log(method, 429, payload, answer, retry_after)
             self._answer(answer, 429, {"Retry-After": str(retry_after)})
             return
         answer = slack_answer(method, call, counter)
