@@ -4,7 +4,7 @@
 Run:   python3 bench/outage.py              both cases, three services (a few minutes: the
                                             baselines run into the retry cap)
        python3 bench/outage.py --quick      smaller cases, short caps: a smoke run
-       python3 bench/outage.py --only threader --case a
+       python3 bench/outage.py --only threader --case a --keep /tmp/outage-logs
 
 It reproduces the worst outage: a rack goes dark, Alertmanager sends a
 webhook per group at once, and Slack allows about one chat.postMessage per
@@ -63,7 +63,7 @@ import tempfile
 import threading
 import time
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from run import (BENCH_DIR, THREADER, BenchError, Processes, compile_threader, file_sha256, free_port, get_json,
                  interpreter_version, interrupt, request, rfc3339, wait_ready)
@@ -240,7 +240,7 @@ def analyse(case: Case, calls: List[Dict[str, Any]], deliveries: List[Delivery])
     t0 = min(d.started for d in deliveries)
     wanted = set(case.instances)
     named_at: Dict[str, List[float]] = {}
-    named_by_update = set()
+    named_by_update: Set[str] = set()
     posts = 0
     call_log = []
     for call in calls:
@@ -439,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threader-command", default=None, metavar="CMD",
                         help="how to start the threader instead of 'PYTHON -m alert_threader' (split on spaces)")
     parser.add_argument("--output", default=RESULTS_FILE, help=f"JSON results file (default: {RESULTS_FILE})")
+    parser.add_argument("--keep", default=None, metavar="DIR",
+                        help="keep each run's logs and state in DIR (a new directory) instead of a temporary one")
     return parser
 
 
@@ -463,7 +465,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         python_version = interpreter_version(args.python)
         compile_threader(args.python)
-        with tempfile.TemporaryDirectory(prefix="alert-threader-outage-") as workdir:
+        if args.keep:
+            os.makedirs(args.keep)
+        with tempfile.TemporaryDirectory(prefix="alert-threader-outage-") as scratch:
+            workdir = args.keep or scratch
             for case in cases:
                 results[case.name] = {name: run_case(case, name, args, workdir, say) for name in names}
     except (BenchError, OSError, http.client.HTTPException, ValueError) as e:
