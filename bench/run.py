@@ -662,7 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
 def threader_service(name: str, command: List[str], slack_url: str, state_dir: str) -> Service:
     """The threader on its file store in state_dir; the token from a file, as the service wants secrets."""
     store_file = os.path.join(state_dir, "threads.json")
-    token_file = os.path.join(state_dir, "slack-token")
+    token_file = os.path.join(os.path.dirname(state_dir), "slack-token")  # the state dir holds the state only
     with open(os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
         f.write(TOKEN + "\n")
     return Service(name, command + [
@@ -686,6 +686,7 @@ def make_services(args: argparse.Namespace, slack_url: str, state_dir: str) -> L
 
 
 def set_slack_delay(slack_port: int, seconds: float) -> None:
+    """From now on, fake Slack answers every API call `seconds` late."""
     conn = http.client.HTTPConnection("127.0.0.1", slack_port, timeout=10)
     try:
         status, body = request(conn, "POST", "/delay", json.dumps({"seconds": seconds}).encode())
