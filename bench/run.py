@@ -1,25 +1,33 @@
 #!/usr/bin/env python3
 """Benchmark: alert_threader.py against the bare forwarder (bench/forwarder.py), in one run.
 
-Run:   python3 bench/run.py              five rounds, medians (under a minute on 2 cores)
+Run:   python3 bench/run.py              five rounds, medians (about a minute on 2 cores)
        python3 bench/run.py --quick      one round with fewer alerts: a smoke run
        python3 bench/run.py --alerts 3000 --storm 2000 --concurrency 8 --rounds 5 --chunks 5
 
 It starts bench/fake_slack.py (a fake Slack answering at once, in its own
 process), then in each round both services as fresh subprocesses on loopback
-ports, the threader on its file store in a new temporary directory, and
-measures, for each (the CPU phases in --chunks turns, 5 by default, that
-alternate the services, so that the machine's drift falls on both):
+ports, the threader on its file store in a new temporary directory (as its
+systemd unit runs it: python3 -m alert_threader, from compiled bytecode; the
+Slack token in a file named by SLACK_BOT_TOKEN_FILE), and measures, for each
+(the CPU phases in --chunks turns, 5 by default, that alternate the services,
+so that the machine's drift falls on both):
 
   idle RSS        VmRSS from /proc/PID/status once the service answers
   CPU per alert   utime+stime of the service process (/proc/PID/stat) over
                   N one-alert webhooks of distinct keys sent at concurrency C
   p50 / p99       latency of those webhooks, seen by the client
+  slow Slack      p50 / p99 of 160 more one-alert webhooks at concurrency C
+                  while fake Slack answers each call 100 ms late
   storm           one webhook of 2,000 firing alerts of distinct keys:
                   wall time and the Slack calls it caused
   CPU per alert   N more one-alert webhooks, now with 2,000+ threads stored
   (stored)
   peak RSS        VmHWM from /proc/PID/status at the end
+
+After the rounds, a memory pass starts the threader once more, as the README's
+quick start runs it (python3 alert_threader.py, a script), sends it one
+round's webhooks and reads its idle and peak RSS.
 
 The load generator runs in this process, so its CPU is never counted as the
 service's. Each number is the median of the rounds. Ratios are forwarder /
@@ -155,9 +163,10 @@ class Workload:
     storm: bytes
     storm_alerts: int
     second: List[bytes]
+    slow_slack: List[bytes]
 
     @classmethod
-    def build(cls, alerts: int, storm: int, warmup: int, probes: int) -> "Workload":
+    def build(cls, alerts: int, storm: int, warmup: int, probes: int, slow_slack: int) -> "Workload":
         starts_at = rfc3339(datetime.now(timezone.utc) - timedelta(minutes=5))
 
         def singles(tag: str, count: int) -> List[bytes]:
@@ -165,7 +174,11 @@ class Workload:
 
         return cls(warmup=singles("warm", warmup), probes=singles("probe", probes), first=singles("a", alerts),
                    storm=bench_webhook([bench_alert("storm", i, starts_at) for i in range(storm)], "storm"),
-                   storm_alerts=storm, second=singles("b", alerts))
+                   storm_alerts=storm, second=singles("b", alerts), slow_slack=singles("slow", slow_slack))
+
+    def everything(self) -> List[List[bytes]]:
+        """Every batch in the order a round sends them (the storm as a batch of one)."""
+        return [self.warmup, self.probes, self.first, self.slow_slack, [self.storm], self.second]
 
 
 # ---------------------------------------------------------------------------
@@ -200,10 +213,13 @@ class Processes:
         self.log_dir = log_dir
         self._started: List[Tuple[str, subprocess.Popen]] = []
 
-    def start(self, name: str, argv: List[str], announces_port: bool = False) -> subprocess.Popen:
+    def start(self, name: str, argv: List[str], announces_port: bool = False,
+              env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
+        """Start argv with this environment cleaned (see child_environment) plus `env`."""
         with open(self.log_path(name), "wb") as log:
             # A session of its own: a Ctrl-C reaches this harness only, which then stops the child.
-            process = subprocess.Popen(argv, cwd=REPO_DIR, env=child_environment(), start_new_session=True,
+            process = subprocess.Popen(argv, cwd=REPO_DIR, env={**child_environment(), **(env or {})},
+                                       start_new_session=True,
                                        stdout=subprocess.PIPE if announces_port else log, stderr=log)
         self._started.append((name, process))
         return process
@@ -347,6 +363,7 @@ class Service:
     ready_path: str
     announces_port: bool
     store_file: Optional[str] = None  # the threader's: checked for durability
+    env: Dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @functools.lru_cache(maxsize=None)
@@ -422,7 +439,7 @@ class Measured:
                  say: Callable[[str], None]) -> None:
         self.service, self.processes, self.slack_port = service, processes, slack_port
         self.concurrency, self.say = concurrency, say
-        self.process = processes.start(service.name, service.argv, service.announces_port)
+        self.process = processes.start(service.name, service.argv, service.announces_port, service.env)
         self.port = (processes.announced_port(service.name, self.process) if service.announces_port
                      else int(service.argv[service.argv.index("--port") + 1]))
         try:
@@ -478,6 +495,20 @@ class Measured:
         self.peak("storm")
         if self.service.store_file:
             self.numbers["stored_threads"] = get_json(self.port, "/health")["cached_threads"]
+
+    def slow_slack(self, bodies: Sequence[bytes]) -> None:
+        """Latency of one-alert webhooks while fake Slack answers late (the caller sets its delay)."""
+        load = send_webhooks(self.port, bodies, self.concurrency, self.connections)
+        check_answers(self.name, "slow Slack", load)
+        self.numbers.update(p50_ms_slow_slack=load.percentile(0.50) * 1000,
+                            p99_ms_slow_slack=load.percentile(0.99) * 1000)
+        self.peak("slow_slack")
+
+    def replay(self, workload: Workload) -> None:
+        """A round's webhooks, without measuring CPU or latency: for the memory they take."""
+        for bodies in workload.everything():
+            check_answers(self.name, "memory", send_webhooks(self.port, bodies, self.concurrency, self.connections))
+        self.peak("end")
 
     def finish(self) -> Dict[str, Any]:
         """The numbers of both CPU phases, peak memory, and the final check of the state on disk."""
@@ -540,23 +571,27 @@ def median_numbers(rounds: List[Dict[str, Any]]) -> Dict[str, Any]:
 @dataclasses.dataclass
 class Row:
     key: str
-    label: str  # may name {storm}, the size of the big webhook
+    label: str  # may name {storm}, the size of the big webhook, and {delay}, slow Slack's in ms
     digits: int
     target: Optional[Tuple[str, float]] = None  # ("ratio", at least) or ("max", threader at most)
 
 
 ROWS = [
-    Row("cpu_ms_per_alert", "CPU per alert (ms)", 3, ("ratio", 1.0)),
+    Row("cpu_ms_per_alert", "CPU per alert (ms)", 3, ("ratio", 0.5)),
     Row("p50_ms", "p50 latency, 1-alert webhook (ms)", 2, ("ratio", 1.0)),
     Row("p99_ms", "p99 latency, 1-alert webhook (ms)", 2),
+    Row("p50_ms_slow_slack", "p50 latency, Slack at {delay:g} ms (ms)", 1),
+    Row("p99_ms_slow_slack", "p99 latency, Slack at {delay:g} ms (ms)", 1),
     Row("storm_wall_s", "{storm:,}-alert webhook: wall time (s)", 3, ("ratio", 1.0)),
     Row("storm_slack_calls", "{storm:,}-alert webhook: Slack calls", 0),
     Row("storm_cpu_ms_per_alert", "{storm:,}-alert webhook: CPU per alert (ms)", 3),
     Row("stored_threads", "threads stored after it", 0),
-    Row("cpu_ms_per_alert_stored", "CPU per alert, {storm:,}+ stored (ms)", 3, ("ratio", 1.0)),
+    Row("cpu_ms_per_alert_stored", "CPU per alert, {storm:,}+ stored (ms)", 3, ("ratio", 0.5)),
     Row("p50_ms_stored", "p50 latency, {storm:,}+ stored (ms)", 2),
-    Row("rss_idle_mb", "RSS idle (MB)", 1, ("max", 25.0)),
-    Row("rss_peak_mb", "RSS peak (MB)", 1, ("max", 40.0)),
+    Row("rss_idle_mb", "RSS idle (MB), unit: -m, bytecode", 1, ("max", 40.0)),
+    Row("rss_peak_mb", "RSS peak (MB), unit: -m, bytecode", 1, ("max", 60.0)),
+    Row("rss_idle_mb_script", "RSS idle (MB), script", 1, ("max", 40.0)),
+    Row("rss_peak_mb_script", "RSS peak (MB), script", 1, ("max", 60.0)),
 ]
 
 
@@ -572,7 +607,7 @@ def judge(row: Row, forwarder: Optional[float],
     return ratio, f"threader <= {bound:g}", None if threader is None else threader <= bound
 
 
-def report(results: Dict[str, Dict[str, Any]], storm: int) -> Tuple[str, List[Dict[str, Any]]]:
+def report(results: Dict[str, Dict[str, Any]], storm: int, delay_ms: float) -> Tuple[str, List[Dict[str, Any]]]:
     """The table as text, and each row's judgement for the JSON file."""
     def cell(value: Optional[float], digits: int) -> str:
         return "-" if value is None else f"{value:,.{digits}f}"
@@ -583,7 +618,7 @@ def report(results: Dict[str, Dict[str, Any]], storm: int) -> Tuple[str, List[Di
     for row in ROWS:
         forwarder, threader = results["forwarder"].get(row.key), results["threader"].get(row.key)
         ratio, target, met = judge(row, forwarder, threader)
-        label = row.label.format(storm=storm)
+        label = row.label.format(storm=storm, delay=delay_ms)
         lines.append(f"{label:<40} {cell(forwarder, row.digits):>10} {cell(threader, row.digits):>10} "
                      f"{cell(ratio, 2):>8}  {target:<16} {'' if met is None else 'yes' if met else 'NO'}".rstrip())
         verdicts.append({"metric": row.key, "forwarder": forwarder, "threader": threader, "ratio": ratio,
@@ -606,40 +641,88 @@ def build_parser() -> argparse.ArgumentParser:
                         help="turns each CPU phase is taken in, alternating the services (default: 5)")
     parser.add_argument("--rounds", type=int, default=5,
                         help="fresh start-ups of each service; the table shows medians (default: 5)")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: one round, 300 alerts per CPU phase")
+    parser.add_argument("--slow-slack-alerts", type=int, default=160,
+                        help="one-alert webhooks in the phase with a slow Slack (default: 160)")
+    parser.add_argument("--slack-delay", type=float, default=100.0, metavar="MS",
+                        help="how late fake Slack answers in that phase, in ms (default: 100)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: one round, 300 alerts per CPU phase, 80 behind the slow Slack")
     parser.add_argument("--only", choices=("forwarder", "threader"),
                         help="measure one service (no ratios; for profiling)")
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter for the fake Slack and both services (default: this one)")
     parser.add_argument("--threader-command", default=None, metavar="CMD",
-                        help="how to start the threader instead of 'PYTHON -m alert_threader', e.g. "
-                             "'python3 alert_threader.py' (split on spaces; the process it starts is measured)")
+                        help="how to start the threader in the rounds instead of 'PYTHON -m alert_threader' "
+                             "(split on spaces; the process it starts is measured); the memory pass always "
+                             "runs 'PYTHON alert_threader.py'")
     parser.add_argument("--output", default=RESULTS_FILE, help=f"JSON results file (default: {RESULTS_FILE})")
     return parser
 
 
-def make_services(args: argparse.Namespace, slack_url: str, state_dir: str) -> List[Service]:
-    """How to start each service; the threader keeps its state in state_dir."""
+def threader_service(name: str, command: List[str], slack_url: str, state_dir: str) -> Service:
+    """The threader on its file store in state_dir; the token from a file, as the service wants secrets."""
     store_file = os.path.join(state_dir, "threads.json")
+    token_file = os.path.join(os.path.dirname(state_dir), "slack-token")  # the state dir holds the state only
+    with open(os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(TOKEN + "\n")
+    return Service(name, command + [
+        "--port", str(free_port()), "--host", "127.0.0.1", "--slack-api-url", slack_url,
+        "--slack-channel", CHANNEL, "--thread-store-file", store_file,
+        # The harness's connections wait through the other service's turns: keep them open.
+        "--client-timeout", "3600", "--log-level", "warning"],
+        ready_path="/health", announces_port=False, store_file=store_file,
+        env={"SLACK_BOT_TOKEN_FILE": token_file})
+
+
+def make_services(args: argparse.Namespace, slack_url: str, state_dir: str) -> List[Service]:
+    """How to start each service of a round; the threader keeps its state in state_dir."""
     # As its systemd unit runs it: a module with bytecode compiled at install (see compile_threader).
     threader_command = args.threader_command.split() if args.threader_command else [args.python, "-m", "alert_threader"]
     forwarder = Service("forwarder", [args.python, os.path.join(BENCH_DIR, "forwarder.py"), "--port", "0",
                                       "--slack-api-url", slack_url, "--slack-bot-token", TOKEN,
                                       "--slack-channel", CHANNEL], ready_path="/", announces_port=True)
-    threader = Service("threader", threader_command + [
-        "--port", str(free_port()), "--host", "127.0.0.1", "--slack-api-url", slack_url,
-        "--slack-bot-token", TOKEN, "--slack-channel", CHANNEL, "--thread-store-file", store_file,
-        # The harness's connections wait through the other service's turns: keep them open.
-        "--client-timeout", "3600", "--log-level", "warning"],
-        ready_path="/health", announces_port=False, store_file=store_file)
+    threader = threader_service("threader", threader_command, slack_url, state_dir)
     return [s for s in (forwarder, threader) if args.only in (None, s.name)]
 
 
+def set_slack_delay(slack_port: int, seconds: float) -> None:
+    """From now on, fake Slack answers every API call `seconds` late."""
+    conn = http.client.HTTPConnection("127.0.0.1", slack_port, timeout=10)
+    try:
+        status, body = request(conn, "POST", "/delay", json.dumps({"seconds": seconds}).encode())
+    finally:
+        conn.close()
+    if status != 200:
+        raise BenchError(f"fake Slack refused a delay of {seconds}s: {status} {body[:200]!r}")
+
+
+def script_memory_pass(args: argparse.Namespace, workload: Workload, workdir: str, processes: Processes,
+                       slack_url: str, slack_port: int, say: Callable[[str], None]) -> Dict[str, Any]:
+    """The threader as the README's quick start runs it, as a script, through one round's webhooks.
+
+    A script is compiled from source at every start and the compiler's memory
+    stays: only the RSS of this way of running differs from the unit's, and
+    memory moves little from round to round, so one pass does."""
+    state_dir = os.path.join(workdir, "state-script")
+    os.mkdir(state_dir)
+    service = threader_service("threader-script", [args.python, THREADER], slack_url, state_dir)
+    say("memory pass: the threader as a script, through one round's webhooks")
+    measured = Measured(service, processes, slack_port, args.concurrency, say)
+    try:
+        measured.replay(workload)
+        return {"rss_idle_mb_script": measured.numbers["rss_idle_mb"],
+                "rss_peak_mb_script": measured.numbers["rss_peak_mb_after"]["end"]}
+    finally:
+        measured.stop()
+
+
 def run_rounds(args: argparse.Namespace, workload: Workload, workdir: str,
-               say: Callable[[str], None]) -> Dict[str, List[Dict[str, Any]]]:
-    """Every round: both services started fresh, measured phase by phase in turns; all stopped at the end."""
+               say: Callable[[str], None]) -> Tuple[Dict[str, List[Dict[str, Any]]], Dict[str, Any]]:
+    """Every round: both services started fresh, measured phase by phase in turns; then the
+    threader's memory pass as a script. All processes are stopped at the end."""
     processes = Processes(workdir)
     rounds: Dict[str, List[Dict[str, Any]]] = {"forwarder": [], "threader": []}
+    script: Dict[str, Any] = {}
     try:
         slack = processes.start("fake_slack", [args.python, os.path.join(BENCH_DIR, "fake_slack.py")],
                                 announces_port=True)
@@ -663,6 +746,12 @@ def run_rounds(args: argparse.Namespace, workload: Workload, workdir: str,
                 interleaved(measured, "first", workload.first, args.chunks)
                 for m in measured:
                     m.peak("first")
+                say(f"round {n}: {len(workload.slow_slack)} one-alert webhooks each, "
+                    f"fake Slack answering after {args.slack_delay:g} ms")
+                set_slack_delay(slack_port, args.slack_delay / 1000)
+                for m in measured:
+                    m.slow_slack(workload.slow_slack)
+                set_slack_delay(slack_port, 0.0)
                 for m in measured:
                     m.storm(workload)
                 stored = {m.name: m.numbers["stored_threads"] for m in measured if "stored_threads" in m.numbers}
@@ -674,9 +763,11 @@ def run_rounds(args: argparse.Namespace, workload: Workload, workdir: str,
             finally:
                 for m in measured:
                     m.stop()
+        if args.only != "forwarder":
+            script = script_memory_pass(args, workload, workdir, processes, slack_url, slack_port, say)
     finally:
         processes.stop_all()
-    return rounds
+    return rounds, script
 
 
 def file_sha256(path: str) -> str:
@@ -702,9 +793,13 @@ def compile_threader(python: str) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
-        args.alerts, args.rounds = min(args.alerts, 300), 1
-    if min(args.alerts, args.storm, args.concurrency, args.rounds, args.chunks) < 1:
-        print("bench: --alerts, --storm, --concurrency, --rounds and --chunks must be at least 1", file=sys.stderr)
+        args.alerts, args.rounds, args.slow_slack_alerts = min(args.alerts, 300), 1, min(args.slow_slack_alerts, 80)
+    if min(args.alerts, args.storm, args.concurrency, args.rounds, args.chunks, args.slow_slack_alerts) < 1:
+        print("bench: --alerts, --storm, --concurrency, --rounds, --chunks and --slow-slack-alerts must be "
+              "at least 1", file=sys.stderr)
+        return 2
+    if args.slack_delay < 0:
+        print("bench: --slack-delay must not be negative", file=sys.stderr)
         return 2
 
     def say(text: str) -> None:
@@ -715,9 +810,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         python_version = interpreter_version(args.python)
         compile_threader(args.python)
-        workload = Workload.build(args.alerts, args.storm, warmup=3 * args.concurrency, probes=5)
+        workload = Workload.build(args.alerts, args.storm, warmup=3 * args.concurrency, probes=5,
+                                  slow_slack=args.slow_slack_alerts)
         with tempfile.TemporaryDirectory(prefix="alert-threader-bench-") as workdir:
-            rounds = run_rounds(args, workload, workdir, say)
+            rounds, script = run_rounds(args, workload, workdir, say)
     except (BenchError, OSError, http.client.HTTPException) as e:
         print(f"bench: FAILED: {e}", file=sys.stderr)
         return 2
@@ -727,11 +823,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elapsed = time.monotonic() - started
 
     results = {name: median_numbers(numbers) if numbers else {} for name, numbers in rounds.items()}
-    table, verdicts = report(results, args.storm)
+    results["threader"].update(script)
+    if results["forwarder"]:  # the forwarder runs as a script in every round
+        results["forwarder"].update(rss_idle_mb_script=results["forwarder"]["rss_idle_mb"],
+                                    rss_peak_mb_script=results["forwarder"]["rss_peak_mb"])
+    table, verdicts = report(results, args.storm, args.slack_delay)
     print(f"\nalert-threader benchmark: medians of {args.rounds} round{'s' * (args.rounds > 1)}; "
           f"{args.alerts:,} one-alert webhooks per CPU phase at concurrency {args.concurrency} "
           f"in {args.chunks} alternating turns, "
-          f"one webhook of {args.storm:,} alerts; {os.cpu_count()} CPUs, Python {python_version}, {elapsed:.0f}s\n")
+          f"one webhook of {args.storm:,} alerts, {args.slow_slack_alerts} behind a Slack at {args.slack_delay:g} ms; "
+          f"{os.cpu_count()} CPUs, Python {python_version}, {elapsed:.0f}s\n")
     print(table)
     if rounds["threader"] and rounds["forwarder"]:
         print("\nCPU ratio fwd/thr in each round (the machine's noise):")
@@ -752,9 +853,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                "platform": platform.platform()},
                    "settings": {"alerts": args.alerts, "storm": args.storm, "concurrency": args.concurrency,
                                 "rounds": args.rounds, "chunks": args.chunks,
+                                "slow_slack_alerts": args.slow_slack_alerts, "slack_delay_ms": args.slack_delay,
                                 "threader_command": args.threader_command},
                    "alert_threader_sha256": file_sha256(THREADER),
-                   "seconds": round(elapsed, 1), "medians": results, "rounds": rounds,
+                   "seconds": round(elapsed, 1), "medians": results, "rounds": rounds, "script_pass": script,
                    "rows": verdicts, "missed": missed}, f, indent=2)
         f.write("\n")
     print(f"results: {os.path.relpath(args.output)}")
