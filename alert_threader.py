@@ -442,7 +442,7 @@ SETTINGS: Tuple[Tuple[str, Optional[str], str], ...] = (
     ("SLACK_PACE", "1s", "least time between two messages to one channel (Slack allows about one a second, with "
                          "short bursts); edits get 50 a minute at 1s. 0 turns pacing off"),
     ("MAX_BODY_BYTES", "8388608", "largest webhook body accepted (413 past it)"),
-    ("MAX_CONNECTIONS", "64", "concurrent connections served (503 past it)"),
+    ("MAX_CONNECTIONS", "256", "concurrent connections served (503 past it); a storm holds one per Alertmanager group"),
     ("CLIENT_TIMEOUT", "30s", "how long a client may stay silent, idle or mid-request, before it is dropped"),
     ("SHUTDOWN_TIMEOUT", "20s", "on SIGTERM, how long in-flight webhooks may take to finish"),
     ("ALERTMANAGER_URL", None, "Alertmanager URL for Silence buttons (default: the webhook's externalURL)"),
@@ -477,7 +477,7 @@ class Config:
     slack_retry_budget: float = 15.0
     slack_pace: float = 1.0
     max_body_bytes: int = 8 * 1024 * 1024
-    max_connections: int = 64
+    max_connections: int = 256
     # Not a setting: a Redis lease covers one Slack call (and its one re-send) and a store write; the holder
     # renews it before each call and while it waits.
     redis_lease: float = 30.0
