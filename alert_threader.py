@@ -313,7 +313,8 @@ def parse_webhook(body: bytes, content_type: Optional[str] = "application/json")
         raise BadRequest(f"body is not valid JSON: {truncate(str(e), 200)}") from None
     if not isinstance(document, dict):
         raise BadRequest("body must be a JSON object with an 'alerts' list")
-    if not _json_depth_ok(document, MAX_JSON_DEPTH):
+    # Nesting takes brackets: a body with fewer of them than the limit needs no walk.
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and not _json_depth_ok(document, MAX_JSON_DEPTH):
         raise BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     if re.search(r"\\u[dD][89a-fA-F]", text):  # only an escape can leave half of a surrogate pair
         where = _lone_surrogate_path(document, "")
@@ -915,7 +916,7 @@ class LocalLimits:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._due: Dict[str, float] = {}  # bucket -> monotonic time the next turn is due
-        self._seen: Dict[str, Dict[str, float]] = {}  # name -> {member: when it was first seen}
+        self._seen: Dict[str, "OrderedDict[str, float]"] = {}  # name -> {member: first seen}, oldest first
 
     def reserve(self, bucket: str, interval: float, burst: int, max_wait: float) -> Optional[float]:
         now = time.monotonic()
@@ -935,14 +936,13 @@ class LocalLimits:
     def count_recent(self, name: str, members: Sequence[str], window: float, cap: int) -> int:
         now = time.time()
         with self._lock:
-            seen = self._seen.setdefault(name, {})
-            for member in [m for m, at in seen.items() if at <= now - window]:
-                del seen[member]
+            seen = self._seen.setdefault(name, OrderedDict())
+            while seen and next(iter(seen.values())) <= now - window:
+                seen.popitem(last=False)
             for member in members:
                 seen.setdefault(member, now)
-            if len(seen) > cap:  # only whether there are more than the cap matters: keep the newest
-                for member in sorted(seen, key=seen.__getitem__)[:len(seen) - cap]:
-                    del seen[member]
+            while len(seen) > cap:  # only whether there are more than the cap matters: keep the newest
+                seen.popitem(last=False)
             return len(seen)
 
 
@@ -2407,6 +2407,9 @@ RECORD_TEXT_BUDGET = 16384  # characters of label (or annotation) names and valu
 
 def clip_for_record(values: Dict[str, str], first: Sequence[str]) -> Tuple[Dict[str, str], bool]:
     """The values a record keeps, the names in `first` before the rest; and whether all were kept whole."""
+    if sum(len(name) + len(value) for name, value in values.items()) <= RECORD_TEXT_BUDGET and all(
+            len(name) <= RECORD_NAME_MAX and len(value) <= RECORD_VALUE_MAX for name, value in values.items()):
+        return dict(values), True  # the usual alert: it all fits
     kept: Dict[str, str] = {}
     whole, budget = True, RECORD_TEXT_BUDGET
     for name in [n for n in first if n in values] + sorted(n for n in values if n not in first):
@@ -2906,7 +2909,7 @@ class ThreadTeller:
         for entry in sorted(batch, key=lambda e: e.alert.status != "firing"):
             step = decide(scratch, entry.alert, self.config.reopen_window)
             if step == POST:
-                scratch = new_record(entry.key, entry.alert, entry.channel, self.config.environment, "", now)
+                scratch = {"status": "open", "alerts": {}}  # what decide reads of the thread it opens
             if scratch is not None and step not in (UNCHANGED, ORPHAN):
                 apply_step(scratch, entry.alert, step, now)
             steps.append((entry, step))
