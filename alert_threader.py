@@ -89,6 +89,11 @@ LAST_EPOCH = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp()
 RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
 
 
+def chunks(items: List[Any], size: int) -> Iterator[List[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
 def compact_json(value: Any) -> str:
     """JSON as stored: no spaces, Unicode as it is."""
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
@@ -563,17 +568,25 @@ def check_channel_id(variable: str, channel: str) -> None:
     raise ConfigError(f"{variable}: {channel!r} is not a channel ID like C0123456789")
 
 
-def load_config(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
-    """Settings from flags (winning) and the environment, validated; raises ConfigError."""
-    raw: Dict[str, Optional[str]] = {}
-    for variable, default, _ in SETTINGS:
-        flag_value = getattr(args, variable, None)
-        env_value = environ.get(variable)
-        value = flag_value if flag_value is not None else env_value
-        raw[variable] = value if value not in (None, "") else default
+class RawSettings:
+    """The settings as given: each flag, else its environment variable, else its default; read and checked."""
 
-    def number(variable: str, low: float, high: float, integer: bool = False) -> Any:
-        text = raw[variable] or ""
+    def __init__(self, args: argparse.Namespace, environ: Dict[str, str]) -> None:
+        self.args = args
+        self.values: Dict[str, Optional[str]] = {}
+        for variable, default, _ in SETTINGS:
+            flag_value = getattr(args, variable, None)
+            value = flag_value if flag_value is not None else environ.get(variable)
+            self.values[variable] = value if value not in (None, "") else default
+
+    def __getitem__(self, variable: str) -> Optional[str]:
+        return self.values[variable]
+
+    def text(self, variable: str) -> str:
+        return self.values[variable] or ""
+
+    def number(self, variable: str, low: float, high: float, integer: bool = False) -> Any:
+        text = self.text(variable)
         try:
             value = int(text) if integer else parse_duration(text)
         except ValueError:
@@ -584,52 +597,53 @@ def load_config(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
             raise ConfigError(f"{variable}={text} is out of range ({bounds})")
         return value
 
-    for variable in sorted(SECRET_SETTINGS):
-        if getattr(args, variable, None) is not None:
+    def choice(self, variable: str, options: Sequence[str]) -> str:
+        value = self.text(variable).lower()
+        if value not in options:
+            raise ConfigError(f"{variable}={self.values[variable]!r} must be {', '.join(options[:-1])} or {options[-1]}")
+        return value
+
+    def secret(self, variable: str) -> Optional[str]:
+        """A secret from its variable or its _FILE; as a flag it is refused (every user sees it in ps)."""
+        if getattr(self.args, variable, None) is not None:
             raise ConfigError(f"{flag_name(variable)}: a secret on the command line is visible to every user in ps; "
                               f"use {flag_name(variable + '_FILE')} FILE, or the {variable}_FILE or {variable} "
                               "variable")
-    for variable in ("SLACK_BOT_TOKEN", "WEBHOOK_TOKEN"):
-        path = raw[variable + "_FILE"]
+        path = self.values.get(variable + "_FILE")
         if path:
-            if raw[variable]:
+            if self.values[variable]:
                 raise ConfigError(f"set {variable} or {variable}_FILE, not both")
-            raw[variable] = _read_secret_file(variable + "_FILE", path)
+            return _read_secret_file(variable + "_FILE", path)
+        return self.values[variable]
 
-    token = raw["SLACK_BOT_TOKEN"]
-    if token and not re.fullmatch(r"xox[a-z]-[A-Za-z0-9-]+", token):
-        raise ConfigError("SLACK_BOT_TOKEN does not look like a Slack token (expected xoxb-...)")
-    webhook_token = raw["WEBHOOK_TOKEN"]
-    if webhook_token and (len(webhook_token) < 16 or not webhook_token.isprintable() or " " in webhook_token):
-        raise ConfigError("WEBHOOK_TOKEN must be at least 16 printable characters without spaces")
 
+def channel_settings(raw: RawSettings, token: Optional[str]) -> Tuple[Optional[str], Tuple[str, ...]]:
+    """The default channel and every channel ?channel= may name (the default one included)."""
     channel = raw["SLACK_CHANNEL"]
     if channel:
         check_channel_id("SLACK_CHANNEL", channel)
     if not channel and token:
         raise ConfigError("SLACK_CHANNEL is required when SLACK_BOT_TOKEN is set")
-    channels = tuple(c.strip() for c in (raw["SLACK_CHANNELS"] or "").split(",") if c.strip())
+    channels = tuple(c.strip() for c in raw.text("SLACK_CHANNELS").split(",") if c.strip())
     for c in channels:
         check_channel_id("SLACK_CHANNELS", c)
     if channel and channel not in channels:
         channels = (channel,) + channels
+    return channel, channels
 
-    slack_timeout = number("SLACK_TIMEOUT", 0.1, 300)
-    environment = raw["ENVIRONMENT"] or ""
-    if not environment or "|" in environment or not environment.isprintable():
-        raise ConfigError("ENVIRONMENT must be a non-empty printable name without '|'")
 
-    store = (raw["THREAD_STORE"] or "").lower()
+def store_settings(raw: RawSettings, environ: Dict[str, str]) -> Dict[str, Any]:
+    store = raw.text("THREAD_STORE").lower()
     if store not in ("file", "redis"):
         raise ConfigError(f"THREAD_STORE={raw['THREAD_STORE']!r} is unknown (use file or redis)")
-    store_file = raw["THREAD_STORE_FILE"] or default_store_file(environ)
+    store_file = raw.text("THREAD_STORE_FILE") or default_store_file(environ)
     if store == "file":
         directory = os.path.dirname(os.path.abspath(store_file))
         if not os.path.isdir(directory):
             raise ConfigError(f"THREAD_STORE_FILE: directory {directory} does not exist")
         if not os.access(directory, os.W_OK | os.X_OK):
             raise ConfigError(f"THREAD_STORE_FILE: directory {directory} is not writable")
-    redis_url = raw["REDIS_URL"] or ""
+    redis_url = raw.text("REDIS_URL")
     try:
         parts = urllib.parse.urlsplit(redis_url)
         parts.port  # noqa: B018 - raises ValueError on a bad port
@@ -637,56 +651,53 @@ def load_config(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
         raise ConfigError("REDIS_URL is malformed") from None
     if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
         raise ConfigError("REDIS_URL must be redis://[:password@]host:port/db, rediss://... or unix:///path")
-    prefix = raw["REDIS_KEY_PREFIX"] or ""
+    prefix = raw.text("REDIS_KEY_PREFIX")
     if not prefix or any(c in prefix for c in "*?[] "):
         raise ConfigError("REDIS_KEY_PREFIX must be non-empty without spaces or glob characters")
+    return {"thread_store": store, "thread_store_file": os.path.abspath(store_file), "redis_url": redis_url,
+            "redis_key_prefix": prefix}
 
-    api_url = raw["SLACK_API_URL"] or ""
+
+def url_settings(raw: RawSettings) -> Dict[str, Any]:
+    api_url = raw.text("SLACK_API_URL")
     api = urllib.parse.urlsplit(api_url)
     if api.scheme not in ("http", "https") or not api.hostname:
         raise ConfigError(f"SLACK_API_URL={api_url!r} must be an http(s) URL")
-    if not api_url.endswith("/"):
-        api_url += "/"
     am_url = raw["ALERTMANAGER_URL"]
     if am_url and not is_http_url(am_url):
         raise ConfigError(f"ALERTMANAGER_URL={am_url!r} must be an http(s) URL")
+    return {"slack_api_url": api_url if api_url.endswith("/") else api_url + "/", "alertmanager_url": am_url}
 
-    level = (raw["LOG_LEVEL"] or "").lower()
-    if level not in ("debug", "info", "warning", "error"):
-        raise ConfigError(f"LOG_LEVEL={raw['LOG_LEVEL']!r} must be debug, info, warning or error")
-    log_format = (raw["LOG_FORMAT"] or "").lower()
-    if log_format not in ("text", "json"):
-        raise ConfigError(f"LOG_FORMAT={raw['LOG_FORMAT']!r} must be text or json")
 
+def load_config(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
+    """Settings from flags (winning) and the environment, validated; raises ConfigError."""
+    raw = RawSettings(args, environ)
+    token, webhook_token = raw.secret("SLACK_BOT_TOKEN"), raw.secret("WEBHOOK_TOKEN")
+    if token and not re.fullmatch(r"xox[a-z]-[A-Za-z0-9-]+", token):
+        raise ConfigError("SLACK_BOT_TOKEN does not look like a Slack token (expected xoxb-...)")
+    if webhook_token and (len(webhook_token) < 16 or not webhook_token.isprintable() or " " in webhook_token):
+        raise ConfigError("WEBHOOK_TOKEN must be at least 16 printable characters without spaces")
+    channel, channels = channel_settings(raw, token)
+    environment = raw.text("ENVIRONMENT")
+    if not environment or "|" in environment or not environment.isprintable():
+        raise ConfigError("ENVIRONMENT must be a non-empty printable name without '|'")
+    slack_timeout = raw.number("SLACK_TIMEOUT", 0.1, 300)
     return Config(
-        slack_bot_token=token,
-        slack_channel=channel,
-        slack_channels=channels,
-        environment=environment,
-        thread_store=store,
-        thread_store_file=os.path.abspath(store_file),
-        redis_url=redis_url,
-        redis_key_prefix=prefix,
-        host=raw["HOST"] or "",
-        port=number("PORT", 0, 65535, integer=True),
-        slack_api_url=api_url,
-        webhook_token=webhook_token,
-        reopen_window=number("REOPEN_WINDOW", 0, 30 * 86400),
-        storm_threshold=number("STORM_THRESHOLD", 1, 100000, integer=True),
-        storm_window=number("STORM_WINDOW", 1, 86400),
-        thread_retention=number("THREAD_RETENTION", 60, 365 * 86400),
-        slack_timeout=slack_timeout,
-        redis_lease=2 * slack_timeout + 10,
-        slack_retry_budget=number("SLACK_RETRY_BUDGET", 0, 3600),
-        slack_pace=number("SLACK_PACE", 0, 60),
-        max_body_bytes=number("MAX_BODY_BYTES", 1024, 1 << 30, integer=True),
-        max_connections=number("MAX_CONNECTIONS", 1, 10000, integer=True),
-        client_timeout=number("CLIENT_TIMEOUT", 0.1, 3600),
-        shutdown_timeout=number("SHUTDOWN_TIMEOUT", 0, 3600),
-        alertmanager_url=am_url,
-        log_level=level,
-        log_format=log_format,
-    )
+        slack_bot_token=token, slack_channel=channel, slack_channels=channels, environment=environment,
+        host=raw.text("HOST"), port=raw.number("PORT", 0, 65535, integer=True), webhook_token=webhook_token,
+        reopen_window=raw.number("REOPEN_WINDOW", 0, 30 * 86400),
+        storm_threshold=raw.number("STORM_THRESHOLD", 1, 100000, integer=True),
+        storm_window=raw.number("STORM_WINDOW", 1, 86400),
+        thread_retention=raw.number("THREAD_RETENTION", 60, 365 * 86400),
+        slack_timeout=slack_timeout, redis_lease=2 * slack_timeout + 10,
+        slack_retry_budget=raw.number("SLACK_RETRY_BUDGET", 0, 3600), slack_pace=raw.number("SLACK_PACE", 0, 60),
+        max_body_bytes=raw.number("MAX_BODY_BYTES", 1024, 1 << 30, integer=True),
+        max_connections=raw.number("MAX_CONNECTIONS", 1, 10000, integer=True),
+        client_timeout=raw.number("CLIENT_TIMEOUT", 0.1, 3600),
+        shutdown_timeout=raw.number("SHUTDOWN_TIMEOUT", 0, 3600),
+        log_level=raw.choice("LOG_LEVEL", ("debug", "info", "warning", "error")),
+        log_format=raw.choice("LOG_FORMAT", ("text", "json")),
+        **store_settings(raw, environ), **url_settings(raw))
 
 
 # ---------------------------------------------------------------------------
@@ -1093,95 +1104,63 @@ class ThreadStore:
                          store=self.name, op=op)
 
 
-class FileStore(ThreadStore):
-    """Records in memory, made durable in threads.json and a journal beside it.
+class StateFiles:
+    """threads.json and its journal on disk: read back at start, appended to, and replaced atomically.
 
-    threads.json is a snapshot, only ever replaced atomically (temporary file in
-    the same directory, fsync, rename, fsync of the directory). Each change is
-    appended to threads.json.journal and fdatasync'd before put_many returns:
-    a write costs one record, not the whole store. When the journal outgrows the
-    snapshot it is folded into a new snapshot, so the amortised cost stays flat
-    however many threads are stored; start-up and a clean stop fold it too.
-    Concurrent writers share one append and one fdatasync (group commit).
-    A crash leaves the old or the new snapshot and a journal whose last line
-    may be incomplete; that line belongs to a webhook that was never answered,
-    so Alertmanager retries it. With path None the store is memory-only.
+    The snapshot is only ever replaced whole (a temporary file in the same
+    directory, fsync, rename, fsync of the directory). The journal takes one
+    line per change, written in full and fdatasync'd. A crash leaves the old or
+    the new snapshot and a journal whose last line may be incomplete; that
+    line belongs to a webhook that was never answered. A file that cannot be
+    used is moved aside (read-only: StoreError) and named in moved_aside.
     """
 
-    name = "file"
-
-    def __init__(self, path: Optional[str], metrics: Metrics, retention: float = 86400.0,
-                 lock_timeout: float = 60.0) -> None:
-        super().__init__(metrics, lock_timeout)
+    def __init__(self, path: str, read_only: bool = False) -> None:
         self.path = path
-        self.journal_path = f"{path}.journal" if path else None
-        self.retention = retention
-        self._lock = threading.Lock()  # guards the fields below but _journal_fd and _snapshot_bytes
-        self._commit_lock = threading.Lock()  # one writer of the files at a time
-        # key -> '"key":{record json}': snapshots are joined from these, journal lines built of them
-        self._fragments: Dict[str, str] = {}
-        # key -> (status, closed): what prune and the gauges need without parsing records
-        self._summary: Dict[str, Tuple[str, Any]] = {}
-        self._pending: List[str] = []  # journal lines not yet written
-        self._version = 0  # changes made in memory
-        self._durable = 0  # changes on disk
-        self._journal_fd: Optional[int] = None
-        self._snapshot_bytes = 0
-        self._journal_bytes = 0
-        self._needs_fold = False  # after a failed write: only a whole snapshot is sure to hold everything
-        self._read_only = False
-        self.write_error: Optional[str] = None
+        self.journal_path = f"{path}.journal"
+        self.read_only = read_only
+        self.snapshot_bytes = 0
+        self.journal_bytes = 0
         self.moved_aside: Optional[str] = None
-        if path:
-            self._remove_temp_files()
-            self._load()
-            self._replay_journal()
-            self._fold()
+        self._journal_fd: Optional[int] = None
 
-    # -- loading ------------------------------------------------------------
+    # -- reading ----------------------------------------------------------------
 
-    def _temp_prefix(self) -> str:
-        return "." + os.path.basename(self.path or "") + ".tmp-"
-
-    def _remove_temp_files(self) -> None:
-        directory = os.path.dirname(self.path or "") or "."
+    def remove_temp_files(self) -> None:
+        directory = os.path.dirname(self.path) or "."
         for name in os.listdir(directory):
             if name.startswith(self._temp_prefix()):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(directory, name))
                     log_event(logging.INFO, "removed temporary file left by a crash", file=name)
 
-    def _load(self) -> None:
-        assert self.path
+    def snapshot(self) -> Dict[str, Dict[str, Any]]:
+        """The threads in threads.json (none if it is missing or had to be moved aside)."""
         try:
             with open(self.path, "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
-            return
+            return {}
         except OSError as e:
             self._move_aside(self.path, f"cannot be read ({e.strerror})")
-            return
-        try:
-            threads = self._parse(raw)
-        except ValueError as e:
-            self._move_aside(self.path, str(e))
-            return
-        for key, record in threads.items():
-            self._remember(key, record)
-        log_event(logging.INFO, "thread store loaded", file=self.path, threads=len(threads))
-
-    @classmethod
-    def _parse(cls, raw: bytes) -> Dict[str, Dict[str, Any]]:
+            return {}
         try:
             document = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise ValueError(f"is not valid JSON ({truncate(str(e), 120)})") from None
+            self._move_aside(self.path, f"is not valid JSON ({truncate(str(e), 120)})")
+            return {}
         if isinstance(document, dict) and isinstance(document.get("threads"), dict):
             document = document["threads"]
-        return cls._threads(document)
+        try:
+            threads = self.threads(document)
+        except ValueError as e:
+            self._move_aside(self.path, str(e))
+            return {}
+        log_event(logging.INFO, "thread store loaded", file=self.path, threads=len(threads))
+        return threads
 
     @staticmethod
-    def _threads(document: Any) -> Dict[str, Dict[str, Any]]:
+    def threads(document: Any) -> Dict[str, Dict[str, Any]]:
         """Validated records from a JSON object of them (or the seed's key -> ts)."""
         if not isinstance(document, dict):
             raise ValueError("is not a JSON object of threads")
@@ -1196,9 +1175,8 @@ class FileStore(ThreadStore):
             threads[key] = record
         return threads
 
-    def _replay_journal(self) -> None:
-        """Apply the changes made since the snapshot; an incomplete last line is a crash mid-append."""
-        assert self.journal_path
+    def changes(self) -> Iterator[Dict[str, Any]]:
+        """The journal's changes since the snapshot, in order; an incomplete last line is a crash mid-append."""
         try:
             with open(self.journal_path, "rb") as f:
                 lines = f.read().split(b"\n")
@@ -1213,13 +1191,9 @@ class FileStore(ThreadStore):
                 continue
             try:
                 change = json.loads(line.decode("utf-8"))
-                if change.get("clear"):
-                    self._fragments.clear()
-                    self._summary.clear()
-                for key in change.get("del", []):
-                    self._forget(key)
-                for key, record in self._threads(change.get("put", {})).items():
-                    self._remember(key, record)
+                if not isinstance(change, dict):
+                    raise ValueError("not a change")
+                change["put"] = self.threads(change.get("put", {}))
             except (UnicodeDecodeError, ValueError, TypeError, AttributeError):
                 if number < len(lines):  # a whole line, newline and all, that is not a change: damage
                     self._move_aside(self.journal_path, f"has a malformed entry on line {number}")
@@ -1229,11 +1203,12 @@ class FileStore(ThreadStore):
                               file=self.journal_path)
                 break
             applied += 1
+            yield change
         if applied:
             log_event(logging.INFO, "thread store journal replayed", file=self.journal_path, changes=applied)
 
     def _move_aside(self, path: str, reason: str) -> None:
-        if self._read_only:
+        if self.read_only:
             raise StoreError(f"{path} {reason}")
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         target = f"{path}.corrupt-{stamp}"
@@ -1245,11 +1220,134 @@ class FileStore(ThreadStore):
         log_event(logging.ERROR, "thread store file was unusable; moved aside, starting without what it held",
                   file=path, reason=reason, moved_to=target)
 
-    # -- reading and writing ------------------------------------------------
+    # -- writing ----------------------------------------------------------------
+
+    def append(self, data: bytes) -> None:
+        """Journal lines, durable on return: a short write (a full disk) is finished, never left torn."""
+        if self._journal_fd is None:
+            self._journal_fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._fsync_directory()  # the journal's own name must survive a crash too
+        with memoryview(data) as view:
+            written = 0
+            while written < len(view):
+                count = os.write(self._journal_fd, view[written:])
+                if count <= 0:
+                    raise OSError("the journal write made no progress")
+                written += count
+        os.fdatasync(self._journal_fd)
+        self.journal_bytes += len(data)
+
+    def replace(self, fragments: List[str]) -> None:
+        """A new snapshot of these '"key":{record}' fragments, then an empty journal."""
+        self.snapshot_bytes = self._write_snapshot(fragments)
+        # After the rename: a crash before this truncation only replays changes the snapshot already has.
+        if self._journal_fd is not None:
+            os.ftruncate(self._journal_fd, 0)
+            os.fsync(self._journal_fd)
+        elif os.path.exists(self.journal_path):
+            os.truncate(self.journal_path, 0)
+        self.journal_bytes = 0
+
+    def _temp_prefix(self) -> str:
+        return "." + os.path.basename(self.path) + ".tmp-"
+
+    def _write_snapshot(self, fragments: List[str]) -> int:
+        """Temporary file in the same directory, fsync, rename, fsync the directory; returns its size.
+
+        Written fragment by fragment, so that a large store is never held twice in memory."""
+        fd, temp_path = tempfile.mkstemp(prefix=self._temp_prefix(), dir=os.path.dirname(self.path) or ".")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+                f.write('{"version":1,"threads":{')
+                for i, fragment in enumerate(fragments):
+                    if i:
+                        f.write(",")
+                    f.write(fragment)
+                f.write("}}\n")
+                f.flush()
+                os.fsync(f.fileno())
+                size = os.fstat(f.fileno()).st_size
+            os.replace(temp_path, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp_path)
+            raise
+        self._fsync_directory()
+        return size
+
+    def _fsync_directory(self) -> None:
+        dir_fd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def close(self) -> None:
+        if self._journal_fd is not None:
+            os.close(self._journal_fd)
+            self._journal_fd = None
+
+
+class FileStore(ThreadStore):
+    """Records in memory, made durable in threads.json and a journal beside it (StateFiles).
+
+    Each change is appended to the journal and fdatasync'd before put_many
+    returns: a write costs one record, not the whole store. When the journal
+    outgrows the snapshot it is folded into a new snapshot, so the cost stays
+    flat however many threads are stored; start-up and a clean stop fold it
+    too. Concurrent writers share one append and one fdatasync (group commit).
+    A write that fails raises StoreError, and every later commit retries by
+    writing a whole snapshot. With path None the store is memory-only.
+    """
+
+    name = "file"
+
+    def __init__(self, path: Optional[str], metrics: Metrics, retention: float = 86400.0,
+                 lock_timeout: float = 60.0, read_only: bool = False) -> None:
+        super().__init__(metrics, lock_timeout)
+        self.path = path
+        self.retention = retention
+        self.files = StateFiles(path, read_only) if path else None
+        self._lock = threading.Lock()  # guards the fields below
+        self._commit_lock = threading.Lock()  # one writer of the files at a time
+        # key -> '"key":{record json}': snapshots are joined from these, journal lines built of them
+        self._fragments: Dict[str, str] = {}
+        # key -> (status, closed): what prune and the gauges need without parsing records
+        self._summary: Dict[str, Tuple[str, Any]] = {}
+        self._pending: List[str] = []  # journal lines not yet written
+        self._version = 0  # changes made in memory
+        self._durable = 0  # changes on disk
+        self._needs_fold = False  # after a failed write: only a whole snapshot is sure to hold everything
+        self.write_error: Optional[str] = None
+        if self.files:
+            if not read_only:
+                self.files.remove_temp_files()
+            for key, record in self.files.snapshot().items():
+                self._remember(key, record)
+            for change in self.files.changes():
+                if change.get("clear"):
+                    self._fragments.clear()
+                    self._summary.clear()
+                for key in change.get("del", []):
+                    self._forget(key)
+                for key, record in change["put"].items():
+                    self._remember(key, record)
+            if not read_only:
+                self._fold()
+
+    @property
+    def moved_aside(self) -> Optional[str]:
+        return self.files.moved_aside if self.files else None
+
+    @classmethod
+    def read(cls, path: str) -> Dict[str, Dict[str, Any]]:
+        """The threads a restart would find at path (snapshot plus journal), without writing anything."""
+        return cls(path, Metrics(), read_only=True).items()
+
+    # -- memory -----------------------------------------------------------------
 
     def _remember(self, key: str, record: Dict[str, Any]) -> str:
-        fragment = (json.dumps(key, ensure_ascii=False) + ":"
-                    + compact_json(record))
+        fragment = json.dumps(key, ensure_ascii=False) + ":" + compact_json(record)
         self._fragments[key] = fragment
         self._summary[key] = (record.get("status", "open"), record.get("closed"))
         return fragment
@@ -1276,20 +1374,23 @@ class FileStore(ThreadStore):
             version = self._change('{"put":{' + ",".join(fragments) + "}}")
         self._commit(version)
 
+    # -- durability -------------------------------------------------------------
+
     def _commit(self, version: int) -> None:
         """Make every change up to `version` durable; one append and fdatasync serves all waiting writers."""
-        if not self.path:
+        if not self.files:
             return
         with self._commit_lock:
             if self._durable >= version:
                 return  # a concurrent writer's commit carried this change too
             try:
-                if self._needs_fold or self._journal_bytes > max(self._snapshot_bytes, 65536):
+                if self._needs_fold or self.files.journal_bytes > max(self.files.snapshot_bytes, 65536):
                     version = self._fold_locked()  # the new snapshot holds these changes too
                 else:
                     with self._lock:
                         version, lines, self._pending = self._version, self._pending, []
-                    self._append(("\n".join(lines) + "\n").encode())
+                    self.files.append(("\n".join(lines) + "\n").encode())
+                    self._count("append")
             except OSError as e:
                 self._needs_fold = True  # memory holds every change: the next commit writes them all
                 first = self.write_error is None
@@ -1305,90 +1406,24 @@ class FileStore(ThreadStore):
                 log_event(logging.INFO, "thread store written again", file=self.path)
             self.write_error = None
 
-    def _append(self, data: bytes) -> None:
-        assert self.journal_path
-        if self._journal_fd is None:
-            self._journal_fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            self._fsync_directory()  # the journal's own name must survive a crash too
-        with memoryview(data) as view:  # a short write (a full disk) must not leave a torn line behind
-            written = 0
-            while written < len(view):
-                count = os.write(self._journal_fd, view[written:])
-                if count <= 0:
-                    raise OSError("the journal write made no progress")
-                written += count
-        os.fdatasync(self._journal_fd)
-        self._journal_bytes += len(data)
-        self._count("append")
-
     def _fold(self) -> None:
         """Fold the journal into a new snapshot now (start-up, clean stop)."""
-        if not self.path:
+        if not self.files:
             return
         with self._commit_lock:
             self._durable = max(self._durable, self._fold_locked())
             self._needs_fold = False
 
     def _fold_locked(self) -> int:
-        """Snapshot everything in memory, then empty the journal (caller holds _commit_lock).
-
-        Returns the version the snapshot holds."""
+        """Snapshot everything in memory (caller holds _commit_lock); returns the version it holds."""
+        assert self.files
         with self._lock:
             version = self._version
             fragments = list(self._fragments.values())  # references only: the text is written piece by piece
             self._pending = []  # all in the snapshot
-        self._snapshot_bytes = self._write_snapshot(fragments)
-        # After the rename: a crash before this truncation only replays changes the snapshot already has.
-        if self._journal_fd is not None:
-            os.ftruncate(self._journal_fd, 0)
-            os.fsync(self._journal_fd)
-        elif os.path.exists(self.journal_path or ""):
-            os.truncate(self.journal_path or "", 0)
-        self._journal_bytes = 0
+        self.files.replace(fragments)
         self._count("write")
         return version
-
-    def _write_snapshot(self, fragments: List[str]) -> int:
-        """Temporary file in the same directory, fsync, rename, fsync the directory; returns its size.
-
-        Written fragment by fragment, so that folding a large store never holds a second copy of it."""
-        assert self.path
-        directory = os.path.dirname(self.path) or "."
-        fd, temp_path = tempfile.mkstemp(prefix=self._temp_prefix(), dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-                f.write('{"version":1,"threads":{')
-                for i, fragment in enumerate(fragments):
-                    if i:
-                        f.write(",")
-                    f.write(fragment)
-                f.write("}}\n")
-                f.flush()
-                os.fsync(f.fileno())
-                size = os.fstat(f.fileno()).st_size
-            os.replace(temp_path, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp_path)
-            raise
-        self._fsync_directory()
-        return size
-
-    def _fsync_directory(self) -> None:
-        dir_fd = os.open(os.path.dirname(self.path or "") or ".", os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-    @classmethod
-    def read(cls, path: str) -> Dict[str, Dict[str, Any]]:
-        """The threads a restart would find at path (snapshot plus journal), without writing anything."""
-        store = cls(None, Metrics())
-        store.path, store.journal_path, store._read_only = path, f"{path}.journal", True
-        store._load()
-        store._replay_journal()
-        return store.items()
 
     def flush(self) -> None:
         """Make every change durable now (after a failed write: retry it); raises StoreError if it cannot."""
@@ -1396,6 +1431,8 @@ class FileStore(ThreadStore):
             version = self._version
         if version > self._durable:
             self._commit(version)
+
+    # -- the rest of the interface ----------------------------------------------
 
     def items(self) -> Dict[str, Dict[str, Any]]:
         with self._lock:
@@ -1446,22 +1483,20 @@ class FileStore(ThreadStore):
         return status
 
     def stats(self) -> Dict[str, Any]:
-        if not self.path:
+        if not self.files:
             return {"file": None}
-        return {"file": self.path, "file_bytes": self._snapshot_bytes, "journal_bytes": self._journal_bytes}
+        return {"file": self.path, "file_bytes": self.files.snapshot_bytes, "journal_bytes": self.files.journal_bytes}
 
     def close(self) -> None:
         """Fold the journal, so that a stopped service leaves everything in threads.json."""
-        if not self.path:
+        if not self.files:
             return
         try:
             self._fold()
         except OSError as e:
             log_event(logging.ERROR, "cannot write thread store at stop; the journal keeps the changes",
                       file=self.path, error=e.strerror or str(e))
-        if self._journal_fd is not None:
-            os.close(self._journal_fd)
-            self._journal_fd = None
+        self.files.close()
 
 
 RELEASE_LOCK_LUA = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
@@ -1528,10 +1563,145 @@ return redis.call('zcard', KEYS[1])
 """
 
 
+class RedisConnection:
+    """One redis-py client that fails fast, and the outage it is in: one log line when it starts."""
+
+    def __init__(self, url: str, timeout: float, count: Callable[[str, bool], None],
+                 recovered: Callable[[float], None]) -> None:
+        try:
+            import redis  # imported here: only this store needs the package
+        except ImportError:
+            raise ConfigError("THREAD_STORE=redis needs the Python redis package: "
+                              "apt install python3-redis (Debian/Ubuntu) or pip install redis") from None
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+        self.errors: Tuple[type, ...] = (redis.exceptions.RedisError, OSError)
+        self.url = url
+        self._count = count
+        self._recovered = recovered
+        # No client-side retries: an outage must fail fast so alerts go out without threading
+        # (newer redis-py retries three times with backoff by default).
+        timeouts = {"socket_timeout": timeout}
+        if not url.startswith("unix:"):  # a unix socket connects at once; redis-py 4.3 refuses this there
+            timeouts["socket_connect_timeout"] = timeout
+        self.client = redis.Redis.from_url(url, decode_responses=True, retry=Retry(NoBackoff(), 0), **timeouts)
+        self._lock = threading.Lock()
+        self._down_since: Optional[float] = None
+        self._next_probe = 0.0
+        self.last_error: Optional[str] = None
+
+    @property
+    def connected(self) -> bool:
+        return self._down_since is None
+
+    def script(self, source: str) -> Any:
+        return self.client.register_script(source)
+
+    def run(self, op: str, action: Callable[[], Any]) -> Any:
+        """Run one Redis operation; raise StoreError (and remember the outage) when Redis is unreachable."""
+        if self._down_since is not None and time.monotonic() < self._next_probe:
+            raise StoreError("redis unreachable")
+        try:
+            result = action()
+        except self.errors as e:
+            self._count(op, True)
+            self.went_down(e)
+            raise StoreError("redis unreachable") from None
+        self._count(op, False)
+        with self._lock:
+            outage, self._down_since = (time.monotonic() - self._down_since if self._down_since else None), None
+        if outage is not None:
+            self._recovered(outage)
+        return result
+
+    def went_down(self, e: BaseException) -> None:
+        with self._lock:
+            first = self._down_since is None
+            if first:
+                self._down_since = time.monotonic()
+            self._next_probe = time.monotonic() + 1.0
+            self.last_error = type(e).__name__
+        if first:
+            log_event(logging.ERROR, "redis unreachable; alerts are still posted, threads kept in memory until it "
+                      "returns", redis=redact_url(self.url), error=type(e).__name__)
+
+    def probe(self) -> Optional[str]:
+        """Why Redis cannot be used now (None if it answers), without the outage bookkeeping."""
+        try:
+            self.client.ping()
+        except self.errors as e:
+            return f"{type(e).__name__}: {truncate(str(e), 200)}"
+        return None
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.close()
+
+
+class RedisLeases:
+    """Keys held across replicas: a lease each (SET NX PX), renewed while held, released only by its holder."""
+
+    def __init__(self, redis: RedisConnection, prefix: str, lease: float, timeout: float) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.lease = lease
+        self.timeout = timeout
+        self._release = redis.script(RELEASE_LOCK_LUA)
+        self._renew = redis.script(RENEW_LEASES_LUA)
+        self._held = threading.local()
+
+    def held(self) -> Dict[str, str]:
+        """The leases this worker holds: lease key -> its token."""
+        return getattr(self._held, "tokens", {})
+
+    def _lease_key(self, key: str) -> str:
+        return f"{self.prefix}-lock:{key}"  # outside PREFIX:* so KEYS PREFIX:* lists threads only
+
+    @contextlib.contextmanager
+    def hold(self, keys: Sequence[str]) -> Iterator[None]:
+        tokens: Dict[str, str] = {}
+        outer = self.held()  # held by an enclosing hold()
+        deadline = time.monotonic() + self.timeout
+        try:
+            for key in sorted(set(keys)):
+                lease_key, token = self._lease_key(key), os.urandom(12).hex()
+                while True:
+                    try:
+                        if self.redis.run("lock", lambda: self.redis.client.set(lease_key, token, nx=True,
+                                                                                 px=int(self.lease * 1000))):
+                            tokens[lease_key] = token
+                            break
+                    except StoreError:
+                        break  # Redis is down: this process's own lock is all there is
+                    if time.monotonic() > deadline:
+                        raise StoreError(f"timed out waiting for another replica on thread {key!r}")
+                    time.sleep(0.01)
+            self._held.tokens = {**outer, **tokens}
+            yield
+        finally:
+            self._held.tokens = outer
+            for lease_key, token in tokens.items():
+                with contextlib.suppress(StoreError):
+                    self.redis.run("unlock", lambda: self._release(keys=[lease_key], args=[token]))
+
+    def renew(self) -> None:
+        held = self.held()
+        if not held:
+            return
+        try:
+            kept = self.redis.run("renew", lambda: self._renew(keys=list(held),
+                                                                args=[int(self.lease * 1000), *held.values()]))
+        except StoreError:
+            return  # Redis is down: this process's own locks are all there is
+        if kept < len(held):
+            raise LeaseLost("another replica took over a thread this one was working on (its lease ran out); "
+                            "Alertmanager's retry carries on from that replica's state")
+
+
 class RedisStore(ThreadStore):
     """Records as JSON strings under PREFIX:KEY, shared by every replica.
 
-    Work on a key is serialised across processes by a lease (SET NX PX) that
+    Work on a key is serialised across processes by a lease (RedisLeases) that
     expires if its holder dies. The holder renews it before each Slack call and
     while it waits, and writes only while it still holds it (one Lua script
     checks and writes), so a replica that lost a key never writes over the
@@ -1547,94 +1717,20 @@ class RedisStore(ThreadStore):
     def __init__(self, url: str, prefix: str, metrics: Metrics, retention: float = 86400.0,
                  lock_timeout: float = 60.0, lease: float = 60.0, timeout: float = 1.0) -> None:
         super().__init__(metrics, lock_timeout)
-        try:
-            import redis  # imported here: only this store needs the package
-        except ImportError:
-            raise ConfigError("THREAD_STORE=redis needs the Python redis package: "
-                              "apt install python3-redis (Debian/Ubuntu) or pip install redis") from None
-        self._errors: Tuple[type, ...] = (redis.exceptions.RedisError, OSError)
+        self.redis = RedisConnection(url, timeout, lambda op, error: self._count(op, error), self._recover)
         self.url = url
         self.prefix = prefix
         self.retention = retention
-        self.lease = lease
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-        # No client-side retries: an outage must fail fast so alerts go out without threading
-        # (newer redis-py retries three times with backoff by default).
-        timeouts = {"socket_timeout": timeout}
-        if not url.startswith("unix:"):  # a unix socket connects at once; redis-py 4.3 refuses this there
-            timeouts["socket_connect_timeout"] = timeout
-        self._client = redis.Redis.from_url(url, decode_responses=True, retry=Retry(NoBackoff(), 0), **timeouts)
-        self._release_lock = self._client.register_script(RELEASE_LOCK_LUA)
-        self._renew_leases = self._client.register_script(RENEW_LEASES_LUA)
-        self._guarded_write = self._client.register_script(GUARDED_WRITE_LUA)
-        self._reserve_turn = self._client.register_script(RESERVE_TURN_LUA)
-        self._hold_off = self._client.register_script(HOLD_OFF_LUA)
-        self._count_recent = self._client.register_script(COUNT_RECENT_LUA)
+        self.leases = RedisLeases(self.redis, prefix, lease, lock_timeout)
+        self._guarded_write = self.redis.script(GUARDED_WRITE_LUA)
+        self._reserve_turn = self.redis.script(RESERVE_TURN_LUA)
+        self._hold_off = self.redis.script(HOLD_OFF_LUA)
+        self._count_recent = self.redis.script(COUNT_RECENT_LUA)
         self._lock = threading.Lock()
         self._fallback: Dict[str, Dict[str, Any]] = {}
-        self._down_since: Optional[float] = None
-        self._next_probe = 0.0
-        self._held = threading.local()
-        self.last_error: Optional[str] = None
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}:{key}"
-
-    def _lock_key(self, key: str) -> str:
-        return f"{self.prefix}-lock:{key}"  # outside PREFIX:* so KEYS PREFIX:* lists threads only
-
-    # -- outage handling ----------------------------------------------------
-
-    @property
-    def connected(self) -> bool:
-        return self._down_since is None
-
-    def _run(self, op: str, action: Callable[[], Any]) -> Any:
-        """Run one Redis operation; raise StoreError (and remember the outage) when Redis is unreachable."""
-        if self._down_since is not None and time.monotonic() < self._next_probe:
-            raise StoreError("redis unreachable")
-        try:
-            result = action()
-        except self._errors as e:
-            self._count(op, error=True)
-            with self._lock:
-                first = self._down_since is None
-                if first:
-                    self._down_since = time.monotonic()
-                self._next_probe = time.monotonic() + 1.0
-                self.last_error = type(e).__name__
-            if first:
-                log_event(logging.ERROR, "redis unreachable; alerts are still posted, threads kept in memory until it returns",
-                          redis=redact_url(self.url), error=type(e).__name__)
-            raise StoreError("redis unreachable") from None
-        self._count(op)
-        if self._down_since is not None:
-            self._recover()
-        return result
-
-    def _recover(self) -> None:
-        with self._lock:
-            if self._down_since is None:
-                return
-            pending, self._fallback = self._fallback, {}
-            outage = time.monotonic() - self._down_since
-            self._down_since = None
-        written = 0
-        try:
-            for key, record in pending.items():
-                current = self._client.get(self._key(key))
-                if current is None or json.loads(current).get("updated", 0) <= record.get("updated", 0):
-                    self._set(self._client, key, record)
-                    written += 1
-        except self._errors as e:
-            with self._lock:
-                self._fallback.update({k: v for k, v in pending.items() if k not in self._fallback})
-                self._down_since = time.monotonic()
-                self._next_probe = time.monotonic() + 1.0
-                self.last_error = type(e).__name__
-            return
-        log_event(logging.INFO, "redis reachable again", outage=format_duration(outage), threads_written_back=written)
 
     def _expiry(self, record: Dict[str, Any]) -> int:
         """Seconds a record lives: closed threads for the retention, open ones for ever (0)."""
@@ -1647,14 +1743,32 @@ class RedisStore(ThreadStore):
         else:
             client.set(self._key(key), compact_json(record))  # a plain SET also clears an earlier expiry
 
-    # -- the store interface ------------------------------------------------
+    def _recover(self, outage: float) -> None:
+        """Redis is back: write back what was kept in memory meanwhile (unless a replica wrote newer)."""
+        with self._lock:
+            pending, self._fallback = self._fallback, {}
+        client, written = self.redis.client, 0
+        try:
+            for key, record in pending.items():
+                current = client.get(self._key(key))
+                if current is None or json.loads(current).get("updated", 0) <= record.get("updated", 0):
+                    self._set(client, key, record)
+                    written += 1
+        except self.redis.errors as e:
+            with self._lock:
+                self._fallback.update({k: v for k, v in pending.items() if k not in self._fallback})
+            self.redis.went_down(e)
+            return
+        log_event(logging.INFO, "redis reachable again", outage=format_duration(outage), threads_written_back=written)
+
+    # -- records ----------------------------------------------------------------
 
     def get_many(self, keys: Sequence[str]) -> Dict[str, Dict[str, Any]]:
         keys = list(keys)
         if not keys:
             return {}
         try:
-            values = self._run("get", lambda: self._client.mget([self._key(k) for k in keys]))
+            values = self.redis.run("get", lambda: self.redis.client.mget([self._key(k) for k in keys]))
         except StoreError:
             with self._lock:
                 return {k: json.loads(json.dumps(self._fallback[k])) for k in keys if k in self._fallback}
@@ -1670,21 +1784,21 @@ class RedisStore(ThreadStore):
         return found
 
     def put_many(self, records: Dict[str, Dict[str, Any]]) -> None:
-        held: Dict[str, str] = getattr(self._held, "tokens", {})
+        held = self.leases.held()
 
         def write() -> int:
             if not held:
-                pipe = self._client.pipeline(transaction=False)
+                pipe = self.redis.client.pipeline(transaction=False)
                 for key, record in records.items():
                     self._set(pipe, key, record)
                 pipe.execute()
                 return 1
-            args: List[Any] = [len(held), int(self.lease * 1000), *held.values()]
+            args: List[Any] = [len(held), int(self.leases.lease * 1000), *held.values()]
             for record in records.values():
                 args += [compact_json(record), self._expiry(record)]
             return self._guarded_write(keys=[*held, *(self._key(k) for k in records)], args=args)
         try:
-            written = self._run("put", write)
+            written = self.redis.run("put", write)
         except StoreError:
             with self._lock:
                 self._fallback.update(json.loads(json.dumps(records)))
@@ -1693,22 +1807,57 @@ class RedisStore(ThreadStore):
             raise LeaseLost(f"another replica took over {truncate(', '.join(records), 200)} (this one's lease "
                             "ran out); nothing was written, and Alertmanager's retry carries on from its state")
 
+    @contextlib.contextmanager
+    def locked(self, keys: Sequence[str]) -> Iterator[None]:
+        with self._key_locks.hold(keys, self.lock_timeout), self.leases.hold(keys):
+            yield
+
     def renew(self) -> None:
-        held: Dict[str, str] = getattr(self._held, "tokens", {})
-        if not held:
-            return
+        self.leases.renew()
+
+    def _scan(self) -> List[str]:
+        return list(self.redis.client.scan_iter(match=self._key("*"), count=1000))
+
+    def items(self) -> Dict[str, Dict[str, Any]]:
+        def read() -> Dict[str, Dict[str, Any]]:
+            names, found, strip = self._scan(), {}, len(self.prefix) + 1
+            for part in chunks(names, 500):
+                for name, value in zip(part, self.redis.client.mget(part)):
+                    with contextlib.suppress(ValueError, TypeError):
+                        found[name[strip:]] = json.loads(value)
+            return found
         try:
-            kept = self._run("renew", lambda: self._renew_leases(keys=list(held),
-                                                                  args=[int(self.lease * 1000), *held.values()]))
+            return self.redis.run("scan", read)
         except StoreError:
-            return  # Redis is down: this process's own locks are all there is
-        if kept < len(held):
-            raise LeaseLost("another replica took over a thread this one was working on (its lease ran out); "
-                            "Alertmanager's retry carries on from that replica's state")
+            with self._lock:
+                return json.loads(json.dumps(self._fallback))
+
+    def count(self) -> int:
+        try:
+            return self.redis.run("scan", lambda: len(self._scan()))
+        except StoreError:
+            with self._lock:
+                return len(self._fallback)
+
+    def clear(self) -> int:
+        def delete_all() -> int:
+            names = self._scan()
+            for part in chunks(names, 500):
+                self.redis.client.delete(*part)
+            return len(names)
+        with self._lock:
+            dropped = len(self._fallback)
+            self._fallback.clear()
+        try:
+            return self.redis.run("clear", delete_all) + dropped
+        except StoreError:
+            return dropped
+
+    # -- what replicas share besides records --------------------------------------
 
     def reserve(self, bucket: str, interval: float, burst: int, max_wait: float) -> Optional[float]:
         try:
-            wait = self._run("turn", lambda: self._reserve_turn(
+            wait = self.redis.run("turn", lambda: self._reserve_turn(
                 keys=[f"{self.prefix}-turn:{bucket}"], args=[int(interval * 1000), burst, int(max_wait * 1000)]))
         except StoreError:
             return super().reserve(bucket, interval, burst, max_wait)
@@ -1717,114 +1866,40 @@ class RedisStore(ThreadStore):
     def hold_off(self, bucket: str, seconds: float, interval: float, burst: int) -> None:
         super().hold_off(bucket, seconds, interval, burst)
         with contextlib.suppress(StoreError):
-            self._run("turn", lambda: self._hold_off(keys=[f"{self.prefix}-turn:{bucket}"],
-                                                     args=[int(seconds * 1000), int(interval * 1000), burst]))
+            self.redis.run("turn", lambda: self._hold_off(keys=[f"{self.prefix}-turn:{bucket}"],
+                                                          args=[int(seconds * 1000), int(interval * 1000), burst]))
 
     def count_recent(self, name: str, members: Sequence[str], window: float, cap: int) -> int:
         try:
-            return self._run("count", lambda: self._count_recent(keys=[f"{self.prefix}-count:{name}"],
-                                                                 args=[int(window * 1000), cap, *members]))
+            return self.redis.run("count", lambda: self._count_recent(keys=[f"{self.prefix}-count:{name}"],
+                                                                      args=[int(window * 1000), cap, *members]))
         except StoreError:
             return super().count_recent(name, members, window, cap)
 
-    @contextlib.contextmanager
-    def locked(self, keys: Sequence[str]) -> Iterator[None]:
-        with self._key_locks.hold(keys, self.lock_timeout):
-            tokens: Dict[str, str] = {}
-            outer: Dict[str, str] = getattr(self._held, "tokens", {})  # held by an enclosing locked()
-            deadline = time.monotonic() + self.lock_timeout
-            try:
-                for key in sorted(set(keys)):
-                    lock_key, token = self._lock_key(key), os.urandom(12).hex()
-                    while True:
-                        try:
-                            if self._run("lock", lambda: self._client.set(lock_key, token, nx=True,
-                                                                          px=int(self.lease * 1000))):
-                                tokens[lock_key] = token
-                                break
-                        except StoreError:
-                            break  # Redis is down: this process's own lock is all we have
-                        if time.monotonic() > deadline:
-                            raise StoreError(f"timed out waiting for another replica on thread {key!r}")
-                        time.sleep(0.01)
-                self._held.tokens = {**outer, **tokens}
-                yield
-            finally:
-                self._held.tokens = outer
-                for lock_key, token in tokens.items():
-                    with contextlib.suppress(StoreError):
-                        self._run("unlock", lambda: self._release_lock(keys=[lock_key], args=[token]))
-
-    def _scan(self) -> List[str]:
-        return list(self._client.scan_iter(match=self._key("*"), count=1000))
-
-    def items(self) -> Dict[str, Dict[str, Any]]:
-        def read() -> Dict[str, Dict[str, Any]]:
-            names = self._scan()
-            found = {}
-            strip = len(self.prefix) + 1
-            for i in range(0, len(names), 500):
-                chunk = names[i:i + 500]
-                for name, value in zip(chunk, self._client.mget(chunk)):
-                    with contextlib.suppress(ValueError, TypeError):
-                        found[name[strip:]] = json.loads(value)
-            return found
-        try:
-            return self._run("scan", read)
-        except StoreError:
-            with self._lock:
-                return json.loads(json.dumps(self._fallback))
-
-    def count(self) -> int:
-        try:
-            return self._run("scan", lambda: len(self._scan()))
-        except StoreError:
-            with self._lock:
-                return len(self._fallback)
-
-    def clear(self) -> int:
-        def delete_all() -> int:
-            names = self._scan()
-            for i in range(0, len(names), 500):
-                self._client.delete(*names[i:i + 500])
-            return len(names)
-        with self._lock:
-            dropped = len(self._fallback)
-            self._fallback.clear()
-        try:
-            return self._run("clear", delete_all) + dropped
-        except StoreError:
-            return dropped
+    # -- health ---------------------------------------------------------------------
 
     def probe(self) -> Optional[str]:
-        """Why Redis cannot be used now (None if it answers), without the outage bookkeeping."""
-        try:
-            self._client.ping()
-        except self._errors as e:
-            return f"{type(e).__name__}: {truncate(str(e), 200)}"
-        return None
+        return self.redis.probe()
 
     def health(self) -> Dict[str, Any]:
-        try:
-            self._run("ping", self._client.ping)
-        except StoreError:
-            pass
-        status: Dict[str, Any] = {"ok": self.connected, "redis_status": "connected" if self.connected else "disconnected"}
-        if not self.connected:
-            status["store_error"] = f"redis unreachable ({self.last_error})"
+        with contextlib.suppress(StoreError):
+            self.redis.run("ping", self.redis.client.ping)
+        connected = self.redis.connected
+        status: Dict[str, Any] = {"ok": connected, "redis_status": "connected" if connected else "disconnected"}
+        if not connected:
+            status["store_error"] = f"redis unreachable ({self.redis.last_error})"
         return status
 
     def stats(self) -> Dict[str, Any]:
         try:
-            info = self._run("info", self._client.info)
+            info = self.redis.run("info", self.redis.client.info)
         except StoreError:
             return {"redis": {"status": "disconnected"}}
         fields = ("connected_clients", "used_memory_human", "keyspace_hits", "keyspace_misses")
         return {"redis": {name: info.get(name) for name in fields}}
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._client.close()
+        self.redis.close()
 
 
 # ---------------------------------------------------------------------------
@@ -2503,11 +2578,6 @@ def usable(record: Optional[Dict[str, Any]], channel: str) -> Optional[Dict[str,
     if record is None or record.get("channel", channel) != channel:
         return None
     return record
-
-
-def chunks(items: List[Any], size: int) -> Iterator[List[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
 
 
 @dataclasses.dataclass(eq=False)

@@ -790,10 +790,10 @@ def test_short_and_failed_journal_writes_never_leave_a_torn_line(tmp_path, monke
     real_write, mode = os.write, {"short": True, "fail": False}
 
     def disk_nearly_full(fd: int, data: Any) -> int:
-        if fd == store._journal_fd and mode["fail"]:
+        if fd == store.files._journal_fd and mode["fail"]:
             real_write(fd, bytes(data[:10]))
             raise OSError(errno.ENOSPC, "No space left on device")
-        if fd == store._journal_fd and mode["short"]:
+        if fd == store.files._journal_fd and mode["short"]:
             return real_write(fd, bytes(data[:7]))  # the kernel may take only part of a write
         return real_write(fd, data)
 
@@ -823,7 +823,7 @@ def test_a_failed_state_write_answers_503_until_the_disk_recovers(start, slack, 
         raise OSError(error, os.strerror(error))
 
     def broken_write(fd: int, data: Any) -> int:
-        if fd == svc.service.store._journal_fd:
+        if fd == svc.service.store.files._journal_fd:
             raise OSError(error, os.strerror(error))
         return real_write(fd, data)
 
@@ -2343,7 +2343,7 @@ def test_store_contract_closed_threads_expire_open_ones_do_not(store, redis_serv
         assert set(s.items()) == {"open", "closed-new"}
         assert set(at.FileStore.read(s.path)) == {"open", "closed-new"}
     else:
-        client = s._client
+        client = s.redis.client
         assert client.ttl("threader:ts:open") == -1
         assert 3500 < client.ttl("threader:ts:closed-new") <= 3600
         s.put("closed-new", record("2.2"))  # reopened: the expiry goes away
