@@ -16,7 +16,8 @@ payloads it would post and shows them on GET /preview.
 Every setting is an environment variable, mirrored by a flag that wins:
 SLACK_BOT_TOKEN(_FILE), SLACK_CHANNEL, SLACK_CHANNELS, ENVIRONMENT,
 THREAD_STORE (file|redis), THREAD_STORE_FILE, REDIS_URL, REDIS_KEY_PREFIX,
-HOST, PORT, SLACK_API_URL, WEBHOOK_TOKEN(_FILE), REOPEN_WINDOW,
+HOST, PORT, SLACK_API_URL, WEBHOOK_TOKEN(_FILE), REOPEN_WINDOW, THREAD_KEY_LABELS,
+THREAD_BY, MESSAGE_FIELDS, HIDDEN_LABELS, TITLE_TEMPLATE, TEXT_TEMPLATE, TIME_ZONE, MENTIONS, BROADCAST,
 STORM_THRESHOLD, STORM_WINDOW, THREAD_RETENTION, SLACK_TIMEOUT, SLACK_RETRY_BUDGET,
 SLACK_PACE,
 MAX_BODY_BYTES, MAX_CONNECTIONS, CLIENT_TIMEOUT, SHUTDOWN_TIMEOUT, ALERTMANAGER_URL,
@@ -48,7 +49,9 @@ import sys
 import tempfile
 import threading
 import time
+import unicodedata
 import urllib.parse
+import zoneinfo
 from collections import OrderedDict, deque
 from datetime import datetime, timezone
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -104,28 +107,81 @@ def escape_mrkdwn(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def truncate(text: str, limit: int) -> str:
-    """At most `limit` characters, ending in an ellipsis when cut."""
-    if len(text) <= limit:
+# Characters that show nothing or turn the text around: C0 controls but tab and newline, DEL, C1
+# controls, and the bidirectional overrides and isolates (a label written "gnp.exe" backwards).
+UNSEEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def clean_text(text: str) -> str:
+    """Alert text as it is shown: without control characters and bidi overrides."""
+    return UNSEEN.sub("", text)
+
+
+def utf16_units(text: str) -> int:
+    """Length as Slack counts it: in UTF-16 code units (an emoji beyond the BMP is two)."""
+    return len(text) + sum(1 for c in text if ord(c) > 0xFFFF)
+
+
+def _joins_previous(c: str) -> bool:
+    """Is c part of the character before it, as readers see it (a mark, a modifier, a joiner)?"""
+    return (unicodedata.category(c) in ("Mn", "Me", "Mc") or c == "\u200d" or "\ufe00" <= c <= "\ufe0f"
+            or "\U0001f3fb" <= c <= "\U0001f3ff" or "\U000e0020" <= c <= "\U000e007f"
+            or "\U000e0100" <= c <= "\U000e01ef" or "\u1160" <= c <= "\u11ff" or "\ud7b0" <= c <= "\ud7ff")
+
+
+def _regional(c: str) -> bool:
+    return "\U0001f1e6" <= c <= "\U0001f1ff"  # two of these make a flag
+
+
+def grapheme_boundary(text: str, i: int) -> int:
+    """The largest cut at or before i that splits no character as readers see it.
+
+    Keeps together combining marks, emoji modifiers, variation selectors, tag
+    sequences, whatever a zero-width joiner joins, Hangul syllables written in
+    jamo, and the two halves of a flag."""
+    while 0 < i < len(text):
+        if _joins_previous(text[i]) or text[i - 1] == "\u200d":
+            i -= 1
+        elif _regional(text[i]) and _regional(text[i - 1]):
+            run = 0
+            while run < i and _regional(text[i - 1 - run]):
+                run += 1
+            if run % 2 == 0:
+                break  # text[i] starts a new flag
+            i -= 1
+        else:
+            break
+    return i
+
+
+def truncate(text: str, limit: int, utf16: bool = False) -> str:
+    """At most `limit` characters (or UTF-16 units), ending in an ellipsis when cut, whole characters only."""
+    if (utf16_units(text) if utf16 else len(text)) <= limit:
         return text
-    return text[: limit - 1] + ELLIPSIS
+    cut, used = 0, 0
+    for c in text:
+        used += 2 if utf16 and ord(c) > 0xFFFF else 1
+        if used > limit - 1:
+            break
+        cut += 1
+    return text[:grapheme_boundary(text, cut)] + ELLIPSIS
 
 
 def clip_escaped(escaped: str, limit: int) -> str:
-    """Already-escaped mrkdwn within `limit` characters, never cutting an entity like &amp; in half."""
+    """Already-escaped mrkdwn within `limit` characters, never cutting an entity like &amp; or a character in half."""
     if len(escaped) <= limit:
         return escaped
-    cut = escaped[: limit - 1]
-    amp = cut.rfind("&", max(0, len(cut) - 4))
-    if amp != -1 and ";" not in cut[amp:]:
-        cut = cut[:amp]
-    return cut + ELLIPSIS
+    cut = grapheme_boundary(escaped, limit - 1)
+    amp = escaped.rfind("&", max(0, cut - 4), cut)
+    if amp != -1 and ";" not in escaped[amp:cut]:
+        cut = amp
+    return escaped[:cut] + ELLIPSIS
 
 
 def mrkdwn(text: str, limit: int) -> str:
-    """An alert-supplied value as escaped mrkdwn within `limit` characters."""
-    # Escaping only lengthens, so the first limit+1 characters decide the result.
-    return clip_escaped(escape_mrkdwn(text[: limit + 1]), limit)
+    """An alert-supplied value as escaped mrkdwn within `limit` characters, its unseen characters removed."""
+    # Escaping only lengthens, so the first limit+1 characters that are shown decide the result.
+    return clip_escaped(escape_mrkdwn(clean_text(text[: 4 * limit + 4])[: limit + 1]), limit)
 
 
 def is_http_url(url: Any, max_length: int = 3000) -> bool:
@@ -162,16 +218,21 @@ def parse_time(text: str) -> Optional[float]:
     return min(epoch, LAST_EPOCH)
 
 
-def format_time(epoch: Optional[float]) -> str:
+def format_time(epoch: Optional[float], zone: Any = timezone.utc) -> str:
+    """2024-01-15 14:30:25 UTC, in the given time zone (UTC where that zone cannot write the moment)."""
     if epoch is None:
         return "unknown"
     moment = datetime.fromtimestamp(max(FIRST_EPOCH, min(epoch, LAST_EPOCH)), timezone.utc)
-    return f"{moment.year:04d}-{moment:%m-%d %H:%M:%S} UTC"
+    with contextlib.suppress(OverflowError, ValueError):
+        moment = moment.astimezone(zone)
+    return f"{moment.year:04d}-{moment:%m-%d %H:%M:%S} {moment.tzname()}"
 
 
 def format_duration(seconds: float) -> str:
-    """A short human duration: 45s, 15m 5s, 3h 2m, 2d 4h."""
-    seconds = max(0, int(round(seconds)))
+    """A short human duration: 45s, 15m 5s, 3h 2m, 2d 4h; a negative one keeps its sign."""
+    if seconds < 0:
+        return "-" + format_duration(-seconds)
+    seconds = int(round(seconds))
     days, rest = divmod(seconds, 86400)
     hours, rest = divmod(rest, 3600)
     minutes, secs = divmod(rest, 60)
@@ -218,6 +279,9 @@ class Alert:
     generator_url: str
     fingerprint: str
     labels_whole: bool = True  # False for a stored first alert whose labels were clipped
+    grafana: bool = False  # sent by Grafana alerting: its silences are Grafana's, not Alertmanager's
+    links: Dict[str, str] = dataclasses.field(default_factory=dict)  # Grafana's: silence, dashboard, panel, image
+    value: str = ""  # Grafana's values (or valueString), as shown
 
     @property
     def alertname(self) -> str:
@@ -234,10 +298,6 @@ class Alert:
                 return self.annotations[name].strip()
         return self.alertname or "Alert"
 
-    def thread_key(self, environment: str) -> str:
-        """The seed's key: alertname|severity|service|cluster|ENVIRONMENT."""
-        return bounded_key("|".join([self.labels.get(name, "") for name in KEY_LABELS] + [environment]))
-
 
 @dataclasses.dataclass
 class Webhook:
@@ -246,6 +306,169 @@ class Webhook:
     external_url: str
     receiver: str
     alerts: List[Alert]
+    group_labels: Dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+class Template:
+    """A message template: text with placeholders that take a value from the alert, nothing more.
+
+    {{ labels.NAME }}, {{ annotations.NAME }} and {{ environment }} are
+    replaced by that value; {{ a | b | "text" }} by the first that is not
+    empty. A missing value renders empty. No code runs and no attribute can be
+    reached: a placeholder is one of these names, or it is refused at start.
+    """
+
+    PLACEHOLDER = re.compile(r"\{\{(.*?)\}\}", re.S)
+    CHOICE = re.compile(r'\s*(?:"([^"{}]*)"|(labels|annotations)\.([A-Za-z_][A-Za-z0-9_]*)|(environment))\s*(\||$)')
+
+    def __init__(self, setting: str, text: str) -> None:
+        self.text = text
+        self.parts: List[Any] = []  # literal strings and lists of choices
+        position = 0
+        for match in self.PLACEHOLDER.finditer(text):
+            self.parts.append(self._literal(setting, text[position:match.start()]))
+            self.parts.append(self._choices(setting, match.group(1)))
+            position = match.end()
+        self.parts.append(self._literal(setting, text[position:]))
+
+    @staticmethod
+    def _literal(setting: str, text: str) -> str:
+        if "{{" in text or "}}" in text:
+            raise ConfigError(f"{setting}: unbalanced {{{{ or }}}} in {truncate(text, 60)!r}")
+        return text
+
+    def _choices(self, setting: str, inside: str) -> List[Tuple[str, str]]:
+        choices, position = [], 0
+        while position < len(inside):
+            match = self.CHOICE.match(inside, position)
+            if not match or match.end() == position:
+                raise ConfigError(f"{setting}: {{{{{truncate(inside.strip(), 60)}}}}} is not a placeholder "
+                                  '(use labels.NAME, annotations.NAME, environment or "text", joined by |)')
+            literal, kind, name, environment, _ = match.groups()
+            choices.append(("text", literal) if literal is not None else
+                           ("environment", "") if environment else (kind, name))
+            position = match.end()
+        if not choices:
+            raise ConfigError(f"{setting}: an empty {{{{ }}}}")
+        return choices
+
+    def render(self, alert: "Alert", environment: str) -> str:
+        out = []
+        for part in self.parts:
+            if isinstance(part, str):
+                out.append(part)
+                continue
+            for kind, name in part:
+                value = (name if kind == "text" else environment if kind == "environment"
+                         else (alert.labels if kind == "labels" else alert.annotations).get(name, ""))
+                if value.strip():
+                    out.append(value.strip())
+                    break
+        return "".join(out)
+
+
+DEFAULT_TITLE = '{{ annotations.summary | annotations.message | annotations.title | labels.alertname | "Alert" }}'
+DEFAULT_TEXT = "{{ annotations.description }}"
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelMatcher:
+    """name=value, name!=value, name=~regex or name!~regex, as Alertmanager's matchers."""
+
+    name: str
+    op: str
+    value: str
+
+    def matches(self, labels: Dict[str, str]) -> bool:
+        value = labels.get(self.name, "")
+        if self.op in ("=", "!="):
+            return (value == self.value) == (self.op == "=")
+        return bool(re.fullmatch(self.value, value)) == (self.op == "=~")
+
+
+MENTION = re.compile(r"<!subteam\^[A-Z0-9]+>|<@[UW][A-Z0-9]+>|<!here>|<!channel>")
+
+
+@dataclasses.dataclass(frozen=True)
+class MentionRule:
+    matchers: Tuple[LabelMatcher, ...]
+    mentions: Tuple[str, ...]
+
+
+def parse_mentions(text: str) -> Tuple[MentionRule, ...]:
+    """MENTIONS: rules 'matcher[,matcher]:mention[ mention]' separated by ';'. Only Slack's mention syntax."""
+    rules = []
+    for rule in (r.strip() for r in text.split(";")):
+        if not rule:
+            continue
+        matchers_text, colon, mentions_text = rule.rpartition(":")
+        if not colon or not matchers_text.strip():
+            raise ConfigError(f"MENTIONS: {truncate(rule, 80)!r} is not matcher:mention "
+                              "(e.g. severity=critical:<!subteam^S0ONCALL>)")
+        mentions = tuple(mentions_text.split())
+        for mention in mentions:
+            if not MENTION.fullmatch(mention):
+                raise ConfigError(f"MENTIONS: {truncate(mention, 60)!r} is not a Slack mention (use <!subteam^ID>, "
+                                  "<@USERID>, <!here> or <!channel>)")
+        if not mentions:
+            raise ConfigError(f"MENTIONS: {truncate(rule, 80)!r} names no one to mention")
+        matchers = []
+        for part in matchers_text.split(","):
+            match = re.fullmatch(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*(.*?)\s*", part)
+            if not match:
+                raise ConfigError(f"MENTIONS: {truncate(part, 60)!r} is not a matcher like severity=critical")
+            name, op, value = match.groups()
+            value = value[1:-1] if len(value) >= 2 and value[0] == value[-1] == '"' else value
+            if op in ("=~", "!~"):
+                try:
+                    re.compile(value)
+                except re.error as e:
+                    raise ConfigError(f"MENTIONS: {truncate(value, 60)!r} is not a regular expression ({e})") from None
+            matchers.append(LabelMatcher(name, op, value))
+        rules.append(MentionRule(tuple(matchers), mentions))
+    return tuple(rules)
+
+
+# The transitions whose thread reply BROADCAST can also send to the channel.
+BROADCASTS = ("new", "refire", "reopen", "resolve", "close")
+# Labels a message does not show as fields unless MESSAGE_FIELDS names them: Prometheus's and the
+# operator's own, and what the header and the context line show already.
+DEFAULT_HIDDEN = ("alertname", "severity", "prometheus", "prometheus_replica", "endpoint", "uid", "job",
+                  "grafana_folder")
+# Where the default fields put the labels Kubernetes and node exporters carry, before the rest.
+LABEL_ORDER = ("namespace", "pod", "container", "node", "deployment", "statefulset", "daemonset", "job_name",
+               "persistentvolumeclaim", "device", "mountpoint", "fstype", "module", "reason")
+
+
+@dataclasses.dataclass(frozen=True)
+class MessageSettings:
+    """What a message shows and how: the settings the message builders take."""
+
+    environment: str = "production"
+    fields: Tuple[str, ...] = ()  # MESSAGE_FIELDS: labels in order; empty: the seed's, then the rest
+    hidden: Tuple[str, ...] = DEFAULT_HIDDEN
+    key_labels: Tuple[str, ...] = KEY_LABELS  # THREAD_KEY_LABELS; the thread key appends ENVIRONMENT
+    thread_by: str = "labels"  # or "group": one thread per Alertmanager group
+    title: Template = dataclasses.field(default_factory=lambda: Template("TITLE_TEMPLATE", DEFAULT_TITLE))
+    text: Template = dataclasses.field(default_factory=lambda: Template("TEXT_TEMPLATE", DEFAULT_TEXT))
+    time_zone: Any = timezone.utc  # a tzinfo
+    mentions: Tuple[MentionRule, ...] = ()
+    broadcast: Tuple[str, ...] = ()
+
+    def thread_key(self, alert: Alert, group_key: str = "") -> str:
+        """The seed's key by default, alertname|severity|service|cluster|ENVIRONMENT (or the group's)."""
+        if self.thread_by == "group" and group_key:
+            return bounded_key(f"group|{group_key}|{self.environment}")
+        return bounded_key("|".join([alert.labels.get(name, "") for name in self.key_labels] + [self.environment]))
+
+    def mentions_for(self, alerts: Iterable[Alert]) -> str:
+        """Who to mention for these alerts: every rule whose matchers all match one of them, once each."""
+        found: List[str] = []
+        for alert in alerts:
+            for rule in self.mentions:
+                if all(m.matches(alert.labels) for m in rule.matchers):
+                    found += [mention for mention in rule.mentions if mention not in found]
+        return " ".join(found)
 
 
 FNV64_OFFSET, FNV64_PRIME = 14695981039346656037, 1099511628211
@@ -298,8 +521,8 @@ def _lone_surrogate_path(value: Any, path: str) -> Optional[str]:
     return None
 
 
-def parse_webhook(body: bytes, content_type: Optional[str] = "application/json") -> Webhook:
-    """Validate an Alertmanager webhook body; BadRequest names the first offending field."""
+def read_document(body: bytes, content_type: Optional[str]) -> Dict[str, Any]:
+    """The body as a JSON object, refused with the reason when it is not valid, plain JSON."""
     if content_type:
         media_type = content_type.split(";", 1)[0].strip().lower()
         if media_type != "application/json" and not media_type.endswith("+json"):
@@ -325,71 +548,97 @@ def parse_webhook(body: bytes, content_type: Optional[str] = "application/json")
         where = _lone_surrogate_path(document, "")
         if where:
             raise BadRequest(f"{truncate(where, 200)} is not valid Unicode (lone surrogate)")
+    return document
 
-    def optional_string(container: Dict[str, Any], name: str, where: str) -> str:
-        value = container.get(name, "")
-        if value is None:
-            return ""
+
+def optional_string(container: Dict[str, Any], name: str, where: str) -> str:
+    value = container.get(name, "")
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise BadRequest(f"{where}{name} must be a string")
+    return value
+
+
+def string_map(container: Dict[str, Any], name: str, where: str, required: bool = False) -> Dict[str, str]:
+    value = container.get(name)
+    if value is None and not required:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest(f"{where}{name} must be an object of strings")
+    for k, v in value.items():
+        if not isinstance(v, str):
+            raise BadRequest(f"{where}{name}.{truncate(k, 100)} must be a string")
+    return value
+
+
+def grafana_value(raw: Dict[str, Any], where: str) -> str:
+    """Grafana's evaluated values as a message shows them: values ("B=95.2, C=1"), else valueString."""
+    values = raw.get("values")
+    if values is not None:
+        if not isinstance(values, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()):
+            raise BadRequest(f"{where}values must be an object of numbers")
+        if values:
+            return ", ".join(f"{name}={number:g}" for name, number in values.items())
+    return optional_string(raw, "valueString", where)
+
+
+def parse_alert(raw: Any, where: str, top_status: Optional[str], grafana: bool) -> Alert:
+    if not isinstance(raw, dict):
+        raise BadRequest(f"{where} must be an object")
+    labels = string_map(raw, "labels", where + ".", required=True)
+    annotations = string_map(raw, "annotations", where + ".")
+    status = raw.get("status", top_status)
+    if status not in ("firing", "resolved"):
+        raise BadRequest(f"{where}.status must be 'firing' or 'resolved'")
+    times: Dict[str, Optional[float]] = {}
+    for name in ("startsAt", "endsAt"):
+        value = raw.get(name)
+        if value is None or value == "":
+            times[name] = None
+            continue
         if not isinstance(value, str):
-            raise BadRequest(f"{where}{name} must be a string")
-        return value
+            raise BadRequest(f"{where}.{name} must be an RFC 3339 time string")
+        try:
+            times[name] = parse_time(value)
+        except ValueError:
+            raise BadRequest(f"{where}.{name} must be an RFC 3339 time like 2024-01-15T14:30:25Z") from None
+    fingerprint = optional_string(raw, "fingerprint", where + ".")
+    if len(fingerprint) > 128:
+        raise BadRequest(f"{where}.fingerprint is longer than 128 characters")
+    links = {name: optional_string(raw, field, where + ".") for name, field in GRAFANA_LINKS}
+    return Alert(status=status, labels=labels, annotations=annotations, starts_at=times["startsAt"],
+                 ends_at=times["endsAt"], generator_url=optional_string(raw, "generatorURL", where + "."),
+                 fingerprint=fingerprint or label_fingerprint(labels), grafana=grafana,
+                 links={name: url for name, url in links.items() if url},
+                 value=grafana_value(raw, where + ".") if grafana else "")
 
+
+# Grafana alerting's own links, per alert: what each becomes in a message.
+GRAFANA_LINKS = (("silence", "silenceURL"), ("dashboard", "dashboardURL"), ("panel", "panelURL"),
+                 ("image", "imageURL"))
+
+
+def parse_webhook(body: bytes, content_type: Optional[str] = "application/json") -> Webhook:
+    """Validate an Alertmanager (or Grafana alerting) webhook body; BadRequest names the first offending field.
+
+    Fields neither uses are ignored (Alertmanager 0.32+'s notification_reason, 0.34's routeLabels)."""
+    document = read_document(body, content_type)
     top_status = document.get("status")
     if top_status is not None and top_status not in ("firing", "resolved"):
         raise BadRequest("status must be 'firing' or 'resolved'")
-    group_key = optional_string(document, "groupKey", "")
-    external_url = optional_string(document, "externalURL", "")
-    receiver = optional_string(document, "receiver", "")
     raw_alerts = document.get("alerts")
     if not isinstance(raw_alerts, list):
         raise BadRequest("alerts must be a list")
-
-    alerts = []
-    for i, raw in enumerate(raw_alerts):
-        where = f"alerts[{i}]"
-        if not isinstance(raw, dict):
-            raise BadRequest(f"{where} must be an object")
-        maps = {}
-        for name in ("labels", "annotations"):
-            value = raw.get(name, {} if name == "annotations" else None)
-            if value is None and name == "annotations":
-                value = {}
-            if not isinstance(value, dict):
-                raise BadRequest(f"{where}.{name} must be an object of strings")
-            for k, v in value.items():
-                if not isinstance(v, str):
-                    raise BadRequest(f"{where}.{name}.{truncate(k, 100)} must be a string")
-            maps[name] = value
-        status = raw.get("status", top_status)
-        if status not in ("firing", "resolved"):
-            raise BadRequest(f"{where}.status must be 'firing' or 'resolved'")
-        times: Dict[str, Optional[float]] = {}
-        for name in ("startsAt", "endsAt"):
-            value = raw.get(name)
-            if value is None or value == "":
-                times[name] = None
-                continue
-            if not isinstance(value, str):
-                raise BadRequest(f"{where}.{name} must be an RFC 3339 time string")
-            try:
-                times[name] = parse_time(value)
-            except ValueError:
-                raise BadRequest(f"{where}.{name} must be an RFC 3339 time like 2024-01-15T14:30:25Z") from None
-        fingerprint = optional_string(raw, "fingerprint", where + ".")
-        if len(fingerprint) > 128:
-            raise BadRequest(f"{where}.fingerprint is longer than 128 characters")
-        alerts.append(Alert(
-            status=status,
-            labels=maps["labels"],
-            annotations=maps["annotations"],
-            starts_at=times["startsAt"],
-            ends_at=times["endsAt"],
-            generator_url=optional_string(raw, "generatorURL", where + "."),
-            fingerprint=fingerprint or label_fingerprint(maps["labels"]),
-        ))
+    # Grafana's webhook contact point: version "1" and an orgId (Alertmanager's is version "4").
+    grafana = document.get("version") == "1" or "orgId" in document
+    alerts = [parse_alert(raw, f"alerts[{i}]", top_status, grafana) for i, raw in enumerate(raw_alerts)]
     status = top_status or ("firing" if any(a.status == "firing" for a in alerts) else "resolved")
-    return Webhook(status=status, group_key=group_key, external_url=external_url,
-                   receiver=receiver, alerts=alerts)
+    return Webhook(status=status, group_key=optional_string(document, "groupKey", ""),
+                   external_url=optional_string(document, "externalURL", ""),
+                   receiver=optional_string(document, "receiver", ""), alerts=alerts,
+                   group_labels=string_map(document, "groupLabels", ""))
 
 
 # ---------------------------------------------------------------------------
@@ -452,6 +701,18 @@ SETTINGS: Tuple[Tuple[str, Optional[str], str], ...] = (
     ("CLIENT_TIMEOUT", "30s", "how long a client may stay silent, idle or mid-request, before it is dropped"),
     ("SHUTDOWN_TIMEOUT", "20s", "on SIGTERM, how long in-flight webhooks may take to finish"),
     ("ALERTMANAGER_URL", None, "Alertmanager URL for Silence buttons (default: the webhook's externalURL)"),
+    ("THREAD_KEY_LABELS", ",".join(KEY_LABELS), "labels that make the thread key (ENVIRONMENT is appended)"),
+    ("THREAD_BY", "labels", "labels: a thread per thread key; group: a thread per Alertmanager group (groupKey)"),
+    ("MESSAGE_FIELDS", None, "comma-separated labels shown as fields, in order (default: severity, environment, "
+                             "service, cluster, instance when present, then the alert's other labels)"),
+    ("HIDDEN_LABELS", ", ".join(DEFAULT_HIDDEN), "labels the default fields leave out (none: leave out none)"),
+    ("TITLE_TEMPLATE", DEFAULT_TITLE, "the title: {{ labels.NAME }}, {{ annotations.NAME }}, {{ environment }}, "
+                                      '{{ a | b | "text" }} for the first that is not empty'),
+    ("TEXT_TEMPLATE", DEFAULT_TEXT, "the description, in the same syntax"),
+    ("TIME_ZONE", "UTC", "IANA time zone of the times written out (Slack shows each reader their own)"),
+    ("MENTIONS", None, "who a new or reopened thread mentions: matcher[,matcher]:mention;... e.g. "
+                       "severity=critical:<!subteam^S0ONCALL>;team=db:<@U012AB3CD>"),
+    ("BROADCAST", None, "thread replies also sent to the channel: any of new, refire, reopen, resolve, close"),
     ("LOG_LEVEL", "info", "debug, info, warning or error"),
     ("LOG_FORMAT", "text", "text or json"),
 )
@@ -490,6 +751,7 @@ class Config:
     client_timeout: float = 30.0
     shutdown_timeout: float = 20.0
     alertmanager_url: Optional[str] = None
+    messages: MessageSettings = dataclasses.field(default_factory=MessageSettings)
     log_level: str = "info"
     log_format: str = "text"
 
@@ -669,6 +931,38 @@ def url_settings(raw: RawSettings) -> Dict[str, Any]:
     return {"slack_api_url": api_url if api_url.endswith("/") else api_url + "/", "alertmanager_url": am_url}
 
 
+def label_list(raw: RawSettings, variable: str) -> Tuple[str, ...]:
+    names = tuple(n.strip() for n in raw.text(variable).split(",") if n.strip())
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ConfigError(f"{variable}: {truncate(name, 60)!r} is not a label name")
+    return names
+
+
+def message_settings(raw: RawSettings, environment: str) -> MessageSettings:
+    key_labels = label_list(raw, "THREAD_KEY_LABELS")
+    if not key_labels:
+        raise ConfigError("THREAD_KEY_LABELS must name at least one label (default: alertname,severity,service,"
+                          "cluster)")
+    zone_name = raw.text("TIME_ZONE")
+    try:
+        zone = zoneinfo.ZoneInfo(zone_name) if zone_name not in ("UTC", "utc", "Z") else timezone.utc
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"TIME_ZONE={zone_name!r} is not a time zone this machine knows (an IANA name like "
+                          "Europe/Berlin; Debian's tzdata package holds them)") from None
+    broadcast = tuple(b.strip().lower() for b in raw.text("BROADCAST").split(",") if b.strip())
+    for name in broadcast:
+        if name not in BROADCASTS:
+            raise ConfigError(f"BROADCAST: {truncate(name, 40)!r} is not one of {', '.join(BROADCASTS)}")
+    return MessageSettings(
+        environment=environment, fields=label_list(raw, "MESSAGE_FIELDS"),
+        hidden=() if raw.text("HIDDEN_LABELS").strip().lower() == "none" else label_list(raw, "HIDDEN_LABELS"),
+        key_labels=key_labels, thread_by=raw.choice("THREAD_BY", ("labels", "group")),
+        title=Template("TITLE_TEMPLATE", raw.text("TITLE_TEMPLATE")),
+        text=Template("TEXT_TEMPLATE", raw.text("TEXT_TEMPLATE")), time_zone=zone,
+        mentions=parse_mentions(raw.text("MENTIONS")), broadcast=broadcast)
+
+
 def load_config(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
     """Settings from flags (winning) and the environment, validated; raises ConfigError."""
     raw = RawSettings(args, environ)
@@ -695,6 +989,7 @@ def load_config(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
         max_connections=raw.number("MAX_CONNECTIONS", 1, 10000, integer=True),
         client_timeout=raw.number("CLIENT_TIMEOUT", 0.1, 3600),
         shutdown_timeout=raw.number("SHUTDOWN_TIMEOUT", 0, 3600),
+        messages=message_settings(raw, environment),
         log_level=raw.choice("LOG_LEVEL", ("debug", "info", "warning", "error")),
         log_format=raw.choice("LOG_FORMAT", ("text", "json")),
         **store_settings(raw, environ), **url_settings(raw))
@@ -2152,6 +2447,9 @@ STORM_EMOJI = "🌩️"
 SEVERITY_RANK = {"critical": 0, "error": 1, "warning": 2, "info": 3, "debug": 4}
 
 HEADER_MAX, SECTION_MAX, FIELD_MAX, CONTEXT_MAX, BUTTON_TEXT_MAX, URL_MAX = 150, 3000, 2000, 10, 75, 3000
+FIELDS_MAX = 10
+# Slack refuses a message whose blocks carry about 12,000 characters of text in all (msg_blocks_too_long).
+TEXT_BUDGET = 11000
 LINES_PER_DIGEST_MESSAGE = 20
 
 
@@ -2159,23 +2457,36 @@ def severity_style(severity: str) -> Tuple[str, str]:
     return SEVERITY_STYLE.get(severity.lower(), UNKNOWN_STYLE)
 
 
+def alert_title(alert: Alert, ms: MessageSettings) -> str:
+    return clean_text(ms.title.render(alert, ms.environment)).strip() or "Alert"
+
+
+def slack_time(epoch: Optional[float], ms: MessageSettings) -> str:
+    """A time in mrkdwn: a Slack date token, so each reader sees their own time zone; TIME_ZONE's as fallback."""
+    written = format_time(epoch, ms.time_zone)
+    if epoch is None or epoch < 0:
+        return written
+    return f"<!date^{int(epoch)}^{{date_short_pretty}} {{time_secs}}|{written}>"
+
+
 def matcher(name: str, value: str) -> str:
     """name="value", a silence matcher as Alertmanager's filter syntax writes it."""
     return name + '="' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
-def silence_url(base: str, labels: Dict[str, str], whole: bool = True) -> Optional[str]:
+def silence_url(base: str, labels: Dict[str, str], whole: bool = True,
+                fallback: Sequence[str] = KEY_LABELS + ("instance",)) -> Optional[str]:
     """Alertmanager's new-silence form pre-filled with matchers for these labels.
 
     Every label when they fit (and all of them are known: `whole`), else the thread key's and the instance."""
     if not is_http_url(base):
         return None
     prefix = base.rstrip("/") + "/#/silences/new?filter="
-    fallback = [n for n in ("alertname",) + KEY_LABELS[1:] + ("instance",) if n in labels]
-    for names in ((sorted(labels), fallback) if whole else (fallback,)):
+    fallback_names = [n for n in dict.fromkeys(fallback) if n in labels]
+    for names in ((sorted(labels), fallback_names) if whole else (fallback_names,)):
         matchers = [matcher(name, labels[name]) for name in names]
         # Percent-encoding only lengthens: a filter already too long as text cannot fit.
-        if len(prefix) + sum(len(text) + 2 for text in matchers) > URL_MAX:
+        if not matchers or len(prefix) + sum(len(text) + 2 for text in matchers) > URL_MAX:
             continue
         url = prefix + urllib.parse.quote("{" + ", ".join(matchers) + "}", safe="")
         if len(url) <= URL_MAX:
@@ -2184,7 +2495,8 @@ def silence_url(base: str, labels: Dict[str, str], whole: bool = True) -> Option
 
 
 def header_block(text: str) -> Dict[str, Any]:
-    return {"type": "header", "text": {"type": "plain_text", "text": truncate(text, HEADER_MAX), "emoji": True}}
+    return {"type": "header", "text": {"type": "plain_text", "text": truncate(clean_text(text), HEADER_MAX, utf16=True),
+                                       "emoji": True}}
 
 
 def section_block(text: str) -> Dict[str, Any]:
@@ -2196,54 +2508,110 @@ def context_block(*texts: str) -> Dict[str, Any]:
             "elements": [{"type": "mrkdwn", "text": clip_escaped(t, SECTION_MAX)} for t in texts[:CONTEXT_MAX]]}
 
 
-def alert_buttons(alert: Alert, external_url: str, silence: bool = True) -> Optional[Dict[str, Any]]:
-    """Runbook, Silence (pointless once resolved) and Source buttons, for safe http(s) URLs only."""
+def alert_buttons(alert: Alert, ms: MessageSettings, external_url: str,
+                  silence: bool = True) -> Optional[Dict[str, Any]]:
+    """Runbook, Silence (pointless once resolved), Grafana's dashboard and panel, and Source: safe http(s) only."""
     runbook = alert.annotations.get("runbook_url", "")
-    links = (("View Runbook", "runbook", runbook if is_http_url(runbook) else None),
-             # Built from a checked base URL and percent-encoded matchers: safe by construction.
-             ("Silence", "silence", silence_url(external_url, alert.labels, alert.labels_whole) if silence else None),
-             ("Source", "source", alert.generator_url if is_http_url(alert.generator_url) else None))
+    if alert.grafana:  # Grafana's own silence page; Alertmanager's form could not silence a Grafana alert
+        silence_link = alert.links.get("silence") if silence else None
+    else:  # built from a checked base URL and percent-encoded matchers: safe by construction
+        silence_link = silence_url(external_url, alert.labels, alert.labels_whole,
+                                   ms.key_labels + ("instance",)) if silence else None
+    links = (("View Runbook", "runbook", runbook), ("Silence", "silence", silence_link),
+             ("Dashboard", "dashboard", alert.links.get("dashboard")), ("Panel", "panel", alert.links.get("panel")),
+             ("Source", "source", alert.generator_url))
     buttons = [{"type": "button", "action_id": action_id, "url": url,
                 "text": {"type": "plain_text", "text": label, "emoji": True}}
-               for label, action_id, url in links if url]
+               for label, action_id, url in links if is_http_url(url)]
     return {"type": "actions", "elements": buttons} if buttons else None
 
 
-def alert_fields(alert: Alert, environment: str) -> Dict[str, Any]:
+def field_title(name: str) -> str:
+    return name.replace("_", " ").capitalize()
+
+
+def field_pairs(alert: Alert, ms: MessageSettings) -> List[Tuple[str, str]]:
+    """The fields a message shows: MESSAGE_FIELDS, or the seed's when the alert has them, then its other labels."""
     labels = alert.labels
-    values = (("Severity", alert.severity.upper()), ("Environment", environment),
-              ("Service", labels.get("service", "")), ("Cluster", labels.get("cluster", "")),
-              ("Instance", labels.get("instance", "")))
+    if ms.fields:
+        pairs = [(field_title(n), ms.environment if n == "environment" and not labels.get(n) else labels.get(n, ""))
+                 for n in ms.fields]
+        return [(t, v.upper() if t == "Severity" else v) for t, v in pairs if v][:FIELDS_MAX]
+    pairs = [("Severity", alert.severity.upper()), ("Environment", ms.environment),
+             ("Service", labels.get("service", "")), ("Cluster", labels.get("cluster", "")),
+             ("Instance", labels.get("instance", "")), ("Value", alert.value)]
+    shown = {"severity", "service", "cluster", "instance", *ms.hidden, *ms.key_labels}
+    rest = sorted((n for n in labels if n not in shown and not n.startswith("__")),
+                  key=lambda n: (LABEL_ORDER.index(n) if n in LABEL_ORDER else len(LABEL_ORDER), n))
+    pairs += [(field_title(n), labels[n]) for n in rest[:FIELDS_MAX]]
+    return [(t, v) for t, v in pairs if v][:FIELDS_MAX]
+
+
+def fields_block(pairs: List[Tuple[str, str]], value_max: int = FIELD_MAX - 120) -> Dict[str, Any]:
     return {"type": "section", "fields": [
-        {"type": "mrkdwn", "text": f"*{name}:*\n" + mrkdwn(value or "-", FIELD_MAX - 20)} for name, value in values]}
+        {"type": "mrkdwn", "text": f"*{mrkdwn(title, 100)}:*\n" + mrkdwn(value, value_max)} for title, value in pairs]}
 
 
-def time_line(alert: Alert, resolved: bool) -> str:
-    line = f"*Started:* {format_time(alert.starts_at)}"
+def time_line(alert: Alert, ms: MessageSettings, resolved: bool) -> str:
+    line = f"*Started:* {slack_time(alert.starts_at, ms)}"
     if resolved:
         ended = alert.ends_at if alert.ends_at is not None else time.time()
-        line += f" | *Resolved:* {format_time(ended)}"
+        line += f" | *Resolved:* {slack_time(ended, ms)}"
         if alert.starts_at is not None:
             line += f" (after {format_duration(ended - alert.starts_at)})"
     return line
 
 
-def alert_blocks(alert: Alert, environment: str, title: str, external_url: str,
+def context_text(alert: Alert, ms: MessageSettings) -> str:
+    """env=… | alertname=…, and the other labels of the thread key that no field shows."""
+    shown = {"severity", "service", "cluster", "instance", "alertname"}
+    extra = [f"{n}={alert.labels[n]}" for n in ms.key_labels if n not in shown and alert.labels.get(n)]
+    return mrkdwn(" | ".join([f"env={ms.environment}", f"alertname={alert.alertname}"] + extra), 1000)
+
+
+def text_length(blocks: List[Dict[str, Any]]) -> int:
+    """The characters of text a message's blocks carry, as Slack adds them up (msg_blocks_too_long)."""
+    total = 0
+    for block in blocks:
+        if isinstance(block.get("text"), dict):
+            total += len(block["text"]["text"])
+        for item in block.get("fields", []) + block.get("elements", []):
+            text = item.get("text")
+            total += len(text["text"] if isinstance(text, dict) else text or "")
+    return total
+
+
+def alert_blocks(alert: Alert, ms: MessageSettings, title: str, external_url: str,
                  status_line: Optional[str] = None, resolved: bool = False,
                  silence: bool = True) -> List[Dict[str, Any]]:
-    """The seed's layout: header, fields, description, links, times, context."""
-    blocks = [header_block(title)]
-    if status_line:
-        blocks.append(section_block(status_line))
-    blocks.append(alert_fields(alert, environment))
-    description = alert.annotations.get("description", "").strip()
-    if description:
-        blocks.append(section_block("*Description:*\n" + mrkdwn(description, SECTION_MAX - 20)))
-    buttons = alert_buttons(alert, external_url, silence=silence and not resolved)
-    if buttons:
-        blocks.append(buttons)
-    blocks.append(context_block(time_line(alert, resolved)))
-    blocks.append(context_block(mrkdwn(f"env={environment} | alertname={alert.alertname}", 1000)))
+    """The seed's layout: header, fields, description, links, times, context; within Slack's whole-text limit."""
+    pairs = field_pairs(alert, ms)
+    description = clean_text(ms.text.render(alert, ms.environment)).strip()
+
+    def build(description_max: int, value_max: int) -> List[Dict[str, Any]]:
+        blocks = [header_block(title)]
+        if status_line:
+            blocks.append(section_block(status_line))
+        if pairs:
+            blocks.append(fields_block(pairs, value_max))
+        if description and description_max > 0:
+            blocks.append(section_block("*Description:*\n" + mrkdwn(description, description_max)))
+        if alert.links.get("image") and is_http_url(alert.links["image"]):
+            blocks.append({"type": "image", "image_url": alert.links["image"], "alt_text": truncate(title, 100)})
+        buttons = alert_buttons(alert, ms, external_url, silence=silence and not resolved)
+        if buttons:
+            blocks.append(buttons)
+        blocks.append(context_block(time_line(alert, ms, resolved)))
+        blocks.append(context_block(context_text(alert, ms)))
+        return blocks
+
+    blocks = build(SECTION_MAX - 20, FIELD_MAX - 120)
+    excess = text_length(blocks) - TEXT_BUDGET
+    if excess > 0:  # the description gives way first, then each field alike
+        blocks = build(max(0, SECTION_MAX - 20 - excess), FIELD_MAX - 120)
+        excess = text_length(blocks) - TEXT_BUDGET
+        if excess > 0:
+            blocks = build(0, max(20, FIELD_MAX - 120 - excess // max(1, len(pairs)) - 1))
     return blocks
 
 
@@ -2258,35 +2626,42 @@ def message(channel: str, text: str, color: str, blocks: List[Dict[str, Any]],
     return payload
 
 
-def fallback_text(alert: Alert, environment: str, kind: str) -> str:
-    summary = mrkdwn(alert.summary, 500)
+def fallback_text(alert: Alert, ms: MessageSettings, kind: str, mention: str = "") -> str:
+    """The message's text: what notifications show (and, first, whom it mentions)."""
+    summary = mrkdwn(alert_title(alert, ms), 500)
     if kind == "resolved":
         return f"✅ RESOLVED — {summary}"
     emoji = severity_style(alert.severity)[0]
     prefix = "FIRING AGAIN — " if kind == "refire" else ""
-    return f"{emoji} {prefix}[{mrkdwn(alert.severity.upper() or 'ALERT', 50)}] {summary} ({mrkdwn(environment, 80)})"
+    text = (f"{emoji} {prefix}[{mrkdwn(alert.severity.upper() or 'ALERT', 50)}] {summary} "
+            f"({mrkdwn(ms.environment, 80)})")
+    return f"{mention} {text}" if mention else text
 
 
-def render_alert(alert: Alert, channel: str, environment: str, kind: str,
-                 thread_ts: Optional[str] = None, external_url: str = "") -> Dict[str, Any]:
+def render_alert(alert: Alert, channel: str, ms: MessageSettings, kind: str, thread_ts: Optional[str] = None,
+                 external_url: str = "", mention: str = "", broadcast: bool = False) -> Dict[str, Any]:
     """A reply or standalone message for one alert; kind is firing, refire or resolved."""
+    title = alert_title(alert, ms)
     if kind == "resolved":
         emoji, color = RESOLVED_STYLE
-        title = f"{emoji} RESOLVED — {alert.summary}"
+        title = f"{emoji} RESOLVED — {title}"
     else:
         emoji, color = severity_style(alert.severity)
-        title = f"{emoji} {'FIRING AGAIN — ' if kind == 'refire' else ''}{alert.summary}"
-    blocks = alert_blocks(alert, environment, title, external_url, resolved=kind == "resolved")
-    return message(channel, fallback_text(alert, environment, kind), color, blocks, thread_ts)
+        title = f"{emoji} {'FIRING AGAIN — ' if kind == 'refire' else ''}{title}"
+    blocks = alert_blocks(alert, ms, title, external_url, resolved=kind == "resolved")
+    payload = message(channel, fallback_text(alert, ms, kind, mention), color, blocks, thread_ts)
+    if broadcast and thread_ts:
+        payload["reply_broadcast"] = True
+    return payload
 
 
-def render_plain(alert: Alert, channel: str, environment: str, kind: str,
+def render_plain(alert: Alert, channel: str, ms: MessageSettings, kind: str,
                  thread_ts: Optional[str] = None) -> Dict[str, Any]:
     """The plain-text message sent when Slack rejects a layout: just the essentials, escaped."""
-    lines = [fallback_text(alert, environment, kind),
+    lines = [fallback_text(alert, ms, kind),
              f"Severity: {mrkdwn(alert.severity.upper() or '-', 50)} | "
              f"Instance: {mrkdwn(alert.labels.get('instance', '-'), 300)}",
-             time_line(alert, kind == "resolved").replace("*", "")]
+             time_line(alert, ms, kind == "resolved").replace("*", "")]
     runbook = alert.annotations.get("runbook_url", "")
     if is_http_url(runbook):
         lines.append("Runbook: " + escape_mrkdwn(runbook))
@@ -2314,10 +2689,11 @@ def plain_version(payload: Dict[str, Any]) -> Dict[str, Any]:
 def alert_from_record(first: Dict[str, Any]) -> Alert:
     return Alert(status="firing", labels=first.get("labels", {}), annotations=first.get("annotations", {}),
                  starts_at=first.get("startsAt"), ends_at=None, generator_url=first.get("generatorURL", ""),
-                 fingerprint="", labels_whole=not first.get("labels_clipped"))
+                 fingerprint="", labels_whole=not first.get("labels_clipped"), grafana=bool(first.get("grafana")),
+                 links=first.get("links", {}), value=first.get("value", ""))
 
 
-def card_status(record: Dict[str, Any]) -> str:
+def card_status(record: Dict[str, Any], ms: MessageSettings) -> str:
     states = [entry[0] for entry in record.get("alerts", {}).values()]
     firing, resolved = states.count("f"), states.count("r")
     reopened = record.get("reopened", 0)
@@ -2328,19 +2704,19 @@ def card_status(record: Dict[str, Any]) -> str:
         noun = "alert" if resolved == 1 else "alerts"
         return f"*Status:* ✅ {resolved} {noun} resolved{after}{again}"
     since = record.get("first", {}).get("startsAt")
-    since_text = f" · since {format_time(since)}" if since else ""
+    since_text = f" · since {slack_time(since, ms)}" if since else ""
     return f"*Status:* 🔥 {firing} firing · {resolved} resolved{since_text}{again}"
 
 
-def render_card(record: Dict[str, Any], channel: str, environment: str) -> Dict[str, Any]:
+def render_card(record: Dict[str, Any], channel: str, ms: MessageSettings, mention: str = "") -> Dict[str, Any]:
     """The parent message as a status card: the first alert's details under the thread's state."""
     alert = alert_from_record(record.get("first", {}))
     closed = record.get("status") == "closed"
     emoji, color = RESOLVED_STYLE if closed else severity_style(alert.severity)
-    title = f"{emoji} {'RESOLVED — ' if closed else ''}{alert.summary}"
-    blocks = alert_blocks(alert, environment, title, record.get("first", {}).get("externalURL", ""),
-                          status_line=card_status(record), silence=not closed)
-    text = fallback_text(alert, environment, "resolved" if closed else "firing")
+    title = f"{emoji} {'RESOLVED — ' if closed else ''}{alert_title(alert, ms)}"
+    blocks = alert_blocks(alert, ms, title, record.get("first", {}).get("externalURL", ""),
+                          status_line=card_status(record, ms), silence=not closed)
+    text = fallback_text(alert, ms, "resolved" if closed else "firing", mention)
     payload = message(channel, text, color, blocks)
     if record.get("ts"):
         payload["ts"] = record["ts"]
@@ -2382,7 +2758,7 @@ def digest_counts(storm: Dict[str, Any]) -> Tuple[int, int, Dict[str, int], Dict
     return total, resolved, by_name, by_severity
 
 
-def render_digest(storm: Dict[str, Any], channel: str, environment: str) -> Dict[str, Any]:
+def render_digest(storm: Dict[str, Any], channel: str, ms: MessageSettings, mention: str = "") -> Dict[str, Any]:
     """The parent of a storm digest: counts by alertname and severity, and its state."""
     total, resolved, by_name_counts, severities = digest_counts(storm)
     closed = storm.get("status") == "closed"
@@ -2398,35 +2774,37 @@ def render_digest(storm: Dict[str, Any], channel: str, environment: str) -> Dict
         title = f"{STORM_EMOJI} Alert storm: {total - resolved:,} alerts firing"
         status = f"*Status:* 🔥 {total - resolved:,} firing · {resolved:,} resolved"
         if storm.get("started"):
-            status += f" · since {format_time(storm['started'])}"
+            status += f" · since {slack_time(storm['started'], ms)}"
     by_name = count_lines(by_name_counts, 30, lambda n: "*" + mrkdwn(n or "(no alertname)", 120) + "*")
     by_severity = count_lines(severities, 10, lambda s: f"{severity_style(s)[0]} {mrkdwn(s or 'none', 40)}")
     blocks = [header_block(title), section_block(status + again)]
     blocks += pack_sections("*By alertname:*", by_name)
     blocks += pack_sections("*By severity:*", by_severity)
-    blocks.append(context_block(mrkdwn(f"env={environment} | {total:,} alerts", 500),
+    blocks.append(context_block(mrkdwn(f"env={ms.environment} | {total:,} alerts", 500),
                                 "So many new alerts at once that they are listed in this thread instead of "
                                 "opening threads of their own; their resolves land here too."))
-    text = f"{STORM_EMOJI} Alert storm: {total:,} alerts ({mrkdwn(environment, 80)})"
+    text = f"{STORM_EMOJI} Alert storm: {total:,} alerts ({mrkdwn(ms.environment, 80)})"
+    text = f"{mention} {text}" if mention else text
     payload = message(channel, text, color, blocks)
     if storm.get("ts"):
         payload["ts"] = storm["ts"]
     return payload
 
 
-def digest_line(alert: Alert, again: bool = False) -> str:
+def digest_line(alert: Alert, ms: MessageSettings, again: bool = False) -> str:
     emoji = RESOLVED_STYLE[0] if alert.status == "resolved" else severity_style(alert.severity)[0]
     parts = [f"*{mrkdwn(alert.alertname or '-', 60)}*"]
-    if alert.labels.get("instance"):
-        parts.append(mrkdwn(alert.labels["instance"], 50))
-    parts.append(mrkdwn(alert.summary, 80))
+    for name in ("instance", "namespace", "pod"):
+        if alert.labels.get(name):
+            parts.append(mrkdwn(alert.labels[name], 50))
+    parts.append(mrkdwn(alert_title(alert, ms), 80))
     if again:
         parts.append("firing again")
     return clip_escaped(f"{emoji} " + " · ".join(parts), 160)
 
 
-def render_batch(alerts: List[Alert], channel: str, thread_ts: Optional[str], resolved: bool,
-                 again: Sequence[bool] = (), note: str = "") -> Dict[str, Any]:
+def render_batch(alerts: List[Alert], channel: str, ms: MessageSettings, thread_ts: Optional[str], resolved: bool,
+                 again: Sequence[bool] = (), note: str = "", broadcast: bool = False) -> Dict[str, Any]:
     """A compact message listing up to twenty alerts, one line each: storm digests, busy threads, orphans."""
     n = len(alerts)
     head = (f"*✅ {n} resolved*" if resolved else f"*🔥 {n} firing*") + note
@@ -2434,8 +2812,11 @@ def render_batch(alerts: List[Alert], channel: str, thread_ts: Optional[str], re
         min((a.severity for a in alerts), key=lambda s: SEVERITY_RANK.get(s, 5), default=""))[1]
     names = ", ".join(sorted({mrkdwn(a.alertname or "-", 60) for a in alerts}))
     text = clip_escaped(f"{'✅' if resolved else '🔥'} {n} {'resolved' if resolved else 'firing'}: {names}", 500)
-    lines = [digest_line(a, bool(again[i]) if i < len(again) else False) for i, a in enumerate(alerts)]
-    return message(channel, text, color, pack_sections(head, lines), thread_ts)
+    lines = [digest_line(a, ms, bool(again[i]) if i < len(again) else False) for i, a in enumerate(alerts)]
+    payload = message(channel, text, color, pack_sections(head, lines), thread_ts)
+    if broadcast and thread_ts:
+        payload["reply_broadcast"] = True
+    return payload
 
 
 # ---------------------------------------------------------------------------
@@ -2456,8 +2837,15 @@ POST, REPLY, REFIRE, REOPEN, RESOLVE, ORPHAN, UNCHANGED = (
 # How each step is reported in the answer's results (action).
 ACTIONS = {POST: "posted", REPLY: "replied", REFIRE: "replied", REOPEN: "reopened", RESOLVE: "replied",
            ORPHAN: "standalone", UNCHANGED: "unchanged"}
-# How a single alert's reply is drawn, by step.
+# How a single alert's reply is drawn, by step, and which BROADCAST transition it is.
 REPLY_KINDS = {REPLY: "firing", REFIRE: "refire", REOPEN: "refire", RESOLVE: "resolved"}
+TRANSITIONS = {REPLY: "new", REFIRE: "refire", REOPEN: "reopen", RESOLVE: "resolve"}
+
+
+def closes(record: Dict[str, Any], alert: Alert) -> bool:
+    """Would this alert's resolve close the thread (every other alert of it resolved already)?"""
+    return alert.status == "resolved" and record.get("status") == "open" and all(
+        entry[0] == RESOLVED for fingerprint, entry in record["alerts"].items() if fingerprint != alert.fingerprint)
 
 
 class SlackUnavailable(ThreaderError):
@@ -2510,6 +2898,13 @@ def first_alert(alert: Alert, external_url: str) -> Dict[str, Any]:
         first["generatorURL"] = alert.generator_url
     if is_http_url(external_url):
         first["externalURL"] = external_url
+    if alert.grafana:
+        first["grafana"] = True
+    links = {name: url for name, url in alert.links.items() if is_http_url(url)}
+    if links:
+        first["links"] = links
+    if alert.value:
+        first["value"] = truncate(alert.value, FIELD_MAX)
     return first
 
 
@@ -2566,9 +2961,8 @@ def apply_step(record: Dict[str, Any], alert: Alert, step: str, now: float) -> b
     return False
 
 
-def new_record(key: str, alert: Alert, channel: str, environment: str, external_url: str,
-               now: float) -> Dict[str, Any]:
-    return {"ts": "", "channel": channel, "key": alert.thread_key(environment), "status": "open",
+def new_record(alert: Alert, thread_key: str, channel: str, external_url: str, now: float) -> Dict[str, Any]:
+    return {"ts": "", "channel": channel, "key": thread_key, "status": "open",
             "created": now, "updated": now, "closed": None, "ended": None, "reopened": 0,
             "first": first_alert(alert, external_url), "alerts": {}}
 
@@ -2585,6 +2979,7 @@ class Entry:
     """One alert on its way to Slack, and what became of it (shared by webhooks that carry the same alert)."""
 
     key: str  # the store key of its thread
+    thread_key: str  # the thread key, as answers show it
     alert: Alert
     channel: str
     external_url: str
@@ -2914,7 +3309,7 @@ class Cards:
 
     def refresh(self, deadline: float, key: str, record: Dict[str, Any], closing: bool) -> None:
         """Edit the parent to show the thread's state; a card Slack gives no turn to is edited later."""
-        edited = self.poster.edit(deadline, render_card(record, record["channel"], self.config.environment))
+        edited = self.poster.edit(deadline, render_card(record, record["channel"], self.config.messages))
         reacted = not closing or self.poster.react(deadline, record["channel"], record["ts"])
         if not (edited and reacted):
             with self._lock:
@@ -2927,7 +3322,7 @@ class Cards:
                 self._stale.setdefault(key, False)
             return
         self._edited[key] = time.monotonic()
-        card = render_digest(storm, storm["channel"], self.config.environment)
+        card = render_digest(storm, storm["channel"], self.config.messages)
         drawn = self.card_text(card) == self._drawn.get(key)
         edited = drawn or self.poster.edit(deadline, card)
         if edited:
@@ -2950,9 +3345,9 @@ class Cards:
                         continue
                     if record.get("storm"):
                         self._edited[key] = time.monotonic()
-                        payload = render_digest(record, record["channel"], self.config.environment)
+                        payload = render_digest(record, record["channel"], self.config.messages)
                     elif record.get("first"):
-                        payload = render_card(record, record["channel"], self.config.environment)
+                        payload = render_card(record, record["channel"], self.config.messages)
                     else:
                         continue
                     edited = self.poster.edit(deadline, payload)
@@ -3019,37 +3414,50 @@ class ThreadTeller:
 
     def open(self, deadline: float, key: str, entry: Entry, now: float) -> Dict[str, Any]:
         """A new thread: its parent, the status card, drawn for its first alert."""
-        alert, env = entry.alert, self.config.environment
-        record = new_record(key, alert, entry.channel, env, entry.external_url, now)
+        alert, ms = entry.alert, self.config.messages
+        record = new_record(alert, entry.thread_key, entry.channel, entry.external_url, now)
         apply_step(record, alert, POST, now)
-        card = render_card(record, entry.channel, env)
-        record["ts"] = self.poster.post(deadline, card, lambda: render_plain(alert, entry.channel, env, "firing"))["ts"]
+        card = render_card(record, entry.channel, ms, mention=ms.mentions_for([alert]))
+        record["ts"] = self.poster.post(deadline, card, lambda: render_plain(alert, entry.channel, ms, "firing"))["ts"]
         self.store.put(key, record)
         entry.told(POST, record["ts"])
         return record
 
     def new_parent(self, record: Dict[str, Any], entry: Entry) -> Dict[str, Any]:
         if record.get("first"):
-            return render_card(record, entry.channel, self.config.environment)
-        return render_alert(entry.alert, entry.channel, self.config.environment, "firing",
+            return render_card(record, entry.channel, self.config.messages)
+        return render_alert(entry.alert, entry.channel, self.config.messages, "firing",
                             external_url=entry.external_url)
 
     def reply(self, deadline: float, key: str, record: Dict[str, Any], entry: Entry, step: str,
               now: float) -> None:
-        alert, channel, env = entry.alert, entry.channel, self.config.environment
-        payload = render_alert(alert, channel, env, REPLY_KINDS[step], record["ts"], entry.external_url)
+        alert, channel, ms = entry.alert, entry.channel, self.config.messages
+        transitions = {TRANSITIONS[step], "close"} if closes(record, alert) else {TRANSITIONS[step]}
+        payload = render_alert(alert, channel, ms, REPLY_KINDS[step], record["ts"], entry.external_url,
+                               mention=ms.mentions_for([alert]) if step == REOPEN else "",
+                               broadcast=bool(transitions & set(ms.broadcast)))
         plain_kind = "resolved" if alert.status == "resolved" else "firing"
         self.poster.reply(deadline, record, payload, lambda: self.new_parent(record, entry),
                           lambda: self.store.put(key, record),
-                          lambda: render_plain(alert, channel, env, plain_kind, record["ts"]))
+                          lambda: render_plain(alert, channel, ms, plain_kind, record["ts"]))
         apply_step(record, alert, step, now)
         self.store.put(key, record)
         entry.told(step, record["ts"])
 
     def compact_reply(self, deadline: float, key: str, record: Dict[str, Any], lines: List[Tuple[Entry, str]],
                       resolved: bool, now: float) -> None:
-        payload = render_batch([e.alert for e, _ in lines], lines[0][0].channel, record["ts"], resolved,
-                               again=[s in (REFIRE, REOPEN) for _, s in lines])
+        ms = self.config.messages
+        transitions = {TRANSITIONS[s] for _, s in lines}
+        scratch = json.loads(json.dumps(record))
+        for entry, step in lines:
+            if apply_step(scratch, entry.alert, step, now):
+                transitions.add("close")
+        payload = render_batch([e.alert for e, _ in lines], lines[0][0].channel, ms, record["ts"], resolved,
+                               again=[s in (REFIRE, REOPEN) for _, s in lines],
+                               broadcast=bool(transitions & set(ms.broadcast)))
+        reopened = ms.mentions_for([e.alert for e, s in lines if s == REOPEN])
+        if reopened:
+            payload["text"] = f"{reopened} {payload['text']}"
         self.poster.reply(deadline, record, payload, lambda: self.new_parent(record, lines[0][0]),
                           lambda: self.store.put(key, record))
         for entry, step in lines:
@@ -3106,7 +3514,7 @@ class DigestTeller:
             self.cards.refresh_digest(deadline, digest_key, storm, closing, last=not behind)
 
     def member(self, digest_key: str, entry: Entry, now: float) -> Dict[str, Any]:
-        return {"ts": "", "channel": entry.channel, "key": entry.alert.thread_key(self.config.environment),
+        return {"ts": "", "channel": entry.channel, "key": entry.thread_key,
                 "status": "open", "digest": digest_key, "created": now, "updated": now, "closed": None,
                 "ended": None, "alerts": {}}
 
@@ -3126,7 +3534,8 @@ class DigestTeller:
         # Drawn with every alert already waiting for it, so that the first look shows the storm's size.
         coming = [e for e, _ in lines] + [e for e in behind if e.alert.status == "firing"]
         drawn = dict(storm, members={e.alert.fingerprint: self.member_entry(e.alert) for e in coming})
-        card = render_digest(drawn, channel, self.config.environment)
+        ms = self.config.messages
+        card = render_digest(drawn, channel, ms, mention=ms.mentions_for(e.alert for e in coming))
         storm["ts"] = self.poster.post(deadline, card)["ts"]
         self.store.put(digest_key, storm)
         self.cards.drawn(digest_key, card)
@@ -3141,10 +3550,10 @@ class DigestTeller:
                      members: Dict[str, Dict[str, Any]], lines: List[Tuple[Entry, str]], resolved: bool,
                      now: float) -> bool:
         """One compact reply in the digest, then its members and the digest stored; True if that closed it."""
-        channel, env = storm["channel"], self.config.environment
-        payload = render_batch([e.alert for e, _ in lines], channel, storm["ts"], resolved,
+        channel, ms = storm["channel"], self.config.messages
+        payload = render_batch([e.alert for e, _ in lines], channel, ms, storm["ts"], resolved,
                                again=[s in (REFIRE, REOPEN) for _, s in lines])
-        self.poster.reply(deadline, storm, payload, lambda: render_digest(storm, channel, env),
+        self.poster.reply(deadline, storm, payload, lambda: render_digest(storm, channel, ms),
                           lambda: self.store.put(digest_key, storm))
         changed: Dict[str, Dict[str, Any]] = {}
         for entry, step in lines:
@@ -3197,7 +3606,7 @@ class Teller:
             self.threads.thread(deadline, target, batch)
 
     def orphans(self, deadline: float, batch: List[Entry]) -> None:
-        channel, env, now = batch[0].channel, self.config.environment, time.time()
+        channel, ms, now = batch[0].channel, self.config.messages, time.time()
         keys = sorted({e.key for e in batch})
         with self.store.locked(keys):
             stored = self.store.get_many(keys)
@@ -3212,17 +3621,17 @@ class Teller:
                 return
             if len(lines) == 1:
                 alert = lines[0].alert
-                payload = render_alert(alert, channel, env, "resolved", None, lines[0].external_url)
-                ts = self.poster.post(deadline, payload, lambda: render_plain(alert, channel, env, "resolved"))["ts"]
+                payload = render_alert(alert, channel, ms, "resolved", None, lines[0].external_url)
+                ts = self.poster.post(deadline, payload, lambda: render_plain(alert, channel, ms, "resolved"))["ts"]
             else:
-                payload = render_batch([e.alert for e in lines], channel, None, True,
+                payload = render_batch([e.alert for e in lines], channel, ms, None, True,
                                        note=" · no thread was known for these")
                 ts = self.poster.post(deadline, payload)["ts"]
             changed: Dict[str, Dict[str, Any]] = {}
             for entry in lines:
                 record = changed.get(entry.key)
                 if record is None:
-                    record = new_record(entry.key, entry.alert, channel, env, entry.external_url, now)
+                    record = new_record(entry.alert, entry.thread_key, channel, entry.external_url, now)
                     record["ts"] = ts
                     if len(lines) > 1:
                         del record["first"]  # a list of many: never to be redrawn as one alert's card
@@ -3290,8 +3699,9 @@ class Threader:
 
     def entries(self, hook: Webhook, channel: str, external_url: str) -> Tuple[List[int], List[Entry]]:
         """The webhook's alerts as entries, firing first, each in the batch of its target."""
-        env, window = self.config.environment, self.config.reopen_window
-        keys = [self.store_key(alert.thread_key(env), channel) for alert in hook.alerts]
+        ms, window = self.config.messages, self.config.reopen_window
+        thread_keys = [ms.thread_key(alert, hook.group_key) for alert in hook.alerts]
+        keys = [self.store_key(thread_key, channel) for thread_key in thread_keys]
         groups: Dict[str, List[Alert]] = {}
         for key, alert in zip(keys, hook.alerts):
             groups.setdefault(key, []).append(alert)
@@ -3315,12 +3725,13 @@ class Threader:
             for key in opening:
                 targets[key] = f"storm|{channel}"
         order = sorted(range(len(hook.alerts)), key=lambda i: hook.alerts[i].status != "firing")
-        return order, [Entry(keys[i], hook.alerts[i], channel, external_url, targets[keys[i]]) for i in order]
+        return order, [Entry(keys[i], thread_keys[i], hook.alerts[i], channel, external_url, targets[keys[i]])
+                       for i in order]
 
     def result(self, entry: Entry, joined: bool) -> Dict[str, Any]:
         action, ts = entry.result or ("unchanged", None)
         alert = entry.alert
-        return {"key": alert.thread_key(self.config.environment), "thread_ts": ts, "status": alert.status,
+        return {"key": entry.thread_key, "thread_ts": ts, "status": alert.status,
                 "alertname": alert.alertname, "severity": alert.severity,
                 "action": "unchanged" if joined else action}  # joined: another webhook's copy told it
 
@@ -3349,9 +3760,20 @@ color:#1d1c1d;text-decoration:none;font-weight:600;font-size:13px}
 """
 
 
+# What Slack draws for the tokens this service writes: a date by its fallback, a mention as @name.
+SLACK_TOKEN = re.compile(r"<!date\^[0-9]+\^[^|>]*\|([^>]*)>|<!subteam\^([A-Z0-9]+)>|<@([UW][A-Z0-9]+)>|<!(here|channel)>")
+
+
+def slack_tokens_drawn(text: str) -> str:
+    def drawn(match: Any) -> str:
+        date, group, user, everyone = match.groups()
+        return date if date is not None else "@" + (group or user or everyone)
+    return SLACK_TOKEN.sub(drawn, text)
+
+
 def mrkdwn_html(text: str) -> str:
-    """Slack mrkdwn (already &-escaped) as safe HTML: bold, line breaks, nothing else."""
-    plain = text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+    """Slack mrkdwn (already &-escaped) as safe HTML: bold, line breaks, dates and mentions, nothing else."""
+    plain = slack_tokens_drawn(text).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
     safe = html.escape(plain)
     safe = re.sub(r"(?<![\w*])\*([^*\n]+)\*(?![\w*])", r"<b>\1</b>", safe)
     return safe.replace("\n", "<br>")
@@ -3371,6 +3793,9 @@ def blocks_html(blocks: List[Dict[str, Any]]) -> str:
         elif kind == "context":
             parts.append('<div class="ctx">' + " ".join(mrkdwn_html(e.get("text", "")) for e in block["elements"])
                          + "</div>")
+        elif kind == "image" and is_http_url(block.get("image_url")):
+            parts.append(f'<div class="ctx">🖼 <a href="{html.escape(block["image_url"], quote=True)}" '
+                         f'rel="noopener noreferrer">{html.escape(block.get("alt_text", "image"))}</a></div>')
         elif kind == "actions":
             parts.append("<div>" + "".join(
                 f'<a class="btn" href="{html.escape(e["url"], quote=True)}" rel="noopener noreferrer">'
@@ -3395,7 +3820,8 @@ def message_html(payload: Dict[str, Any], reactions: Sequence[str] = ()) -> str:
             + reactions_html)
 
 
-def render_preview(calls: Iterable[Tuple[float, str, Dict[str, Any], str]], dry_run: bool) -> str:
+def render_preview(calls: Iterable[Tuple[float, str, Dict[str, Any], str]], dry_run: bool,
+                   zone: Any = timezone.utc) -> str:
     """One self-contained HTML page of the recent threads, from the payloads sent."""
     threads: Dict[Tuple[str, str], Dict[str, Any]] = OrderedDict()
 
@@ -3422,7 +3848,7 @@ def render_preview(calls: Iterable[Tuple[float, str, Dict[str, Any], str]], dry_
         replies = "".join(message_html(r) for r in entry["replies"])
         count = len(entry["replies"])
         try:
-            when = format_time(float(ts))
+            when = format_time(float(ts), zone)
         except ValueError:
             when = "unknown time"
         sections.append(
@@ -3578,7 +4004,7 @@ class App:
         if path == "/metrics":
             return 200, self.metrics.render(), {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
         if path == "/preview":
-            page = render_preview(self.slack.recent_calls(), self.config.dry_run)
+            page = render_preview(self.slack.recent_calls(), self.config.dry_run, self.config.messages.time_zone)
             return 200, page, {"Content-Type": "text/html; charset=utf-8",
                                "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"}
         return 200, {"ok": True, "service": "alert-threader", "version": __version__,
