@@ -338,6 +338,8 @@ class Template:
         return text
 
     def _choices(self, setting: str, inside: str) -> List[Tuple[str, str]]:
+        if not inside.strip():
+            raise ConfigError(f"{setting}: an empty {{{{ }}}}")
         choices, position = [], 0
         while position < len(inside):
             match = self.CHOICE.match(inside, position)
@@ -348,8 +350,6 @@ class Template:
             choices.append(("text", literal) if literal is not None else
                            ("environment", "") if environment else (kind, name))
             position = match.end()
-        if not choices:
-            raise ConfigError(f"{setting}: an empty {{{{ }}}}")
         return choices
 
     def render(self, alert: "Alert", environment: str) -> str:

@@ -3516,6 +3516,299 @@ def test_keep_alive_serves_several_requests_on_one_connection(start, slack):
 
 
 # ---------------------------------------------------------------------------
+# Messages for real label sets: fields, thread keys, templates, Grafana, time, mentions, text edges
+# ---------------------------------------------------------------------------
+
+CORPUS = EXAMPLES / "alerts"
+
+
+def drawn(payload: Dict[str, Any]) -> Dict[str, Any]:
+    """A message as a reader sees it: header, status, fields by title, description, buttons, context, image."""
+    seen: Dict[str, Any] = {"text": at.slack_tokens_drawn(payload.get("text", "")), "fields": {}, "buttons": {},
+                            "sections": [], "context": [], "images": []}
+    for block in payload.get("attachments", [{}])[0].get("blocks", []):
+        if block["type"] == "header":
+            seen["header"] = block["text"]["text"]
+        elif block["type"] == "section" and "fields" in block:
+            for field in block["fields"]:
+                title, _, value = field["text"].partition(":*\n")
+                seen["fields"][title.strip("*")] = value
+        elif block["type"] == "section":
+            seen["sections"].append(at.slack_tokens_drawn(block["text"]["text"]))
+        elif block["type"] == "actions":
+            seen["buttons"] = {e["text"]["text"]: e.get("url") for e in block["elements"]}
+        elif block["type"] == "context":
+            seen["context"] += [at.slack_tokens_drawn(e["text"]) for e in block["elements"]]
+        elif block["type"] == "image":
+            seen["images"].append(block["image_url"])
+    return seen
+
+
+def render_with(payload_file: Path, **settings: str) -> List[Dict[str, Any]]:
+    env = {k: v for k, v in os.environ.items() if k not in SETTING_NAMES}
+    env.update(settings)
+    result = subprocess.run([sys.executable, str(REPO / "alert_threader.py"), "render", str(payload_file)],
+                            env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_a_kube_prometheus_stack_alert_shows_its_namespace_pod_and_container_and_no_noise():
+    parent, reply, update = render_with(CORPUS / "kube-pod-crashlooping.json")
+    card = drawn(parent["payload"])
+    assert card["header"] == "⚠️ Pod is crash looping."
+    assert card["fields"] == {"Severity": "WARNING", "Environment": "production",
+                              "Service": "kube-prometheus-stack-kube-state-metrics", "Instance": "10.42.0.17:8080",
+                              "Namespace": "shop", "Pod": "api-7f9c6d5b8-9wzrn", "Container": "api",
+                              "Reason": "CrashLoopBackOff"}
+    assert "Cluster" not in card["fields"], "a label the alert lacks is never shown as -"
+    assert drawn(reply["payload"])["fields"]["Pod"] == "api-7f9c6d5b8-x2k4q", "each pod told in its own reply"
+    assert card["buttons"]["View Runbook"].startswith("https://runbooks.prometheus-operator.dev/runbooks/")
+    assert update["method"] == "chat.update"
+
+
+@pytest.mark.parametrize("name, header, fields", [
+    ("seed.json", "🚨 Database Critical Failure",
+     {"Severity": "CRITICAL", "Environment": "production", "Service": "database", "Cluster": "production",
+      "Instance": "db01.example.com"}),
+    ("node-filesystem-space-filling-up.json",
+     "⚠️ Filesystem is predicted to run out of space within the next 24 hours.",
+     {"Severity": "WARNING", "Instance": "10.0.0.31:9100", "Device": "/dev/nvme0n1p1", "Mountpoint": "/"}),
+    ("node-filesystem-almost-out-of-space.json", None, {"Severity": "CRITICAL", "Mountpoint": None}),
+    ("blackbox-probe-failed.json", "🚨 Blackbox probe failed (instance https://shop.example.com)",
+     {"Instance": "https://shop.example.com", "Module": "http_2xx"}),
+    ("blackbox-ssl-cert-expiring.json", None, {"Instance": None}),
+    ("kube-deployment-replicas-mismatch.json", None, {"Namespace": None, "Deployment": None}),
+    ("kube-pvc-filling-up.json", None, {"Namespace": None, "Persistentvolumeclaim": None}),
+    ("kube-target-down.json", None, {"Namespace": None}),
+    ("alertmanager-0.34.json", None, {"Namespace": "payments"}),
+])
+def test_every_example_renders_what_a_reader_needs(name, header, fields):
+    calls = render_with(CORPUS / name)
+    assert calls and calls[0]["method"] == "chat.postMessage"
+    for call in calls:
+        assert_within_slack_limits(call["payload"])
+    card = drawn(calls[0]["payload"])
+    if header:
+        assert card["header"] == header
+    for title, value in fields.items():
+        assert title in card["fields"], (title, card["fields"])
+        assert value is None or card["fields"][title] == value
+    assert not {"Prometheus", "Endpoint", "Uid", "Job", "Alertname"} & set(card["fields"]), card["fields"]
+    assert all(v and v != "-" for v in card["fields"].values()) and len(card["fields"]) <= 10
+
+
+def test_the_seed_example_renders_exactly_as_before():
+    [parent] = render_with(CORPUS / "seed.json")
+    blocks = parent["payload"]["attachments"][0]["blocks"]
+    assert [f["text"] for f in blocks[2]["fields"]] == [
+        "*Severity:*\nCRITICAL", "*Environment:*\nproduction", "*Service:*\ndatabase", "*Cluster:*\nproduction",
+        "*Instance:*\ndb01.example.com"]
+    assert blocks[-1]["elements"][0]["text"] == "env=production | alertname=TestCritical"
+
+
+def test_message_fields_and_hidden_labels_replace_the_defaults():
+    [parent, _, _] = render_with(CORPUS / "kube-pod-crashlooping.json", MESSAGE_FIELDS="namespace,pod,severity,team")
+    assert list(drawn(parent["payload"])["fields"].items()) == [
+        ("Namespace", "shop"), ("Pod", "api-7f9c6d5b8-9wzrn"), ("Severity", "WARNING")]
+    [parent, _, _] = render_with(CORPUS / "kube-pod-crashlooping.json", HIDDEN_LABELS="none")
+    fields = drawn(parent["payload"])["fields"]
+    assert {"Endpoint", "Job"} <= set(fields) and len(fields) == 10, "the noise shown, and at most 10 fields"
+
+
+def test_thread_key_labels_split_crash_loops_by_namespace(start, slack):
+    svc = start(THREAD_KEY_LABELS="alertname,namespace")
+    shop = json.loads((CORPUS / "kube-pod-crashlooping.json").read_text())
+    other = json.loads(json.dumps(shop).replace('"shop"', '"billing"').replace("shop/", "billing/"))
+    for alert in other["alerts"]:
+        alert["fingerprint"] = at.label_fingerprint(alert["labels"])
+    first = svc.alert(shop).json()["results"]
+    second = svc.alert(other).json()["results"]
+    assert [r["action"] for r in first + second] == ["posted", "replied", "posted", "replied"]
+    assert first[0]["key"] == "KubePodCrashLooping|shop|production"
+    assert second[0]["key"] == "KubePodCrashLooping|billing|production"
+    card = drawn(slack.messages[0].payload)
+    assert "Namespace" not in card["fields"], "the thread key's labels are the thread's, not a field"
+    assert card["context"][-1] == "env=production | alertname=KubePodCrashLooping | namespace=shop"
+
+
+def test_thread_by_group_makes_one_thread_per_alertmanager_group_with_a_reply_per_alert(start, slack):
+    svc = start(THREAD_BY="group")
+    first = svc.alert(webhook(make_alert(name="DiskFull", instance="a"), make_alert(name="CPUHigh", instance="b"),
+                              group_key='{}:{team="db"}')).json()["results"]
+    assert [r["action"] for r in first] == ["posted", "replied"]
+    assert first[0]["key"] == first[1]["key"] == 'group|{}:{team="db"}|production'
+    again = svc.alert(webhook(make_alert(name="DiskFull", instance="c"), group_key='{}:{team="web"}')).json()
+    assert again["results"][0]["action"] == "posted" and len(slack.messages) == 3
+
+
+def test_threads_stored_before_the_upgrade_carry_on_with_the_default_key(start, slack, tmp_path):
+    key = "DatabaseDown|critical|database|prod-eu|production"
+    old = make_alert()
+    threads = {key: {"ts": "1700000000.000042", "channel": "C0ALERTS", "key": key, "status": "open",
+                     "created": 1.0, "updated": 1.0, "closed": None, "ended": None, "reopened": 0,
+                     "first": {"labels": old["labels"], "annotations": old["annotations"],
+                               "startsAt": 1705329025.0}, "alerts": {old["fingerprint"]: ["f", 1705329025.0, None]}}}
+    (tmp_path / "threads.json").write_text(json.dumps({"version": 1, "threads": threads}))
+    svc = start()
+    answer = svc.alert(webhook(old, make_alert(instance="db02"))).json()["results"]
+    assert [r["action"] for r in answer] == ["unchanged", "replied"] and slack.messages[0].thread_ts == \
+        "1700000000.000042"
+
+
+def test_title_and_text_templates_take_labels_and_annotations_and_escape_them(start, slack):
+    svc = start(TITLE_TEMPLATE='{{ labels.namespace }}/{{ labels.pod | "?" }}: {{ annotations.summary }}',
+                TEXT_TEMPLATE="{{ annotations.description }} (owner: {{ labels.team | \"nobody\" }})")
+    alert = make_alert(summary="Pod <b> crashes & burns", namespace="shop", pod="api-1")
+    svc.alert(webhook(alert))
+    card = drawn(slack.messages[0].payload)
+    assert card["header"] == "🚨 shop/api-1: Pod <b> crashes & burns"  # a header is plain text: shown as written
+    assert card["text"] == "🚨 [CRITICAL] shop/api-1: Pod &lt;b&gt; crashes &amp; burns (production)"
+    assert card["sections"][1] == "*Description:*\nDatabaseDown has fired on db01.example.com. (owner: nobody)"
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("TITLE_TEMPLATE", "{{ labels.a.b }}", "TITLE_TEMPLATE: {{labels.a.b}} is not a placeholder"),
+    ("TITLE_TEMPLATE", "{{ __import__('os').system('id') }}", "is not a placeholder"),
+    ("TEXT_TEMPLATE", "{{ annotations.summary", "TEXT_TEMPLATE: unbalanced {{ or }}"),
+    ("TEXT_TEMPLATE", "{{ }}", "TEXT_TEMPLATE: an empty {{ }}"),
+    ("THREAD_KEY_LABELS", "alertname,na-me", "THREAD_KEY_LABELS: 'na-me' is not a label name"),
+    ("THREAD_BY", "rack", "THREAD_BY='rack' must be labels or group"),
+    ("TIME_ZONE", "Mars/Olympus", "TIME_ZONE='Mars/Olympus' is not a time zone this machine knows"),
+    ("MENTIONS", "severity=critical:@oncall", "MENTIONS: '@oncall' is not a Slack mention"),
+    ("MENTIONS", "<!channel>", "is not matcher:mention"),
+    ("MENTIONS", "team=~(db:<@U1>", "is not a regular expression"),
+    ("BROADCAST", "resolve,everything", "BROADCAST: 'everything' is not one of new, refire, reopen, resolve, close"),
+])
+def test_an_invalid_message_setting_stops_startup_naming_it(tmp_path, variable, value, message):
+    result = run_cli(cwd=tmp_path, env={variable: value, "PORT": "0"})
+    assert result.returncode == 2 and message in result.stderr.decode(), result.stderr
+
+
+@pytest.mark.parametrize("name", ["grafana-single.json", "grafana-multi.json"])
+def test_grafana_alerts_get_grafanas_silence_dashboard_panel_image_and_value(name):
+    document = json.loads((CORPUS / name).read_text())
+    calls = [c for c in render_with(CORPUS / name) if c["method"] == "chat.postMessage"]
+    assert len(calls) == len(document["alerts"])
+    for call, alert in zip(calls, document["alerts"]):
+        seen = drawn(call["payload"])
+        assert seen["buttons"]["Silence"] == alert["silenceURL"], "Grafana's own silence page"
+        assert "/#/silences/new" not in json.dumps(call["payload"]), "never Alertmanager's form"
+        assert seen["buttons"]["Dashboard"] == alert["dashboardURL"] and seen["buttons"]["Panel"] == alert["panelURL"]
+        values = ", ".join(f"{k}={v:g}" for k, v in alert["values"].items())
+        assert seen["fields"]["Value"] == values
+        assert seen["images"] == ([alert["imageURL"]] if alert.get("imageURL") else [])
+
+
+def test_a_grafana_resolve_and_alertmanagers_newer_fields_are_accepted():
+    calls = render_with(CORPUS / "grafana-resolved.json")
+    assert calls and all(drawn(c["payload"])["text"].startswith("✅ RESOLVED") for c in calls)
+    assert "Silence" not in drawn(calls[0]["payload"])["buttons"], "nothing left to silence"
+    document = json.loads((CORPUS / "alertmanager-0.34.json").read_text())
+    assert document["notification_reason"] and document["routeLabels"]
+    assert render_with(CORPUS / "alertmanager-0.34.json")[0]["method"] == "chat.postMessage"
+
+
+def test_times_are_slack_date_tokens_written_in_time_zone_for_the_fallback(start, slack):
+    svc = start(TIME_ZONE="Europe/Berlin")
+    svc.alert(webhook(make_alert()))
+    svc.alert(webhook(resolved(make_alert(), ends="2024-01-15T14:20:00Z")))  # ends before it starts
+    card = slack.messages[0].payload["attachments"][0]["blocks"]
+    assert card[-2]["elements"][0]["text"] == (
+        "*Started:* <!date^1705329025^{date_short_pretty} {time_secs}|2024-01-15 15:30:25 CET>")
+    assert "(after -10m 25s)" in visible_text(slack.messages[1].payload), "a negative duration as it is"
+    page = svc.get("/preview").text
+    assert "15:30:25 CET" in page and "&lt;!date" not in page and "<!date" not in page
+
+
+def test_mentions_go_on_a_new_or_reopened_parent_only(start, slack):
+    svc = start(MENTIONS="severity=critical:<!subteam^S0ONCALL>;team=db,instance=~db0[12]:<@U012AB3CD>",
+                REOPEN_WINDOW="30m")
+    a, b = make_alert(instance="db01", team="db"), make_alert(instance="db02")
+    svc.alert(webhook(a))
+    svc.alert(webhook(a, b))
+    svc.alert(webhook(resolved(a), resolved(b)))
+    svc.alert(webhook(make_alert(instance="db01", team="db", starts="2024-01-15T14:50:00Z")))  # reopens
+    parent, reply, resolve_a, resolve_b, reopen = slack.messages
+    assert parent.payload["text"].startswith("<!subteam^S0ONCALL> <@U012AB3CD> 🚨 [CRITICAL]")
+    assert reopen.payload["text"].startswith("<!subteam^S0ONCALL> <@U012AB3CD> 🚨 FIRING AGAIN")
+    for quiet in [reply, resolve_a, resolve_b] + slack.accepted("chat.update"):
+        assert "<!subteam" not in json.dumps(quiet.payload) and "<@U" not in json.dumps(quiet.payload), quiet
+    svc.alert(webhook(make_alert(name="Quiet", severity="warning")))
+    assert "<!" not in slack.messages[-1].payload["text"] and "<@" not in slack.messages[-1].payload["text"]
+
+
+def test_a_storm_digest_mentions_once_and_its_lines_never(start, slack):
+    svc = start(MENTIONS="severity=critical:<!here>", STORM_THRESHOLD="3")
+    svc.alert(webhook(*storm_alerts(10)))
+    digest, *lines = slack.messages
+    assert digest.payload["text"].startswith("<!here> 🌩️ Alert storm")
+    assert all("<!here>" not in json.dumps(m.payload) for m in lines)
+
+
+def test_labels_still_cannot_mention_anyone_with_mentions_configured(start, slack):
+    svc = start(MENTIONS="severity=critical:<!subteam^S0ONCALL>")
+    svc.alert(webhook(make_alert(summary="<!channel> <@U999> <!subteam^SEVIL>", team="<!here>")))
+    payload = slack.messages[0].payload
+    assert payload["text"].startswith("<!subteam^S0ONCALL> ")  # the one mention configured
+    mrkdwn_texts = payload["text"].split(" ", 1)[1] + raw_text(payload)[len(payload["text"]):]
+    header = payload["attachments"][0]["blocks"][0]["text"]
+    mrkdwn_texts = mrkdwn_texts.replace(header["text"], "")  # plain_text: Slack never pings from a header
+    assert header["type"] == "plain_text"
+    assert_mrkdwn_safe(mrkdwn_texts, "message")
+
+
+def test_broadcast_sends_the_chosen_replies_to_the_channel_too(start, slack, tmp_path):
+    svc = start(BROADCAST="close,reopen", REOPEN_WINDOW="30m")
+    a, b = make_alert(instance="db01"), make_alert(instance="db02")
+    svc.alert(webhook(a, b))
+    svc.alert(webhook(resolved(a)))
+    svc.alert(webhook(resolved(b)))
+    svc.alert(webhook(make_alert(instance="db01", starts="2024-01-15T14:50:00Z")))
+    flags = [m.payload.get("reply_broadcast", False) for m in slack.messages[1:]]
+    assert flags == [False, False, True, True], "the new alert no, the first resolve no, the close and reopen yes"
+    quiet = start(SLACK_CHANNEL="C0QUIET", THREAD_STORE_FILE=str(tmp_path / "quiet.json"))
+    quiet.alert(webhook(make_alert(name="Q"), make_alert(name="Q", instance="x")))
+    assert "reply_broadcast" not in slack.messages[-1].payload, "the default is none"
+
+
+def test_headers_count_utf16_units_and_cuts_never_split_a_character():
+    for summary in ["x" * 148, "y" * 400, "👍🏽" * 100, "👨‍👩‍👧‍👦" * 40, "🇩🇪🇫🇷" * 50, "e\u0301" * 200]:
+        alert = parsed(make_alert(summary=summary))
+        header = at.render_alert(alert, "C1", MS, "firing")["attachments"][0]["blocks"][0]["text"]["text"]
+        assert at.utf16_units(header) <= 150, (summary[:10], at.utf16_units(header))
+        body = header[2:-1] if header.endswith("…") else header[2:]
+        assert summary.startswith(body), "cut at a boundary, not inside a character"
+        if header.endswith("…"):
+            rest = summary[len(body):]
+            assert at.grapheme_boundary(summary, len(body)) == len(body) and rest, "a whole character was cut"
+
+
+def test_control_characters_and_bidi_overrides_are_removed_from_alert_text():
+    alert = parsed(make_alert(summary="a\x00b\x1b[31mred\u202eexe.txt\u2066x\x7f\x85 end", team="t\u202e1"))
+    payload = at.render_alert(alert, "C1", MS, "firing")
+    text = json.dumps(payload, ensure_ascii=False)
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]", text)
+    assert drawn(payload)["header"] == "🚨 ab[31mredexe.txtx end" and drawn(payload)["fields"]["Team"] == "t1"
+
+
+def test_a_message_stays_within_slacks_text_limit_the_description_shortened_first():
+    labels = {f"label{i}": "v" * 1900 for i in range(10)}
+    alert = make_alert(summary="Big", **labels)
+    alert["annotations"]["description"] = "d" * 5000
+    payload = at.render_alert(parsed(alert), "C1", at.MessageSettings(fields=tuple(labels)), "firing")
+    blocks = payload["attachments"][0]["blocks"]
+    assert at.text_length(blocks) <= 12000
+    assert not any(b.get("text", {}).get("text", "").startswith("*Description:*") for b in blocks if b["type"] ==
+                   "section"), "the description gave way first"
+    assert len(drawn(payload)["fields"]) == 10
+    small = make_alert(summary="Small")
+    small["annotations"]["description"] = "d" * 5000
+    kept = drawn(at.render_alert(parsed(small), "C1", MS, "firing"))
+    assert kept["sections"][0].startswith("*Description:*\nddd"), "clipped to its own limit, not dropped"
+
+
+# ---------------------------------------------------------------------------
 # HTTP edges: a refused body is never read as the next request; 413 and 401 reach every client
 # ---------------------------------------------------------------------------
 
