@@ -3436,6 +3436,20 @@ def test_readme_smoke_sequence_with_the_example_payloads(start, slack):
     parent, *replies = slack.messages
     assert len(replies) == 3 and all(r.thread_ts == parent.ts for r in replies)
 
+def test_the_payloads_the_readme_shows_are_the_ones_sent(start, slack):
+    """The README's thread of the three example webhooks, call for call (the ts values aside)."""
+    readme = (REPO / "README.md").read_text()
+    region = readme[readme.index("The payloads behind it"):readme.index("Messages follow the seed's layout")]
+    shown = [json.loads(block) for block in re.findall(r"```json\n(.*?)\n```", region, re.S)]
+    svc = start(SLACK_CHANNEL="C0123456789")
+    for name in PAYLOADS:
+        svc.request("POST", "/alert", raw=(EXAMPLES / name).read_bytes())
+
+    def without_ts(payload: Dict[str, Any]) -> Dict[str, Any]:
+        return {k: v for k, v in payload.items() if k not in ("ts", "thread_ts", "timestamp")}
+
+    assert [without_ts(c.payload) for c in slack.calls] == [without_ts(p) for p in shown]
+
 
 @pytest.mark.parametrize("name", PAYLOADS)
 def test_example_payload_is_a_full_alertmanager_v4_webhook(name):
