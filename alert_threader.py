@@ -16,7 +16,8 @@ payloads it would post and shows them on GET /preview.
 Every setting is an environment variable, mirrored by a flag that wins:
 SLACK_BOT_TOKEN(_FILE), SLACK_CHANNEL, SLACK_CHANNELS, ENVIRONMENT,
 THREAD_STORE (file|redis), THREAD_STORE_FILE, REDIS_URL, REDIS_KEY_PREFIX,
-HOST, PORT, SLACK_API_URL, WEBHOOK_TOKEN(_FILE), REOPEN_WINDOW, THREAD_KEY_LABELS,
+HOST, PORT, SLACK_API_URL, WEBHOOK_TOKEN(_FILE), SLACK_SIGNING_SECRET(_FILE),
+ALERTMANAGER_AUTH_FILE, SILENCE_DURATIONS, REOPEN_WINDOW, THREAD_KEY_LABELS,
 THREAD_BY, MESSAGE_FIELDS, HIDDEN_LABELS, TITLE_TEMPLATE, TEXT_TEMPLATE, TIME_ZONE, MENTIONS, BROADCAST,
 STORM_THRESHOLD, STORM_WINDOW, THREAD_RETENTION, SLACK_TIMEOUT, SLACK_RETRY_BUDGET,
 SLACK_PACE,
@@ -454,6 +455,9 @@ class MessageSettings:
     time_zone: Any = timezone.utc  # a tzinfo
     mentions: Tuple[MentionRule, ...] = ()
     broadcast: Tuple[str, ...] = ()
+    interactive: bool = False  # Silence and Ack act from Slack (SLACK_SIGNING_SECRET): not plain links
+    silence_durations: Tuple[Tuple[str, float], ...] = (("1h", 3600.0), ("4h", 14400.0), ("24h", 86400.0),
+                                                        ("7d", 604800.0))
 
     def thread_key(self, alert: Alert, group_key: str = "") -> str:
         """The seed's key by default, alertname|severity|service|cluster|ENVIRONMENT (or the group's)."""
@@ -701,6 +705,12 @@ SETTINGS: Tuple[Tuple[str, Optional[str], str], ...] = (
     ("CLIENT_TIMEOUT", "30s", "how long a client may stay silent, idle or mid-request, before it is dropped"),
     ("SHUTDOWN_TIMEOUT", "20s", "on SIGTERM, how long in-flight webhooks may take to finish"),
     ("ALERTMANAGER_URL", None, "Alertmanager URL for Silence buttons (default: the webhook's externalURL)"),
+    ("SLACK_SIGNING_SECRET", None, "the Slack app's signing secret: turns Silence and Ack in Slack on (POST "
+                                   "/slack/actions)"),
+    ("SLACK_SIGNING_SECRET_FILE", None, "read the signing secret from this file"),
+    ("ALERTMANAGER_AUTH_FILE", None, "credentials for Alertmanager's API: a file holding user:password (basic "
+                                     "auth) or 'Bearer TOKEN'"),
+    ("SILENCE_DURATIONS", "1h,4h,24h,7d", "the durations a Silence menu in Slack offers"),
     ("THREAD_KEY_LABELS", ",".join(KEY_LABELS), "labels that make the thread key (ENVIRONMENT is appended)"),
     ("THREAD_BY", "labels", "labels: a thread per thread key; group: a thread per Alertmanager group (groupKey)"),
     ("MESSAGE_FIELDS", None, "comma-separated labels shown as fields, in order (default: severity, environment, "
@@ -717,7 +727,7 @@ SETTINGS: Tuple[Tuple[str, Optional[str], str], ...] = (
     ("LOG_FORMAT", "text", "text or json"),
 )
 
-SECRET_SETTINGS = frozenset({"SLACK_BOT_TOKEN", "WEBHOOK_TOKEN"})
+SECRET_SETTINGS = frozenset({"SLACK_BOT_TOKEN", "WEBHOOK_TOKEN", "SLACK_SIGNING_SECRET"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -736,6 +746,8 @@ class Config:
     port: int = 9009
     slack_api_url: str = "https://slack.com/api/"
     webhook_token: Optional[str] = dataclasses.field(default=None, repr=False)
+    slack_signing_secret: Optional[str] = dataclasses.field(default=None, repr=False)
+    alertmanager_auth: Optional[str] = dataclasses.field(default=None, repr=False)  # an Authorization value
     reopen_window: float = 1800.0
     storm_threshold: int = 10
     storm_window: float = 60.0
@@ -759,8 +771,14 @@ class Config:
     def dry_run(self) -> bool:
         return not self.slack_bot_token
 
+    @property
+    def interactive(self) -> bool:
+        return bool(self.slack_signing_secret)
+
     def secrets(self) -> List[str]:
-        return [s for s in (self.slack_bot_token, self.webhook_token, *redis_passwords(self.redis_url)) if s]
+        auth = self.alertmanager_auth or ""
+        return [s for s in (self.slack_bot_token, self.webhook_token, self.slack_signing_secret, auth,
+                            auth.partition(" ")[2], *redis_passwords(self.redis_url)) if s]
 
 
 QUERY_PASSWORD = re.compile(r"(?i)((?:^|&)password=)([^&]*)")
@@ -939,7 +957,35 @@ def label_list(raw: RawSettings, variable: str) -> Tuple[str, ...]:
     return names
 
 
-def message_settings(raw: RawSettings, environment: str) -> MessageSettings:
+def silence_durations(raw: RawSettings) -> Tuple[Tuple[str, float], ...]:
+    durations = []
+    for text in (d.strip() for d in raw.text("SILENCE_DURATIONS").split(",") if d.strip()):
+        try:
+            seconds = parse_duration(text)
+        except ValueError:
+            raise ConfigError(f"SILENCE_DURATIONS: {truncate(text, 30)!r} is not a duration such as 4h or 7d") from None
+        if not 60 <= seconds <= 366 * 86400:
+            raise ConfigError(f"SILENCE_DURATIONS: {text} is not between 1m and 366d")
+        durations.append((text, seconds))
+    if not 1 <= len(durations) <= 10:
+        raise ConfigError("SILENCE_DURATIONS must name 1 to 10 durations, e.g. 1h,4h,24h,7d")
+    return tuple(durations)
+
+
+def alertmanager_auth(raw: RawSettings) -> Optional[str]:
+    """The Authorization header value for Alertmanager's API, from ALERTMANAGER_AUTH_FILE."""
+    path = raw["ALERTMANAGER_AUTH_FILE"]
+    if not path:
+        return None
+    value = _read_secret_file("ALERTMANAGER_AUTH_FILE", path)
+    if value.lower().startswith("bearer "):
+        return "Bearer " + value[7:].strip()
+    if ":" not in value or "\n" in value:
+        raise ConfigError("ALERTMANAGER_AUTH_FILE must hold user:password or 'Bearer TOKEN' on one line")
+    return "Basic " + base64.b64encode(value.encode()).decode()
+
+
+def message_settings(raw: RawSettings, environment: str, interactive: bool) -> MessageSettings:
     key_labels = label_list(raw, "THREAD_KEY_LABELS")
     if not key_labels:
         raise ConfigError("THREAD_KEY_LABELS must name at least one label (default: alertname,severity,service,"
@@ -960,13 +1006,18 @@ def message_settings(raw: RawSettings, environment: str) -> MessageSettings:
         key_labels=key_labels, thread_by=raw.choice("THREAD_BY", ("labels", "group")),
         title=Template("TITLE_TEMPLATE", raw.text("TITLE_TEMPLATE")),
         text=Template("TEXT_TEMPLATE", raw.text("TEXT_TEMPLATE")), time_zone=zone,
-        mentions=parse_mentions(raw.text("MENTIONS")), broadcast=broadcast)
+        mentions=parse_mentions(raw.text("MENTIONS")), broadcast=broadcast,
+        interactive=interactive, silence_durations=silence_durations(raw))
 
 
 def load_config(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
     """Settings from flags (winning) and the environment, validated; raises ConfigError."""
     raw = RawSettings(args, environ)
     token, webhook_token = raw.secret("SLACK_BOT_TOKEN"), raw.secret("WEBHOOK_TOKEN")
+    signing_secret = raw.secret("SLACK_SIGNING_SECRET")
+    if signing_secret and (len(signing_secret) < 16 or not signing_secret.isprintable() or " " in signing_secret):
+        raise ConfigError("SLACK_SIGNING_SECRET must be the app's signing secret (Basic Information > App "
+                          "Credentials), 16 or more printable characters")
     if token and not re.fullmatch(r"xox[a-z]-[A-Za-z0-9-]+", token):
         raise ConfigError("SLACK_BOT_TOKEN does not look like a Slack token (expected xoxb-...)")
     if webhook_token and (len(webhook_token) < 16 or not webhook_token.isprintable() or " " in webhook_token):
@@ -979,6 +1030,7 @@ def load_config(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
     return Config(
         slack_bot_token=token, slack_channel=channel, slack_channels=channels, environment=environment,
         host=raw.text("HOST"), port=raw.number("PORT", 0, 65535, integer=True), webhook_token=webhook_token,
+        slack_signing_secret=signing_secret, alertmanager_auth=alertmanager_auth(raw),
         reopen_window=raw.number("REOPEN_WINDOW", 0, 30 * 86400),
         storm_threshold=raw.number("STORM_THRESHOLD", 1, 100000, integer=True),
         storm_window=raw.number("STORM_WINDOW", 1, 86400),
@@ -989,7 +1041,7 @@ def load_config(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
         max_connections=raw.number("MAX_CONNECTIONS", 1, 10000, integer=True),
         client_timeout=raw.number("CLIENT_TIMEOUT", 0.1, 3600),
         shutdown_timeout=raw.number("SHUTDOWN_TIMEOUT", 0, 3600),
-        messages=message_settings(raw, environment),
+        messages=message_settings(raw, environment, bool(signing_secret)),
         log_level=raw.choice("LOG_LEVEL", ("debug", "info", "warning", "error")),
         log_format=raw.choice("LOG_FORMAT", ("text", "json")),
         **store_settings(raw, environ), **url_settings(raw))
@@ -1086,6 +1138,8 @@ class Metrics:
         "alert_threader_slack_wait_seconds_total": ("counter", "Seconds spent waiting for a turn at Slack, by "
                                                                "bucket (post:CHANNEL, edit:METHOD)."),
         "alert_threader_slack_refused_total": ("counter", "Slack calls refused with HTTP 429, by method."),
+        "alert_threader_interactions_total": ("counter", "Clicks in Slack taken, by action (silence, unsilence, "
+                                                         "ack; replayed and failed)."),
         "alert_threader_slack_fallbacks_total": ("counter", "Messages re-sent as plain text after Slack rejected the layout."),
         "alert_threader_slack_resends_total": ("counter", "Requests sent once more because Slack had closed a "
                                                           "kept-alive connection without answering a byte."),
@@ -1223,6 +1277,7 @@ class LocalLimits:
         self._lock = threading.Lock()
         self._due: Dict[str, float] = {}  # bucket -> monotonic time the next turn is due
         self._seen: Dict[str, "OrderedDict[str, float]"] = {}  # name -> {member: first seen}, oldest first
+        self._claims: Dict[str, float] = {}  # name -> when its claim ends (monotonic)
 
     def reserve(self, bucket: str, interval: float, burst: int, max_wait: float) -> Optional[float]:
         now = time.monotonic()
@@ -1238,6 +1293,16 @@ class LocalLimits:
         now = time.monotonic()
         with self._lock:  # the first turn comes `seconds` from now, and no burst after it
             self._due[bucket] = max(self._due.get(bucket, now), now + seconds + (burst - 1) * interval)
+
+    def claim(self, name: str, seconds: float) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            for old in [n for n, until in self._claims.items() if until <= now]:
+                del self._claims[old]
+            if name in self._claims:
+                return False
+            self._claims[name] = now + seconds
+            return True
 
     def count_recent(self, name: str, members: Sequence[str], window: float, cap: int) -> int:
         now = time.time()
@@ -1366,9 +1431,20 @@ class ThreadStore:
         The count stops at `cap`: asking again for the same member (a retry) never counts it twice."""
         return self._limits.count_recent(name, members, window, cap)
 
+    def claim(self, name: str, seconds: float) -> bool:
+        """True the first time `name` is claimed within `seconds`, by any worker (a replayed request: False)."""
+        return self._limits.claim(name, seconds)
+
     def items(self) -> Dict[str, Dict[str, Any]]:
         """Every record, by key (for /cache)."""
         raise NotImplementedError
+
+    def find_thread(self, channel: str, ts: str) -> Optional[Tuple[str, Dict[str, Any]]]:
+        """The thread whose parent is the message `ts` in `channel` (a scan: for a person's click, not per alert)."""
+        for key, record in self.items().items():
+            if record.get("ts") == ts and record.get("channel", channel) == channel and not record.get("digest"):
+                return key, record
+        return None
 
     def count(self) -> int:
         return len(self.items())
@@ -2164,6 +2240,13 @@ class RedisStore(ThreadStore):
             self.redis.run("turn", lambda: self._hold_off(keys=[f"{self.prefix}-turn:{bucket}"],
                                                           args=[int(seconds * 1000), int(interval * 1000), burst]))
 
+    def claim(self, name: str, seconds: float) -> bool:
+        try:
+            return bool(self.redis.run("claim", lambda: self.redis.client.set(
+                f"{self.prefix}-claim:{name}", "1", nx=True, px=int(seconds * 1000))))
+        except StoreError:
+            return super().claim(name, seconds)
+
     def count_recent(self, name: str, members: Sequence[str], window: float, cap: int) -> int:
         try:
             return self.redis.run("count", lambda: self._count_recent(keys=[f"{self.prefix}-count:{name}"],
@@ -2430,6 +2513,70 @@ class SlackClient(SlackAPI):
 
 
 # ---------------------------------------------------------------------------
+# Alertmanager client: silences made from Slack
+# ---------------------------------------------------------------------------
+
+class AlertmanagerError(ThreaderError):
+    """Alertmanager did not do what was asked; the message says why, for the person who asked."""
+
+
+def rfc3339(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class AlertmanagerClient:
+    """Alertmanager's API v2 for silences: one request per call, over http.client with a timeout."""
+
+    def __init__(self, auth: Optional[str], timeout: float) -> None:
+        self._auth = auth
+        self._timeout = timeout
+
+    def create_silence(self, base_url: str, matchers: List[Dict[str, Any]], starts: float, ends: float,
+                       created_by: str, comment: str) -> str:
+        body = {"matchers": matchers, "startsAt": rfc3339(starts), "endsAt": rfc3339(ends),
+                "createdBy": created_by, "comment": comment}
+        document = self._request(base_url, "POST", "/api/v2/silences", body)
+        silence_id = document.get("silenceID") if isinstance(document, dict) else None
+        if not isinstance(silence_id, str) or not re.fullmatch(r"[A-Za-z0-9-]{1,100}", silence_id):
+            raise AlertmanagerError("Alertmanager answered without a silence ID")
+        return silence_id
+
+    def expire_silence(self, base_url: str, silence_id: str) -> None:
+        self._request(base_url, "DELETE", "/api/v2/silence/" + urllib.parse.quote(silence_id, safe=""))
+
+    def _request(self, base_url: str, method: str, path: str, body: Any = None) -> Any:
+        parts = urllib.parse.urlsplit(base_url)
+        cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        conn = cls(parts.hostname or "", parts.port, timeout=self._timeout)
+        headers = {"Content-Type": "application/json", "User-Agent": f"alert-threader/{__version__}"}
+        if self._auth:
+            headers["Authorization"] = self._auth
+        try:
+            conn.request(method, parts.path.rstrip("/") + path, json.dumps(body) if body is not None else None, headers)
+            response = conn.getresponse()
+            answer = response.read(1 << 20)
+        except socket.timeout:
+            raise AlertmanagerError(f"Alertmanager at {base_url} did not answer within {self._timeout:g}s") from None
+        except (OSError, http.client.HTTPException) as e:
+            raise AlertmanagerError(f"cannot reach Alertmanager at {base_url} ({type(e).__name__}); check "
+                                    "ALERTMANAGER_URL") from None
+        finally:
+            conn.close()
+        if response.status in (401, 403):
+            raise AlertmanagerError(f"Alertmanager refused the credentials (HTTP {response.status}); check "
+                                    "ALERTMANAGER_AUTH_FILE")
+        if response.status >= 400:
+            detail = answer.decode("utf-8", "replace").strip().strip('"')
+            raise AlertmanagerError(f"Alertmanager refused: HTTP {response.status} {truncate(detail, 200)}")
+        if not answer.strip():
+            return None
+        try:
+            return json.loads(answer)
+        except ValueError:
+            raise AlertmanagerError("Alertmanager answered something that is not JSON") from None
+
+
+# ---------------------------------------------------------------------------
 # Message building: plain functions from alerts and thread records to Slack payloads
 # ---------------------------------------------------------------------------
 
@@ -2508,22 +2655,44 @@ def context_block(*texts: str) -> Dict[str, Any]:
             "elements": [{"type": "mrkdwn", "text": clip_escaped(t, SECTION_MAX)} for t in texts[:CONTEXT_MAX]]}
 
 
-def alert_buttons(alert: Alert, ms: MessageSettings, external_url: str,
-                  silence: bool = True) -> Optional[Dict[str, Any]]:
-    """Runbook, Silence (pointless once resolved), Grafana's dashboard and panel, and Source: safe http(s) only."""
+def link_button(label: str, action_id: str, url: str) -> Dict[str, Any]:
+    return {"type": "button", "action_id": action_id, "url": url,
+            "text": {"type": "plain_text", "text": label, "emoji": True}}
+
+
+def silence_menu(ms: MessageSettings) -> Dict[str, Any]:
+    """The Silence control when Slack's interactivity is on: a duration to choose."""
+    return {"type": "static_select", "action_id": "silence",
+            "placeholder": {"type": "plain_text", "text": "🔕 Silence…", "emoji": True},
+            "options": [{"text": {"type": "plain_text", "text": f"for {label}"}, "value": label}
+                        for label, _ in ms.silence_durations]}
+
+
+def alert_buttons(alert: Alert, ms: MessageSettings, external_url: str, silence: bool = True,
+                  controls: Optional[List[Dict[str, Any]]] = None, block_id: str = "") -> Optional[Dict[str, Any]]:
+    """Runbook, Silence (pointless once resolved), Grafana's dashboard and panel, and Source: safe http(s) only.
+
+    With interactivity on, `controls` (a Silence menu, Ack) take the place of the Silence link, but for
+    Grafana's alerts, which only Grafana can silence."""
     runbook = alert.annotations.get("runbook_url", "")
     if alert.grafana:  # Grafana's own silence page; Alertmanager's form could not silence a Grafana alert
         silence_link = alert.links.get("silence") if silence else None
+    elif controls is not None:
+        silence_link = None
     else:  # built from a checked base URL and percent-encoded matchers: safe by construction
         silence_link = silence_url(external_url, alert.labels, alert.labels_whole,
                                    ms.key_labels + ("instance",)) if silence else None
-    links = (("View Runbook", "runbook", runbook), ("Silence", "silence", silence_link),
-             ("Dashboard", "dashboard", alert.links.get("dashboard")), ("Panel", "panel", alert.links.get("panel")),
-             ("Source", "source", alert.generator_url))
-    buttons = [{"type": "button", "action_id": action_id, "url": url,
-                "text": {"type": "plain_text", "text": label, "emoji": True}}
-               for label, action_id, url in links if is_http_url(url)]
-    return {"type": "actions", "elements": buttons} if buttons else None
+    elements = [link_button(label, action_id, url) for label, action_id, url in (
+        ("View Runbook", "runbook", runbook), ("Silence", "silence", silence_link),
+        ("Dashboard", "dashboard", alert.links.get("dashboard")), ("Panel", "panel", alert.links.get("panel")),
+        ("Source", "source", alert.generator_url)) if is_http_url(url)]
+    elements[1:1] = [c for c in controls or () if not (alert.grafana and c.get("action_id") == "silence")]
+    if not elements:
+        return None
+    block: Dict[str, Any] = {"type": "actions", "elements": elements}
+    if block_id:
+        block["block_id"] = block_id
+    return block
 
 
 def field_title(name: str) -> str:
@@ -2582,8 +2751,9 @@ def text_length(blocks: List[Dict[str, Any]]) -> int:
 
 
 def alert_blocks(alert: Alert, ms: MessageSettings, title: str, external_url: str,
-                 status_line: Optional[str] = None, resolved: bool = False,
-                 silence: bool = True) -> List[Dict[str, Any]]:
+                 status_line: Optional[str] = None, resolved: bool = False, silence: bool = True,
+                 controls: Optional[List[Dict[str, Any]]] = None, block_id: str = "",
+                 notes: Sequence[str] = ()) -> List[Dict[str, Any]]:
     """The seed's layout: header, fields, description, links, times, context; within Slack's whole-text limit."""
     pairs = field_pairs(alert, ms)
     description = clean_text(ms.text.render(alert, ms.environment)).strip()
@@ -2592,13 +2762,15 @@ def alert_blocks(alert: Alert, ms: MessageSettings, title: str, external_url: st
         blocks = [header_block(title)]
         if status_line:
             blocks.append(section_block(status_line))
+        if notes:
+            blocks.append(context_block(*notes))
         if pairs:
             blocks.append(fields_block(pairs, value_max))
         if description and description_max > 0:
             blocks.append(section_block("*Description:*\n" + mrkdwn(description, description_max)))
         if alert.links.get("image") and is_http_url(alert.links["image"]):
             blocks.append({"type": "image", "image_url": alert.links["image"], "alt_text": truncate(title, 100)})
-        buttons = alert_buttons(alert, ms, external_url, silence=silence and not resolved)
+        buttons = alert_buttons(alert, ms, external_url, silence and not resolved, controls, block_id)
         if buttons:
             blocks.append(buttons)
         blocks.append(context_block(time_line(alert, ms, resolved)))
@@ -2648,7 +2820,10 @@ def render_alert(alert: Alert, channel: str, ms: MessageSettings, kind: str, thr
     else:
         emoji, color = severity_style(alert.severity)
         title = f"{emoji} {'FIRING AGAIN — ' if kind == 'refire' else ''}{title}"
-    blocks = alert_blocks(alert, ms, title, external_url, resolved=kind == "resolved")
+    interactive = ms.interactive and kind != "resolved"
+    blocks = alert_blocks(alert, ms, title, external_url, resolved=kind == "resolved",
+                          controls=[silence_menu(ms)] if interactive else None,
+                          block_id=f"alert:{alert.fingerprint}" if interactive and alert.fingerprint else "")
     payload = message(channel, fallback_text(alert, ms, kind, mention), color, blocks, thread_ts)
     if broadcast and thread_ts:
         payload["reply_broadcast"] = True
@@ -2708,14 +2883,49 @@ def card_status(record: Dict[str, Any], ms: MessageSettings) -> str:
     return f"*Status:* 🔥 {firing} firing · {resolved} resolved{since_text}{again}"
 
 
+def active_silence(record: Dict[str, Any], scope: str = "thread") -> Optional[Dict[str, Any]]:
+    """The silence made from Slack that still holds for this scope (the thread, or one alert's fingerprint)."""
+    for silence in reversed(record.get("silences", [])):
+        if silence.get("scope") == scope and not silence.get("expired") and silence.get("until", 0) > time.time():
+            return silence
+    return None
+
+
+def card_controls(record: Dict[str, Any], ms: MessageSettings) -> List[Dict[str, Any]]:
+    """A card's controls with interactivity on: Silence (or Unsilence) and Ack."""
+    silence = active_silence(record)
+    if silence:
+        first = {"type": "button", "action_id": "unsilence", "value": silence["id"],
+                 "text": {"type": "plain_text", "text": "🔔 Unsilence", "emoji": True}}
+    else:
+        first = silence_menu(ms)
+    return [first, {"type": "button", "action_id": "ack", "value": "ack",
+                    "text": {"type": "plain_text", "text": "👀 Ack", "emoji": True}}]
+
+
+def card_notes(record: Dict[str, Any], ms: MessageSettings) -> List[str]:
+    """What was done from Slack, under the card's status: who silenced it until when, who acknowledged it."""
+    notes = []
+    silence = active_silence(record)
+    if silence:
+        notes.append(f"🔕 *Silenced* until {slack_time(silence['until'], ms)} by {mrkdwn(silence['by'], 80)}")
+    acks = record.get("acks", [])
+    if acks:
+        notes.append("👀 *Acknowledged* by " + ", ".join(
+            f"{mrkdwn(ack['name'], 80)} ({slack_time(ack['at'], ms)})" for ack in acks[:10]))
+    return notes
+
+
 def render_card(record: Dict[str, Any], channel: str, ms: MessageSettings, mention: str = "") -> Dict[str, Any]:
     """The parent message as a status card: the first alert's details under the thread's state."""
     alert = alert_from_record(record.get("first", {}))
     closed = record.get("status") == "closed"
     emoji, color = RESOLVED_STYLE if closed else severity_style(alert.severity)
     title = f"{emoji} {'RESOLVED — ' if closed else ''}{alert_title(alert, ms)}"
+    controls = card_controls(record, ms) if ms.interactive and not closed else None
     blocks = alert_blocks(alert, ms, title, record.get("first", {}).get("externalURL", ""),
-                          status_line=card_status(record, ms), silence=not closed)
+                          status_line=card_status(record, ms), silence=not closed, controls=controls,
+                          block_id="card" if controls else "", notes=card_notes(record, ms))
     text = fallback_text(alert, ms, "resolved" if closed else "firing", mention)
     payload = message(channel, text, color, blocks)
     if record.get("ts"):
@@ -2857,7 +3067,9 @@ class SlackUnavailable(ThreaderError):
 
 
 def alert_entry(alert: Alert, state: str) -> List[Any]:
-    return [state, alert.starts_at, alert.ends_at if state == RESOLVED else None]
+    """An alert as its thread keeps it: [state, startsAt, endsAt, its labels (None if too long to keep whole)]."""
+    labels, whole = clip_for_record(alert.labels, ())
+    return [state, alert.starts_at, alert.ends_at if state == RESOLVED else None, labels if whole else None]
 
 
 # A stored record keeps only what its messages can show, so that hostile megabyte values cost kilobytes.
@@ -2984,6 +3196,7 @@ class Entry:
     channel: str
     external_url: str
     target: str  # the batch it waits in: its thread's key, storm|CHANNEL, or orphans|CHANNEL
+    group_labels: Dict[str, str] = dataclasses.field(default_factory=dict)  # THREAD_BY=group: the group's
     result: Optional[Tuple[str, Optional[str]]] = None  # (action, ts) once told
     taken: bool = False
     waiters: int = 1
@@ -3166,6 +3379,13 @@ class Poster:
     def edit(self, deadline: float, payload: Dict[str, Any]) -> bool:
         """chat.update, best effort: False when it has to wait for later (or cannot be done)."""
         return self._best_effort(deadline, "chat.update", payload)
+
+    def ephemeral(self, deadline: float, channel: str, user: str, thread_ts: str, text: str) -> bool:
+        """A message only `user` sees (chat.postEphemeral), best effort."""
+        payload = {"channel": channel, "user": user, "text": text}
+        if thread_ts:
+            payload["thread_ts"] = thread_ts
+        return self._best_effort(deadline, "chat.postEphemeral", payload)
 
     def react(self, deadline: float, channel: str, ts: str) -> bool:
         return self._best_effort(deadline, "reactions.add",
@@ -3416,6 +3636,8 @@ class ThreadTeller:
         """A new thread: its parent, the status card, drawn for its first alert."""
         alert, ms = entry.alert, self.config.messages
         record = new_record(alert, entry.thread_key, entry.channel, entry.external_url, now)
+        if entry.group_labels:  # what a silence of the whole thread matches
+            record["first"]["group_labels"], _ = clip_for_record(entry.group_labels, ())
         apply_step(record, alert, POST, now)
         card = render_card(record, entry.channel, ms, mention=ms.mentions_for([alert]))
         record["ts"] = self.poster.post(deadline, card, lambda: render_plain(alert, entry.channel, ms, "firing"))["ts"]
@@ -3725,8 +3947,9 @@ class Threader:
             for key in opening:
                 targets[key] = f"storm|{channel}"
         order = sorted(range(len(hook.alerts)), key=lambda i: hook.alerts[i].status != "firing")
-        return order, [Entry(keys[i], thread_keys[i], hook.alerts[i], channel, external_url, targets[keys[i]])
-                       for i in order]
+        group_labels = hook.group_labels if ms.thread_by == "group" else {}
+        return order, [Entry(keys[i], thread_keys[i], hook.alerts[i], channel, external_url, targets[keys[i]],
+                             group_labels) for i in order]
 
     def result(self, entry: Entry, joined: bool) -> Dict[str, Any]:
         action, ts = entry.result or ("unchanged", None)
@@ -3734,6 +3957,194 @@ class Threader:
         return {"key": entry.thread_key, "thread_ts": ts, "status": alert.status,
                 "alertname": alert.alertname, "severity": alert.severity,
                 "action": "unchanged" if joined else action}  # joined: another webhook's copy told it
+
+
+# ---------------------------------------------------------------------------
+# Slack interactivity: Silence and Ack from the message itself
+# ---------------------------------------------------------------------------
+
+Response = Tuple[int, Any, Dict[str, str]]  # an HTTP answer: status, body (JSON or text), headers
+
+
+class Interactions:
+    """Signed block_actions requests from Slack: verified, answered at once, their work done in the background.
+
+    A request is verified as Slack documents it (v0 HMAC-SHA256 of
+    'v0:timestamp:body' with the signing secret, compared in constant time,
+    the timestamp within five minutes), and each signed request is taken
+    once: a replay does nothing. Silences go to Alertmanager's API; acks to
+    the thread's record, so every replica sees them. The outcome is told in
+    the thread; a failure only to whoever clicked (an ephemeral message).
+    """
+
+    MAX_AGE = 300  # seconds a signed request stays good
+    WORK_SECONDS = 30  # a click's Slack and Alertmanager calls, all told
+
+    def __init__(self, config: Config, store: ThreadStore, poster: Poster, cards: Cards,
+                 alertmanager: AlertmanagerClient, metrics: Metrics) -> None:
+        self.config = config
+        self.store = store
+        self.poster = poster
+        self.cards = cards
+        self.alertmanager = alertmanager
+        self.metrics = metrics
+
+    # -- the request ------------------------------------------------------------
+
+    def verify(self, headers: Any, body: bytes) -> bool:
+        """Raise BadRequest (401) unless Slack signed this request; False for a replay of one."""
+        timestamp, signature = headers.get("X-Slack-Request-Timestamp"), headers.get("X-Slack-Signature")
+        if not timestamp or not signature:
+            raise BadRequest("unsigned request: Slack signs every request (X-Slack-Signature)", 401)
+        if not timestamp.isdigit() or abs(time.time() - int(timestamp)) > self.MAX_AGE:
+            raise BadRequest("the request's timestamp is more than 5 minutes off (a replay, or a wrong clock)", 401)
+        secret = (self.config.slack_signing_secret or "").encode()
+        expected = "v0=" + hmac.new(secret, b"v0:" + timestamp.encode() + b":" + body, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected.encode(), signature.encode()):
+            raise BadRequest("the signature does not match SLACK_SIGNING_SECRET", 401)
+        return self.store.claim("slack-request|" + signature, 2 * self.MAX_AGE)
+
+    def handle(self, headers: Any, body: bytes) -> Response:
+        media_type = (headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+        if media_type != "application/x-www-form-urlencoded":
+            raise BadRequest("Slack's interactions are application/x-www-form-urlencoded")
+        if not self.verify(headers, body):
+            self.metrics.inc("alert_threader_interactions_total", action="replayed")
+            return 200, {"ok": True, "done": "nothing: this request was taken already"}, {}
+        try:
+            payload = json.loads(urllib.parse.parse_qs(body.decode("utf-8"), strict_parsing=True)["payload"][0])
+            actions = payload["actions"] if payload.get("type") == "block_actions" else []
+            action = actions[0] if actions else {}
+            name = action.get("action_id", "")
+        except (UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+            raise BadRequest("not a block_actions payload") from None
+        if name in ("silence", "unsilence", "ack"):
+            self.metrics.inc("alert_threader_interactions_total", action=name)
+            threading.Thread(target=self.act, args=(payload, action), daemon=True, name="alert-threader-click").start()
+        return 200, "", {"Content-Type": "text/plain"}  # Slack wants an answer within 3 s; the rest follows
+
+    # -- the work, in the background --------------------------------------------
+
+    def act(self, payload: Dict[str, Any], action: Dict[str, Any]) -> None:
+        deadline = time.monotonic() + self.WORK_SECONDS
+        user = payload.get("user") or {}
+        who = str(user.get("username") or user.get("name") or user.get("id") or "someone")[:80]
+        container = payload.get("container") or {}
+        channel = str((payload.get("channel") or {}).get("id") or container.get("channel_id") or "")
+        parent_ts = str(container.get("thread_ts") or (payload.get("message") or {}).get("thread_ts")
+                        or container.get("message_ts") or "")
+        try:
+            found = self.store.find_thread(channel, parent_ts)
+            if found is None:
+                raise AlertmanagerError("this thread is no longer known to alert-threader (past THREAD_RETENTION, "
+                                        "or its state was cleared)")
+            key, _ = found
+            if action.get("action_id") == "ack":
+                self.ack(deadline, key, who, str(user.get("id", "")))
+            elif action.get("action_id") == "silence":
+                self.silence(deadline, key, action, who, payload)
+            else:
+                self.unsilence(deadline, key, str(action.get("value", "")), who)
+        except (AlertmanagerError, StoreError, SlackError, SlackUnavailable) as e:
+            log_event(logging.WARNING, "Slack action failed", action=action.get("action_id"), user=who,
+                      error=str(e))
+            self.metrics.inc("alert_threader_interactions_total", action="failed")
+            self.poster.ephemeral(deadline, channel, str(user.get("id", "")), parent_ts,
+                                  f"⚠️ {escape_mrkdwn(str(e))}")
+
+    def ack(self, deadline: float, key: str, who: str, user_id: str) -> None:
+        with self.store.locked([key]):
+            record = self.store.get(key)
+            if record is None:
+                raise AlertmanagerError("this thread is no longer known to alert-threader")
+            acks = record.setdefault("acks", [])
+            if any(a.get("user") == user_id for a in acks):
+                return  # acknowledged by this person already
+            acks.append({"user": user_id, "name": who, "at": time.time()})
+            del acks[:-20]
+            record["updated"] = time.time()
+            self.store.put(key, record)
+        self.tell(deadline, key, record, f"👀 Acknowledged by {escape_mrkdwn(who)}")
+
+    def silence(self, deadline: float, key: str, action: Dict[str, Any], who: str, payload: Dict[str, Any]) -> None:
+        ms = self.config.messages
+        label = str((action.get("selected_option") or {}).get("value", ""))
+        seconds = dict(ms.silence_durations).get(label)
+        if seconds is None:
+            raise AlertmanagerError(f"{truncate(label, 20)!r} is not one of SILENCE_DURATIONS")
+        record = self.store.get(key) or {}
+        scope = str(action.get("block_id", "card"))
+        matchers, what = self.matchers(record, scope)
+        starts = time.time()
+        channel, ts = str(record.get("channel", "")), str(record.get("ts", ""))
+        domain = str((payload.get("team") or {}).get("domain") or "")
+        link = f"https://{domain + '.' if re.fullmatch(r'[a-z0-9-]+', domain) else ''}slack.com/archives/" \
+               f"{channel}/p{ts.replace('.', '')}"
+        silence_id = self.alertmanager.create_silence(
+            self.alertmanager_url(record), matchers, starts, starts + seconds, who,
+            f"Silenced from Slack by {who}: {link}")
+        with self.store.locked([key]):
+            record = self.store.get(key)
+            if record is None:  # forgotten meanwhile: undo, so that nothing is left half-done
+                self.alertmanager.expire_silence(self.alertmanager_url({}), silence_id)
+                raise AlertmanagerError("this thread was forgotten meanwhile; the silence was taken back")
+            silences = record.setdefault("silences", [])
+            silences.append({"id": silence_id, "scope": "thread" if scope == "card" else scope.split(":", 1)[1],
+                             "until": starts + seconds, "by": who, "at": starts})
+            del silences[:-20]
+            record["updated"] = time.time()
+            self.store.put(key, record)
+        self.tell(deadline, key, record, f"🔕 {what} silenced for {label} by {escape_mrkdwn(who)} "
+                                         f"(until {slack_time(starts + seconds, ms)})")
+
+    def unsilence(self, deadline: float, key: str, silence_id: str, who: str) -> None:
+        record = self.store.get(key) or {}
+        if not any(s.get("id") == silence_id for s in record.get("silences", [])):
+            raise AlertmanagerError("this silence was not made from this thread")
+        self.alertmanager.expire_silence(self.alertmanager_url(record), silence_id)
+        with self.store.locked([key]):
+            record = self.store.get(key) or record
+            for silence in record.get("silences", []):
+                if silence.get("id") == silence_id:
+                    silence["expired"] = True
+            record["updated"] = time.time()
+            self.store.put(key, record)
+        self.tell(deadline, key, record, f"🔔 Silence lifted by {escape_mrkdwn(who)}")
+
+    # -- helpers ------------------------------------------------------------------
+
+    def alertmanager_url(self, record: Dict[str, Any]) -> str:
+        url = self.config.alertmanager_url or record.get("first", {}).get("externalURL", "")
+        if not is_http_url(url):
+            raise AlertmanagerError("no Alertmanager to silence in: set ALERTMANAGER_URL")
+        return url
+
+    def matchers(self, record: Dict[str, Any], scope: str) -> Tuple[List[Dict[str, Any]], str]:
+        """What a silence from here matches: the thread key's labels (the card), or one alert's labels (a reply)."""
+        if scope.startswith("alert:"):
+            entry = record.get("alerts", {}).get(scope.split(":", 1)[1])
+            labels = entry[3] if entry and len(entry) > 3 else None
+            if not labels:
+                raise AlertmanagerError("this alert's labels are not known whole (too long to keep): silence it "
+                                        "in Alertmanager")
+            what = "This alert"
+        else:
+            first = record.get("first", {})
+            labels = first.get("group_labels") or {
+                name: first.get("labels", {}).get(name, "") for name in self.config.messages.key_labels}
+            if first.get("labels_clipped") and any(len(v) >= RECORD_VALUE_MAX for v in labels.values()):
+                raise AlertmanagerError("this thread's labels are too long to silence from Slack: use Alertmanager")
+            what = "This thread"
+        if not any(labels.values()):
+            raise AlertmanagerError("nothing to match a silence on: the thread key's labels are all empty")
+        return [{"name": name, "value": value, "isRegex": False, "isEqual": True}
+                for name, value in sorted(labels.items())], what
+
+    def tell(self, deadline: float, key: str, record: Dict[str, Any], text: str) -> None:
+        """The outcome, as a reply in the thread, and on the card."""
+        self.poster.post(deadline, {"channel": record["channel"], "thread_ts": record["ts"], "text": text,
+                                    "unfurl_links": False, "unfurl_media": False})
+        self.cards.refresh(deadline, key, record, closing=False)
 
 
 # ---------------------------------------------------------------------------
@@ -3867,13 +4278,12 @@ def render_preview(calls: Iterable[Tuple[float, str, Dict[str, Any], str]], dry_
 # HTTP server
 # ---------------------------------------------------------------------------
 
-Response = Tuple[int, Any, Dict[str, str]]
 ROUTES = {"/alert": ("POST",), "/health": ("GET", "HEAD"), "/stats": ("GET",), "/cache": ("GET", "DELETE"),
-          "/metrics": ("GET", "HEAD"), "/preview": ("GET",), "/": ("GET", "HEAD")}
+          "/metrics": ("GET", "HEAD"), "/preview": ("GET",), "/slack/actions": ("POST",), "/": ("GET", "HEAD")}
 PROTECTED = {("POST", "/alert"), ("GET", "/cache"), ("DELETE", "/cache"), ("GET", "/preview")}
 # What shows or changes the stored alerts: with no WEBHOOK_TOKEN, only for clients on this machine.
 LOCAL_ONLY = {("GET", "/cache"), ("DELETE", "/cache"), ("GET", "/preview")}
-TAKES_BODY = {("POST", "/alert")}
+TAKES_BODY = {("POST", "/alert"), ("POST", "/slack/actions")}
 
 
 def is_loopback(address: str) -> bool:
@@ -3911,12 +4321,13 @@ class App:
     """Routes requests to the threader and the status endpoints; knows nothing of sockets."""
 
     def __init__(self, config: Config, store: ThreadStore, slack: SlackAPI, threader: Threader,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, interactions: Optional[Interactions] = None) -> None:
         self.config = config
         self.store = store
         self.slack = slack
         self.threader = threader
         self.metrics = metrics
+        self.interactions = interactions  # Slack's clicks, with SLACK_SIGNING_SECRET set
         self.started = time.time()
         self.stopping = False
         self._inflight = 0
@@ -3960,7 +4371,7 @@ class App:
         """The answer to a request that goes no further, decided before its body is read (or continued)."""
         path, method = request.path, request.method
         allowed = ROUTES.get(path)
-        if allowed is None:
+        if allowed is None or (path == "/slack/actions" and self.interactions is None):
             return error(404, f"no such endpoint: {truncate(path, 100)}")
         if method not in allowed:
             return error(405, f"{method} is not allowed on {path}", Allow=", ".join(allowed))
@@ -3989,6 +4400,9 @@ class App:
         path = request.path
         if path == "/alert":
             return self.alert(request, read_body)
+        if path == "/slack/actions":
+            assert self.interactions is not None
+            return self.interactions.handle(request.headers, read_body())
         if path == "/health":
             return self.health()
         if path == "/stats":
@@ -4008,7 +4422,8 @@ class App:
             return 200, page, {"Content-Type": "text/html; charset=utf-8",
                                "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"}
         return 200, {"ok": True, "service": "alert-threader", "version": __version__,
-                     "endpoints": sorted(f"{m} {p}" for p, ms in ROUTES.items() for m in ms if m != "HEAD")}, {}
+                     "endpoints": sorted(f"{m} {p}" for p, ms in ROUTES.items() for m in ms if m != "HEAD"
+                                         and (p != "/slack/actions" or self.interactions))}, {}
 
     def alert(self, request: Request, read_body: Callable[[], bytes]) -> Response:
         started = time.monotonic()
@@ -4379,7 +4794,10 @@ class Service:
             raise
         self.slack = make_slack(config, self.metrics)
         self.threader = Threader(config, self.store, self.slack, self.metrics)
-        self.app = App(config, self.store, self.slack, self.threader, self.metrics)
+        interactions = Interactions(config, self.store, self.threader.poster, self.threader.teller.cards,
+                                    AlertmanagerClient(config.alertmanager_auth, config.slack_timeout),
+                                    self.metrics) if config.interactive else None
+        self.app = App(config, self.store, self.slack, self.threader, self.metrics, interactions)
         self.server.app = self.app
         self.port: int = self.server.server_address[1]
         self.metrics.set("alert_threader_build_info", 1, version=__version__,
