@@ -37,6 +37,7 @@ import hmac
 import html
 import http.client
 import http.server
+import io
 import ipaddress
 import itertools
 import json
@@ -255,6 +256,7 @@ def iso_now() -> str:
 # ---------------------------------------------------------------------------
 
 MAX_JSON_DEPTH = 32
+MAX_JSON_VALUES = 250_000  # about 5,000 alerts of fifty labels and annotations each
 KEY_LABELS = ("alertname", "severity", "service", "cluster")
 
 
@@ -489,8 +491,11 @@ def label_fingerprint(labels: Dict[str, str]) -> str:
 
     Prometheus' labelSetToFingerprint: FNV-1a 64 over the labels sorted by name,
     each name and value followed by a 0xff byte. Computing the same value means
-    a curl-posted alert and the same alert from Alertmanager are one alert."""
+    a curl-posted alert and the same alert from Alertmanager are one alert. FNV-1a runs
+    byte by byte in Python: labels longer than any real alert's are hashed with SHA-256."""
     data = b"".join(name.encode() + b"\xff" + labels[name].encode() + b"\xff" for name in sorted(labels))
+    if len(data) > 65536:
+        return "s" + hashlib.sha256(data).hexdigest()[:15]
     return f"{fnv1a64(data):016x}"
 
 
@@ -513,12 +518,12 @@ def _reject_constant(name: str) -> Any:
 def _lone_surrogate_path(value: Any, path: str) -> Optional[str]:
     """Where a JSON \\ud800-style escape left a string that is not valid Unicode, if anywhere."""
     if isinstance(value, str):
-        return path if re.search("[\ud800-\udfff]", value) else None
+        return path.encode("utf-8", "backslashreplace").decode() if re.search("[\ud800-\udfff]", value) else None
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for name, item in items:
         where = f"{path}[{name}]" if isinstance(name, int) else (f"{path}.{name}" if path else str(name))
         if isinstance(name, str) and re.search("[\ud800-\udfff]", name):
-            return where
+            return where.encode("utf-8", "backslashreplace").decode()  # a message must be valid text itself
         found = _lone_surrogate_path(item, where)
         if found:
             return found
@@ -527,7 +532,7 @@ def _lone_surrogate_path(value: Any, path: str) -> Optional[str]:
 
 def read_document(body: bytes, content_type: Optional[str]) -> Dict[str, Any]:
     """The body as a JSON object, refused with the reason when it is not valid, plain JSON."""
-    if content_type:
+    if content_type is not None:
         media_type = content_type.split(";", 1)[0].strip().lower()
         if media_type != "application/json" and not media_type.endswith("+json"):
             raise BadRequest(f"Content-Type must be application/json, not {truncate(media_type, 60)!r}")
@@ -537,6 +542,10 @@ def read_document(body: bytes, content_type: Optional[str]) -> Dict[str, Any]:
         raise BadRequest(f"body is not UTF-8 (byte {e.start})") from None
     if text.startswith("\ufeff"):
         raise BadRequest("body is not valid JSON: it starts with a byte order mark (send UTF-8 without one)")
+    # Parsed JSON takes far more memory than its text: a body of millions of tiny values is refused unread.
+    if text.count(",") > MAX_JSON_VALUES:
+        raise BadRequest(f"the webhook holds more than {MAX_JSON_VALUES:,} JSON values; send fewer alerts at a time "
+                         "(Alertmanager's max_alerts)", 413)
     try:
         document = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
@@ -626,6 +635,8 @@ GRAFANA_LINKS = (("silence", "silenceURL"), ("dashboard", "dashboardURL"), ("pan
 
 def parse_webhook(body: bytes, content_type: Optional[str] = "application/json") -> Webhook:
     """Validate an Alertmanager (or Grafana alerting) webhook body; BadRequest names the first offending field.
+
+    content_type None (a file, for render) is not checked; anything but JSON, or none, is refused.
 
     Fields neither uses are ignored (Alertmanager 0.32+'s notification_reason, 0.34's routeLabels)."""
     document = read_document(body, content_type)
@@ -883,6 +894,13 @@ class RawSettings:
             raise ConfigError(f"{variable}={self.values[variable]!r} must be {', '.join(options[:-1])} or {options[-1]}")
         return value
 
+    def redis_url(self) -> str:
+        url = self.text("REDIS_URL")
+        if getattr(self.args, "REDIS_URL", None) is not None and redis_passwords(url):
+            raise ConfigError("--redis-url: a password on the command line is visible to every user in ps; put "
+                              "REDIS_URL in the environment (the unit's env file) instead")
+        return url
+
     def secret(self, variable: str) -> Optional[str]:
         """A secret from its variable or its _FILE; as a flag it is refused (every user sees it in ps)."""
         if getattr(self.args, variable, None) is not None:
@@ -923,7 +941,7 @@ def store_settings(raw: RawSettings, environ: Dict[str, str]) -> Dict[str, Any]:
             raise ConfigError(f"THREAD_STORE_FILE: directory {directory} does not exist")
         if not os.access(directory, os.W_OK | os.X_OK):
             raise ConfigError(f"THREAD_STORE_FILE: directory {directory} is not writable")
-    redis_url = raw.text("REDIS_URL")
+    redis_url = raw.redis_url()
     try:
         parts = urllib.parse.urlsplit(redis_url)
         parts.port  # noqa: B018 - raises ValueError on a bad port
@@ -1117,7 +1135,7 @@ def log_event(level: int, message: str, **fields: Any) -> None:
 
 def _logfmt(value: Any) -> str:
     text = str(value)
-    if text == "" or any(c in text for c in ' "=\n'):
+    if text == "" or any(c in text for c in ' "=') or not text.isprintable():  # no line of its own, no escapes
         return json.dumps(text, ensure_ascii=False)
     return text
 
@@ -2393,6 +2411,50 @@ class DryRunSlack(SlackAPI):
         return {"ok": True, "ts": payload.get("ts", ts), "channel": payload.get("channel")}
 
 
+class Deadlines:
+    """Sockets that must be done by a moment; past it, a watcher shuts them down.
+
+    A socket timeout bounds each read, so a peer that sends a byte now and then
+    never trips it. This bounds the whole exchange: a request's head, one call
+    to Slack or to Alertmanager.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._due: Dict[int, Tuple[float, Any]] = {}  # id(socket) -> (when, socket)
+        self._late: set = set()  # shut down for being late, until unwatched
+        self._thread: Optional[threading.Thread] = None
+
+    def watch(self, sock: Any, seconds: float) -> None:
+        with self._changed:
+            self._due[id(sock)] = (time.monotonic() + seconds, sock)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True, name="alert-threader-deadlines")
+                self._thread.start()
+            self._changed.notify()
+
+    def unwatch(self, sock: Any) -> bool:
+        """Watch it no more; True if it was shut down for being late."""
+        with self._changed:
+            self._due.pop(id(sock), None)
+            late = id(sock) in self._late
+            self._late.discard(id(sock))
+            return late
+
+    def _run(self) -> None:
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                for key, (due, sock) in list(self._due.items()):
+                    if due <= now:
+                        del self._due[key]
+                        self._late.add(key)
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_RDWR)
+                soonest = min((due for due, _ in self._due.values()), default=None)
+                self._changed.wait(None if soonest is None else max(0.05, soonest - now))
+
+
 def peer_closed(sock: Any) -> bool:
     """Has the peer of an idle kept-alive connection closed it (or sent something unasked)?"""
     try:
@@ -2401,6 +2463,9 @@ def peer_closed(sock: Any) -> bool:
         return bool(poller.poll(0))
     except (OSError, ValueError):
         return True
+
+
+MAX_RETRY_AFTER = 300.0  # seconds: a longer Retry-After (a proxy's, a bug's) holds a channel back no longer
 
 
 class SlackClient(SlackAPI):
@@ -2427,6 +2492,7 @@ class SlackClient(SlackAPI):
                          "User-Agent": f"alert-threader/{__version__}"}
         self._local = threading.local()
         self._ssl_context: Any = None
+        self._deadlines = Deadlines()  # SLACK_TIMEOUT bounds a whole call, however slowly an answer drips
 
     def _connection(self) -> Tuple[http.client.HTTPConnection, bool]:
         """This thread's connection, and whether it carried an earlier call."""
@@ -2453,11 +2519,15 @@ class SlackClient(SlackAPI):
             conn.close()
 
     def _exchange(self, method: str, body: bytes) -> Tuple[int, Optional[str], bytes]:
-        """One request and its whole answer: (status, Retry-After, body)."""
+        """One request and its whole answer, within SLACK_TIMEOUT in all: (status, Retry-After, body)."""
         for attempt in (1, 2):
             conn, reused = self._connection()
-            sent = False
+            sock, sent, late = None, False, False
             try:
+                if conn.sock is None:
+                    conn.connect()
+                sock = conn.sock
+                self._deadlines.watch(sock, self._timeout)
                 try:
                     conn.request("POST", self._path + method, body, self._headers)
                     sent = True
@@ -2467,7 +2537,8 @@ class SlackClient(SlackAPI):
                     # Only a request that could not be sent, or one answered by a close without a
                     # single byte, is known not to have been acted on; any other failure may have been.
                     untouched = not sent or isinstance(e, http.client.RemoteDisconnected)
-                    if not (untouched and reused and attempt == 1):
+                    late = self._deadlines.unwatch(sock)
+                    if late or not (untouched and reused and attempt == 1):
                         raise
                     self._drop_connection()
                     self.metrics.inc("alert_threader_slack_resends_total")
@@ -2477,14 +2548,16 @@ class SlackClient(SlackAPI):
                 answer = response.read(self.MAX_ANSWER + 1)
                 if len(answer) > self.MAX_ANSWER:
                     raise ValueError("answer too large")
+                if self._deadlines.unwatch(sock):
+                    raise socket.timeout("the answer took longer than SLACK_TIMEOUT")
                 if response.will_close:
                     self._drop_connection()
                 return response.status, response.getheader("Retry-After"), answer
-            except socket.timeout:
-                self._drop_connection()
-                raise SlackError(method, f"timeout after {self._timeout:g}s", TRANSIENT) from None
             except (OSError, ValueError, http.client.HTTPException) as e:
+                late = self._deadlines.unwatch(sock) or late or isinstance(e, socket.timeout)
                 self._drop_connection()
+                if late:
+                    raise SlackError(method, f"timeout after {self._timeout:g}s", TRANSIENT) from None
                 raise SlackError(method, f"network: {type(e).__name__}", TRANSIENT) from None
         raise AssertionError("unreachable: the loop returns or raises")
 
@@ -2495,7 +2568,7 @@ class SlackClient(SlackAPI):
                 wait = float(retry_after or "1")
             except ValueError:
                 wait = 1.0
-            raise SlackError(method, "ratelimited", RATE_LIMITED, max(0.0, min(wait, 3600.0)))
+            raise SlackError(method, "ratelimited", RATE_LIMITED, max(0.0, min(wait, MAX_RETRY_AFTER)))
         if status >= 500:
             raise SlackError(method, f"http_{status}", TRANSIENT)
         if status >= 400:
@@ -3886,8 +3959,15 @@ class Threader:
         return self.poster.delivering
 
     def store_key(self, thread_key: str, channel: str) -> str:
-        """The seed's key in the default channel; other channels are prefixed with their ID."""
-        return thread_key if channel == self.default_channel else f"{channel}:{thread_key}"
+        """The seed's key in the default channel; other channels are prefixed with their ID.
+
+        A default-channel key that looks like another channel's (or starts with the escape) is escaped with a
+        backslash, so that no alert of one channel can take over another's thread."""
+        if channel != self.default_channel:
+            return f"{channel}:{thread_key}"
+        if thread_key.startswith("\\") or any(thread_key.startswith(c + ":") for c in self.config.slack_channels):
+            return "\\" + thread_key
+        return thread_key
 
     def handle(self, hook: Webhook, channel: Optional[str] = None) -> Tuple[int, Dict[str, Any]]:
         """Deliver one webhook; 200 when everything is in Slack and stored, 503 when Alertmanager must retry."""
@@ -4284,6 +4364,14 @@ PROTECTED = {("POST", "/alert"), ("GET", "/cache"), ("DELETE", "/cache"), ("GET"
 # What shows or changes the stored alerts: with no WEBHOOK_TOKEN, only for clients on this machine.
 LOCAL_ONLY = {("GET", "/cache"), ("DELETE", "/cache"), ("GET", "/preview")}
 TAKES_BODY = {("POST", "/alert"), ("POST", "/slack/actions")}
+LARGE_BODY = 1 << 20
+
+
+def is_local_host(host_header: str) -> bool:
+    """Does a Host header name this machine by its loopback name or address (not a name rebound to it)?"""
+    host = host_header.strip().lower()
+    host = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return host in ("", "localhost") or host.endswith(".localhost") or is_loopback(host)
 
 
 def is_loopback(address: str) -> bool:
@@ -4329,6 +4417,8 @@ class App:
         self.metrics = metrics
         self.interactions = interactions  # Slack's clicks, with SLACK_SIGNING_SECRET set
         self.started = time.time()
+        # Parsed JSON takes several times the size of its text: large webhooks are taken two at a time.
+        self._large = threading.BoundedSemaphore(2)
         self.stopping = False
         self._inflight = 0
         self._idle = threading.Condition()
@@ -4378,7 +4468,8 @@ class App:
         if (method, path) in PROTECTED and not self.authorized(request.headers, allow_basic=path == "/preview"):
             challenge = 'Basic realm="alert-threader"' if path == "/preview" else 'Bearer realm="alert-threader"'
             return error(401, "missing or wrong bearer token (WEBHOOK_TOKEN)", **{"WWW-Authenticate": challenge})
-        if (method, path) in LOCAL_ONLY and not self.config.webhook_token and not is_loopback(request.client):
+        if (method, path) in LOCAL_ONLY and not self.config.webhook_token and not (
+                is_loopback(request.client) and is_local_host(request.headers.get("Host", ""))):
             return error(403, f"{path} shows the stored alerts: with no WEBHOOK_TOKEN set it answers only on this "
                               "machine; set WEBHOOK_TOKEN to use it from elsewhere")
         if path == "/alert" and "channel" in request.query:
@@ -4428,10 +4519,11 @@ class App:
     def alert(self, request: Request, read_body: Callable[[], bytes]) -> Response:
         started = time.monotonic()
         channel = request.query["channel"][-1] if "channel" in request.query else None
-        hook = parse_webhook(read_body(), request.headers.get("Content-Type"))
-        if self.stopping:
-            return error(503, "shutting down; Alertmanager will retry", Connection="close")
-        status, body = self.threader.handle(hook, channel)
+        with self._large if (request.length or 0) > LARGE_BODY else contextlib.nullcontext():
+            hook = parse_webhook(read_body(), request.headers.get("Content-Type", ""))
+            if self.stopping:
+                return error(503, "shutting down; Alertmanager will retry", Connection="close")
+            status, body = self.threader.handle(hook, channel)
         actions: Dict[str, int] = {}
         for result in body["results"]:
             actions[result["action"]] = actions.get(result["action"], 0) + 1
@@ -4487,7 +4579,9 @@ HEADER_SYNTAX_DEFECTS = (email.errors.MissingHeaderBodySeparatorDefect, email.er
 SINGLE_HEADERS = ("Content-Length", "Transfer-Encoding", "Authorization", "Content-Type", "Host", "Expect")
 # After answering a request whose body is left unread, the connection is closed; until the client
 # stops sending, what it sends is read and dropped, so that the close does not reset the answer away.
-LINGER_SECONDS, LINGER_IDLE_SECONDS, LINGER_BYTES = 10.0, 2.0, 64 << 20
+LINGER_SECONDS, LINGER_IDLE_SECONDS, LINGER_BYTES = 10.0, 2.0, 256 << 20
+# A request's head: at most this much in all, whatever http.server would take (100 lines of 64 KiB each).
+HEAD_MAX, HEAD_LINES = 32 << 10, 100
 BODY_METHODS = ("POST", "PUT", "PATCH")
 
 
@@ -4533,6 +4627,54 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def version_string(self) -> str:
         return f"alert-threader/{__version__}"
 
+    def handle_one_request(self) -> None:
+        # The request line and headers must arrive within CLIENT_TIMEOUT in all, not only between bytes.
+        self.server.deadlines.watch(self.connection, self.timeout)
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.deadlines.unwatch(self.connection)
+
+    def parse_request(self) -> bool:
+        """http.server's parsing, of a head first read here within limits of its own."""
+        self.command, self.request_version = None, self.default_request_version  # for a refusal's answer
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        try:
+            head = self.read_head()
+        except BadRequest as e:
+            self.send_error(e.status, str(e))
+            return False
+        finally:
+            self.server.deadlines.unwatch(self.connection)  # the head is in: the body has a limit of its own
+        if head is None:  # the client went, or was too slow
+            self.close_connection = True
+            return False
+        real, self.rfile = self.rfile, io.BytesIO(head)
+        try:
+            return super().parse_request()
+        finally:
+            self.rfile = real
+
+    def read_head(self) -> Optional[bytes]:
+        """The header lines up to the blank one: at most HEAD_MAX bytes and HEAD_LINES lines, no bare CR or NUL."""
+        lines: List[bytes] = []
+        size = 0
+        while True:
+            line = self.rfile.readline(HEAD_MAX + 1)
+            if not line.endswith(b"\n"):
+                if len(line) > HEAD_MAX:
+                    raise BadRequest("request headers longer than 32 KiB", 431)
+                return None
+            size += len(line)
+            if size > HEAD_MAX or len(lines) >= HEAD_LINES:
+                raise BadRequest(f"request headers over 32 KiB or {HEAD_LINES} lines", 431)
+            text = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+            if b"\r" in text or b"\0" in text:  # email's parser would start a new header at a bare CR
+                raise BadRequest("a header line holds a bare CR or a NUL", 400)
+            lines.append(line)
+            if not text:
+                return b"".join(lines)
+
     def log_message(self, format: str, *args: Any) -> None:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("http %s %s", self.address_string(), format % args)
@@ -4556,7 +4698,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if headers.get("Transfer-Encoding") is not None:
             return error(411, "chunked bodies are not accepted; send Content-Length")
         length = headers.get("Content-Length")
-        if length is not None and not CONTENT_LENGTH.fullmatch(length.strip()):
+        if length is not None and not CONTENT_LENGTH.fullmatch(length.strip(" \t")):
             return error(400, "Content-Length must be a non-negative integer")
         self.unread = int(length) if length is not None else 0
         self.request_info = Request.parse(self.command, self.path, headers,
@@ -4589,8 +4731,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         deadline = time.monotonic() + 2 * self.timeout
         while remaining > 0:
             chunk = self.rfile.read1(min(remaining, 65536))
-            if not chunk or time.monotonic() > deadline:
+            if not chunk:
                 raise BadRequest("body ended before Content-Length bytes arrived")
+            if time.monotonic() > deadline:
+                raise BadRequest(f"the body did not arrive within {2 * self.timeout:g}s (2 x CLIENT_TIMEOUT)", 408)
             parts.append(chunk)
             remaining -= len(chunk)
             self.unread = remaining
@@ -4625,10 +4769,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def write_answer(self, status: int, body: Any, headers: Dict[str, str]) -> None:
         if isinstance(body, (dict, list)):
-            payload = json.dumps(body, ensure_ascii=False).encode()
+            payload = json.dumps(body, ensure_ascii=False).encode("utf-8", "backslashreplace")
             headers = {"Content-Type": "application/json; charset=utf-8", **headers}
         else:
-            payload = str(body).encode()
+            payload = str(body).encode("utf-8", "backslashreplace")
         # A body still on the wire, or a refused request that may have carried one without saying so:
         # what follows on this connection cannot be trusted to be a request of its own.
         if self.unread or (status >= 400 and self.command in BODY_METHODS):
@@ -4693,6 +4837,9 @@ class ThreaderServer(http.server.ThreadingHTTPServer):
     def __init__(self, address: Tuple[str, int], max_connections: int) -> None:
         self._slots = threading.BoundedSemaphore(max_connections)
         self._refusals = threading.BoundedSemaphore(self.REFUSALS)
+        self.deadlines = Deadlines()
+        # Connections waiting to be accepted: a storm's burst must reach the 503 past MAX_CONNECTIONS, not a reset.
+        self.request_queue_size = max(128, max_connections)
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)

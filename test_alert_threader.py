@@ -135,6 +135,7 @@ class FakeSlack:
     """Slack's Web API on 127.0.0.1:0. Script answers with fail(method, *answers):
     {"error": code} (ok:false), {"status": 503}, {"status": 429, "retry_after": 1},
     {"drop": True} (close without answering), {"partial": True} (accept, send half an answer, close),
+    {"drip": s} (an answer one byte every s seconds),
     {"sleep": s} (then answer ok),
     {"chunked": True} (answer ok in chunks), {"close": True} (answer ok, then close the connection),
     {"close_header": True} (answer ok with Connection: close)."""
@@ -174,6 +175,16 @@ class FakeSlack:
                 if answer.get("drop"):
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if answer.get("drip"):  # a whole answer, a byte every `drip` seconds
+                    data = b'{"ok": true, "ts": "1700000000.999999", "channel": "C0ALERTS"}'
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                     b"Content-Length: %d\r\n\r\n" % len(data))
+                    for byte in data:
+                        with contextlib.suppress(OSError):
+                            self.wfile.write(bytes([byte]))
+                            self.wfile.flush()
+                        time.sleep(answer["drip"])
                     return
                 if answer.get("partial"):  # Slack has taken it: the head of an answer, then the line drops
                     with fake.lock:
@@ -289,7 +300,7 @@ def make_config(settings: Dict[str, str]) -> at.Config:
     """A Config through the same parser and loader main uses (settings passed as flags, secrets as variables)."""
     argv, environ = [], {}
     for name, value in settings.items():
-        if name in at.SECRET_SETTINGS:
+        if name in at.SECRET_SETTINGS or name == "REDIS_URL":  # what may carry a password: never as a flag
             environ[name] = str(value)
         else:
             argv += [at.flag_name(name), str(value)]
@@ -4010,6 +4021,174 @@ def test_hostile_megabyte_values_cost_kilobytes_of_memory_and_state(tmp_path, sl
     assert grown < 120, f"resident memory grew by {grown:.0f} MB"
     assert state_grown < 120 * 64 * 1024, f"the state grew by {state_grown / 1e6:.1f} MB"
     assert len(slack.messages) == 121
+
+
+# ---------------------------------------------------------------------------
+# Found by an attacker: heads that are too big or too slow, drips, bare CRs, collisions, rebinding
+# ---------------------------------------------------------------------------
+
+def test_request_heads_larger_than_32_kib_are_refused_before_they_take_memory(start, slack):
+    svc = start()
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(40))
+    answer = raw_exchange(svc.port, head + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 431 ") and b"32 KiB" in answer
+    assert svc.get("/health").status == 200
+
+
+def test_a_head_that_trickles_in_is_dropped_after_client_timeout_in_all(start, slack):
+    svc = start(CLIENT_TIMEOUT="1s")
+    with socket.create_connection(("127.0.0.1", svc.port), timeout=10) as sock:
+        started = time.monotonic()
+        sock.sendall(b"POST /alert HTTP/1.1\r\nX-Slow: ")
+        closed = False
+        with contextlib.suppress(OSError):
+            while time.monotonic() - started < 6:
+                sock.sendall(b"a")  # a byte well within each read's timeout
+                time.sleep(0.25)
+                if select.select([sock], [], [], 0)[0] and not sock.recv(1024):
+                    closed = True
+                    break
+        closed = closed or True  # a send into a closed connection raised
+        assert closed and time.monotonic() - started < 3, "held for as long as the client trickles"
+    assert svc.get("/health").status == 200
+
+
+def test_bursts_of_connections_are_all_answered_not_reset(start, slack):
+    svc = start()
+    answers: List[bytes] = []
+
+    def connect() -> None:
+        with contextlib.suppress(OSError):
+            answers.append(raw_exchange(svc.port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                                        timeout=20))
+
+    threads = [threading.Thread(target=connect) for _ in range(150)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(answers) == 150 and all(a.startswith(b"HTTP/1.1 200 ") for a in answers), \
+        f"{sum(not a for a in answers)} empty, {150 - len(answers)} reset"
+    assert svc.service.server.request_queue_size >= 128
+
+
+def test_a_slack_answer_that_drips_times_out_after_slack_timeout_in_all(start, slack):
+    svc = start(SLACK_TIMEOUT="1s", SLACK_RETRY_BUDGET="0.5s")
+    slack.fail("chat.postMessage", {"drip": 0.2})  # 60 bytes: 12 s for the whole answer
+    started = time.monotonic()
+    answer = svc.alert(webhook(make_alert()), expect=503)
+    assert time.monotonic() - started < 4 and "timeout after 1s" in answer.json()["error"]
+
+
+def test_a_webhook_of_too_many_json_values_is_refused_unparsed(start, slack):
+    svc = start(MAX_BODY_BYTES=str(8 << 20))
+    body = b'{"alerts": [' + b",".join([b"{}"] * 300_000) + b"]}"
+    answer = svc.request("POST", "/alert", raw=body)
+    assert answer.status == 413 and "more than 250,000 JSON values" in answer.json()["error"]
+    started = time.monotonic()
+    assert at.label_fingerprint({"huge": "x" * (8 << 20)}).startswith("s") and time.monotonic() - started < 1
+
+
+@pytest.mark.parametrize("header", [b"X-Note: a\rAuthorization: Bearer " + WEBHOOK_TOKEN.encode(),
+                                    b"X-Note: a\rContent-Length: 34", b"X-Note: a\x00b"])
+def test_a_bare_cr_or_nul_in_a_header_is_refused_not_split_into_headers(start, slack, header):
+    svc = start(WEBHOOK_TOKEN=WEBHOOK_TOKEN)
+    answer = raw_exchange(svc.port, b"GET /cache HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n\r\n"
+                                    b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answers_in(answer) == [b"HTTP/1.1 400 Bad Request\r\n"] and b"bare CR or a NUL" in answer
+
+
+def test_a_lone_surrogate_in_a_key_gets_a_readable_400(start, slack):
+    svc = start()
+    answer = svc.request("POST", "/alert", raw=b'{"alerts": [{"labels": {"a\\udc00": "x"}}]}')
+    assert answer.status == 400 and answer.json()["error"] == \
+        "alerts[0].labels.a\\udc00 is not valid Unicode (lone surrogate)"
+    assert "Traceback" not in svc.log.getvalue()
+
+
+def test_an_alert_of_one_channel_cannot_take_over_another_channels_thread(start, slack):
+    svc = start(SLACK_CHANNELS="C0ALERTS,C0OTHER")
+    svc.alert(webhook(make_alert(name="Foo")), channel="C0OTHER")
+    evil = make_alert(name="C0OTHER:Foo")
+    svc.alert(webhook(evil))  # its thread key starts like C0OTHER's store key for Foo
+    answer = svc.alert(webhook(resolved(make_alert(name="Foo"))), channel="C0OTHER").json()
+    assert answer["results"][0]["action"] == "replied" and slack.messages[-1].thread_ts == slack.messages[0].ts
+    keys = svc.get("/cache").json()["threads"]
+    assert "C0OTHER:Foo|critical|database|prod-eu|production" in keys
+    assert "\\C0OTHER:Foo|critical|database|prod-eu|production" in keys
+
+
+def test_a_redis_password_is_refused_as_a_flag(tmp_path):
+    result = run_cli("--redis-url", "redis://:hunter2-secret@127.0.0.1:6379/0", cwd=tmp_path)
+    assert result.returncode == 2 and "--redis-url: a password on the command line" in result.stderr.decode()
+    assert "hunter2" not in result.stderr.decode()
+
+
+def test_alert_text_cannot_forge_a_log_line(start, slack):
+    svc = start(LOG_FORMAT="text")
+    svc.alert(webhook(make_alert(), group_key="x\x1b[2K\rERROR\tSlack call failed\nINFO forged"))
+    line = next(l for l in svc.log.getvalue().splitlines() if " webhook " in l)
+    assert "\x1b" not in line and "\r" not in line and "\\u001b[2K\\rERROR\\tSlack call failed\\nINFO forged" in line
+
+
+def test_a_body_slower_than_twice_client_timeout_is_a_408_saying_so(start, slack):
+    svc = start(CLIENT_TIMEOUT="0.5s")
+    with socket.create_connection(("127.0.0.1", svc.port), timeout=10) as sock:
+        sock.sendall(b"POST /alert HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 40\r\n\r\n")
+        answer = b""
+        with contextlib.suppress(OSError):
+            for _ in range(12):
+                sock.sendall(b" ")
+                time.sleep(0.2)
+            sock.shutdown(socket.SHUT_WR)
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"did not arrive within 1s" in answer, answer[:200]
+
+
+@pytest.mark.parametrize("length", [b"34\x0b", b"\x0c34", b"34\xa0"])
+def test_content_length_takes_digits_spaces_and_tabs_only(start, slack, length):
+    svc = start()
+    answer = raw_exchange(svc.port, b"POST /alert HTTP/1.1\r\nHost: x\r\nContent-Length: " + length + b"\r\n\r\n{}")
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"Content-Length" in answer
+
+
+def test_100_mib_from_a_client_that_writes_before_it_reads_still_gets_its_413(start, slack):
+    svc = start()
+    request = urllib.request.Request(f"http://127.0.0.1:{svc.port}/alert", data=b"{" + b" " * (100 << 20) + b"}",
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    assert refused.value.code == 413
+
+
+def test_stored_alerts_answer_no_name_rebound_to_this_machine_and_webhooks_need_json(start, slack):
+    svc = start()
+    svc.alert(webhook(make_alert()))
+    rebound = svc.get("/cache", headers={"Host": "rebind.attacker.example:9009"})
+    assert rebound.status == 403 and "WEBHOOK_TOKEN" in rebound.json()["error"]
+    assert svc.request("DELETE", "/cache", headers={"Host": "rebind.attacker.example"}).status == 403
+    assert svc.get("/cache", headers={"Host": f"localhost:{svc.port}"}).json()["cached_threads"] == 1
+    untyped = svc.request("POST", "/alert", raw=json.dumps(webhook(make_alert(name="X"))).encode(),
+                          headers={"Content-Type": ""})
+    assert untyped.status == 400 and "Content-Type must be application/json" in untyped.json()["error"]
+
+
+def test_a_retry_after_of_hours_holds_a_channel_back_five_minutes_at_most():
+    metrics = at.Metrics()
+    slack = FakeSlack()
+    try:
+        slack.fail("chat.postMessage", {"status": 429, "retry_after": 99999})
+        client = at.SlackClient(slack.url, SLACK_TOKEN, 2, metrics)
+        with pytest.raises(at.SlackError) as refused:
+            client.call("chat.postMessage", {"channel": "C1", "text": "x"})
+        assert refused.value.retry_after == 300
+    finally:
+        slack.close()
 
 
 # ---------------------------------------------------------------------------
