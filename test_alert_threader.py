@@ -14,6 +14,8 @@ import collections
 import contextlib
 import dataclasses
 import errno
+import hashlib
+import hmac
 import html.parser
 import http.client
 import http.server
@@ -37,7 +39,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
 
@@ -1531,9 +1533,19 @@ def assert_within_slack_limits(payload: Dict[str, Any]) -> None:
                     assert_mrkdwn_safe(element["text"], "context")
             elif kind == "actions":
                 assert 0 < len(block["elements"]) <= 25
-                for button in block["elements"]:
-                    assert 0 < len(button["text"]["text"]) <= 75 and len(button["url"]) <= 3000
-                    assert at.is_http_url(button["url"])
+                for element in block["elements"]:
+                    assert len(element["action_id"]) <= 255
+                    if element["type"] == "static_select":
+                        assert 0 < len(element["options"]) <= 100 and len(element["placeholder"]["text"]) <= 150
+                        assert all(len(o["text"]["text"]) <= 75 and len(o["value"]) <= 150 for o in element["options"])
+                        continue
+                    assert element["type"] == "button" and 0 < len(element["text"]["text"]) <= 75
+                    if "url" in element:
+                        assert len(element["url"]) <= 3000 and at.is_http_url(element["url"])
+                    else:
+                        assert 0 < len(element["value"]) <= 2000
+            elif kind == "image":
+                assert at.is_http_url(block["image_url"]) and 0 < len(block["alt_text"]) <= 2000
             else:
                 pytest.fail(f"unexpected block type {kind}")
     assert blocks_total <= 50
@@ -2550,9 +2562,9 @@ class Alertmanager:
     """Debian's prometheus-alertmanager on a free port, sending webhooks to the threader."""
 
     def __init__(self, directory: Path, threader_port: int, token: Optional[str] = None,
-                 group_interval: str = "2s", repeat_interval: str = "4s") -> None:
+                 group_interval: str = "2s", repeat_interval: str = "4s", port: Optional[int] = None) -> None:
         binary = require_binary("prometheus-alertmanager")
-        self.port = free_port()
+        self.port = port or free_port()
         auth = (f"\n        http_config:\n          authorization:\n            type: Bearer\n"
                 f"            credentials: {token}" if token else "")
         config = directory / "alertmanager.yml"
@@ -4021,6 +4033,253 @@ def test_hostile_megabyte_values_cost_kilobytes_of_memory_and_state(tmp_path, sl
     assert grown < 120, f"resident memory grew by {grown:.0f} MB"
     assert state_grown < 120 * 64 * 1024, f"the state grew by {state_grown / 1e6:.1f} MB"
     assert len(slack.messages) == 121
+
+
+# ---------------------------------------------------------------------------
+# Silence and Acknowledge from Slack: signed interactions
+# ---------------------------------------------------------------------------
+
+SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
+
+
+def signed(body: bytes, secret: str = SIGNING_SECRET, timestamp: Optional[int] = None) -> Dict[str, str]:
+    ts = str(int(time.time()) if timestamp is None else timestamp)
+    digest = hmac.new(secret.encode(), b"v0:" + ts.encode() + b":" + body, hashlib.sha256).hexdigest()
+    return {"Content-Type": "application/x-www-form-urlencoded", "X-Slack-Request-Timestamp": ts,
+            "X-Slack-Signature": "v0=" + digest}
+
+
+def block_action(message: Call, action_id: str, block_id: str = "card", value: Optional[str] = None,
+                 user: str = "alice", thread_ts: Optional[str] = None) -> Dict[str, Any]:
+    """A block_actions payload as Slack sends it when someone uses a control of `message`."""
+    action: Dict[str, Any] = {"action_id": action_id, "block_id": block_id, "action_ts": str(time.time())}
+    if action_id == "silence":
+        action.update(type="static_select", selected_option={"text": {"type": "plain_text", "text": value},
+                                                             "value": value})
+    else:
+        action.update(type="button", value=value or action_id)
+    channel = message.payload["channel"]
+    return {"type": "block_actions", "user": {"id": f"U0{user.upper()}", "username": user, "name": user},
+            "team": {"id": "T0TEAM", "domain": "acme"}, "api_app_id": "A0APP", "trigger_id": "1.2.3",
+            "channel": {"id": channel, "name": "alerts"}, "response_url": "https://hooks.slack.com/actions/x",
+            "container": {"type": "message", "message_ts": message.ts, "channel_id": channel,
+                          "is_ephemeral": False, **({"thread_ts": thread_ts} if thread_ts else {})},
+            "message": {"ts": message.ts, "type": "message", **({"thread_ts": thread_ts} if thread_ts else {})},
+            "actions": [action]}
+
+
+def click(svc: Running, payload: Dict[str, Any], **signing: Any) -> Answer:
+    body = urllib.parse.urlencode({"payload": json.dumps(payload)}).encode()
+    return svc.request("POST", "/slack/actions", raw=body, headers=signed(body, **signing))
+
+
+class FakeAlertmanager:
+    """Alertmanager's silences API on 127.0.0.1:0: records what it is asked, answers from `answer`."""
+
+    def __init__(self) -> None:
+        self.requests: List[Tuple[str, str, Any, Dict[str, str]]] = []
+        self.answer: Dict[str, Any] = {}
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def answer_with(self, status: int, body: Any) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append(("POST", self.path, body, dict(self.headers)))
+                if fake.answer.get("status"):
+                    return self.answer_with(fake.answer["status"], "silence invalid: bad matchers")
+                self.answer_with(200, {"silenceID": f"5e1d1e0c-0000-4000-8000-{len(fake.requests):012d}"})
+
+            def do_DELETE(self) -> None:
+                fake.requests.append(("DELETE", self.path, None, dict(self.headers)))
+                self.answer_with(200, None)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_am():
+    am = FakeAlertmanager()
+    yield am
+    am.close()
+
+
+def interactive(start: Callable[..., Running], am_url: str, **settings: str) -> Running:
+    return start(SLACK_SIGNING_SECRET=SIGNING_SECRET, ALERTMANAGER_URL=am_url, **settings)
+
+
+def test_without_a_signing_secret_there_is_no_endpoint_and_the_buttons_are_links(start, slack):
+    svc = start()
+    svc.alert(webhook(make_alert()))
+    elements = next(b for b in slack.messages[0].payload["attachments"][0]["blocks"] if b["type"] == "actions")
+    assert all(e["type"] == "button" and "url" in e for e in elements["elements"])
+    assert click(svc, block_action(slack.messages[0], "ack")).status == 404
+
+
+def test_with_a_signing_secret_the_card_offers_silence_durations_and_ack(start, slack, fake_am):
+    svc = interactive(start, fake_am.url, SILENCE_DURATIONS="30m,4h")
+    svc.alert(webhook(make_alert(), make_alert(instance="db02")))
+    card, reply = slack.messages
+    controls = next(b for b in card.payload["attachments"][0]["blocks"] if b["type"] == "actions")
+    assert controls["block_id"] == "card"
+    menu = next(e for e in controls["elements"] if e["action_id"] == "silence")
+    assert menu["type"] == "static_select" and [o["value"] for o in menu["options"]] == ["30m", "4h"]
+    assert any(e["action_id"] == "ack" for e in controls["elements"])
+    assert not any("/#/silences/new" in e.get("url", "") for e in controls["elements"])
+    reply_controls = next(b for b in reply.payload["attachments"][0]["blocks"] if b["type"] == "actions")
+    assert reply_controls["block_id"].startswith("alert:") and \
+        [e["action_id"] for e in reply_controls["elements"] if e["type"] == "static_select"] == ["silence"]
+    for call in slack.messages:
+        assert_within_slack_limits(call.payload)
+
+
+@pytest.mark.parametrize("how", ["unsigned", "forged", "stale", "other secret"])
+def test_forged_stale_and_unsigned_interactions_are_refused_and_change_nothing(start, slack, fake_am, how):
+    svc = interactive(start, fake_am.url)
+    svc.alert(webhook(make_alert()))
+    body = urllib.parse.urlencode({"payload": json.dumps(block_action(slack.messages[0], "silence",
+                                                                      value="4h"))}).encode()
+    headers = {"unsigned": {"Content-Type": "application/x-www-form-urlencoded"},
+               "forged": dict(signed(body), **{"X-Slack-Signature": "v0=" + "0" * 64}),
+               "stale": signed(body, timestamp=int(time.time()) - 400),
+               "other secret": signed(body, secret="another-apps-signing-secret")}[how]
+    before = svc.get("/cache").json()["threads"]
+    answer = svc.request("POST", "/slack/actions", raw=body, headers=headers)
+    assert answer.status == 401 and answer.json()["ok"] is False
+    time.sleep(0.3)  # nothing is in the background to wait for: give it the chance to go wrong all the same
+    assert fake_am.requests == [] and len(slack.calls) == 1 and svc.get("/cache").json()["threads"] == before
+
+
+def test_a_replayed_interaction_does_nothing_a_second_time(start, slack, fake_am):
+    svc = interactive(start, fake_am.url)
+    svc.alert(webhook(make_alert()))
+    body = urllib.parse.urlencode({"payload": json.dumps(block_action(slack.messages[0], "ack"))}).encode()
+    headers = signed(body)
+    first = svc.request("POST", "/slack/actions", raw=body, headers=headers)
+    assert first.status == 200 and first.body == b""
+    wait_for(lambda: any("Acknowledged by alice" in m.text for m in slack.messages), what="the ack's reply")
+    again = svc.request("POST", "/slack/actions", raw=body, headers=headers)
+    assert again.status == 200 and "taken already" in again.json()["done"]
+    time.sleep(0.3)
+    assert sum("Acknowledged" in m.text for m in slack.messages) == 1
+
+
+def test_acks_are_recorded_shown_on_the_card_and_kept_after_the_thread_closes(start, slack, fake_am):
+    svc = interactive(start, fake_am.url)
+    svc.alert(webhook(make_alert()))
+    card = slack.messages[0]
+    assert click(svc, block_action(card, "ack", user="alice")).status == 200
+    wait_for(lambda: any("Acknowledged by alice" in m.text for m in slack.messages), what="alice's ack")
+    assert click(svc, block_action(card, "ack", user="bob")).status == 200
+    wait_for(lambda: "alice" in card_of(slack, card.ts) and "bob" in card_of(slack, card.ts), what="both on the card")
+    record = svc.get("/cache").json()["threads"]["DatabaseDown|critical|database|prod-eu|production"]
+    assert [a["name"] for a in record["acks"]] == ["alice", "bob"] and all(a["at"] > 0 for a in record["acks"])
+    ack_replies = [m for m in slack.messages if "Acknowledged by" in m.text]
+    assert [m.thread_ts for m in ack_replies] == [card.ts, card.ts]
+    svc.alert(webhook(resolved(make_alert())))
+    closed = card_of(slack, card.ts)
+    assert "RESOLVED" in closed and "Acknowledged* by alice" in closed and "bob" in closed
+
+
+def test_a_silence_alertmanager_refuses_or_cannot_take_is_told_to_the_clicker_only(start, slack, fake_am):
+    svc = interactive(start, fake_am.url)
+    svc.alert(webhook(make_alert()))
+    fake_am.answer = {"status": 400}
+    click(svc, block_action(slack.messages[0], "silence", value="4h"))
+    ephemeral = wait_for(lambda: slack.accepted("chat.postEphemeral"), what="the ephemeral error")[0]
+    assert ephemeral.payload["user"] == "U0ALICE" and "Alertmanager refused: HTTP 400" in ephemeral.payload["text"]
+    record = svc.get("/cache").json()["threads"]["DatabaseDown|critical|database|prod-eu|production"]
+    assert "silences" not in record and len(slack.messages) == 1, "nothing half-done"
+    fake_am.close()  # now Alertmanager is gone altogether
+    click(svc, block_action(slack.messages[0], "silence", value="4h"))
+    wait_for(lambda: len(slack.accepted("chat.postEphemeral")) == 2, what="the second ephemeral error")
+    assert "cannot reach Alertmanager" in slack.accepted("chat.postEphemeral")[1].payload["text"]
+
+
+def test_silencing_one_alert_from_its_reply_matches_exactly_its_labels(start, slack, fake_am):
+    svc = interactive(start, fake_am.url)
+    svc.alert(webhook(make_alert(), make_alert(instance="db02", team="db")))
+    card, reply = slack.messages
+    block_id = next(b for b in reply.payload["attachments"][0]["blocks"] if b["type"] == "actions")["block_id"]
+    click(svc, block_action(reply, "silence", block_id=block_id, value="1h", thread_ts=card.ts))
+    wait_for(lambda: fake_am.requests, what="the silence to reach Alertmanager")
+    method, path, body, headers = fake_am.requests[0]
+    assert (method, path) == ("POST", "/api/v2/silences")
+    labels = make_alert(instance="db02", team="db")["labels"]
+    assert body["matchers"] == [{"name": k, "value": v, "isRegex": False, "isEqual": True}
+                                for k, v in sorted(labels.items())]
+    assert body["createdBy"] == "alice"
+    assert body["comment"] == (f"Silenced from Slack by alice: https://acme.slack.com/archives/C0ALERTS/p"
+                               f"{card.ts.replace('.', '')}")
+    wait_for(lambda: any("This alert silenced for 1h by alice" in m.text for m in slack.messages), what="the reply")
+
+
+def test_alertmanager_credentials_come_from_a_file(start, slack, fake_am, tmp_path):
+    (tmp_path / "am-auth").write_text("threader:s3cret-pass\n")
+    svc = interactive(start, fake_am.url, ALERTMANAGER_AUTH_FILE=str(tmp_path / "am-auth"))
+    svc.alert(webhook(make_alert()))
+    click(svc, block_action(slack.messages[0], "silence", value="4h"))
+    wait_for(lambda: fake_am.requests, what="the silence")
+    assert fake_am.requests[0][3]["Authorization"] == "Basic " + base64.b64encode(b"threader:s3cret-pass").decode()
+    assert "s3cret-pass" not in svc.log.getvalue()
+
+
+def am_get(am: "Alertmanager", path: str) -> Any:
+    conn = http.client.HTTPConnection("127.0.0.1", am.port, timeout=10)
+    conn.request("GET", path)
+    return json.loads(conn.getresponse().read())
+
+
+def test_a_silence_from_the_card_reaches_a_real_alertmanager_and_mutes_the_thread(start, slack, tmp_path):
+    am_port = free_port()
+    svc = interactive(start, f"http://127.0.0.1:{am_port}")
+    am = Alertmanager(tmp_path, svc.port, port=am_port)
+    try:
+        am.push(am_alert("db01"))
+        card = wait_for(lambda: slack.messages, timeout=20, what="Alertmanager's first webhook")[0]
+        assert click(svc, block_action(card, "silence", value="4h", user="alice")).status == 200
+        wait_for(lambda: [s for s in am_get(am, "/api/v2/silences") if s["status"]["state"] == "active"],
+                 what="the silence in Alertmanager")
+        [silence] = am_get(am, "/api/v2/silences")
+        assert silence["createdBy"] == "alice" and "https://acme.slack.com/archives/C0ALERTS/p" in silence["comment"]
+        assert sorted((m["name"], m["value"], m["isEqual"], m["isRegex"]) for m in silence["matchers"]) == [
+            ("alertname", "DiskFull", True, False), ("cluster", "prod-eu", True, False),
+            ("service", "storage", True, False), ("severity", "warning", True, False)]
+        reply = wait_for(lambda: [m for m in slack.messages if "silenced for 4h by alice" in m.text],
+                         what="the silence's reply")[0]
+        assert reply.thread_ts == card.ts and "This thread silenced for 4h by alice (until " in reply.text
+        wait_for(lambda: "Silenced* until" in card_of(slack, card.ts), what="the card to show the silence")
+        unsilence = next(e for u in slack.accepted("chat.update") for b in u.payload["attachments"][0]["blocks"]
+                         if b["type"] == "actions" for e in b["elements"] if e["action_id"] == "unsilence")
+        assert unsilence["value"] == silence["id"]
+        # A new instance of the thread's alert: silenced, so Alertmanager tells no one.
+        am.push(am_alert("db01"), am_alert("db02"))
+        wait_for(lambda: any(a["labels"]["instance"] == "db02" and a["status"]["state"] == "suppressed"
+                             for a in am_get(am, "/api/v2/alerts")), what="db02 to be suppressed")
+        time.sleep(4)  # two group intervals: long enough for a notification that is not muted
+        assert not any("db02" in json.dumps(m.payload) for m in slack.messages)
+        # Unsilence from the card expires it in Alertmanager.
+        click(svc, block_action(card, "unsilence", value=silence["id"], user="bob"))
+        wait_for(lambda: am_get(am, "/api/v2/silences")[0]["status"]["state"] == "expired", what="the expiry")
+        wait_for(lambda: any("Silence lifted by bob" in m.text for m in slack.messages), what="bob's reply")
+    finally:
+        am.stop()
 
 
 # ---------------------------------------------------------------------------
