@@ -92,6 +92,11 @@ ZERO_TIME = "0001-01-01T00:00:00Z"
 FIRST_EPOCH = datetime(1, 1, 1, tzinfo=timezone.utc).timestamp()
 LAST_EPOCH = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp()
 RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
+DRY_RUN_CHANNEL = "C0DRYRUN"  # where dry-run "posts" when no SLACK_CHANNEL is set
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def chunks(items: List[Any], size: int) -> Iterator[List[Any]]:
@@ -695,7 +700,8 @@ SETTINGS: Tuple[Tuple[str, Optional[str], str], ...] = (
     ("THREAD_STORE", "file", "where thread state lives: file or redis"),
     ("THREAD_STORE_FILE", None,
      "file store path (default $STATE_DIRECTORY/threads.json, /var/lib/alert-threader/threads.json, ./threads.json)"),
-    ("REDIS_URL", "redis://127.0.0.1:6379/0", "redis:// or rediss:// URL, with password and database"),
+    ("REDIS_URL", "redis://127.0.0.1:6379/0",
+     "redis://[:PASSWORD@]HOST:PORT/DB, rediss:// (TLS) or unix:///path/redis.sock?db=0"),
     ("REDIS_KEY_PREFIX", "threader:ts", "Redis keys are PREFIX:THREAD_KEY"),
     ("HOST", "0.0.0.0", "listen address"),
     ("PORT", "9009", "listen port (0 picks a free one)"),
@@ -2012,19 +2018,27 @@ class RedisConnection:
             self.last_error = type(e).__name__
         if first:
             log_event(logging.ERROR, "redis unreachable; alerts are still posted, threads kept in memory until it "
-                      "returns", redis=redact_url(self.url), error=type(e).__name__)
+                      "returns", redis=redact_url(self.url), error=type(e).__name__, fix=redis_fix(e))
 
     def probe(self) -> Optional[str]:
         """Why Redis cannot be used now (None if it answers), without the outage bookkeeping."""
         try:
             self.client.ping()
         except self.errors as e:
-            return f"{type(e).__name__}: {truncate(str(e), 200)}"
+            return f"{type(e).__name__}: {truncate(str(e), 200).rstrip('.')}. Fix: {redis_fix(e)}"
         return None
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.client.close()
+
+
+def redis_fix(e: BaseException) -> str:
+    """What to do about a Redis error, in words an operator can act on."""
+    if type(e).__name__ == "AuthenticationError" or any(word in str(e) for word in ("NOAUTH", "WRONGPASS")):
+        return ("Redis refuses the credentials: put its password in REDIS_URL (redis://:PASSWORD@HOST:6379/0, "
+                "or redis://USER:PASSWORD@… for an ACL user), as requirepass or the ACL has it")
+    return "start redis-server, or correct REDIS_URL; redis-cli -u URL ping tells whether it answers"
 
 
 class RedisLeases:
@@ -3948,7 +3962,7 @@ class Threader:
         self.poster = Poster(slack, store, metrics, config.slack_pace)
         self.teller = Teller(config, store, self.poster)
         self.batches = Batches(self.teller.flush)
-        self.default_channel = config.slack_channel or "C0DRYRUN"
+        self.default_channel = config.slack_channel or DRY_RUN_CHANNEL
 
     @property
     def last_slack_error(self) -> Optional[Dict[str, Any]]:
@@ -4957,6 +4971,10 @@ class Service:
         self.metrics.inc("alert_threader_slack_fallbacks_total", 0)
         self.metrics.inc("alert_threader_slack_resends_total", 0)
         self.metrics.inc("alert_threader_slack_rate_limit_wait_seconds_total", 0)
+        self.metrics.inc("alert_threader_slack_refused_total", 0, method="chat.postMessage")
+        if interactions is not None:
+            for action in ("silence", "unsilence", "ack", "failed"):
+                self.metrics.inc("alert_threader_interactions_total", 0, action=action)
         self.metrics.gauge("alert_threader_open_threads", self.store.open_count)
         self.metrics.gauge("alert_threader_stored_threads", self.store.count)
         self._stop = threading.Event()
@@ -5063,9 +5081,10 @@ def cmd_render(config: Config, path: Optional[str], payload: Optional[int] = Non
     if payload is None:
         print(json.dumps(calls, indent=2, ensure_ascii=False))
         return 0
-    if not 1 <= payload <= len(calls) or not {"blocks", "attachments"} & set(calls[payload - 1]["payload"]):
-        print(f"alert-threader: --payload {payload}: the webhook makes {len(calls)} calls; "
-              "choose one that posts or updates a message", file=sys.stderr)
+    messages = [n for n, call in enumerate(calls, 1) if {"blocks", "attachments"} & set(call["payload"])]
+    if payload not in messages:
+        print(f"alert-threader: --payload {payload}: the webhook makes {plural(len(calls), 'call')}; "
+              f"pick one that posts or updates a message: {', '.join(map(str, messages)) or 'none'}", file=sys.stderr)
         return 2
     message = calls[payload - 1]["payload"]
     print(json.dumps({k: message[k] for k in ("blocks", "attachments") if k in message}, indent=2,
@@ -5075,14 +5094,14 @@ def cmd_render(config: Config, path: Optional[str], payload: Optional[int] = Non
 
 def cmd_check(config: Config) -> int:
     """Validate the settings, reach the store, and ask Slack whether the token works."""
-    print(f"settings: OK (store={config.thread_store}, channel={config.slack_channel}, "
-          f"environment={config.environment})")
+    channel = config.slack_channel or f"{DRY_RUN_CHANNEL} (dry-run)"
+    print(f"settings: OK (store={config.thread_store}, channel={channel}, environment={config.environment})")
     metrics = Metrics()
     # Read-only: the running service may own this store, and check must never rewrite it.
     try:
         if config.thread_store == "file":
             threads = len(FileStore.read(config.thread_store_file))
-            where = f"{config.thread_store_file}, {threads} threads"
+            where = f"{config.thread_store_file}, {plural(threads, 'thread')}"
         else:
             store = open_store(config, metrics)
             try:
@@ -5090,8 +5109,7 @@ def cmd_check(config: Config) -> int:
             finally:
                 store.close()
             if problem:
-                raise StoreError(f"cannot reach Redis at {redact_url(config.redis_url)} ({problem}). Fix: start "
-                                 "redis-server, or correct REDIS_URL; redis-cli -u URL ping tells whether it answers")
+                raise StoreError(f"cannot use Redis at {redact_url(config.redis_url)}: {problem}")
             where = redact_url(config.redis_url)
     except (ConfigError, StoreError) as e:
         print(f"store: FAILED: {redact(str(e), config.secrets())}")
@@ -5114,16 +5132,18 @@ def cmd_check(config: Config) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     try:
         config = load_config(args, dict(os.environ))
     except ConfigError as e:
         print(f"alert-threader: {e}", file=sys.stderr)
         return 2
-    if args.command == "render":
-        return cmd_render(config, args.file, args.payload)
-    if args.command == "check":
-        return cmd_check(config)
+    if args.command in ("render", "check"):
+        try:
+            return cmd_render(config, args.file, args.payload) if args.command == "render" else cmd_check(config)
+        except BrokenPipeError:  # `render … | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
     setup_logging(config)
     try:
         service = start_service(config)

@@ -379,6 +379,11 @@ gather_settings() {
     if [[ -n $(effective SLACK_BOT_TOKEN) && -z $(effective SLACK_CHANNEL) ]]; then
         die "a Slack token needs a channel: pass --channel C0123456789"
     fi
+    local was=${EXISTING[ENVIRONMENT]:-production}
+    if ((!fresh)) && [[ $(effective ENVIRONMENT production) != "$was" ]]; then
+        warn "ENVIRONMENT changes from '$was' to '$(effective ENVIRONMENT production)': it is part of the thread" \
+            "key, so alerts firing now open new threads, and their old threads close only after THREAD_RETENTION"
+    fi
 }
 
 ask_settings() {
@@ -806,8 +811,13 @@ print_next_steps() {
     info "Smoke test:"
     info ""
     info "  curl -sS http://127.0.0.1:$port/health"
-    info "  curl -sS -X POST http://127.0.0.1:$port/alert -H 'Content-Type: application/json' \\${token_note}"
-    info "    -d '{\"status\":\"firing\",\"alerts\":[{\"status\":\"firing\",\"labels\":{\"alertname\":\"InstallSmokeTest\",\"severity\":\"info\"},\"annotations\":{\"summary\":\"alert-threader smoke test\"},\"startsAt\":\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\"}]}'"
+    local status started
+    started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+    for status in firing resolved; do
+        [[ $status == resolved ]] && info "  # and close its thread again:"
+        info "  curl -sS -X POST http://127.0.0.1:$port/alert -H 'Content-Type: application/json' \\${token_note}"
+        info "    -d '{\"status\":\"$status\",\"alerts\":[{\"status\":\"$status\",\"labels\":{\"alertname\":\"InstallSmokeTest\",\"severity\":\"info\"},\"annotations\":{\"summary\":\"alert-threader smoke test\"},\"startsAt\":\"$started\"}]}'"
+    done
     info ""
     info "Logs: journalctl -u $SERVICE -f    Settings: $env_path    Remove: ./install.sh --uninstall"
 }

@@ -1693,7 +1693,7 @@ def test_redis_password_is_redacted_in_every_form_the_url_carries_it(start, slac
     result = run_cli("check", cwd=tmp_path, env={"THREAD_STORE": "redis", "REDIS_URL": url})
     seen += [result.stdout.decode(), result.stderr.decode()]
     assert result.returncode == 1
-    assert result.stdout.decode().splitlines()[1].startswith("store: FAILED: cannot reach Redis at redis://")
+    assert result.stdout.decode().splitlines()[1].startswith("store: FAILED: cannot use Redis at redis://")
     assert "alerts are still posted" not in result.stdout.decode() + result.stderr.decode(), \
         "check reads as a check, not as the service's outage message"
     everything = "\n".join(seen)
@@ -1895,6 +1895,20 @@ def test_rerun_with_a_flag_changes_only_that_setting(installed):
     after = read_env(env_file)
     assert after == dict(before, ENVIRONMENT="prod-eu")
     assert file_mode(env_file) == 0o600
+    assert "ENVIRONMENT changes from 'staging' to 'prod-eu': it is part of the thread key" in result.stderr
+    again = run_install(root, "--yes", "--environment", "prod-eu")
+    assert again.returncode == 0 and "ENVIRONMENT changes" not in again.stderr, "only a change is worth a warning"
+
+
+def test_the_smoke_test_install_prints_opens_and_closes_a_thread(installed, start, slack):
+    _, result = installed
+    bodies = re.findall(r"-d '(\{.*\})'", result.stdout)
+    assert [json.loads(b)["status"] for b in bodies] == ["firing", "resolved"]
+    svc = start()
+    assert svc.alert(json.loads(bodies[0])).json()["results"][0]["action"] == "posted"
+    assert svc.alert(json.loads(bodies[1])).json()["results"][0]["action"] == "replied"
+    [thread] = svc.get("/cache").json()["threads"].values()
+    assert thread["status"] == "closed", "the smoke test leaves nothing firing"
 
 
 def test_switching_to_redis_adds_its_url(installed):
@@ -2410,6 +2424,24 @@ def test_redis_url_with_password_and_database(start, slack, tmp_path):
                                  decode_responses=True)
         assert db3.keys("threader:ts:*") == ["threader:ts:DatabaseDown|critical|database|prod-eu|production"]
         assert "s3cret-redis-pass" not in svc.log.getvalue() + svc.get("/health").text + svc.get("/stats").text
+    finally:
+        server.remove()
+
+
+def test_a_wrong_redis_password_is_named_with_its_fix_in_check_and_the_log(start, tmp_path):
+    server = RedisServer(tmp_path)
+    try:
+        server.client().config_set("requirepass", "s3cret-redis-pass")
+        for url in (f"redis://:not-the-pass@127.0.0.1:{server.port}/0", f"redis://127.0.0.1:{server.port}/0"):
+            result = run_cli("check", cwd=tmp_path, env={"THREAD_STORE": "redis", "REDIS_URL": url})
+            out = result.stdout.decode()
+            assert result.returncode == 1, out
+            assert "store: FAILED" in out and "Redis refuses the credentials: put its password in REDIS_URL" in out
+            assert "not-the-pass" not in out + result.stderr.decode()
+        svc = start(THREAD_STORE="redis", REDIS_URL=f"redis://:not-the-pass@127.0.0.1:{server.port}/0")
+        wait_for(lambda: "redis unreachable" in svc.log.getvalue())
+        assert "Redis refuses the credentials" in svc.log.getvalue()
+        assert "not-the-pass" not in svc.log.getvalue()
     finally:
         server.remove()
 
@@ -3322,6 +3354,22 @@ def test_render_prints_every_call_and_one_payload_for_block_kit_builder(tmp_path
     wrong = run_cli("render", str(tmp_path / "hook.json"), "--payload", "351", cwd=tmp_path,
                     env={"STORM_THRESHOLD": "1000"})
     assert wrong.returncode == 2 and "the webhook makes 350 calls" in wrong.stderr.decode()
+    first = run_cli("render", "--payload", "1", str(tmp_path / "hook.json"), cwd=tmp_path,
+                    env={"STORM_THRESHOLD": "1000"})
+    assert first.returncode == 0 and json.loads(first.stdout)["attachments"] == calls[0]["payload"]["attachments"]
+
+
+def test_render_into_a_reader_that_stops_early_ends_quietly(tmp_path):
+    """`render FILE | head`: the pipe closes after the first lines; no traceback, exit 0."""
+    (tmp_path / "hook.json").write_text(json.dumps(webhook(*[make_alert(name=f"Many{i:03d}") for i in range(200)])))
+    env = {k: v for k, v in os.environ.items() if k not in SETTING_NAMES}
+    env["STORM_THRESHOLD"] = "1000"
+    proc = subprocess.Popen([sys.executable, str(REPO / "alert_threader.py"), "render", str(tmp_path / "hook.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(tmp_path), env=env)
+    assert proc.stdout.read(100).startswith(b"[")
+    proc.stdout.close()  # far more than a pipe's buffer is still to come
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0 and b"Traceback" not in err, err.decode()
 
 
 def test_render_refuses_a_bad_file(tmp_path):
@@ -3462,7 +3510,7 @@ def test_readme_smoke_sequence_with_the_example_payloads(start, slack):
 def test_the_payloads_the_readme_shows_are_the_ones_sent(start, slack):
     """The README's thread of the three example webhooks, call for call (the ts values aside)."""
     readme = (REPO / "README.md").read_text()
-    region = readme[readme.index("The payloads behind it"):readme.index("Messages follow the seed's layout")]
+    region = readme[readme.index("The payloads behind it"):readme.index("Messages follow the original's layout")]
     shown = [json.loads(block) for block in re.findall(r"```json\n(.*?)\n```", region, re.S)]
     svc = start(SLACK_CHANNEL="C0123456789")
     for name in PAYLOADS:
@@ -4462,7 +4510,7 @@ def test_check_reads_a_running_services_store_without_writing_it(start, slack, t
            "THREAD_STORE_FILE": str(tmp_path / "threads.json")}
     result = run_cli("check", cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stdout
-    assert f"store: OK ({tmp_path / 'threads.json'}, 1 threads)" in result.stdout.decode()
+    assert f"store: OK ({tmp_path / 'threads.json'}, 1 thread)" in result.stdout.decode()
     assert state_bytes(tmp_path) == before, "check must not fold or rewrite the live store"
 
 
@@ -4522,13 +4570,20 @@ def test_a_digest_stored_before_members_were_kept_takes_its_resolves(start, slac
     [update] = slack.accepted("chat.update")
     assert "Alert storm over: all 12 alerts resolved" in update.text and "✅ 12 resolved" in update.text
 
+
 def test_alert_rule_series_exist_from_the_start(start, slack):
     svc = start()
     text = svc.get("/metrics").text.splitlines()
     for line in ('alert_threader_webhooks_total{code="200"} 0', 'alert_threader_webhooks_total{code="503"} 0',
                  'alert_threader_store_errors_total{op="write",store="file"} 0',
-                 "alert_threader_slack_fallbacks_total 0"):
+                 "alert_threader_slack_fallbacks_total 0",
+                 'alert_threader_slack_refused_total{method="chat.postMessage"} 0'):
         assert line in text, line
+    assert "alert_threader_interactions_total{" not in svc.get("/metrics").text, "no clicks without the secret"
+    stop(svc)
+    interactive = start(SLACK_SIGNING_SECRET=SIGNING_SECRET).get("/metrics").text.splitlines()
+    for action in ("silence", "unsilence", "ack", "failed"):
+        assert f'alert_threader_interactions_total{{action="{action}"}} 0' in interactive, action
 
 
 def test_check_says_when_slack_cannot_be_reached(tmp_path):
