@@ -4302,10 +4302,18 @@ def blocks_html(blocks: List[Dict[str, Any]]) -> str:
             parts.append(f'<div class="ctx">🖼 <a href="{html.escape(block["image_url"], quote=True)}" '
                          f'rel="noopener noreferrer">{html.escape(block.get("alt_text", "image"))}</a></div>')
         elif kind == "actions":
-            parts.append("<div>" + "".join(
-                f'<a class="btn" href="{html.escape(e["url"], quote=True)}" rel="noopener noreferrer">'
-                f'{html.escape(e["text"]["text"])}</a>' for e in block["elements"] if is_http_url(e.get("url"))) + "</div>")
+            parts.append("<div>" + "".join(control_html(e) for e in block["elements"]) + "</div>")
     return "".join(parts)
+
+
+def control_html(element: Dict[str, Any]) -> str:
+    """A link button as a link; Slack's interactive buttons and menus as what they show (they act only in Slack)."""
+    if is_http_url(element.get("url")):
+        return (f'<a class="btn" href="{html.escape(element["url"], quote=True)}" rel="noopener noreferrer">'
+                f'{html.escape(element["text"]["text"])}</a>')
+    label = (element.get("text") or element.get("placeholder") or {}).get("text", "")
+    arrow = " ▾" if element.get("type") == "static_select" else ""
+    return f'<span class="btn">{html.escape(label)}{arrow}</span>' if label else ""
 
 
 def message_html(payload: Dict[str, Any], reactions: Sequence[str] = ()) -> str:
