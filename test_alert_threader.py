@@ -3250,6 +3250,39 @@ def test_preview_in_dry_run_shows_what_would_have_been_sent(tmp_path):
         stop(running)
 
 
+FAKE_CHROMIUM = """#!/usr/bin/env python3
+# Stands in for headless Chromium: saves the page's HTML where the screenshot would go.
+import sys, urllib.request
+out = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--screenshot="))
+open(out, "wb").write(urllib.request.urlopen(sys.argv[-1]).read())
+"""
+
+
+@pytest.mark.parametrize("script", ["screenshot.sh", "screenshot_silenced.py"])
+def test_the_screenshot_scripts_draw_the_threads_the_readme_shows(tmp_path, script):
+    """The scripts behind the README's pictures still run: the service starts, the clicks land, /preview is fetched."""
+    fake = tmp_path / "chromium"
+    fake.write_text(FAKE_CHROMIUM.replace("python3", sys.executable, 1))
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in SETTING_NAMES}
+    env.update(CHROMIUM=str(fake), PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}")
+    if script.endswith(".py"):
+        require_binary("prometheus-alertmanager")
+        command = [sys.executable, str(REPO / "examples" / script), str(tmp_path / "shot.png")]
+    else:
+        require_binary("curl")
+        command = ["bash", str(REPO / "examples" / script), str(tmp_path / "shot.png")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=90, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    page = PageText()
+    page.feed((tmp_path / "shot.png").read_text())
+    if script.endswith(".py"):
+        card = " ".join(" ".join(page.by_class["ctx"]).split())
+        assert "Silenced until" in card and "by bob" in card and "Acknowledged by alice" in card, card
+    else:
+        assert page.by_class["h"][0] == "✅ RESOLVED — Database Critical Failure", page.by_class["h"]
+
+
 # ---------------------------------------------------------------------------
 # Operations: metrics, logs and the command line
 # ---------------------------------------------------------------------------
@@ -4195,6 +4228,15 @@ def test_with_a_signing_secret_the_card_offers_silence_durations_and_ack(start, 
         [e["action_id"] for e in reply_controls["elements"] if e["type"] == "static_select"] == ["silence"]
     for call in slack.messages:
         assert_within_slack_limits(call.payload)
+
+
+def test_preview_draws_the_interactive_controls_as_labels_and_keeps_links_as_links(start, slack, fake_am):
+    svc = interactive(start, fake_am.url)
+    svc.alert(webhook(make_alert()))
+    page = svc.get("/preview").text
+    assert '<span class="btn">🔕 Silence… ▾</span>' in page and '<span class="btn">👀 Ack</span>' in page
+    assert '<a class="btn" href="https://runbooks.example.com/DatabaseDown" rel="noopener noreferrer">View Runbook</a>' \
+        in page
 
 
 @pytest.mark.parametrize("how", ["unsigned", "forged", "stale", "other secret"])

@@ -5,7 +5,8 @@
 # machine) on a free loopback port with a throw-away state file, posts the
 # example webhooks (firing, a second instance, both resolved) and screenshots
 # /preview with headless Chromium (Debian: apt-get install chromium
-# fonts-noto-color-emoji; without an emoji font the 🚨 and ✅ come out as boxes).
+# fonts-noto-color-emoji fonts-liberation2; without an emoji font the 🚨 and ✅ come
+# out as boxes, and without a sans font the emoji font draws the digits and spaces).
 #
 # Usage: examples/screenshot.sh [OUTPUT.png]    (default examples/preview.png)
 #        CHROMIUM=/path/to/chrome examples/screenshot.sh
@@ -60,7 +61,7 @@ service_pid=$!
 
 url=""
 for _ in $(seq 100); do
-    if [[ $(<"$tmp/service.log") =~ listening\ on\ (http://127\.0\.0\.1:[0-9]+) ]]; then
+    if [[ $(<"$tmp/service.log") =~ \((http://127\.0\.0\.1:[0-9]+)\ from\ this\ machine\) ]]; then
         url=${BASH_REMATCH[1]}
         break
     fi
