@@ -1499,6 +1499,17 @@ class ThreadStore:
                          store=self.name, op=op)
 
 
+def thread_record(value: Any) -> Optional[Dict[str, Any]]:
+    """A stored thread with its defaults; the seed's bare ts is an open thread. None if it is no thread."""
+    if isinstance(value, str):  # the seed stored key -> ts
+        value = {"ts": value, "status": "open", "alerts": {}}
+    if not isinstance(value, dict) or not isinstance(value.get("ts"), str):
+        return None
+    value.setdefault("alerts", {})
+    value.setdefault("status", "open")
+    return value
+
+
 class StateFiles:
     """threads.json and its journal on disk: read back at start, appended to, and replaced atomically.
 
@@ -1559,16 +1570,22 @@ class StateFiles:
         """Validated records from a JSON object of them (or the seed's key -> ts)."""
         if not isinstance(document, dict):
             raise ValueError("is not a JSON object of threads")
-        threads = {}
-        for key, record in document.items():
-            if isinstance(record, str):  # the seed's format: key -> ts
-                record = {"ts": record, "status": "open", "alerts": {}}
-            if not isinstance(record, dict) or not isinstance(record.get("ts"), str):
+        threads = {key: thread_record(value) for key, value in document.items()}
+        for key, record in threads.items():
+            if record is None:
                 raise ValueError(f"has a malformed thread {truncate(key, 80)!r}")
-            record.setdefault("alerts", {})
-            record.setdefault("status", "open")
-            threads[key] = record
-        return threads
+        return threads  # type: ignore[return-value]
+
+    def records(self) -> Dict[str, Dict[str, Any]]:
+        """The threads a restart finds: the snapshot with the journal's changes applied in order."""
+        records = self.snapshot()
+        for change in self.changes():
+            if change.get("clear"):
+                records.clear()
+            for key in change.get("del", []):
+                records.pop(key, None)
+            records.update(change["put"])
+        return records
 
     def changes(self) -> Iterator[Dict[str, Any]]:
         """The journal's changes since the snapshot, in order; an incomplete last line is a crash mid-append."""
@@ -1717,16 +1734,8 @@ class FileStore(ThreadStore):
         if self.files:
             if not read_only:
                 self.files.remove_temp_files()
-            for key, record in self.files.snapshot().items():
+            for key, record in self.files.records().items():
                 self._remember(key, record)
-            for change in self.files.changes():
-                if change.get("clear"):
-                    self._fragments.clear()
-                    self._summary.clear()
-                for key in change.get("del", []):
-                    self._forget(key)
-                for key, record in change["put"].items():
-                    self._remember(key, record)
             if not read_only:
                 self._fold()
 
@@ -1746,10 +1755,6 @@ class FileStore(ThreadStore):
         self._fragments[key] = fragment
         self._summary[key] = (record.get("status", "open"), record.get("closed"))
         return fragment
-
-    def _forget(self, key: str) -> None:
-        self._fragments.pop(key, None)
-        self._summary.pop(key, None)
 
     def _change(self, line: str) -> int:
         """Queue one journal line (caller holds _lock); returns the version that makes it durable."""
@@ -1857,7 +1862,7 @@ class FileStore(ThreadStore):
             stale = [k for k, (status, closed) in self._summary.items()
                      if status == "closed" and isinstance(closed, (int, float)) and closed + self.retention < now]
             for key in stale:
-                self._forget(key)
+                del self._fragments[key], self._summary[key]
             version = self._change(json.dumps({"del": stale}, ensure_ascii=False)) if stale else 0
         if stale:
             self._count("prune")
@@ -2101,6 +2106,16 @@ class RedisLeases:
                             "Alertmanager's retry carries on from that replica's state")
 
 
+def redis_record(value: Optional[str]) -> Optional[Dict[str, Any]]:
+    """The thread a Redis value holds: our JSON record, or the seed's bare ts ("1705329025.000100")."""
+    if value is None or re.fullmatch(r"\d+\.\d+", value):
+        return thread_record(value)
+    try:
+        return thread_record(json.loads(value))
+    except (ValueError, RecursionError):
+        return None
+
+
 class RedisStore(ThreadStore):
     """Records as JSON strings under PREFIX:KEY, shared by every replica.
 
@@ -2140,11 +2155,8 @@ class RedisStore(ThreadStore):
         return max(1, int(self.retention)) if record.get("status") == "closed" else 0
 
     def _set(self, client: Any, key: str, record: Dict[str, Any]) -> None:
-        expiry = self._expiry(record)
-        if expiry:
-            client.set(self._key(key), compact_json(record), ex=expiry)
-        else:
-            client.set(self._key(key), compact_json(record))  # a plain SET also clears an earlier expiry
+        # Without ex, SET also clears an earlier expiry: a thread that reopened lives on.
+        client.set(self._key(key), compact_json(record), ex=self._expiry(record) or None)
 
     def _recover(self, outage: float) -> None:
         """Redis is back: write back what was kept in memory meanwhile (unless a replica wrote newer)."""
@@ -2175,16 +2187,8 @@ class RedisStore(ThreadStore):
         except StoreError:
             with self._lock:
                 return {k: json.loads(json.dumps(self._fallback[k])) for k in keys if k in self._fallback}
-        found = {}
-        for key, value in zip(keys, values):
-            if value is not None:
-                with contextlib.suppress(ValueError):
-                    record = json.loads(value)
-                    if isinstance(record, dict) and isinstance(record.get("ts"), str):
-                        record.setdefault("alerts", {})
-                        record.setdefault("status", "open")
-                        found[key] = record
-        return found
+        records = {key: redis_record(value) for key, value in zip(keys, values)}
+        return {key: record for key, record in records.items() if record is not None}
 
     def put_many(self, records: Dict[str, Dict[str, Any]]) -> None:
         held = self.leases.held()
@@ -2226,8 +2230,9 @@ class RedisStore(ThreadStore):
             names, found, strip = self._scan(), {}, len(self.prefix) + 1
             for part in chunks(names, 500):
                 for name, value in zip(part, self.redis.client.mget(part)):
-                    with contextlib.suppress(ValueError, TypeError):
-                        found[name[strip:]] = json.loads(value)
+                    record = redis_record(value)
+                    if record is not None:
+                        found[name[strip:]] = record
             return found
         try:
             return self.redis.run("scan", read)

@@ -2413,6 +2413,19 @@ def test_redis_keys_keep_the_seed_layout(start, slack, redis_server):
     assert health["redis_status"] == "connected" and health["thread_store"] == "redis"
 
 
+def test_a_thread_the_seed_stored_in_redis_as_a_bare_ts_is_replied_in(start, slack, redis_server):
+    """Upgrading from the original: its values were the ts alone, not our JSON record."""
+    key = "DatabaseDown|critical|database|prod-eu|production"
+    redis_server.client().set(f"threader:ts:{key}", "1705329025.000100")
+    redis_server.client().set("threader:ts:Broken|x", "{not json")
+    svc = start(THREAD_STORE="redis", REDIS_URL=redis_server.url)
+    answer = svc.alert(webhook(make_alert())).json()["results"][0]
+    assert answer["action"] == "replied" and answer["thread_ts"] == "1705329025.000100"
+    [reply] = slack.messages
+    assert reply.thread_ts == "1705329025.000100"
+    assert set(svc.get("/cache").json()["threads"]) == {key}, "an unreadable value is no thread"
+
+
 def test_redis_url_with_password_and_database(start, slack, tmp_path):
     server = RedisServer(tmp_path)
     try:
