@@ -28,6 +28,7 @@ LOG_LEVEL, LOG_FORMAT.
 import argparse
 import base64
 import bisect
+import collections
 import contextlib
 import dataclasses
 import email.errors
@@ -41,6 +42,7 @@ import io
 import ipaddress
 import itertools
 import json
+import math
 import logging
 import os
 import re
@@ -126,7 +128,7 @@ def clean_text(text: str) -> str:
 
 def utf16_units(text: str) -> int:
     """Length as Slack counts it: in UTF-16 code units (an emoji beyond the BMP is two)."""
-    return len(text) + sum(1 for c in text if ord(c) > 0xFFFF)
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
 
 
 def _joins_previous(c: str) -> bool:
@@ -191,11 +193,14 @@ def mrkdwn(text: str, limit: int) -> str:
     return clip_escaped(escape_mrkdwn(clean_text(text[: 4 * limit + 4])[: limit + 1]), limit)
 
 
+URL_BREAKERS = re.compile(r'[<>|"` ]')  # characters that would end or break a link in mrkdwn
+
+
 def is_http_url(url: Any, max_length: int = 3000) -> bool:
     """An absolute http(s) URL that Slack can show as a link or button."""
     if not isinstance(url, str) or not 0 < len(url) <= max_length:
         return False
-    if any(c in url for c in "<>|\"` ") or not url.isprintable():
+    if URL_BREAKERS.search(url) or not url.isprintable():
         return False
     try:
         parts = urllib.parse.urlsplit(url)
@@ -2443,14 +2448,17 @@ class Deadlines:
         self._due: Dict[int, Tuple[float, Any]] = {}  # id(socket) -> (when, socket)
         self._late: set = set()  # shut down for being late, until unwatched
         self._thread: Optional[threading.Thread] = None
+        self._wakes_at = math.inf  # when the reaper looks next, unless told sooner
 
     def watch(self, sock: Any, seconds: float) -> None:
+        due = time.monotonic() + seconds
         with self._changed:
-            self._due[id(sock)] = (time.monotonic() + seconds, sock)
+            self._due[id(sock)] = (due, sock)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, daemon=True, name="alert-threader-deadlines")
                 self._thread.start()
-            self._changed.notify()
+            if due < self._wakes_at:  # most deadlines fall after one already due: no need to wake the reaper
+                self._changed.notify()
 
     def unwatch(self, sock: Any) -> bool:
         """Watch it no more; True if it was shut down for being late."""
@@ -2470,8 +2478,9 @@ class Deadlines:
                         self._late.add(key)
                         with contextlib.suppress(OSError):
                             sock.shutdown(socket.SHUT_RDWR)
-                soonest = min((due for due, _ in self._due.values()), default=None)
-                self._changed.wait(None if soonest is None else max(0.05, soonest - now))
+                soonest = min((due for due, _ in self._due.values()), default=math.inf)
+                self._wakes_at = max(now + 0.05, soonest)
+                self._changed.wait(None if soonest == math.inf else self._wakes_at - now)
 
 
 def peer_closed(sock: Any) -> bool:
@@ -3174,8 +3183,9 @@ RECORD_TEXT_BUDGET = 16384  # characters of label (or annotation) names and valu
 
 def clip_for_record(values: Dict[str, str], first: Sequence[str]) -> Tuple[Dict[str, str], bool]:
     """The values a record keeps, the names in `first` before the rest; and whether all were kept whole."""
-    if sum(len(name) + len(value) for name, value in values.items()) <= RECORD_TEXT_BUDGET and all(
-            len(name) <= RECORD_NAME_MAX and len(value) <= RECORD_VALUE_MAX for name, value in values.items()):
+    names, texts = [len(n) for n in values], [len(v) for v in values.values()]
+    if (sum(names) + sum(texts) <= RECORD_TEXT_BUDGET and max(names, default=0) <= RECORD_NAME_MAX
+            and max(texts, default=0) <= RECORD_VALUE_MAX):
         return dict(values), True  # the usual alert: it all fits
     kept: Dict[str, str] = {}
     whole, budget = True, RECORD_TEXT_BUDGET
@@ -4719,8 +4729,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if (any(isinstance(d, HEADER_SYNTAX_DEFECTS) for d in headers.defects) or headers.get_payload()
                 or any("\n" in v or "\r" in v for v in headers.values())):
             return error(400, "malformed header line (a line without a colon, or a folded line)")
+        given = collections.Counter(name.lower() for name in headers.keys())
         for name in SINGLE_HEADERS:
-            if len(headers.get_all(name, ())) > 1:
+            if given[name.lower()] > 1:
                 return error(400, f"duplicate {name} header")
         if headers.get("Transfer-Encoding") is not None:
             return error(411, "chunked bodies are not accepted; send Content-Length")
