@@ -17,7 +17,7 @@ Every setting is an environment variable, mirrored by a flag that wins:
 SLACK_BOT_TOKEN(_FILE), SLACK_CHANNEL, SLACK_CHANNELS, ENVIRONMENT,
 THREAD_STORE (file|redis), THREAD_STORE_FILE, REDIS_URL, REDIS_KEY_PREFIX,
 HOST, PORT, SLACK_API_URL, WEBHOOK_TOKEN(_FILE), SLACK_SIGNING_SECRET(_FILE),
-ALERTMANAGER_AUTH_FILE, SILENCE_DURATIONS, REOPEN_WINDOW, THREAD_KEY_LABELS,
+ALERTMANAGER_AUTH(_FILE), SILENCE_DURATIONS, REOPEN_WINDOW, THREAD_KEY_LABELS,
 THREAD_BY, MESSAGE_FIELDS, HIDDEN_LABELS, TITLE_TEMPLATE, TEXT_TEMPLATE, TIME_ZONE, MENTIONS, BROADCAST,
 STORM_THRESHOLD, STORM_WINDOW, THREAD_RETENTION, SLACK_TIMEOUT, SLACK_RETRY_BUDGET,
 SLACK_PACE,
@@ -730,8 +730,8 @@ SETTINGS: Tuple[Tuple[str, Optional[str], str], ...] = (
     ("SLACK_SIGNING_SECRET", None, "the Slack app's signing secret: turns Silence and Ack in Slack on (POST "
                                    "/slack/actions)"),
     ("SLACK_SIGNING_SECRET_FILE", None, "read the signing secret from this file"),
-    ("ALERTMANAGER_AUTH_FILE", None, "credentials for Alertmanager's API: a file holding user:password (basic "
-                                     "auth) or 'Bearer TOKEN'"),
+    ("ALERTMANAGER_AUTH", None, "credentials for Alertmanager's API: user:password (basic auth) or 'Bearer TOKEN'"),
+    ("ALERTMANAGER_AUTH_FILE", None, "read Alertmanager's credentials from this file"),
     ("SILENCE_DURATIONS", "1h,4h,24h,7d", "the durations a Silence menu in Slack offers"),
     ("THREAD_KEY_LABELS", ",".join(KEY_LABELS), "labels that make the thread key (ENVIRONMENT is appended)"),
     ("THREAD_BY", "labels", "labels: a thread per thread key; group: a thread per Alertmanager group (groupKey)"),
@@ -749,7 +749,7 @@ SETTINGS: Tuple[Tuple[str, Optional[str], str], ...] = (
     ("LOG_FORMAT", "text", "text or json"),
 )
 
-SECRET_SETTINGS = frozenset({"SLACK_BOT_TOKEN", "WEBHOOK_TOKEN", "SLACK_SIGNING_SECRET"})
+SECRET_SETTINGS = frozenset({"SLACK_BOT_TOKEN", "WEBHOOK_TOKEN", "SLACK_SIGNING_SECRET", "ALERTMANAGER_AUTH"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -799,8 +799,10 @@ class Config:
 
     def secrets(self) -> List[str]:
         auth = self.alertmanager_auth or ""
-        return [s for s in (self.slack_bot_token, self.webhook_token, self.slack_signing_secret, auth,
-                            auth.partition(" ")[2], *redis_passwords(self.redis_url)) if s]
+        kind, _, credential = auth.partition(" ")
+        plain = base64.b64decode(credential).decode(errors="replace") if kind == "Basic" else ""
+        return [s for s in (self.slack_bot_token, self.webhook_token, self.slack_signing_secret, auth, credential,
+                            plain, plain.partition(":")[2], *redis_passwords(self.redis_url)) if s]
 
 
 QUERY_PASSWORD = re.compile(r"(?i)((?:^|&)password=)([^&]*)")
@@ -1002,15 +1004,14 @@ def silence_durations(raw: RawSettings) -> Tuple[Tuple[str, float], ...]:
 
 
 def alertmanager_auth(raw: RawSettings) -> Optional[str]:
-    """The Authorization header value for Alertmanager's API, from ALERTMANAGER_AUTH_FILE."""
-    path = raw["ALERTMANAGER_AUTH_FILE"]
-    if not path:
+    """The Authorization header value for Alertmanager's API, from ALERTMANAGER_AUTH (or its file)."""
+    value = (raw.secret("ALERTMANAGER_AUTH") or "").strip()
+    if not value:
         return None
-    value = _read_secret_file("ALERTMANAGER_AUTH_FILE", path)
     if value.lower().startswith("bearer "):
         return "Bearer " + value[7:].strip()
     if ":" not in value or "\n" in value:
-        raise ConfigError("ALERTMANAGER_AUTH_FILE must hold user:password or 'Bearer TOKEN' on one line")
+        raise ConfigError("ALERTMANAGER_AUTH (or its file) must hold user:password or 'Bearer TOKEN' on one line")
     return "Basic " + base64.b64encode(value.encode()).decode()
 
 
@@ -2025,7 +2026,7 @@ class RedisConnection:
             if first:
                 self._down_since = time.monotonic()
             self._next_probe = time.monotonic() + 1.0
-            self.last_error = type(e).__name__
+            self.last_error = f"{type(e).__name__}. Fix: {redis_fix(e)}"
         if first:
             log_event(logging.ERROR, "redis unreachable; alerts are still posted, threads kept in memory until it "
                       "returns", redis=redact_url(self.url), error=type(e).__name__, fix=redis_fix(e))
@@ -2045,10 +2046,13 @@ class RedisConnection:
 
 def redis_fix(e: BaseException) -> str:
     """What to do about a Redis error, in words an operator can act on."""
+    if "without any password configured" in str(e):
+        return "this Redis has no password: take it out of REDIS_URL (or set requirepass in redis.conf)"
     if type(e).__name__ == "AuthenticationError" or any(word in str(e) for word in ("NOAUTH", "WRONGPASS")):
         return ("Redis refuses the credentials: put its password in REDIS_URL (redis://:PASSWORD@HOST:6379/0, "
                 "or redis://USER:PASSWORD@… for an ACL user), as requirepass or the ACL has it")
-    return "start redis-server, or correct REDIS_URL; redis-cli -u URL ping tells whether it answers"
+    return ("start redis-server, or correct REDIS_URL; redis-cli -h HOST -p PORT ping (-s SOCKET for a unix "
+            "socket, with REDISCLI_AUTH=PASSWORD in its environment if Redis has one) tells whether it answers")
 
 
 class RedisLeases:
@@ -2111,6 +2115,43 @@ class RedisLeases:
                             "Alertmanager's retry carries on from that replica's state")
 
 
+class RecentRecords:
+    """The threads a Redis store read or wrote last, as their JSON text, within a bound on characters.
+
+    While Redis is unreachable these stand in for it: a blip must not make a replica forget a thread it
+    used a moment ago, post its alert again as a new parent and leave the first card firing for ever."""
+
+    def __init__(self, max_chars: int = 8 << 20) -> None:
+        self._texts: "collections.OrderedDict[str, str]" = collections.OrderedDict()
+        self._chars = 0
+        self._max_chars = max_chars
+        self._lock = threading.Lock()
+
+    def remember(self, key: str, text: Optional[str]) -> None:
+        """Keep the record's latest text (None: Redis has no such thread, so forget it)."""
+        with self._lock:
+            old = self._texts.pop(key, None)
+            if old is not None:
+                self._chars -= len(key) + len(old)
+            if text is not None:
+                self._texts[key] = text
+                self._chars += len(key) + len(text)
+            while self._chars > self._max_chars:
+                dropped, dropped_text = self._texts.popitem(last=False)
+                self._chars -= len(dropped) + len(dropped_text)
+
+    def get_many(self, keys: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+        with self._lock:
+            texts = {k: self._texts[k] for k in keys if k in self._texts}
+        records = {k: redis_record(text) for k, text in texts.items()}
+        return {k: record for k, record in records.items() if record is not None}
+
+    def clear(self) -> None:
+        with self._lock:
+            self._texts.clear()
+            self._chars = 0
+
+
 def redis_record(value: Optional[str]) -> Optional[Dict[str, Any]]:
     """The thread a Redis value holds: our JSON record, or the seed's bare ts ("1705329025.000100")."""
     if value is None or re.fullmatch(r"\d+\.\d+", value):
@@ -2122,18 +2163,12 @@ def redis_record(value: Optional[str]) -> Optional[Dict[str, Any]]:
 
 
 class RedisStore(ThreadStore):
-    """Records as JSON strings under PREFIX:KEY, shared by every replica.
+    """Records as JSON strings under PREFIX:KEY, shared by every replica; closed ones expire after the retention.
 
-    Work on a key is serialised across processes by a lease (RedisLeases) that
-    expires if its holder dies. The holder renews it before each Slack call and
-    while it waits, and writes only while it still holds it (one Lua script
-    checks and writes), so a replica that lost a key never writes over the
-    thread another one took over. Closed threads expire after the retention.
-    Turns of Slack's rate limits and the storm counts live in Redis too, so
-    that replicas share them. While Redis is unreachable, records live in
-    memory (threading degrades, delivery does not) and are written back when
-    Redis returns.
-    """
+    Work on a key is serialised across processes by a lease (RedisLeases), renewed while held; a write checks
+    it in the same Lua script, so a replica that lost a key never writes over another's thread. Slack's turns
+    and the storm counts live in Redis too. While Redis is unreachable, changes and the records used last
+    (RecentRecords) live in memory: threading degrades, delivery does not. Changes are written back later."""
 
     name = "redis"
 
@@ -2150,7 +2185,8 @@ class RedisStore(ThreadStore):
         self._hold_off = self.redis.script(HOLD_OFF_LUA)
         self._count_recent = self.redis.script(COUNT_RECENT_LUA)
         self._lock = threading.Lock()
-        self._fallback: Dict[str, Dict[str, Any]] = {}
+        self._fallback: Dict[str, Dict[str, Any]] = {}  # changed while Redis was unreachable
+        self.recent = RecentRecords()
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}:{key}"
@@ -2159,9 +2195,9 @@ class RedisStore(ThreadStore):
         """Seconds a record lives: closed threads for the retention, open ones for ever (0)."""
         return max(1, int(self.retention)) if record.get("status") == "closed" else 0
 
-    def _set(self, client: Any, key: str, record: Dict[str, Any]) -> None:
+    def _set(self, client: Any, key: str, record: Dict[str, Any], text: str) -> None:
         # Without ex, SET also clears an earlier expiry: a thread that reopened lives on.
-        client.set(self._key(key), compact_json(record), ex=self._expiry(record) or None)
+        client.set(self._key(key), text, ex=self._expiry(record) or None)
 
     def _recover(self, outage: float) -> None:
         """Redis is back: write back what was kept in memory meanwhile (unless a replica wrote newer)."""
@@ -2172,7 +2208,7 @@ class RedisStore(ThreadStore):
             for key, record in pending.items():
                 current = client.get(self._key(key))
                 if current is None or json.loads(current).get("updated", 0) <= record.get("updated", 0):
-                    self._set(client, key, record)
+                    self._set(client, key, record, compact_json(record))
                     written += 1
         except self.redis.errors as e:
             with self._lock:
@@ -2190,24 +2226,28 @@ class RedisStore(ThreadStore):
         try:
             values = self.redis.run("get", lambda: self.redis.client.mget([self._key(k) for k in keys]))
         except StoreError:
-            with self._lock:
-                return {k: json.loads(json.dumps(self._fallback[k])) for k in keys if k in self._fallback}
+            with self._lock:  # what changed during the outage, else what was used just before it
+                changed = {k: json.loads(json.dumps(self._fallback[k])) for k in keys if k in self._fallback}
+            return {**self.recent.get_many([k for k in keys if k not in changed]), **changed}
         records = {key: redis_record(value) for key, value in zip(keys, values)}
+        for key, value in zip(keys, values):
+            self.recent.remember(key, value if records[key] is not None else None)
         return {key: record for key, record in records.items() if record is not None}
 
     def put_many(self, records: Dict[str, Dict[str, Any]]) -> None:
         held = self.leases.held()
+        texts = {key: compact_json(record) for key, record in records.items()}
 
         def write() -> int:
             if not held:
                 pipe = self.redis.client.pipeline(transaction=False)
                 for key, record in records.items():
-                    self._set(pipe, key, record)
+                    self._set(pipe, key, record, texts[key])
                 pipe.execute()
                 return 1
             args: List[Any] = [len(held), int(self.leases.lease * 1000), *held.values()]
-            for record in records.values():
-                args += [compact_json(record), self._expiry(record)]
+            for key, record in records.items():
+                args += [texts[key], self._expiry(record)]
             return self._guarded_write(keys=[*held, *(self._key(k) for k in records)], args=args)
         try:
             written = self.redis.run("put", write)
@@ -2218,6 +2258,8 @@ class RedisStore(ThreadStore):
         if not written:
             raise LeaseLost(f"another replica took over {truncate(', '.join(records), 200)} (this one's lease "
                             "ran out); nothing was written, and Alertmanager's retry carries on from its state")
+        for key, text in texts.items():
+            self.recent.remember(key, text)
 
     @contextlib.contextmanager
     def locked(self, keys: Sequence[str]) -> Iterator[None]:
@@ -2261,6 +2303,7 @@ class RedisStore(ThreadStore):
         with self._lock:
             dropped = len(self._fallback)
             self._fallback.clear()
+        self.recent.clear()
         try:
             return self.redis.run("clear", delete_all) + dropped
         except StoreError:
@@ -2298,16 +2341,13 @@ class RedisStore(ThreadStore):
 
     # -- health ---------------------------------------------------------------------
 
-    def probe(self) -> Optional[str]:
-        return self.redis.probe()
-
     def health(self) -> Dict[str, Any]:
         with contextlib.suppress(StoreError):
             self.redis.run("ping", self.redis.client.ping)
         connected = self.redis.connected
         status: Dict[str, Any] = {"ok": connected, "redis_status": "connected" if connected else "disconnected"}
         if not connected:
-            status["store_error"] = f"redis unreachable ({self.redis.last_error})"
+            status["store_error"] = f"redis unreachable: {self.redis.last_error}"
         return status
 
     def stats(self) -> Dict[str, Any]:
@@ -2645,6 +2685,12 @@ class AlertmanagerClient:
     def expire_silence(self, base_url: str, silence_id: str) -> None:
         self._request(base_url, "DELETE", "/api/v2/silence/" + urllib.parse.quote(silence_id, safe=""))
 
+    def version(self, base_url: str) -> str:
+        """Alertmanager's version, from GET /api/v2/status (for check): it answers, and takes the credentials."""
+        document = self._request(base_url, "GET", "/api/v2/status")
+        info = document.get("versionInfo") if isinstance(document, dict) else None
+        return str(info.get("version", "unknown")) if isinstance(info, dict) else "unknown"
+
     def _request(self, base_url: str, method: str, path: str, body: Any = None) -> Any:
         parts = urllib.parse.urlsplit(base_url)
         cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
@@ -2665,7 +2711,7 @@ class AlertmanagerClient:
             conn.close()
         if response.status in (401, 403):
             raise AlertmanagerError(f"Alertmanager refused the credentials (HTTP {response.status}); check "
-                                    "ALERTMANAGER_AUTH_FILE")
+                                    "ALERTMANAGER_AUTH")
         if response.status >= 400:
             detail = answer.decode("utf-8", "replace").strip().strip('"')
             raise AlertmanagerError(f"Alertmanager refused: HTTP {response.status} {truncate(detail, 200)}")
@@ -4173,6 +4219,7 @@ class Interactions:
             del acks[:-20]
             record["updated"] = time.time()
             self.store.put(key, record)
+        log_event(logging.INFO, "acknowledged from Slack", thread=key, user=who)
         self.tell(deadline, key, record, f"👀 Acknowledged by {escape_mrkdwn(who)}")
 
     def silence(self, deadline: float, key: str, action: Dict[str, Any], who: str, payload: Dict[str, Any]) -> None:
@@ -4203,6 +4250,8 @@ class Interactions:
             del silences[:-20]
             record["updated"] = time.time()
             self.store.put(key, record)
+        log_event(logging.INFO, "silenced from Slack", thread=key, user=who, duration=label, silence=silence_id,
+                  matchers=len(matchers))
         self.tell(deadline, key, record, f"🔕 {what} silenced for {label} by {escape_mrkdwn(who)} "
                                          f"(until {slack_time(starts + seconds, ms)})")
 
@@ -4218,6 +4267,7 @@ class Interactions:
                     silence["expired"] = True
             record["updated"] = time.time()
             self.store.put(key, record)
+        log_event(logging.INFO, "silence lifted from Slack", thread=key, user=who, silence=silence_id)
         self.tell(deadline, key, record, f"🔔 Silence lifted by {escape_mrkdwn(who)}")
 
     # -- helpers ------------------------------------------------------------------
@@ -4641,12 +4691,10 @@ def linger(sock: socket.socket) -> None:
 class Handler(http.server.BaseHTTPRequestHandler):
     """Thin: http.server parses, App decides, the answer is JSON (or the text App returns).
 
-    What it adds to http.server: JSON error bodies; framing headers checked
-    (no duplicates, no chunked bodies, a plain Content-Length); Expect:
-    100-continue answered only once the request would be accepted; and a
-    connection whose request body was left unread is closed after the answer,
-    so that the body is never read as the next request.
-    """
+    What it adds to http.server: JSON error bodies; a bounded head; framing headers checked (no duplicates,
+    no chunked bodies, a plain Content-Length); Expect: 100-continue answered only once the request would be
+    accepted; and a connection whose body was left unread is closed after the answer (lingering), so that
+    the body is never read as the next request."""
 
     protocol_version = "HTTP/1.1"
     default_request_version = "HTTP/1.0"  # every answer, refusals of bad request lines too, has a status line
@@ -5063,6 +5111,9 @@ def start_service(config: Config) -> Service:
         log_event(logging.WARNING, f"no WEBHOOK_TOKEN: POST /alert takes webhooks from anyone who can reach "
                   f"{config.host or '*'}:{service.port}; /cache and /preview answer only this machine")
     service.store.health()  # a store out of reach is said now, not when the first alert arrives
+    if config.interactive:
+        log_event(logging.INFO, "Silence and Ack from Slack are on: POST /slack/actions takes Slack's signed "
+                  "requests", alertmanager=config.alertmanager_url or "the webhook's externalURL")
     if config.dry_run:
         log_event(logging.WARNING, "DRY-RUN: no SLACK_BOT_TOKEN is set, so nothing is posted to Slack; "
                   f"every payload is logged and shown on {service.url}/preview")
@@ -5129,7 +5180,7 @@ def cmd_check(config: Config) -> int:
         else:
             store = open_store(config, metrics)
             try:
-                problem = store.probe()  # type: ignore[attr-defined]
+                problem = store.redis.probe()  # type: ignore[attr-defined]
             finally:
                 store.close()
             if problem:
@@ -5139,6 +5190,16 @@ def cmd_check(config: Config) -> int:
         print(f"store: FAILED: {redact(str(e), config.secrets())}")
         return 1
     print(f"store: OK ({where})")
+    if config.interactive and config.alertmanager_url:
+        try:
+            client = AlertmanagerClient(config.alertmanager_auth, config.slack_timeout)
+            version = client.version(config.alertmanager_url)
+        except AlertmanagerError as e:
+            print(f"alertmanager: FAILED: {redact(str(e), config.secrets())}")
+            return 1
+        print(f"alertmanager: OK ({config.alertmanager_url}, version {version}): silences from Slack can be made")
+    elif config.interactive:
+        print("alertmanager: not checked: no ALERTMANAGER_URL, so silences go to each webhook's externalURL")
     if config.dry_run:
         print("slack: no SLACK_BOT_TOKEN: the service would run in dry-run mode and post nothing. "
               "Fix: set SLACK_BOT_TOKEN or SLACK_BOT_TOKEN_FILE to the app's xoxb- token")

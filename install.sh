@@ -22,7 +22,8 @@ readonly REDIS_DROPIN=/etc/redis/alert-threader.conf
 readonly REDIS_INCLUDE="include $REDIS_DROPIN"
 readonly REDIS_INCLUDE_COMMENT="# alert-threader: local Redis settings (install.sh)"
 # Order of the variables in a freshly written settings file.
-readonly ENV_ORDER=(SLACK_BOT_TOKEN SLACK_CHANNEL ENVIRONMENT THREAD_STORE REDIS_URL WEBHOOK_TOKEN PORT)
+readonly ENV_ORDER=(SLACK_BOT_TOKEN SLACK_CHANNEL ENVIRONMENT THREAD_STORE REDIS_URL WEBHOOK_TOKEN PORT
+    SLACK_SIGNING_SECRET ALERTMANAGER_URL ALERTMANAGER_AUTH)
 
 # Options; empty means "not given".
 OPT_YES=0
@@ -37,6 +38,9 @@ OPT_WEBHOOK=""          # generate | none | (empty: ask, or keep)
 OPT_LOCAL_REDIS=0
 OPT_REDIS_URL=""
 OPT_PORT=""
+OPT_SIGNING_SECRET_FILE=""
+OPT_ALERTMANAGER_URL=""
+OPT_ALERTMANAGER_AUTH_FILE=""
 OPT_ROOT=""
 STAGING=0               # 1 with --root: write files only, run no systemctl/apt-get/curl
 
@@ -80,6 +84,18 @@ Settings:
                               on localhost only, persistent, never evicting
                               keys (implies --store redis)
   --port N                    listen port (default: 9009)
+
+Silence and Ack from Slack (optional; README: "Silence and Ack from Slack"):
+  --signing-secret-file PATH  the Slack app's signing secret (Basic Information
+                              > App Credentials), from PATH or stdin with "-":
+                              turns POST /slack/actions on
+  --alertmanager-url URL      Alertmanager's address for silences, like
+                              http://alertmanager:9093
+  --alertmanager-auth-file PATH
+                              Alertmanager's credentials: user:password or
+                              "Bearer TOKEN"
+  Secrets given this way are written into the settings file, which systemd
+  reads as root: the service itself never needs to read a file under /etc.
 
 Actions:
   --yes, -y                   ask nothing; defaults for anything not given
@@ -132,14 +148,15 @@ parse_args() {
         fi
         case $flag in
             --store | --token-file | --slack-token-file | --slack-bot-token-file | --channel | --environment | \
-                --webhook-token-file | --redis-url | --port | --root)
+                --webhook-token-file | --redis-url | --port | --root | --signing-secret-file | \
+                --alertmanager-url | --alertmanager-auth-file)
                 if ((!has_value)); then
                     (($# >= 2)) || die "$flag needs a value (see --help)"
                     value=$2
                     shift
                 fi
                 ;;
-            --token | --slack-token | --slack-bot-token | --webhook-token)
+            --token | --slack-token | --slack-bot-token | --webhook-token | --signing-secret | --alertmanager-auth)
                 die "$flag is refused: a secret on the command line lands in shell history and ps. Use ${flag}-file PATH (or --token-file -), or answer the hidden prompt"
                 ;;
             *)
@@ -161,6 +178,9 @@ parse_args() {
             --local-redis) OPT_LOCAL_REDIS=1 ;;
             --redis-url) OPT_REDIS_URL=$value ;;
             --port) OPT_PORT=$value ;;
+            --signing-secret-file) OPT_SIGNING_SECRET_FILE=$value ;;
+            --alertmanager-url) OPT_ALERTMANAGER_URL=$value ;;
+            --alertmanager-auth-file) OPT_ALERTMANAGER_AUTH_FILE=$value ;;
             --root) OPT_ROOT=$value ;;
             *) die "unknown option: $flag (see --help)" ;;
         esac
@@ -188,6 +208,9 @@ valid_webhook_token() { [[ $1 =~ ^[A-Za-z0-9._~+/=-]{16,512}$ ]]; }
 # No quotes, backslashes, '$', backticks or spaces: the value is safe unquoted
 # in a systemd EnvironmentFile (which expands $VAR and unescapes \).
 valid_redis_url() { [[ $1 =~ ^(redis|rediss|unix)://[A-Za-z0-9._~%!*+,:@/?\&=-]+$ ]]; }
+valid_signing_secret() { [[ $1 =~ ^[A-Za-z0-9]{16,128}$ ]]; }
+valid_http_url() { [[ $1 =~ ^https?://[A-Za-z0-9._~%!*+,:@/?\&=-]+$ ]]; }
+valid_alertmanager_auth() { [[ $1 =~ ^(Bearer\ [A-Za-z0-9._~+/=-]{8,4096}|[A-Za-z0-9._~+-]+:[A-Za-z0-9._~+/=!@%^*,:-]+)$ ]]; }
 valid_port() { [[ $1 =~ ^[0-9]{1,5}$ ]] && ((10#$1 >= 1 && 10#$1 <= 65535)); }
 
 validate_options() {
@@ -235,12 +258,27 @@ validate_options() {
         valid_webhook_token "$WEBHOOK_TOKEN" ||
             die "--webhook-token-file: the token must be 16-512 characters of A-Z a-z 0-9 . _ ~ + / = -"
     fi
+    if [[ -n $OPT_SIGNING_SECRET_FILE ]]; then
+        SIGNING_SECRET=$(read_secret_file "$OPT_SIGNING_SECRET_FILE" --signing-secret-file)
+        valid_signing_secret "$SIGNING_SECRET" ||
+            die "--signing-secret-file: expected the app's signing secret (16-128 letters and digits)"
+    fi
+    if [[ -n $OPT_ALERTMANAGER_URL ]] && ! valid_http_url "$OPT_ALERTMANAGER_URL"; then
+        die "--alertmanager-url must look like http://alertmanager:9093 (no quotes, spaces, \$ or backslashes)"
+    fi
+    if [[ -n $OPT_ALERTMANAGER_AUTH_FILE ]]; then
+        ALERTMANAGER_AUTH=$(read_secret_file "$OPT_ALERTMANAGER_AUTH_FILE" --alertmanager-auth-file)
+        valid_alertmanager_auth "$ALERTMANAGER_AUTH" ||
+            die "--alertmanager-auth-file: expected user:password or 'Bearer TOKEN' on one line (no quotes, spaces, \$ or backslashes)"
+    fi
     [[ -f $SOURCE_CODE ]] || die "$SOURCE_CODE not found: run install.sh from the alert-threader repository"
     [[ -f $SOURCE_UNIT ]] || die "$SOURCE_UNIT not found: run install.sh from the alert-threader repository"
 }
 
 SLACK_TOKEN=""
 WEBHOOK_TOKEN=""
+SIGNING_SECRET=""
+ALERTMANAGER_AUTH=""
 
 # Prints the file's content without surrounding whitespace ("-" reads stdin).
 read_secret_file() {
@@ -351,6 +389,9 @@ gather_settings() {
     [[ -n $OPT_PORT ]] && NEW[PORT]=$OPT_PORT
     [[ -n $OPT_TOKEN_FILE ]] && NEW[SLACK_BOT_TOKEN]=$SLACK_TOKEN
     [[ -n $OPT_REDIS_URL ]] && NEW[REDIS_URL]=$OPT_REDIS_URL
+    [[ -n $OPT_SIGNING_SECRET_FILE ]] && NEW[SLACK_SIGNING_SECRET]=$SIGNING_SECRET
+    [[ -n $OPT_ALERTMANAGER_URL ]] && NEW[ALERTMANAGER_URL]=$OPT_ALERTMANAGER_URL
+    [[ -n $OPT_ALERTMANAGER_AUTH_FILE ]] && NEW[ALERTMANAGER_AUTH]=$ALERTMANAGER_AUTH
     case $OPT_WEBHOOK in
         file) NEW[WEBHOOK_TOKEN]=$WEBHOOK_TOKEN ;;
         generate) NEW[WEBHOOK_TOKEN]=$(generate_token) ;;
@@ -818,8 +859,15 @@ print_next_steps() {
         info "  curl -sS -X POST http://127.0.0.1:$port/alert -H 'Content-Type: application/json' \\${token_note}"
         info "    -d '{\"status\":\"$status\",\"alerts\":[{\"status\":\"$status\",\"labels\":{\"alertname\":\"InstallSmokeTest\",\"severity\":\"info\"},\"annotations\":{\"summary\":\"alert-threader smoke test\"},\"startsAt\":\"$started\"}]}'"
     done
+    if [[ -n $(effective SLACK_SIGNING_SECRET) ]]; then
+        info ""
+        info "Silence and Ack from Slack are on: the app's Interactivity Request URL must reach"
+        info "POST /slack/actions on port $port over HTTPS (a reverse proxy; README: Silence and Ack from Slack)."
+        [[ -n $(effective ALERTMANAGER_URL) ]] ||
+            warn "no --alertmanager-url: silences go to each webhook's externalURL, which must be reachable from here"
+    fi
     info ""
-    info "Logs: journalctl -u $SERVICE -f    Settings: $env_path    Remove: ./install.sh --uninstall"
+    info "Logs: journalctl -u $SERVICE -f    Settings: $env_path    Remove: sudo ./install.sh --uninstall"
 }
 
 do_install() {

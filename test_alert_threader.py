@@ -1911,6 +1911,28 @@ def test_the_smoke_test_install_prints_opens_and_closes_a_thread(installed, star
     assert thread["status"] == "closed", "the smoke test leaves nothing firing"
 
 
+def test_silence_and_ack_settings_go_into_the_env_file_the_service_reads_as_root(installed, tmp_path):
+    """A *_FILE under /etc/alert-threader is unreadable to the unit's DynamicUser: the values go in the env file."""
+    root, _ = installed
+    (tmp_path / "signing").write_text("8f742231b10e8888abcd99ffffeeee85\n")
+    (tmp_path / "am-auth").write_text("Bearer am-token-0123456789\n")
+    result = run_install(root, "--yes", "--signing-secret-file", str(tmp_path / "signing"),
+                         "--alertmanager-url", "http://alertmanager.example.com:9093",
+                         "--alertmanager-auth-file", str(tmp_path / "am-auth"))
+    assert result.returncode == 0, result.stderr
+    env_file = root / "etc/alert-threader/alert-threader.env"
+    settings = read_env(env_file)
+    assert settings["SLACK_SIGNING_SECRET"] == "8f742231b10e8888abcd99ffffeeee85"
+    assert settings["ALERTMANAGER_URL"] == "http://alertmanager.example.com:9093"
+    assert settings["ALERTMANAGER_AUTH"] == "Bearer am-token-0123456789"
+    assert "8f742231b10e8888abcd99ffffeeee85" not in result.stdout + result.stderr
+    assert "am-token-0123456789" not in result.stdout + result.stderr
+    assert "POST /slack/actions" in result.stdout
+    config = load_service_config(env_file, tmp_path)
+    assert config.interactive and config.alertmanager_auth == "Bearer am-token-0123456789"
+    assert config.alertmanager_url == "http://alertmanager.example.com:9093"
+
+
 def test_switching_to_redis_adds_its_url(installed):
     root, _ = installed
     result = run_install(root, "--yes", "--store", "redis")
@@ -2015,6 +2037,10 @@ def test_uninstall_purge_removes_the_state(installed):
     (["--purge"], "--purge only goes with --uninstall"),
     (["--bogus"], "unknown option: --bogus"),
     (["--channel"], "--channel needs a value"),
+    (["--signing-secret", "8f742231b10e8888abcd99yyyzzz85a5"], "lands in shell history"),
+    (["--alertmanager-auth", "ops:pw"], "lands in shell history"),
+    (["--alertmanager-url", "http://am:9093/$(reboot)"], "--alertmanager-url must look like"),
+    (["--alertmanager-url", "am:9093"], "--alertmanager-url must look like"),
 ])
 def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, args, message):
     root = tmp_path / "root"
@@ -2455,8 +2481,20 @@ def test_a_wrong_redis_password_is_named_with_its_fix_in_check_and_the_log(start
         wait_for(lambda: "redis unreachable" in svc.log.getvalue())
         assert "Redis refuses the credentials" in svc.log.getvalue()
         assert "not-the-pass" not in svc.log.getvalue()
+        health = svc.get("/health").json()
+        assert "Fix: Redis refuses the credentials: put its password in REDIS_URL" in health["store_error"]
+        assert svc.alert(webhook(make_alert())).json()["results"][0]["action"] == "posted", "alerts still go out"
     finally:
         server.remove()
+
+
+def test_a_password_for_a_redis_without_one_says_to_take_it_out(redis_server, tmp_path):
+    """redis-py 4.3 sends AUTH and Redis refuses it; newer redis-py gets in all the same. Never 'start redis-server'."""
+    result = run_cli("check", cwd=tmp_path, env={"THREAD_STORE": "redis",
+                                                 "REDIS_URL": f"redis://:extra-pass@127.0.0.1:{redis_server.port}/0"})
+    out = result.stdout.decode()
+    assert "store: OK" in out or "this Redis has no password: take it out of REDIS_URL" in out, out
+    assert "start redis-server" not in out and "extra-pass" not in out
 
 
 def test_redis_over_a_unix_socket_serves_webhooks_and_check(start, slack, redis_server, tmp_path):
@@ -2597,6 +2635,34 @@ def test_redis_outage_still_delivers_reports_503_and_recovers_by_itself(start, s
     assert redis_server.client().exists("threader:ts:DuringOutage|critical|database|prod-eu|production")
     svc.alert(webhook(resolved(during)))
     assert slack.messages[-1].thread_ts == slack.messages[1].ts
+
+
+def test_a_redis_blip_keeps_the_threads_this_replica_just_used(start, slack, redis_server):
+    """The thread opened before Redis went away takes the next instance as a reply, not a second parent."""
+    svc = start(THREAD_STORE="redis", REDIS_URL=redis_server.url)
+    first = make_alert()
+    svc.alert(webhook(first))
+    [parent] = slack.messages
+    redis_server.stop()
+    answer = svc.alert(webhook(first, make_alert(instance="db02"))).json()["results"]
+    assert [r["action"] for r in answer] == ["unchanged", "replied"]
+    assert {r["thread_ts"] for r in answer} == {parent.ts} and len(slack.messages) == 2
+    redis_server.start()
+    wait_for(lambda: svc.get("/health").status == 200, what="the service to reconnect by itself")
+    stored = json.loads(redis_server.client().get("threader:ts:DatabaseDown|critical|database|prod-eu|production"))
+    assert stored["ts"] == parent.ts and len(stored["alerts"]) == 2, "the reply written back into the same thread"
+    svc.alert(webhook(resolved(first), resolved(make_alert(instance="db02"))))
+    assert "RESOLVED" in card_of(slack, parent.ts), "the first card closes: nothing is left firing for ever"
+
+
+def test_the_records_kept_for_a_redis_blip_stay_within_their_bound():
+    recent = at.RecentRecords(max_chars=10_000)
+    for i in range(100):
+        recent.remember(f"key{i}", json.dumps({"ts": f"1.{i}", "pad": "x" * 900}))
+    kept = recent.get_many([f"key{i}" for i in range(100)])
+    assert 5 <= len(kept) <= 10 and "key99" in kept and "key0" not in kept, "the latest kept, the oldest dropped"
+    recent.remember("key99", None)
+    assert "key99" not in recent.get_many(["key99"])
 
 
 # ---------------------------------------------------------------------------
@@ -4343,6 +4409,30 @@ def test_alertmanager_credentials_come_from_a_file(start, slack, fake_am, tmp_pa
     assert "s3cret-pass" not in svc.log.getvalue()
 
 
+@pytest.mark.parametrize("value, header", [("Bearer am-t0ken-SECRET", "Bearer am-t0ken-SECRET"),
+                                           ("ops:am-pass-SECRET", "Basic " + base64.b64encode(b"ops:am-pass-SECRET")
+                                            .decode())])
+def test_alertmanager_credentials_in_the_environment_as_the_env_file_gives_them(start, slack, fake_am, value,
+                                                                                  header):
+    """install.sh writes them into the env file, which systemd reads as root: the service needs no file access."""
+    svc = interactive(start, fake_am.url, ALERTMANAGER_AUTH=value)
+    svc.alert(webhook(make_alert()))
+    click(svc, block_action(slack.messages[0], "silence", value="4h"))
+    wait_for(lambda: fake_am.requests, what="the silence")
+    assert fake_am.requests[0][3]["Authorization"] == header
+    fake_am.answer["status"] = 401
+    click(svc, block_action(slack.messages[0], "silence", value="1h"))
+    wait_for(lambda: any("ALERTMANAGER_AUTH" in c.payload.get("text", "") for c in slack.calls
+                         if c.method == "chat.postEphemeral"), what="the ephemeral error")
+    shown = svc.log.getvalue() + json.dumps([c.payload for c in slack.calls])
+    assert "SECRET" not in shown and base64.b64encode(b"ops:am-pass-SECRET").decode() not in shown
+
+
+def test_alertmanager_credentials_are_refused_as_a_flag(tmp_path):
+    result = run_cli("check", "--alertmanager-auth", "ops:pw", cwd=tmp_path)
+    assert result.returncode == 2 and "--alertmanager-auth-file" in result.stderr.decode()
+
+
 def am_get(am: "Alertmanager", path: str) -> Any:
     conn = http.client.HTTPConnection("127.0.0.1", am.port, timeout=10)
     conn.request("GET", path)
@@ -4381,6 +4471,15 @@ def test_a_silence_from_the_card_reaches_a_real_alertmanager_and_mutes_the_threa
         click(svc, block_action(card, "unsilence", value=silence["id"], user="bob"))
         wait_for(lambda: am_get(am, "/api/v2/silences")[0]["status"]["state"] == "expired", what="the expiry")
         wait_for(lambda: any("Silence lifted by bob" in m.text for m in slack.messages), what="bob's reply")
+        log_text = svc.log.getvalue()
+        assert "Silence and Ack from Slack are on" in log_text
+        assert "silenced from Slack thread=" in log_text and f"silence={silence['id']}" in log_text
+        assert "silence lifted from Slack" in log_text and "user=bob" in log_text
+        env = {"SLACK_SIGNING_SECRET": SIGNING_SECRET, "THREAD_STORE_FILE": str(tmp_path / "check.json")}
+        ok = run_cli("check", cwd=tmp_path, env=dict(env, ALERTMANAGER_URL=f"http://127.0.0.1:{am_port}"))
+        assert f"alertmanager: OK (http://127.0.0.1:{am_port}, version " in ok.stdout.decode(), ok.stdout
+        dead = run_cli("check", cwd=tmp_path, env=dict(env, ALERTMANAGER_URL=f"http://127.0.0.1:{free_port()}"))
+        assert dead.returncode == 1 and "alertmanager: FAILED: cannot reach Alertmanager" in dead.stdout.decode()
     finally:
         am.stop()
 
