@@ -118,7 +118,10 @@ def escape_mrkdwn(text: str) -> str:
 
 # Characters that show nothing or turn the text around: C0 controls but tab and newline, DEL, C1
 # controls, and the bidirectional overrides and isolates (a label written "gnp.exe" backwards).
-UNSEEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# Control characters (but newline and tab), bidi overrides and isolates, and the invisible characters that make
+# one value look like another (zero-width space, word joiner, BOM, line separators, the Hangul filler).
+UNSEEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u180e\u200b\u2028\u2029\u202a-\u202e\u2060-\u2064"
+                    "\u2066-\u2069\ufeff\u3164]")
 
 
 def clean_text(text: str) -> str:
@@ -726,7 +729,8 @@ SETTINGS: Tuple[Tuple[str, Optional[str], str], ...] = (
     ("MAX_CONNECTIONS", "256", "concurrent connections served (503 past it); a storm holds one per Alertmanager group"),
     ("CLIENT_TIMEOUT", "30s", "how long a client may stay silent, idle or mid-request, before it is dropped"),
     ("SHUTDOWN_TIMEOUT", "20s", "on SIGTERM, how long in-flight webhooks may take to finish"),
-    ("ALERTMANAGER_URL", None, "Alertmanager URL for Silence buttons (default: the webhook's externalURL)"),
+    ("ALERTMANAGER_URL", None, "Alertmanager URL for Silence links (default: the webhook's externalURL); "
+                               "where silences from Slack go (required with SLACK_SIGNING_SECRET)"),
     ("SLACK_SIGNING_SECRET", None, "the Slack app's signing secret: turns Silence and Ack in Slack on (POST "
                                    "/slack/actions)"),
     ("SLACK_SIGNING_SECRET_FILE", None, "read the signing secret from this file"),
@@ -977,6 +981,13 @@ def url_settings(raw: RawSettings) -> Dict[str, Any]:
     am_url = raw["ALERTMANAGER_URL"]
     if am_url and not is_http_url(am_url):
         raise ConfigError(f"ALERTMANAGER_URL={am_url!r} must be an http(s) URL")
+    if am_url and "@" in urllib.parse.urlsplit(am_url).netloc:
+        raise ConfigError("ALERTMANAGER_URL must not carry credentials (they would show in every Silence link): "
+                          "put them in ALERTMANAGER_AUTH or ALERTMANAGER_AUTH_FILE")
+    if raw["SLACK_SIGNING_SECRET"] or raw["SLACK_SIGNING_SECRET_FILE"]:
+        if not am_url:
+            raise ConfigError("SLACK_SIGNING_SECRET needs ALERTMANAGER_URL: silences from Slack go to the "
+                              "Alertmanager you name, never to an address a webhook claims (its externalURL)")
     return {"slack_api_url": api_url if api_url.endswith("/") else api_url + "/", "alertmanager_url": am_url}
 
 
@@ -1148,7 +1159,7 @@ def log_event(level: int, message: str, **fields: Any) -> None:
 def _logfmt(value: Any) -> str:
     text = str(value)
     if text == "" or any(c in text for c in ' "=') or not text.isprintable():  # no line of its own, no escapes
-        return json.dumps(text, ensure_ascii=False)
+        return json.dumps(text, ensure_ascii=not text.isprintable())  # unseen characters escaped
     return text
 
 
@@ -2775,6 +2786,9 @@ def silence_url(base: str, labels: Dict[str, str], whole: bool = True,
     Every label when they fit (and all of them are known: `whole`), else the thread key's and the instance."""
     if not is_http_url(base):
         return None
+    if "@" in base:  # credentials in a webhook's externalURL must not end up in a Slack message
+        parts = urllib.parse.urlsplit(base)
+        base = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
     prefix = base.rstrip("/") + "/#/silences/new?filter="
     fallback_names = [n for n in dict.fromkeys(fallback) if n in labels]
     for names in ((sorted(labels), fallback_names) if whole else (fallback_names,)):
@@ -4151,7 +4165,7 @@ class Interactions:
         timestamp, signature = headers.get("X-Slack-Request-Timestamp"), headers.get("X-Slack-Signature")
         if not timestamp or not signature:
             raise BadRequest("unsigned request: Slack signs every request (X-Slack-Signature)", 401)
-        if not timestamp.isdigit() or abs(time.time() - int(timestamp)) > self.MAX_AGE:
+        if not re.fullmatch(r"[0-9]{1,12}", timestamp) or abs(time.time() - int(timestamp)) > self.MAX_AGE:
             raise BadRequest("the request's timestamp is more than 5 minutes off (a replay, or a wrong clock)", 401)
         secret = (self.config.slack_signing_secret or "").encode()
         expected = "v0=" + hmac.new(secret, b"v0:" + timestamp.encode() + b":" + body, hashlib.sha256).hexdigest()
@@ -4171,6 +4185,9 @@ class Interactions:
             actions = payload["actions"] if payload.get("type") == "block_actions" else []
             action = actions[0] if actions else {}
             name = action.get("action_id", "")
+            if not all(isinstance(payload.get(part, {}), dict) for part in ("user", "container", "channel",
+                                                                             "message", "team")):
+                raise TypeError("a part of the payload that is not an object")
         except (UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise BadRequest("not a block_actions payload") from None
         if name in ("silence", "unsilence", "ack"):
@@ -4200,12 +4217,17 @@ class Interactions:
                 self.silence(deadline, key, action, who, payload)
             else:
                 self.unsilence(deadline, key, str(action.get("value", "")), who)
-        except (AlertmanagerError, StoreError, SlackError, SlackUnavailable) as e:
+        except Exception as e:  # whatever went wrong, the person who clicked is told
+            if isinstance(e, (AlertmanagerError, StoreError, SlackError, SlackUnavailable)):
+                reason = str(e)
+            else:
+                log.exception("Slack action failed unexpectedly")
+                reason = "alert-threader could not do this (its log says why)"
             log_event(logging.WARNING, "Slack action failed", action=action.get("action_id"), user=who,
-                      error=str(e))
+                      error=reason)
             self.metrics.inc("alert_threader_interactions_total", action="failed")
             self.poster.ephemeral(deadline, channel, str(user.get("id", "")), parent_ts,
-                                  f"⚠️ {escape_mrkdwn(str(e))}")
+                                  f"⚠️ {escape_mrkdwn(reason)}")
 
     def ack(self, deadline: float, key: str, who: str, user_id: str) -> None:
         with self.store.locked([key]):
@@ -4229,7 +4251,8 @@ class Interactions:
         if seconds is None:
             raise AlertmanagerError(f"{truncate(label, 20)!r} is not one of SILENCE_DURATIONS")
         record = self.store.get(key) or {}
-        scope = str(action.get("block_id", "card"))
+        scope = str(action.get("block_id", ""))
+        scope = scope if scope.startswith("alert:") else "card"
         matchers, what = self.matchers(record, scope)
         starts = time.time()
         channel, ts = str(record.get("channel", "")), str(record.get("ts", ""))
@@ -4237,12 +4260,12 @@ class Interactions:
         link = f"https://{domain + '.' if re.fullmatch(r'[a-z0-9-]+', domain) else ''}slack.com/archives/" \
                f"{channel}/p{ts.replace('.', '')}"
         silence_id = self.alertmanager.create_silence(
-            self.alertmanager_url(record), matchers, starts, starts + seconds, who,
+            self.alertmanager_url(), matchers, starts, starts + seconds, who,
             f"Silenced from Slack by {who}: {link}")
         with self.store.locked([key]):
             record = self.store.get(key)
             if record is None:  # forgotten meanwhile: undo, so that nothing is left half-done
-                self.alertmanager.expire_silence(self.alertmanager_url({}), silence_id)
+                self.alertmanager.expire_silence(self.alertmanager_url(), silence_id)
                 raise AlertmanagerError("this thread was forgotten meanwhile; the silence was taken back")
             silences = record.setdefault("silences", [])
             silences.append({"id": silence_id, "scope": "thread" if scope == "card" else scope.split(":", 1)[1],
@@ -4259,7 +4282,7 @@ class Interactions:
         record = self.store.get(key) or {}
         if not any(s.get("id") == silence_id for s in record.get("silences", [])):
             raise AlertmanagerError("this silence was not made from this thread")
-        self.alertmanager.expire_silence(self.alertmanager_url(record), silence_id)
+        self.alertmanager.expire_silence(self.alertmanager_url(), silence_id)
         with self.store.locked([key]):
             record = self.store.get(key) or record
             for silence in record.get("silences", []):
@@ -4272,11 +4295,10 @@ class Interactions:
 
     # -- helpers ------------------------------------------------------------------
 
-    def alertmanager_url(self, record: Dict[str, Any]) -> str:
-        url = self.config.alertmanager_url or record.get("first", {}).get("externalURL", "")
-        if not is_http_url(url):
-            raise AlertmanagerError("no Alertmanager to silence in: set ALERTMANAGER_URL")
-        return url
+    def alertmanager_url(self) -> str:
+        """ALERTMANAGER_URL, never a webhook's externalURL: credentials and requests go only where the operator said."""
+        assert self.config.alertmanager_url, "load_config requires it with a signing secret"
+        return self.config.alertmanager_url
 
     def matchers(self, record: Dict[str, Any], scope: str) -> Tuple[List[Dict[str, Any]], str]:
         """What a silence from here matches: the thread key's labels (the card), or one alert's labels (a reply)."""
@@ -5113,7 +5135,7 @@ def start_service(config: Config) -> Service:
     service.store.health()  # a store out of reach is said now, not when the first alert arrives
     if config.interactive:
         log_event(logging.INFO, "Silence and Ack from Slack are on: POST /slack/actions takes Slack's signed "
-                  "requests", alertmanager=config.alertmanager_url or "the webhook's externalURL")
+                  "requests", alertmanager=config.alertmanager_url)
     if config.dry_run:
         log_event(logging.WARNING, "DRY-RUN: no SLACK_BOT_TOKEN is set, so nothing is posted to Slack; "
                   f"every payload is logged and shown on {service.url}/preview")
@@ -5190,7 +5212,7 @@ def cmd_check(config: Config) -> int:
         print(f"store: FAILED: {redact(str(e), config.secrets())}")
         return 1
     print(f"store: OK ({where})")
-    if config.interactive and config.alertmanager_url:
+    if config.interactive and config.alertmanager_url:  # load_config requires the URL with a signing secret
         try:
             client = AlertmanagerClient(config.alertmanager_auth, config.slack_timeout)
             version = client.version(config.alertmanager_url)
@@ -5198,8 +5220,6 @@ def cmd_check(config: Config) -> int:
             print(f"alertmanager: FAILED: {redact(str(e), config.secrets())}")
             return 1
         print(f"alertmanager: OK ({config.alertmanager_url}, version {version}): silences from Slack can be made")
-    elif config.interactive:
-        print("alertmanager: not checked: no ALERTMANAGER_URL, so silences go to each webhook's externalURL")
     if config.dry_run:
         print("slack: no SLACK_BOT_TOKEN: the service would run in dry-run mode and post nothing. "
               "Fix: set SLACK_BOT_TOKEN or SLACK_BOT_TOKEN_FILE to the app's xoxb- token")

@@ -266,6 +266,8 @@ validate_options() {
     if [[ -n $OPT_ALERTMANAGER_URL ]] && ! valid_http_url "$OPT_ALERTMANAGER_URL"; then
         die "--alertmanager-url must look like http://alertmanager:9093 (no quotes, spaces, \$ or backslashes)"
     fi
+    [[ $OPT_ALERTMANAGER_URL != *@* ]] ||
+        die "--alertmanager-url must not carry credentials: give them with --alertmanager-auth-file"
     if [[ -n $OPT_ALERTMANAGER_AUTH_FILE ]]; then
         ALERTMANAGER_AUTH=$(read_secret_file "$OPT_ALERTMANAGER_AUTH_FILE" --alertmanager-auth-file)
         valid_alertmanager_auth "$ALERTMANAGER_AUTH" ||
@@ -419,6 +421,9 @@ gather_settings() {
 
     if [[ -n $(effective SLACK_BOT_TOKEN) && -z $(effective SLACK_CHANNEL) ]]; then
         die "a Slack token needs a channel: pass --channel C0123456789"
+    fi
+    if [[ -n $(effective SLACK_SIGNING_SECRET) && -z $(effective ALERTMANAGER_URL) ]]; then
+        die "a signing secret needs --alertmanager-url: silences from Slack go to the Alertmanager you name"
     fi
     local was=${EXISTING[ENVIRONMENT]:-production}
     if ((!fresh)) && [[ $(effective ENVIRONMENT production) != "$was" ]]; then
@@ -863,8 +868,6 @@ print_next_steps() {
         info ""
         info "Silence and Ack from Slack are on: the app's Interactivity Request URL must reach"
         info "POST /slack/actions on port $port over HTTPS (a reverse proxy; README: Silence and Ack from Slack)."
-        [[ -n $(effective ALERTMANAGER_URL) ]] ||
-            warn "no --alertmanager-url: silences go to each webhook's externalURL, which must be reachable from here"
     fi
     info ""
     info "Logs: journalctl -u $SERVICE -f    Settings: $env_path    Remove: sudo ./install.sh --uninstall"

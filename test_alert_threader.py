@@ -465,6 +465,8 @@ def test_help_lists_every_setting_with_its_default(tmp_path):
                                  "the channel's name > About, at the bottom: Channel ID, like C0123456789)"),
     ("SLACK_CHANNELS", "C0ALERTS,alerts-db", "SLACK_CHANNELS: 'alerts-db' is a channel name; give its ID"),
     ("LOG_FORMAT", "xml", "LOG_FORMAT='xml' must be text or json"),
+    ("SLACK_SIGNING_SECRET", "8f742231b10e8888abcd99yyyzzz85a5", "SLACK_SIGNING_SECRET needs ALERTMANAGER_URL"),
+    ("ALERTMANAGER_URL", "http://admin:AMpassw0rd@am:9093", "ALERTMANAGER_URL must not carry credentials"),
 ])
 def test_invalid_setting_stops_startup_with_one_line_naming_it(tmp_path, variable, value, message):
     result = run_cli(cwd=tmp_path, env={variable: value})
@@ -3989,6 +3991,14 @@ def test_control_characters_and_bidi_overrides_are_removed_from_alert_text():
     assert drawn(payload)["header"] == "🚨 ab[31mredexe.txtx end" and drawn(payload)["fields"]["Team"] == "t1"
 
 
+def test_invisible_characters_cannot_make_one_value_look_like_another():
+    alert = parsed(make_alert(instance="db01\u200b\u2060\ufeff\u3164\u2028", summary="Disk\u200b full"))
+    shown = drawn(at.render_alert(alert, "C1", MS, "firing"))
+    assert shown["fields"]["Instance"] == "db01" and shown["header"] == "🚨 Disk full"
+    family = parsed(make_alert(summary="👨\u200d👩\u200d👧 family"))  # the joiner that makes one emoji stays
+    assert "👨\u200d👩\u200d👧" in drawn(at.render_alert(family, "C1", MS, "firing"))["header"]
+
+
 def test_a_message_stays_within_slacks_text_limit_the_description_shortened_first():
     labels = {f"label{i}": "v" * 1900 for i in range(10)}
     alert = make_alert(summary="Big", **labels)
@@ -4428,6 +4438,49 @@ def test_alertmanager_credentials_in_the_environment_as_the_env_file_gives_them(
     assert "SECRET" not in shown and base64.b64encode(b"ops:am-pass-SECRET").decode() not in shown
 
 
+def test_credentials_in_a_webhooks_external_url_never_reach_slack(start, slack):
+    hook = webhook(make_alert())
+    hook["externalURL"] = "http://admin:AMpassw0rd@alertmanager.example.com:9093"
+    start().alert(hook)
+    sent = json.dumps(slack.messages[0].payload)
+    assert "AMpassw0rd" not in sent and "admin@" not in sent
+    assert "http://alertmanager.example.com:9093/#/silences/new?filter=" in sent
+
+
+def test_an_interaction_with_a_timestamp_of_other_digits_is_a_401_not_a_500(start, slack, fake_am):
+    svc = interactive(start, fake_am.url)
+    body = b"payload=x"
+    answer = svc.request("POST", "/slack/actions", raw=body, headers={
+        "Content-Type": "application/x-www-form-urlencoded", "X-Slack-Request-Timestamp": "\u00b2".encode("latin-1"),
+        "X-Slack-Signature": "v0=x"})
+    assert answer.status == 401 and "Traceback" not in svc.log.getvalue()
+
+
+@pytest.mark.parametrize("change", ["user as text", "channel as a list"])
+def test_a_signed_payload_of_the_wrong_shape_is_a_400_and_does_nothing(start, slack, fake_am, change):
+    svc = interactive(start, fake_am.url)
+    svc.alert(webhook(make_alert()))
+    payload = block_action(slack.messages[0], "silence", value="4h")
+    if change == "user as text":
+        payload["user"] = "alice"
+    else:
+        payload["channel"] = ["C0ALERTS"]
+    answer = click(svc, payload)
+    assert answer.status == 400 and answer.json()["error"] == "not a block_actions payload"
+    time.sleep(0.3)  # nothing runs in the background: give it the chance to go wrong all the same
+    assert fake_am.requests == [] and "Traceback" not in svc.log.getvalue()
+
+
+def test_a_silence_from_an_unknown_block_is_the_cards_and_is_recorded(start, slack, fake_am):
+    svc = interactive(start, fake_am.url)
+    svc.alert(webhook(make_alert()))
+    card = slack.messages[0]
+    assert click(svc, block_action(card, "silence", value="4h", block_id="odd-block")).status == 200
+    wait_for(lambda: any("This thread silenced for 4h" in m.text for m in slack.messages), what="the silence's reply")
+    record = svc.get("/cache").json()["threads"]["DatabaseDown|critical|database|prod-eu|production"]
+    assert [s["scope"] for s in record["silences"]] == ["thread"]
+
+
 def test_alertmanager_credentials_are_refused_as_a_flag(tmp_path):
     result = run_cli("check", "--alertmanager-auth", "ops:pw", cwd=tmp_path)
     assert result.returncode == 2 and "--alertmanager-auth-file" in result.stderr.decode()
@@ -4590,6 +4643,9 @@ def test_alert_text_cannot_forge_a_log_line(start, slack):
     svc.alert(webhook(make_alert(), group_key="x\x1b[2K\rERROR\tSlack call failed\nINFO forged"))
     line = next(l for l in svc.log.getvalue().splitlines() if " webhook " in l)
     assert "\x1b" not in line and "\r" not in line and "\\u001b[2K\\rERROR\\tSlack call failed\\nINFO forged" in line
+    svc.alert(webhook(make_alert(), group_key="exe.\u202etxt"))
+    line = [l for l in svc.log.getvalue().splitlines() if " webhook " in l][-1]
+    assert "\u202e" not in line and "exe.\\u202etxt" in line, "a bidi override reversing the log line is escaped"
 
 
 def test_a_body_slower_than_twice_client_timeout_is_a_408_saying_so(start, slack):
@@ -4735,7 +4791,7 @@ def test_alert_rule_series_exist_from_the_start(start, slack):
         assert line in text, line
     assert "alert_threader_interactions_total{" not in svc.get("/metrics").text, "no clicks without the secret"
     stop(svc)
-    interactive = start(SLACK_SIGNING_SECRET=SIGNING_SECRET).get("/metrics").text.splitlines()
+    interactive = start(SLACK_SIGNING_SECRET=SIGNING_SECRET, ALERTMANAGER_URL="http://alertmanager.invalid:9093").get("/metrics").text.splitlines()
     for action in ("silence", "unsilence", "ack", "failed"):
         assert f'alert_threader_interactions_total{{action="{action}"}} 0' in interactive, action
 
