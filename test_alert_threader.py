@@ -4791,7 +4791,8 @@ def test_alert_rule_series_exist_from_the_start(start, slack):
         assert line in text, line
     assert "alert_threader_interactions_total{" not in svc.get("/metrics").text, "no clicks without the secret"
     stop(svc)
-    interactive = start(SLACK_SIGNING_SECRET=SIGNING_SECRET, ALERTMANAGER_URL="http://alertmanager.invalid:9093").get("/metrics").text.splitlines()
+    interactive = start(SLACK_SIGNING_SECRET=SIGNING_SECRET,
+                        ALERTMANAGER_URL="http://alertmanager.invalid:9093").get("/metrics").text.splitlines()
     for action in ("silence", "unsilence", "ack", "failed"):
         assert f'alert_threader_interactions_total{{action="{action}"}} 0' in interactive, action
 
