@@ -3319,16 +3319,44 @@ def close_record(record: Dict[str, Any], alert: Alert, now: float) -> None:
     record["ended"] = max(ends) if ends else (alert.ends_at or now)
 
 
+# A thread remembers at most this many alerts (past it the oldest resolved go first), and keeps whole labels,
+# for a reply's Silence, for at most this many characters across them: however many alerts share a key, its
+# record stays a size that is cheap to rewrite on every change.
+THREAD_ALERTS_MAX = 2000
+THREAD_LABELS_BUDGET = 256 * 1024
+
+
+def entry_chars(entry: Optional[List[Any]]) -> int:
+    labels = entry[3] if entry and len(entry) > 3 else None
+    return sum(len(name) + len(value) for name, value in labels.items()) if labels else 0
+
+
+def remember_alert(record: Dict[str, Any], alert: Alert, state: str) -> None:
+    """Store the alert's entry in its thread's record, within THREAD_ALERTS_MAX and THREAD_LABELS_BUDGET."""
+    alerts = record["alerts"]
+    entry = alert_entry(alert, state)
+    kept = record.get("label_chars", 0) - entry_chars(alerts.get(alert.fingerprint))
+    if kept + entry_chars(entry) > THREAD_LABELS_BUDGET:
+        entry[3] = None  # its reply's Silence then says to silence it in Alertmanager
+    alerts[alert.fingerprint] = entry
+    kept += entry_chars(entry)
+    while len(alerts) > THREAD_ALERTS_MAX:
+        oldest = next((fp for fp, e in alerts.items() if e[0] == RESOLVED and fp != alert.fingerprint),
+                      next(fp for fp in alerts if fp != alert.fingerprint))
+        kept -= entry_chars(alerts.pop(oldest))
+    record["label_chars"] = kept
+
+
 def apply_step(record: Dict[str, Any], alert: Alert, step: str, now: float) -> bool:
     """Change the record as `step` does (in place); True when it closed the thread."""
     record["updated"] = now
     if alert.status == "firing":
-        record["alerts"][alert.fingerprint] = alert_entry(alert, FIRING)
+        remember_alert(record, alert, FIRING)
         if step == REOPEN:
             record["status"], record["closed"] = "open", None
             record["reopened"] = record.get("reopened", 0) + 1
         return False
-    record["alerts"][alert.fingerprint] = alert_entry(alert, RESOLVED)
+    remember_alert(record, alert, RESOLVED)
     if record["status"] == "open" and all(e[0] == RESOLVED for e in record["alerts"].values()):
         close_record(record, alert, now)
         return True

@@ -3991,6 +3991,25 @@ def test_control_characters_and_bidi_overrides_are_removed_from_alert_text():
     assert drawn(payload)["header"] == "🚨 ab[31mredexe.txtx end" and drawn(payload)["fields"]["Team"] == "t1"
 
 
+def test_a_thread_of_endless_distinct_alerts_keeps_a_record_of_bounded_size():
+    """The attacker's flood: thousands of alerts of one key, each with labels of its own (2.5 KB: kept whole)."""
+    first = parsed(make_alert(instance="i0", blob="x" * 2500))
+    record = at.new_record(first, "k", "C1", "", 0.0)
+    for i in range(at.THREAD_ALERTS_MAX + 300):
+        alert = parsed(make_alert(instance=f"i{i}", blob=f"{i}" + "x" * 2500))
+        if i % 3 == 0:
+            alert = parsed(resolved(make_alert(instance=f"i{i}", blob=f"{i}" + "x" * 2500)))
+        at.apply_step(record, alert, at.REPLY, float(i))
+    assert len(record["alerts"]) == at.THREAD_ALERTS_MAX
+    assert at.THREAD_LABELS_BUDGET - 3000 <= record["label_chars"] <= at.THREAD_LABELS_BUDGET
+    assert len(at.compact_json(record)) < 2 * at.THREAD_LABELS_BUDGET + 100 * at.THREAD_ALERTS_MAX
+    latest = parsed(make_alert(instance=f"i{at.THREAD_ALERTS_MAX + 299}", blob=f"{at.THREAD_ALERTS_MAX + 299}"
+                               + "x" * 2500))
+    assert at.decide(record, latest, 0) == at.UNCHANGED, "the latest alerts are remembered: repeats stay quiet"
+    firing = [e for e in record["alerts"].values() if e[0] == at.FIRING]
+    assert len(firing) == 2 * (at.THREAD_ALERTS_MAX + 300) // 3, "the resolved went first, every firing one stayed"
+
+
 def test_invisible_characters_cannot_make_one_value_look_like_another():
     alert = parsed(make_alert(instance="db01\u200b\u2060\ufeff\u3164\u2028", summary="Disk\u200b full"))
     shown = drawn(at.render_alert(alert, "C1", MS, "firing"))
