@@ -1187,6 +1187,8 @@ class Metrics:
         "alert_threader_store_operations_total": ("counter", "Thread store operations, by store and operation."),
         "alert_threader_store_errors_total": ("counter", "Thread store errors, by store and operation."),
         "alert_threader_connections_refused_total": ("counter", "Connections refused past MAX_CONNECTIONS."),
+        "alert_threader_connections_evicted_total": ("counter", "Connections without a whole request, closed "
+                                                                 "past MAX_CONNECTIONS to make way for a new one."),
         "alert_threader_open_threads": ("gauge", "Threads with at least one firing alert."),
         "alert_threader_stored_threads": ("gauge", "Threads in the store, open and closed."),
         "alert_threader_build_info": ("gauge", "Version of the running threader."),
@@ -4764,11 +4766,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         # The request line and headers must arrive within CLIENT_TIMEOUT in all, not only between bytes.
-        self.server.deadlines.watch(self.connection, self.timeout)
+        self.server.awaiting_head(self.connection, self.timeout)
         try:
             super().handle_one_request()
         finally:
-            self.server.deadlines.unwatch(self.connection)
+            self.server.head_arrived(self.connection)
 
     def parse_request(self) -> bool:
         """http.server's parsing, of a head first read here within limits of its own."""
@@ -4780,7 +4782,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(e.status, str(e))
             return False
         finally:
-            self.server.deadlines.unwatch(self.connection)  # the head is in: the body has a limit of its own
+            self.server.head_arrived(self.connection)  # the head is in: the body has a limit of its own
         if head is None:  # the client went, or was too slow
             self.close_connection = True
             return False
@@ -4967,6 +4969,7 @@ class ThreaderServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     REFUSALS = 16  # connections answered 503 at once; past those, closed unanswered
+    HEAD_GRACE = 0.02  # a connection accepted this instant is left to send its head
 
     app: App  # attached once the port is ours (see Service): requests only arrive after that
 
@@ -4974,14 +4977,45 @@ class ThreaderServer(http.server.ThreadingHTTPServer):
         self._slots = threading.BoundedSemaphore(max_connections)
         self._refusals = threading.BoundedSemaphore(self.REFUSALS)
         self.deadlines = Deadlines()
+        self._waiting: Dict[int, Tuple[float, Any]] = {}  # id(socket) -> (since, socket), waiting for a head
+        self._waiting_lock = threading.Lock()
         # Connections waiting to be accepted: a storm's burst must reach the 503 past MAX_CONNECTIONS, not a reset.
         self.request_queue_size = max(128, max_connections)
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
 
+    def awaiting_head(self, sock: Any, seconds: float) -> None:
+        """A connection now waits for a request's head: within `seconds`, and first to go when slots run out."""
+        self.deadlines.watch(sock, seconds)
+        with self._waiting_lock:
+            self._waiting[id(sock)] = (time.monotonic(), sock)
+
+    def head_arrived(self, sock: Any) -> None:
+        self.deadlines.unwatch(sock)
+        with self._waiting_lock:
+            self._waiting.pop(id(sock), None)
+
+    def evict_idlest(self) -> bool:
+        """Make room: close the connection that has waited longest for a request (not one accepted this instant)."""
+        with self._waiting_lock:
+            if not self._waiting:
+                return False
+            key = min(self._waiting, key=lambda k: self._waiting[k][0])
+            since, sock = self._waiting[key]
+            if time.monotonic() - since < self.HEAD_GRACE:
+                return False
+            del self._waiting[key]
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)  # its handler ends at once and gives its slot back
+        self.app.metrics.inc("alert_threader_connections_evicted_total")
+        return True
+
     def process_request(self, request: Any, client_address: Any) -> None:
-        if self._slots.acquire(blocking=False):
+        # Past MAX_CONNECTIONS, the connection that has waited longest for a request (an idle keep-alive, or a
+        # client holding slots with half a request line) makes way for one that just arrived, so that such
+        # clients cannot lock Alertmanager out; only when every connection is busy is the newcomer refused.
+        if self._slots.acquire(blocking=False) or (self.evict_idlest() and self._slots.acquire(timeout=1.0)):
             try:
                 super().process_request(request, client_address)
             except BaseException:

@@ -1388,15 +1388,40 @@ def test_silent_clients_are_dropped_after_the_client_timeout(start, slack):
 
 def test_connections_past_the_limit_get_503(start, slack):
     svc = start(MAX_CONNECTIONS="2", CLIENT_TIMEOUT="10s")
-    idle = [socket.create_connection(("127.0.0.1", svc.port)) for _ in range(2)]
+    # Two requests in the middle of their bodies: busy, not idle, so neither makes way.
+    busy = [socket.create_connection(("127.0.0.1", svc.port)) for _ in range(2)]
     try:
+        for sock in busy:
+            sock.sendall(b"POST /alert HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{")
         wait_for(lambda: svc.service.server._slots._value == 0, what="both slots to be taken")
+        time.sleep(at.ThreaderServer.HEAD_GRACE + 0.2)  # past the grace: still they are not idle
         answer = raw_exchange(svc.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 503 ") and b"MAX_CONNECTIONS" in answer
     finally:
-        for sock in idle:
+        for sock in busy:
             sock.close()
     wait_for(lambda: svc.get("/health").status == 200, what="the slots to free up")
+
+
+def test_clients_holding_every_slot_with_half_a_request_line_cannot_lock_alertmanager_out(start, slack):
+    svc = start(MAX_CONNECTIONS="4", CLIENT_TIMEOUT="30s", WEBHOOK_TOKEN=WEBHOOK_TOKEN)
+    holders = [socket.create_connection(("127.0.0.1", svc.port)) for _ in range(6)]
+    try:
+        for sock in holders:
+            sock.sendall(b"POST /al")
+        wait_for(lambda: svc.service.server._slots._value == 0, what="every slot to be held")
+        time.sleep(at.ThreaderServer.HEAD_GRACE + 0.2)
+        for i in range(3):  # Alertmanager's webhooks, one after the other, each on a new connection
+            answer = svc.request("POST", "/alert", webhook(make_alert(instance=f"db{i}")),
+                                 headers={"Authorization": f"Bearer {WEBHOOK_TOKEN}"})
+            assert answer.status == 200, answer.body
+        assert len(slack.messages) == 3
+        evicted = re.search(r"^alert_threader_connections_evicted_total (\S+)$", svc.get("/metrics").text, re.M)
+        assert evicted and float(evicted.group(1)) >= 1, "a holder made way (a webhook's slot is free again after it)"
+    finally:
+        for sock in holders:
+            sock.close()
 
 
 # ---------------------------------------------------------------------------
