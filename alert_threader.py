@@ -237,7 +237,12 @@ def format_time(epoch: Optional[float], zone: Any = timezone.utc) -> str:
     """2024-01-15 14:30:25 UTC, in the given time zone (UTC where that zone cannot write the moment)."""
     if epoch is None:
         return "unknown"
-    moment = datetime.fromtimestamp(max(FIRST_EPOCH, min(epoch, LAST_EPOCH)), timezone.utc)
+    epoch = max(FIRST_EPOCH, min(epoch, LAST_EPOCH))
+    if zone is timezone.utc:  # the usual case, without a datetime; rounded to the microsecond as datetime does
+        second = math.floor(epoch)
+        second += round((epoch - second) * 1e6) // 1000000
+        return "%04d-%02d-%02d %02d:%02d:%02d UTC" % time.gmtime(second)[:6]
+    moment = datetime.fromtimestamp(epoch, timezone.utc)
     with contextlib.suppress(OverflowError, ValueError):
         moment = moment.astimezone(zone)
     return f"{moment.year:04d}-{moment:%m-%d %H:%M:%S} {moment.tzname()}"
@@ -1111,10 +1116,9 @@ class RedactingFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if any(s in message for s in self.secrets):
+        fields = getattr(record, "fields", None) or {}
+        if any(s in message for s in self.secrets) or any(s in str(v) for v in fields.values() for s in self.secrets):
             record.msg, record.args = self._redact(message), None
-        fields = getattr(record, "fields", None)
-        if fields:
             record.fields = {k: self._redact(v) if isinstance(v, str) else v for k, v in fields.items()}
             record.event = self._redact(getattr(record, "event", ""))
         return True
@@ -1140,6 +1144,8 @@ def setup_logging(config: Config, stream: Any = None) -> logging.Handler:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     handler.addFilter(RedactingFilter(config.secrets()))
+    # No line shows a thread's or a process's name (the logging HOWTO's "Optimization"): records skip them.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     for old in list(log.handlers):
         log.removeHandler(old)
     log.addHandler(handler)
@@ -1156,9 +1162,12 @@ def log_event(level: int, message: str, **fields: Any) -> None:
     log.log(level, "%s", text, extra={"fields": fields, "event": message})
 
 
+LOGFMT_QUOTED = re.compile('[ "=]')  # a value holding one of these is written as a JSON string
+
+
 def _logfmt(value: Any) -> str:
     text = str(value)
-    if text == "" or any(c in text for c in ' "=') or not text.isprintable():  # no line of its own, no escapes
+    if text == "" or LOGFMT_QUOTED.search(text) or not text.isprintable():  # no line of its own, no escapes
         return json.dumps(text, ensure_ascii=not text.isprintable())  # unseen characters escaped
     return text
 
@@ -3330,18 +3339,18 @@ THREAD_LABELS_BUDGET = 256 * 1024
 
 def entry_chars(entry: Optional[List[Any]]) -> int:
     labels = entry[3] if entry and len(entry) > 3 else None
-    return sum(len(name) + len(value) for name, value in labels.items()) if labels else 0
+    return sum(map(len, labels)) + sum(map(len, labels.values())) if labels else 0
 
 
 def remember_alert(record: Dict[str, Any], alert: Alert, state: str) -> None:
     """Store the alert's entry in its thread's record, within THREAD_ALERTS_MAX and THREAD_LABELS_BUDGET."""
     alerts = record["alerts"]
     entry = alert_entry(alert, state)
-    kept = record.get("label_chars", 0) - entry_chars(alerts.get(alert.fingerprint))
-    if kept + entry_chars(entry) > THREAD_LABELS_BUDGET:
-        entry[3] = None  # its reply's Silence then says to silence it in Alertmanager
+    kept, size = record.get("label_chars", 0) - entry_chars(alerts.get(alert.fingerprint)), entry_chars(entry)
+    if kept + size > THREAD_LABELS_BUDGET:
+        entry[3], size = None, 0  # its reply's Silence then says to silence it in Alertmanager
     alerts[alert.fingerprint] = entry
-    kept += entry_chars(entry)
+    kept += size
     while len(alerts) > THREAD_ALERTS_MAX:
         oldest = next((fp for fp, e in alerts.items() if e[0] == RESOLVED and fp != alert.fingerprint),
                       next(fp for fp in alerts if fp != alert.fingerprint))
@@ -3781,6 +3790,8 @@ class ThreadTeller:
     def plan(self, record: Optional[Dict[str, Any]], batch: List[Entry],
              now: float) -> List[Tuple[Entry, str]]:
         """Each entry's step, firing first, deciding on a scratch copy of the record as the steps change it."""
+        if len(batch) == 1:  # no later decision reads the scratch copy
+            return [(batch[0], decide(record, batch[0].alert, self.config.reopen_window))]
         scratch = json.loads(json.dumps(record)) if record else None
         steps = []
         for entry in sorted(batch, key=lambda e: e.alert.status != "firing"):
@@ -4826,10 +4837,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.request_version not in ("HTTP/1.0", "HTTP/1.1"):
             return error(505, "only HTTP/1.0 and HTTP/1.1 are served")
         headers = self.headers
+        raw = list(headers.raw_items())  # as received, without the email package's per-value processing
         if (any(isinstance(d, HEADER_SYNTAX_DEFECTS) for d in headers.defects) or headers.get_payload()
-                or any("\n" in v or "\r" in v for v in headers.values())):
+                or any("\n" in v or "\r" in v for _, v in raw)):
             return error(400, "malformed header line (a line without a colon, or a folded line)")
-        given = collections.Counter(name.lower() for name in headers.keys())
+        given = collections.Counter(name.lower() for name, _ in raw)
         for name in SINGLE_HEADERS:
             if given[name.lower()] > 1:
                 return error(400, f"duplicate {name} header")
@@ -4992,9 +5004,10 @@ class ThreaderServer(http.server.ThreadingHTTPServer):
             self._waiting[id(sock)] = (time.monotonic(), sock)
 
     def head_arrived(self, sock: Any) -> None:
-        self.deadlines.unwatch(sock)
         with self._waiting_lock:
-            self._waiting.pop(id(sock), None)
+            if self._waiting.pop(id(sock), None) is None:
+                return  # told already, or evicted
+        self.deadlines.unwatch(sock)
 
     def evict_idlest(self) -> bool:
         """Make room: close the connection that has waited longest for a request (not one accepted this instant)."""
@@ -5006,6 +5019,7 @@ class ThreaderServer(http.server.ThreadingHTTPServer):
             if time.monotonic() - since < self.HEAD_GRACE:
                 return False
             del self._waiting[key]
+        self.deadlines.unwatch(sock)
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)  # its handler ends at once and gives its slot back
         self.app.metrics.inc("alert_threader_connections_evicted_total")
