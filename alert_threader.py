@@ -459,6 +459,7 @@ DEFAULT_HIDDEN = ("alertname", "severity", "prometheus", "prometheus_replica", "
 # Where the default fields put the labels Kubernetes and node exporters carry, before the rest.
 LABEL_ORDER = ("namespace", "pod", "container", "node", "deployment", "statefulset", "daemonset", "job_name",
                "persistentvolumeclaim", "device", "mountpoint", "fstype", "module", "reason")
+LABEL_RANK = {name: rank for rank, name in enumerate(LABEL_ORDER)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1210,7 +1211,7 @@ class Metrics:
         self._gauges: Dict[str, Callable[[], float]] = {}
 
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
-        key = (name, tuple(sorted(labels.items())))
+        key = (name, tuple(sorted(labels.items())) if labels else ())
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + amount
 
@@ -2883,7 +2884,7 @@ def field_pairs(alert: Alert, ms: MessageSettings) -> List[Tuple[str, str]]:
              ("Instance", labels.get("instance", "")), ("Value", alert.value)]
     shown = {"severity", "service", "cluster", "instance", *ms.hidden, *ms.key_labels}
     rest = sorted((n for n in labels if n not in shown and not n.startswith("__")),
-                  key=lambda n: (LABEL_ORDER.index(n) if n in LABEL_ORDER else len(LABEL_ORDER), n))
+                  key=lambda n: (LABEL_RANK.get(n, len(LABEL_ORDER)), n))
     pairs += [(field_title(n), labels[n]) for n in rest[:FIELDS_MAX]]
     return [(t, v) for t, v in pairs if v][:FIELDS_MAX]
 
@@ -2914,9 +2915,10 @@ def text_length(blocks: List[Dict[str, Any]]) -> int:
     """The characters of text a message's blocks carry, as Slack adds them up (msg_blocks_too_long)."""
     total = 0
     for block in blocks:
-        if isinstance(block.get("text"), dict):
-            total += len(block["text"]["text"])
-        for item in block.get("fields", []) + block.get("elements", []):
+        text = block.get("text")
+        if isinstance(text, dict):
+            total += len(text["text"])
+        for item in block.get("fields") or block.get("elements") or ():
             text = item.get("text")
             total += len(text["text"] if isinstance(text, dict) else text or "")
     return total
@@ -2970,9 +2972,9 @@ def message(channel: str, text: str, color: str, blocks: List[Dict[str, Any]],
     return payload
 
 
-def fallback_text(alert: Alert, ms: MessageSettings, kind: str, mention: str = "") -> str:
-    """The message's text: what notifications show (and, first, whom it mentions)."""
-    summary = mrkdwn(alert_title(alert, ms), 500)
+def fallback_text(alert: Alert, ms: MessageSettings, kind: str, mention: str = "", title: Optional[str] = None) -> str:
+    """The message's text: what notifications show (and, first, whom it mentions); `title`: alert_title's, if known."""
+    summary = mrkdwn(alert_title(alert, ms) if title is None else title, 500)
     if kind == "resolved":
         return f"✅ RESOLVED — {summary}"
     emoji = severity_style(alert.severity)[0]
@@ -2985,18 +2987,18 @@ def fallback_text(alert: Alert, ms: MessageSettings, kind: str, mention: str = "
 def render_alert(alert: Alert, channel: str, ms: MessageSettings, kind: str, thread_ts: Optional[str] = None,
                  external_url: str = "", mention: str = "", broadcast: bool = False) -> Dict[str, Any]:
     """A reply or standalone message for one alert; kind is firing, refire or resolved."""
-    title = alert_title(alert, ms)
+    summary = alert_title(alert, ms)
     if kind == "resolved":
         emoji, color = RESOLVED_STYLE
-        title = f"{emoji} RESOLVED — {title}"
+        title = f"{emoji} RESOLVED — {summary}"
     else:
         emoji, color = severity_style(alert.severity)
-        title = f"{emoji} {'FIRING AGAIN — ' if kind == 'refire' else ''}{title}"
+        title = f"{emoji} {'FIRING AGAIN — ' if kind == 'refire' else ''}{summary}"
     interactive = ms.interactive and kind != "resolved"
     blocks = alert_blocks(alert, ms, title, external_url, resolved=kind == "resolved",
                           controls=[silence_menu(ms)] if interactive else None,
                           block_id=f"alert:{alert.fingerprint}" if interactive and alert.fingerprint else "")
-    payload = message(channel, fallback_text(alert, ms, kind, mention), color, blocks, thread_ts)
+    payload = message(channel, fallback_text(alert, ms, kind, mention, summary), color, blocks, thread_ts)
     if broadcast and thread_ts:
         payload["reply_broadcast"] = True
     return payload
@@ -3093,12 +3095,13 @@ def render_card(record: Dict[str, Any], channel: str, ms: MessageSettings, menti
     alert = alert_from_record(record.get("first", {}))
     closed = record.get("status") == "closed"
     emoji, color = RESOLVED_STYLE if closed else severity_style(alert.severity)
-    title = f"{emoji} {'RESOLVED — ' if closed else ''}{alert_title(alert, ms)}"
+    summary = alert_title(alert, ms)
+    title = f"{emoji} {'RESOLVED — ' if closed else ''}{summary}"
     controls = card_controls(record, ms) if ms.interactive and not closed else None
     blocks = alert_blocks(alert, ms, title, record.get("first", {}).get("externalURL", ""),
                           status_line=card_status(record, ms), silence=not closed, controls=controls,
                           block_id="card" if controls else "", notes=card_notes(record, ms))
-    text = fallback_text(alert, ms, "resolved" if closed else "firing", mention)
+    text = fallback_text(alert, ms, "resolved" if closed else "firing", mention, summary)
     payload = message(channel, text, color, blocks)
     if record.get("ts"):
         payload["ts"] = record["ts"]
