@@ -116,10 +116,9 @@ def escape_mrkdwn(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-# Characters that show nothing or turn the text around: C0 controls but tab and newline, DEL, C1
-# controls, and the bidirectional overrides and isolates (a label written "gnp.exe" backwards).
-# Control characters (but newline and tab), bidi overrides and isolates, and the invisible characters that make
-# one value look like another (zero-width space, word joiner, BOM, line separators, the Hangul filler).
+# Characters that show nothing or turn the text around: C0 controls but tab and newline, DEL, C1 controls,
+# the bidirectional overrides and isolates (a label written "gnp.exe" backwards), and the invisible characters
+# that make one value look like another (zero-width space, word joiner, BOM, line separators, the Hangul filler).
 UNSEEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u180e\u200b\u2028\u2029\u202a-\u202e\u2060-\u2064"
                     "\u2066-\u2069\ufeff\u3164]")
 
@@ -312,13 +311,6 @@ class Alert:
     def severity(self) -> str:
         return self.labels.get("severity", "")
 
-    @property
-    def summary(self) -> str:
-        for name in ("summary", "message", "title"):
-            if self.annotations.get(name, "").strip():
-                return self.annotations[name].strip()
-        return self.alertname or "Alert"
-
 
 @dataclasses.dataclass
 class Webhook:
@@ -343,7 +335,6 @@ class Template:
     CHOICE = re.compile(r'\s*(?:"([^"{}]*)"|(labels|annotations)\.([A-Za-z_][A-Za-z0-9_]*)|(environment))\s*(\||$)')
 
     def __init__(self, setting: str, text: str) -> None:
-        self.text = text
         self.parts: List[Any] = []  # literal strings and lists of choices
         position = 0
         for match in self.PLACEHOLDER.finditer(text):
@@ -2037,10 +2028,11 @@ class RedisConnection:
             self.went_down(e)
             raise StoreError("redis unreachable") from None
         self._count(op, False)
-        with self._lock:
-            outage, self._down_since = (time.monotonic() - self._down_since if self._down_since else None), None
-        if outage is not None:
-            self._recovered(outage)
+        if self._down_since is not None:  # the first success after an outage (checked again under the lock)
+            with self._lock:
+                outage, self._down_since = (time.monotonic() - self._down_since if self._down_since else None), None
+            if outage is not None:
+                self._recovered(outage)
         return result
 
     def went_down(self, e: BaseException) -> None:
@@ -2199,7 +2191,6 @@ class RedisStore(ThreadStore):
                  lock_timeout: float = 60.0, lease: float = 60.0, timeout: float = 1.0) -> None:
         super().__init__(metrics, lock_timeout)
         self.redis = RedisConnection(url, timeout, lambda op, error: self._count(op, error), self._recover)
-        self.url = url
         self.prefix = prefix
         self.retention = retention
         self.leases = RedisLeases(self.redis, prefix, lease, lock_timeout)
@@ -3860,10 +3851,9 @@ class ThreadTeller:
     def reply(self, deadline: float, key: str, record: Dict[str, Any], entry: Entry, step: str,
               now: float) -> None:
         alert, channel, ms = entry.alert, entry.channel, self.config.messages
-        transitions = {TRANSITIONS[step], "close"} if closes(record, alert) else {TRANSITIONS[step]}
+        broadcast = TRANSITIONS[step] in ms.broadcast or ("close" in ms.broadcast and closes(record, alert))
         payload = render_alert(alert, channel, ms, REPLY_KINDS[step], record["ts"], entry.external_url,
-                               mention=ms.mentions_for([alert]) if step == REOPEN else "",
-                               broadcast=bool(transitions & set(ms.broadcast)))
+                               mention=ms.mentions_for([alert]) if step == REOPEN else "", broadcast=broadcast)
         plain_kind = "resolved" if alert.status == "resolved" else "firing"
         self.poster.reply(deadline, record, payload, lambda: self.new_parent(record, entry),
                           lambda: self.store.put(key, record),
@@ -3876,9 +3866,9 @@ class ThreadTeller:
                       resolved: bool, now: float) -> None:
         ms = self.config.messages
         transitions = {TRANSITIONS[s] for _, s in lines}
-        scratch = json.loads(json.dumps(record))
-        for entry, step in lines:
-            if apply_step(scratch, entry.alert, step, now):
+        if resolved and "close" in ms.broadcast:  # would these resolves close the thread? (on a scratch copy)
+            scratch = json.loads(json.dumps(record))
+            if any(apply_step(scratch, entry.alert, step, now) for entry, step in lines):
                 transitions.add("close")
         payload = render_batch([e.alert for e, _ in lines], lines[0][0].channel, ms, record["ts"], resolved,
                                again=[s in (REFIRE, REOPEN) for _, s in lines],
