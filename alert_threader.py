@@ -211,6 +211,17 @@ def is_http_url(url: Any, max_length: int = 3000) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
+def without_credentials(url: str) -> str:
+    """The URL without the user:password@ it may carry (a webhook's externalURL): they must go nowhere."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return url  # no link can be made of it anyway
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 def parse_time(text: str) -> Optional[float]:
     """Epoch seconds of an RFC 3339 time as Alertmanager writes it; None for its zero time."""
     match = RFC3339.fullmatch(text)
@@ -661,7 +672,7 @@ def parse_webhook(body: bytes, content_type: Optional[str] = "application/json")
     alerts = [parse_alert(raw, f"alerts[{i}]", top_status, grafana) for i, raw in enumerate(raw_alerts)]
     status = top_status or ("firing" if any(a.status == "firing" for a in alerts) else "resolved")
     return Webhook(status=status, group_key=optional_string(document, "groupKey", ""),
-                   external_url=optional_string(document, "externalURL", ""),
+                   external_url=without_credentials(optional_string(document, "externalURL", "")),
                    receiver=optional_string(document, "receiver", ""), alerts=alerts,
                    group_labels=string_map(document, "groupLabels", ""))
 
@@ -2789,9 +2800,7 @@ def silence_url(base: str, labels: Dict[str, str], whole: bool = True,
     Every label when they fit (and all of them are known: `whole`), else the thread key's and the instance."""
     if not is_http_url(base):
         return None
-    if "@" in base:  # credentials in a webhook's externalURL must not end up in a Slack message
-        parts = urllib.parse.urlsplit(base)
-        base = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    base = without_credentials(base)  # a record stored before webhooks were stripped of them may hold some
     prefix = base.rstrip("/") + "/#/silences/new?filter="
     fallback_names = [n for n in dict.fromkeys(fallback) if n in labels]
     for names in ((sorted(labels), fallback_names) if whole else (fallback_names,)):

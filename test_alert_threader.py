@@ -4491,6 +4491,16 @@ def test_credentials_in_a_webhooks_external_url_never_reach_slack(start, slack):
     assert "http://alertmanager.example.com:9093/#/silences/new?filter=" in sent
 
 
+def test_credentials_in_a_webhooks_external_url_are_neither_stored_nor_shown(start, slack, tmp_path):
+    hook = webhook(make_alert())
+    hook["externalURL"] = "http://admin:AMpassw0rd@alertmanager.example.com:9093"
+    svc = start()
+    assert svc.alert(hook).status == 200
+    assert "AMpassw0rd" not in svc.get("/cache").text
+    assert "alertmanager.example.com:9093" in svc.get("/cache").text  # the link itself is kept
+    assert not [f for f in tmp_path.iterdir() if f.is_file() and b"AMpassw0rd" in f.read_bytes()]
+
+
 def test_an_interaction_with_a_timestamp_of_other_digits_is_a_401_not_a_500(start, slack, fake_am):
     svc = interactive(start, fake_am.url)
     body = b"payload=x"
