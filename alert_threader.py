@@ -125,6 +125,9 @@ UNSEEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u180e\u200b\u2028\u2029\
 
 def clean_text(text: str) -> str:
     """Alert text as it is shown: without control characters and bidi overrides."""
+    # The usual text has none of them, and str.isprintable() refuses every one but the Hangul filler.
+    if text.isprintable() and "\u3164" not in text:
+        return text
     return UNSEEN.sub("", text)
 
 

@@ -4043,6 +4043,14 @@ def test_invisible_characters_cannot_make_one_value_look_like_another():
     assert "👨\u200d👩\u200d👧" in drawn(at.render_alert(family, "C1", MS, "firing"))["header"]
 
 
+def test_every_unseen_character_is_removed_even_alone_in_otherwise_plain_text():
+    unseen = [chr(c) for c in range(0x110000) if at.UNSEEN.match(chr(c))]
+    assert "\u3164" in unseen and "\u202e" in unseen and "\x00" in unseen
+    for c in unseen:
+        assert at.clean_text(f"db01{c}x") == "db01x", f"U+{ord(c):04X} is shown"
+    assert at.clean_text("db01\tdisk é 🚨\n") == "db01\tdisk é 🚨\n", "tabs, newlines and letters stay"
+
+
 def test_a_message_stays_within_slacks_text_limit_the_description_shortened_first():
     labels = {f"label{i}": "v" * 1900 for i in range(10)}
     alert = make_alert(summary="Big", **labels)
