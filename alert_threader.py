@@ -106,9 +106,16 @@ def chunks(items: List[Any], size: int) -> Iterator[List[Any]]:
         yield items[i:i + size]
 
 
+# The encoders of what this service writes, made once: json.dumps() with options makes a new one per call.
+# Nothing written refers to itself, so neither needs the check for cycles.
+STORED_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
+SLACK_JSON = json.JSONEncoder(separators=(",", ":"), check_circular=False)  # Slack's API takes ASCII-escaped JSON
+ANSWER_JSON = json.JSONEncoder(ensure_ascii=False, check_circular=False)  # this service's HTTP answers
+
+
 def compact_json(value: Any) -> str:
     """JSON as stored: no spaces, Unicode as it is."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return STORED_JSON.encode(value)
 
 
 def escape_mrkdwn(text: str) -> str:
@@ -1785,7 +1792,7 @@ class FileStore(ThreadStore):
     # -- memory -----------------------------------------------------------------
 
     def _remember(self, key: str, record: Dict[str, Any]) -> str:
-        fragment = json.dumps(key, ensure_ascii=False) + ":" + compact_json(record)
+        fragment = compact_json(key) + ":" + compact_json(record)
         self._fragments[key] = fragment
         self._summary[key] = (record.get("status", "open"), record.get("closed"))
         return fragment
@@ -1800,7 +1807,7 @@ class FileStore(ThreadStore):
         with self._lock:
             fragments = [(k, self._fragments.get(k)) for k in keys]
         # Parsed afresh: callers may change what they get without touching the store.
-        return {k: json.loads(f[len(json.dumps(k, ensure_ascii=False)) + 1:]) for k, f in fragments if f}
+        return {k: json.loads(f[len(compact_json(k)) + 1:]) for k, f in fragments if f}
 
     def put_many(self, records: Dict[str, Dict[str, Any]]) -> None:
         with self._lock:
@@ -2466,7 +2473,7 @@ class SlackAPI:
         self.recent: deque = deque(maxlen=keep)
 
     def call(self, method: str, payload: Dict[str, Any]) -> Dict[str, Any]:
-        body = json.dumps(payload, separators=(",", ":")).encode()
+        body = SLACK_JSON.encode(payload).encode()
         start = time.monotonic()
         try:
             response = self._call(method, body)
@@ -4924,7 +4931,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def write_answer(self, status: int, body: Any, headers: Dict[str, str]) -> None:
         if isinstance(body, (dict, list)):
-            payload = json.dumps(body, ensure_ascii=False).encode("utf-8", "backslashreplace")
+            payload = ANSWER_JSON.encode(body).encode("utf-8", "backslashreplace")
             headers = {"Content-Type": "application/json; charset=utf-8", **headers}
         else:
             payload = str(body).encode("utf-8", "backslashreplace")
