@@ -4560,7 +4560,8 @@ class Request:
     def parse(cls, method: str, target: str, headers: Any, length: Optional[int], client: str) -> "Request":
         parts = urllib.parse.urlsplit(target)
         return cls(method=method, path=parts.path.rstrip("/") or "/",
-                   query=urllib.parse.parse_qs(parts.query), headers=headers, length=length, client=client)
+                   query=urllib.parse.parse_qs(parts.query) if parts.query else {}, headers=headers, length=length,
+                   client=client)
 
 
 def error(status: int, message: str, **headers: str) -> Response:
@@ -4853,13 +4854,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if (any(isinstance(d, HEADER_SYNTAX_DEFECTS) for d in headers.defects) or headers.get_payload()
                 or any("\n" in v or "\r" in v for _, v in raw)):
             return error(400, "malformed header line (a line without a colon, or a folded line)")
-        given = collections.Counter(name.lower() for name, _ in raw)
+        names = [name.lower() for name, _ in raw]
         for name in SINGLE_HEADERS:
-            if given[name.lower()] > 1:
+            if names.count(name.lower()) > 1:
                 return error(400, f"duplicate {name} header")
-        if headers.get("Transfer-Encoding") is not None:
+        if "transfer-encoding" in names:
             return error(411, "chunked bodies are not accepted; send Content-Length")
-        length = headers.get("Content-Length")
+        length = next((value for name, value in raw if name.lower() == "content-length"), None)
         if length is not None and not CONTENT_LENGTH.fullmatch(length.strip(" \t")):
             return error(400, "Content-Length must be a non-negative integer")
         self.unread = int(length) if length is not None else 0
