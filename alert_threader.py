@@ -2843,6 +2843,11 @@ def link_button(label: str, action_id: str, url: str) -> Dict[str, Any]:
             "text": {"type": "plain_text", "text": label, "emoji": True}}
 
 
+def link_buttons(*candidates: Tuple[str, str, Any]) -> List[Dict[str, Any]]:
+    """Link buttons for the (label, action_id, url) whose url is safe http(s)."""
+    return [link_button(label, action_id, url) for label, action_id, url in candidates if is_http_url(url)]
+
+
 def silence_menu(ms: MessageSettings) -> Dict[str, Any]:
     """The Silence control when Slack's interactivity is on: a duration to choose."""
     return {"type": "static_select", "action_id": "silence",
@@ -2859,17 +2864,17 @@ def alert_buttons(alert: Alert, ms: MessageSettings, external_url: str, silence:
     Grafana's alerts, which only Grafana can silence."""
     runbook = alert.annotations.get("runbook_url", "")
     if alert.grafana:  # Grafana's own silence page; Alertmanager's form could not silence a Grafana alert
-        silence_link = alert.links.get("silence") if silence else None
+        silence_link = alert.links.get("silence") if silence and is_http_url(alert.links.get("silence")) else None
     elif controls is not None:
         silence_link = None
-    else:  # built from a checked base URL and percent-encoded matchers: safe by construction
+    else:  # built from a checked base URL and percent-encoded matchers: safe by construction, not checked again
         silence_link = silence_url(external_url, alert.labels, alert.labels_whole,
                                    ms.key_labels + ("instance",)) if silence else None
-    elements = [link_button(label, action_id, url) for label, action_id, url in (
-        ("View Runbook", "runbook", runbook), ("Silence", "silence", silence_link),
+    silencing = [link_button("Silence", "silence", silence_link)] if silence_link else []
+    silencing += [c for c in controls or () if not (alert.grafana and c.get("action_id") == "silence")]
+    elements = link_buttons(("View Runbook", "runbook", runbook)) + silencing + link_buttons(
         ("Dashboard", "dashboard", alert.links.get("dashboard")), ("Panel", "panel", alert.links.get("panel")),
-        ("Source", "source", alert.generator_url)) if is_http_url(url)]
-    elements[1:1] = [c for c in controls or () if not (alert.grafana and c.get("action_id") == "silence")]
+        ("Source", "source", alert.generator_url))
     if not elements:
         return None
     block: Dict[str, Any] = {"type": "actions", "elements": elements}
