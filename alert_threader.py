@@ -237,9 +237,10 @@ def parse_time(text: str) -> Optional[float]:
     match = RFC3339.fullmatch(text)
     if not match:
         raise ValueError(f"not an RFC 3339 time: {text!r}")
-    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
-    if year <= 1:
+    year = int(match.group(1))
+    if year <= 1:  # Alertmanager's zero time, 0001-01-01T00:00:00Z: no time
         return None
+    month, day, hour, minute, second = map(int, match.groups()[1:6])
     try:
         moment = datetime(year, month, day, hour, minute, min(second, 59), tzinfo=timezone.utc)
     except ValueError:
