@@ -589,7 +589,7 @@ def read_document(body: bytes, content_type: Optional[str]) -> Dict[str, Any]:
     # Nesting takes brackets: a body with fewer of them than the limit needs no walk.
     if text.count("[") + text.count("{") > MAX_JSON_DEPTH and not _json_depth_ok(document, MAX_JSON_DEPTH):
         raise BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
-    if re.search(r"\\u[dD][89a-fA-F]", text):  # only an escape can leave half of a surrogate pair
+    if "\\u" in text and re.search(r"\\u[dD][89a-fA-F]", text):  # only an escape can leave half a surrogate pair
         where = _lone_surrogate_path(document, "")
         if where:
             raise BadRequest(f"{truncate(where, 200)} is not valid Unicode (lone surrogate)")
