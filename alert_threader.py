@@ -4693,14 +4693,15 @@ class App:
             if self.stopping:
                 return error(503, "shutting down; Alertmanager will retry", Connection="close")
             status, body = self.threader.handle(hook, channel)
-        actions: Dict[str, int] = {}
-        for result in body["results"]:
-            actions[result["action"]] = actions.get(result["action"], 0) + 1
-        log_event(logging.INFO if status == 200 else logging.WARNING, "webhook",
-                  group_key=truncate(hook.group_key, 200), channel=channel or self.threader.default_channel,
-                  alerts=len(hook.alerts), **actions, code=status,
-                  duration_ms=round((time.monotonic() - started) * 1000, 1),
-                  **({"error": body["error"]} if "error" in body else {}))
+        level = logging.INFO if status == 200 else logging.WARNING
+        if log.isEnabledFor(level):  # the line's fields are worked out only for a line that is written
+            actions: Dict[str, int] = {}
+            for result in body["results"]:
+                actions[result["action"]] = actions.get(result["action"], 0) + 1
+            log_event(level, "webhook", group_key=truncate(hook.group_key, 200),
+                      channel=channel or self.threader.default_channel, alerts=len(hook.alerts), **actions,
+                      code=status, duration_ms=round((time.monotonic() - started) * 1000, 1),
+                      **({"error": body["error"]} if "error" in body else {}))
         return status, body, {}
 
     def health(self) -> Response:
