@@ -2999,6 +2999,7 @@ def test_storm_of_1000_alerts_is_one_digest_thread(start, slack):
 def test_storm_of_2000_alerts_costs_about_a_hundred_calls_and_resolves_in_the_digest(start, slack):
     svc = start()
     alerts = storm_alerts(2000)
+    began = time.monotonic()
     svc.alert(webhook(*alerts))
     assert len(slack.calls) == 101
     parent = slack.messages[0]
@@ -3007,7 +3008,11 @@ def test_storm_of_2000_alerts_costs_about_a_hundred_calls_and_resolves_in_the_di
     assert len(resolves) == 100 and all(m.thread_ts == parent.ts for m in resolves)
     assert all(m.text.startswith("✅ 20 resolved") for m in resolves)
     assert {r["action"] for r in answer["results"]} == {"replied"}
-    [update] = slack.accepted("chat.update")
+    # While its alerts keep coming a digest is edited at most every DIGEST_REFRESH seconds (a slow machine's
+    # resolves may span one); the last edit is the one that closes it.
+    updates = slack.accepted("chat.update")
+    assert 1 <= len(updates) <= 1 + (time.monotonic() - began) // at.DIGEST_REFRESH
+    update = updates[-1]
     assert update.payload["ts"] == parent.ts and update.payload["attachments"][0]["color"] == "#2EB67D"
     assert "Alert storm over: all 2,000 alerts resolved" in update.text
     assert [r.payload["timestamp"] for r in slack.accepted("reactions.add")] == [parent.ts]
