@@ -2441,12 +2441,13 @@ def classify_slack_error(error: str) -> str:
 class SlackError(ThreaderError):
     """A Slack call that did not succeed: transport failure, HTTP error or ok:false."""
 
-    def __init__(self, method: str, error: str, kind: str, retry_after: float = 0.0) -> None:
+    def __init__(self, method: str, error: str, kind: str, retry_after: float = 0.0, maybe_done: bool = False) -> None:
         super().__init__(f"Slack {method}: {error}")
         self.method = method
         self.error = error
         self.kind = kind
         self.retry_after = retry_after
+        self.maybe_done = maybe_done  # the request reached Slack and its answer was lost: it may have been done
 
     @property
     def hint(self) -> str:
@@ -2661,8 +2662,8 @@ class SlackClient(SlackAPI):
                 late = self._deadlines.unwatch(sock) or late or isinstance(e, socket.timeout)
                 self._drop_connection()
                 if late:
-                    raise SlackError(method, f"timeout after {self._timeout:g}s", TRANSIENT) from None
-                raise SlackError(method, f"network: {type(e).__name__}", TRANSIENT) from None
+                    raise SlackError(method, f"timeout after {self._timeout:g}s", TRANSIENT, maybe_done=sent) from None
+                raise SlackError(method, f"network: {type(e).__name__}", TRANSIENT, maybe_done=sent) from None
         raise AssertionError("unreachable: the loop returns or raises")
 
     def _call(self, method: str, body: bytes) -> Dict[str, Any]:
@@ -2680,9 +2681,9 @@ class SlackClient(SlackAPI):
         try:
             document = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
-            raise SlackError(method, "invalid_response", TRANSIENT) from None
+            raise SlackError(method, "invalid_response", TRANSIENT, maybe_done=True) from None
         if not isinstance(document, dict):
-            raise SlackError(method, "invalid_response", TRANSIENT)
+            raise SlackError(method, "invalid_response", TRANSIENT, maybe_done=True)
         if not document.get("ok"):
             error = str(document.get("error") or "unknown_error")[:80]
             raise SlackError(method, error, classify_slack_error(error))
@@ -3636,7 +3637,9 @@ class Poster:
                     self.store.hold_off(bucket, e.retry_after, every, burst)  # for every worker, not only this one
                     refused = e
                     continue
-                if e.kind != TRANSIENT or time.monotonic() + backoff > deadline:
+                # A message Slack may have posted is not posted again here: Alertmanager's retry may (README).
+                if (e.kind != TRANSIENT or (e.maybe_done and method == "chat.postMessage")
+                        or time.monotonic() + backoff > deadline):
                     raise SlackUnavailable(e) from None
                 self._sleep(backoff)
                 backoff = min(backoff * 2, 4.0)

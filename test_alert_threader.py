@@ -921,6 +921,21 @@ def test_transient_slack_failures_are_retried_within_the_webhook(start, slack):
     assert len([c for c in slack.calls if c.method == "chat.postMessage"]) == 4
 
 
+@pytest.mark.parametrize("lost", [{"partial": True}, {"sleep": 1.0}], ids=["half-an-answer", "answer-too-late"])
+def test_a_post_whose_answer_was_lost_is_not_sent_again_within_the_webhook(start, slack, lost):
+    """Slack has read the whole request, so it may have posted it: one post, a 503, and Alertmanager decides."""
+    svc = start(SLACK_TIMEOUT="0.3s", SLACK_RETRY_BUDGET="10s")
+    slack.fail("chat.postMessage", lost)
+    posts = lambda: [c for c in slack.calls if c.method == "chat.postMessage"]  # noqa: E731
+    answer = svc.alert(webhook(make_alert()), expect=503)
+    assert answer.json()["error"].startswith(("Slack chat.postMessage: invalid_response",
+                                              "Slack chat.postMessage: timeout"))
+    assert len(posts()) == 1, "posted once, not again and again within the budget"
+    svc.alert(webhook(make_alert()))  # Alertmanager's retry posts it again: the one window the README names
+    svc.alert(webhook(make_alert()))
+    assert len(posts()) == 2, "one post for each delivery that found no message recorded, then none"
+
+
 def test_slack_answers_in_chunks_or_closing_the_connection_are_read(start, slack):
     svc = start()
     slack.fail("chat.postMessage", {"chunked": True}, {"close_header": True}, {"close": True}, {"chunked": True})
