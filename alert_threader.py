@@ -617,12 +617,21 @@ def string_map(container: Dict[str, Any], name: str, where: str, required: bool 
     return value
 
 
+def finite_number(value: Any) -> bool:
+    """A JSON number a float can hold: not a bool, not 1e999, not an integer of hundreds of digits."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def grafana_value(raw: Dict[str, Any], where: str) -> str:
     """Grafana's evaluated values as a message shows them: values ("B=95.2, C=1"), else valueString."""
     values = raw.get("values")
     if values is not None:
-        if not isinstance(values, dict) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()):
+        if not isinstance(values, dict) or not all(finite_number(v) for v in values.values()):
             raise BadRequest(f"{where}values must be an object of numbers")
         if values:
             return ", ".join(f"{name}={number:g}" for name, number in values.items())

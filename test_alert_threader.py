@@ -1304,6 +1304,10 @@ BAD_BODIES = [
     (b'{"alerts": [], "deep": ' + b"[" * 40 + b"]" * 40 + b"}", "nested deeper than 32"),
     (b'{"alerts": [], "deeper": ' + b"[" * 100000 + b"]" * 100000 + b"}", "nested deeper than 32"),
     (b'{"alerts": [{"status": "firing", "labels": {"a": "\\ud800"}}]}', "alerts[0].labels.a is not valid Unicode"),
+    (b'{"version": "1", "orgId": 1, "alerts": [{"status": "firing", "labels": {"alertname": "Big"}, "values": {"B": '
+     + b"9" * 400 + b"}}]}", "alerts[0].values must be an object of numbers"),
+    (b'{"version": "1", "orgId": 1, "alerts": [{"status": "firing", "labels": {"alertname": "Inf"}, "values": {"B": '
+     b"1e999}}]}", "alerts[0].values must be an object of numbers"),
 ]
 
 
