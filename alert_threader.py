@@ -4980,7 +4980,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def finish(self) -> None:
         super().finish()
         if self.lingering:
-            linger(self.connection)
+            self.server.linger(self.connection)
 
     do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = do_HEAD = do_OPTIONS = dispatch
 
@@ -5040,6 +5040,15 @@ class ThreaderServer(http.server.ThreadingHTTPServer):
             if self._waiting.pop(id(sock), None) is None:
                 return  # told already, or evicted
         self.deadlines.unwatch(sock)
+
+    def linger(self, sock: Any) -> None:
+        """Linger on a closing connection, the first of all to make way when slots run out: it holds no request."""
+        with self._waiting_lock:
+            self._waiting[id(sock)] = (-math.inf, sock)
+        try:
+            linger(sock)
+        finally:
+            self.head_arrived(sock)
 
     def evict_idlest(self) -> bool:
         """Make room: close the connection that has waited longest for a request (not one accepted this instant)."""

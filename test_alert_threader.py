@@ -1443,6 +1443,33 @@ def test_clients_holding_every_slot_with_half_a_request_line_cannot_lock_alertma
             sock.close()
 
 
+def test_refused_requests_lingering_in_every_slot_cannot_lock_alertmanager_out(start, slack):
+    """Each holder is answered 401 and keeps dripping its body, so that its close lingers (up to 10 s)."""
+    svc = start(MAX_CONNECTIONS="4", CLIENT_TIMEOUT="30s", WEBHOOK_TOKEN=WEBHOOK_TOKEN)
+    holders = [socket.create_connection(("127.0.0.1", svc.port)) for _ in range(4)]
+    try:
+        for sock in holders:
+            sock.sendall(b"POST /alert HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100000000\r\n\r\n")
+        for sock in holders:
+            sock.settimeout(5)
+            assert sock.recv(65536).split(b"\r\n")[0].endswith(b" 401 Unauthorized")
+        wait_for(lambda: svc.service.server._slots._value == 0, what="every slot to be held by a lingering close")
+        for sock in holders:
+            sock.sendall(b"x" * 1000)  # still sending: the linger goes on
+        for i in range(3):
+            answer = svc.request("POST", "/alert", webhook(make_alert(instance=f"db{i}")),
+                                 headers={"Authorization": f"Bearer {WEBHOOK_TOKEN}"})
+            assert answer.status == 200, answer.body
+            for sock in holders:
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"x" * 1000)
+        assert len(slack.messages) == 3
+    finally:
+        for sock in holders:
+            sock.close()
+
+
 # ---------------------------------------------------------------------------
 # Fuzzing: thousands of mutated webhooks, seeded
 # ---------------------------------------------------------------------------
