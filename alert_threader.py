@@ -93,7 +93,8 @@ ELLIPSIS = "…"
 ZERO_TIME = "0001-01-01T00:00:00Z"
 FIRST_EPOCH = datetime(1, 1, 1, tzinfo=timezone.utc).timestamp()
 LAST_EPOCH = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp()
-RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
+RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})",
+                     re.ASCII)  # digits 0-9 only, as RFC 3339 writes them
 DRY_RUN_CHANNEL = "C0DRYRUN"  # where dry-run "posts" when no SLACK_CHANNEL is set
 
 

@@ -1294,6 +1294,8 @@ BAD_BODIES = [
      "alerts[1].endsAt must be an RFC 3339 time"),
     (with_change(lambda b: b["alerts"][0].__setitem__("startsAt", "2024-13-45T99:00:00Z")),
      "alerts[0].startsAt must be an RFC 3339 time"),
+    (with_change(lambda b: b["alerts"][0].__setitem__("startsAt", "\u0662\u0660\u0662\u0664-01-15T14:30:25Z")),
+     "alerts[0].startsAt must be an RFC 3339 time"),
     (with_change(lambda b: b["alerts"][0].__setitem__("generatorURL", {"u": 1})),
      "alerts[0].generatorURL must be a string"),
     (with_change(lambda b: b.__setitem__("groupKey", [])), "groupKey must be a string"),
