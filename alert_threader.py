@@ -5181,8 +5181,8 @@ class Service:
         for op in (("write", "append") if self.store.name == "file" else ("get", "put", "lock")):
             self.metrics.inc("alert_threader_store_errors_total", 0, store=self.store.name, op=op)
         self.metrics.inc("alert_threader_slack_fallbacks_total", 0)
-        self.metrics.inc("alert_threader_slack_resends_total", 0)
-        self.metrics.inc("alert_threader_slack_rate_limit_wait_seconds_total", 0)
+        for name in ("slack_resends", "slack_rate_limit_wait_seconds", "connections_refused", "connections_evicted"):
+            self.metrics.inc(f"alert_threader_{name}_total", 0)
         self.metrics.inc("alert_threader_slack_refused_total", 0, method="chat.postMessage")
         if interactions is not None:
             for action in ("silence", "unsilence", "ack", "failed"):

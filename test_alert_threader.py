@@ -4901,7 +4901,8 @@ def test_alert_rule_series_exist_from_the_start(start, slack):
     text = svc.get("/metrics").text.splitlines()
     for line in ('alert_threader_webhooks_total{code="200"} 0', 'alert_threader_webhooks_total{code="503"} 0',
                  'alert_threader_store_errors_total{op="write",store="file"} 0',
-                 "alert_threader_slack_fallbacks_total 0",
+                 "alert_threader_slack_fallbacks_total 0", "alert_threader_slack_resends_total 0",
+                 "alert_threader_connections_refused_total 0", "alert_threader_connections_evicted_total 0",
                  'alert_threader_slack_refused_total{method="chat.postMessage"} 0'):
         assert line in text, line
     assert "alert_threader_interactions_total{" not in svc.get("/metrics").text, "no clicks without the secret"
