@@ -1220,8 +1220,8 @@ class Metrics:
         "alert_threader_store_operations_total": ("counter", "Thread store operations, by store and operation."),
         "alert_threader_store_errors_total": ("counter", "Thread store errors, by store and operation."),
         "alert_threader_connections_refused_total": ("counter", "Connections refused past MAX_CONNECTIONS."),
-        "alert_threader_connections_evicted_total": ("counter", "Connections without a whole request, closed "
-                                                                 "past MAX_CONNECTIONS to make way for a new one."),
+        "alert_threader_connections_evicted_total": ("counter", "Connections with no request in hand (or "
+                                                                 "lingering), closed past MAX_CONNECTIONS for a new one."),
         "alert_threader_open_threads": ("gauge", "Threads with at least one firing alert."),
         "alert_threader_stored_threads": ("gauge", "Threads in the store, open and closed."),
         "alert_threader_build_info": ("gauge", "Version of the running threader."),
