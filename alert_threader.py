@@ -2999,9 +2999,10 @@ def message(channel: str, text: str, color: str, blocks: List[Dict[str, Any]],
     return payload
 
 
-def fallback_text(alert: Alert, ms: MessageSettings, kind: str, mention: str = "", title: Optional[str] = None) -> str:
-    """The message's text: what notifications show (and, first, whom it mentions); `title`: alert_title's, if known."""
-    summary = mrkdwn(alert_title(alert, ms) if title is None else title, 500)
+def fallback_text(alert: Alert, ms: MessageSettings, kind: str, mention: str = "",
+                  summary: Optional[str] = None) -> str:
+    """The message's text: what notifications show (and, first, whom it mentions); `summary`: alert_title's, if made."""
+    summary = mrkdwn(alert_title(alert, ms) if summary is None else summary, 500)
     if kind == "resolved":
         return f"✅ RESOLVED — {summary}"
     emoji = severity_style(alert.severity)[0]
@@ -5022,7 +5023,8 @@ class ThreaderServer(http.server.ThreadingHTTPServer):
         self._slots = threading.BoundedSemaphore(max_connections)
         self._refusals = threading.BoundedSemaphore(self.REFUSALS)
         self.deadlines = Deadlines()
-        self._waiting: Dict[int, Tuple[float, Any]] = {}  # id(socket) -> (since, socket), waiting for a head
+        # id(socket) -> (since, socket): connections waiting for a head, and lingering ones (since -inf: first to go)
+        self._waiting: Dict[int, Tuple[float, Any]] = {}
         self._waiting_lock = threading.Lock()
         # Connections waiting to be accepted: a storm's burst must reach the 503 past MAX_CONNECTIONS, not a reset.
         self.request_queue_size = max(128, max_connections)
