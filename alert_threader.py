@@ -19,8 +19,8 @@ THREAD_STORE (file|redis), THREAD_STORE_FILE, REDIS_URL, REDIS_KEY_PREFIX,
 HOST, PORT, SLACK_API_URL, WEBHOOK_TOKEN(_FILE), SLACK_SIGNING_SECRET(_FILE),
 ALERTMANAGER_AUTH(_FILE), SILENCE_DURATIONS, REOPEN_WINDOW, THREAD_KEY_LABELS,
 THREAD_BY, MESSAGE_FIELDS, HIDDEN_LABELS, TITLE_TEMPLATE, TEXT_TEMPLATE, TIME_ZONE, MENTIONS, BROADCAST,
-STORM_THRESHOLD, STORM_WINDOW, THREAD_RETENTION, SLACK_TIMEOUT, SLACK_RETRY_BUDGET,
-SLACK_PACE,
+STORM_THRESHOLD, STORM_WINDOW, THREAD_RETENTION, SLACK_TIMEOUT, SLACK_PACE,
+DELIVERY_WAIT, OUTBOX_LIMIT,
 MAX_BODY_BYTES, MAX_CONNECTIONS, CLIENT_TIMEOUT, SHUTDOWN_TIMEOUT, ALERTMANAGER_URL,
 LOG_LEVEL, LOG_FORMAT.
 """
@@ -28,7 +28,6 @@ LOG_LEVEL, LOG_FORMAT.
 import argparse
 import base64
 import bisect
-import collections
 import contextlib
 import dataclasses
 import email.errors
@@ -746,12 +745,14 @@ SETTINGS: Tuple[Tuple[str, Optional[str], str], ...] = (
     ("WEBHOOK_TOKEN", None, "bearer token required on POST /alert, /cache and /preview"),
     ("WEBHOOK_TOKEN_FILE", None, "read the webhook token from this file"),
     ("REOPEN_WINDOW", "30m", "a key firing again this soon after its thread closed reopens it (0 disables)"),
-    ("STORM_THRESHOLD", "10", "more new threads than this for one channel within STORM_WINDOW: further new alerts "
-                              "join the channel's storm digest"),
-    ("STORM_WINDOW", "60s", "the window STORM_THRESHOLD counts new threads in"),
+    ("STORM_THRESHOLD", "10", "more new threads than this waiting for one channel, or arriving within STORM_WINDOW: "
+                              "new alerts join the channel's storm digest"),
+    ("STORM_WINDOW", "60s", "the window STORM_THRESHOLD counts arriving new threads in"),
     ("THREAD_RETENTION", "24h", "how long closed threads are kept (for dedupe and reopen)"),
     ("SLACK_TIMEOUT", "10s", "timeout of one Slack API call"),
-    ("SLACK_RETRY_BUDGET", "15s", "time one webhook may spend retrying and waiting for Slack before answering 503"),
+    ("DELIVERY_WAIT", "2s", "longest a webhook's answer waits for its alerts to reach Slack; after it they are "
+                            "answered \"queued\" and delivered from the outbox"),
+    ("OUTBOX_LIMIT", "20000", "alerts waiting for Slack, all channels together, past which webhooks get 503"),
     ("SLACK_PACE", "1s", "least time between two messages to one channel (Slack allows about one a second, with "
                          "short bursts); edits get 50 a minute at 1s. 0 turns pacing off"),
     ("MAX_BODY_BYTES", "8388608", "largest webhook body accepted (413 past it)"),
@@ -808,13 +809,16 @@ class Config:
     storm_window: float = 60.0
     thread_retention: float = 86400.0
     slack_timeout: float = 10.0
-    slack_retry_budget: float = 15.0
+    delivery_wait: float = 2.0
+    outbox_limit: int = 20000
     slack_pace: float = 1.0
     max_body_bytes: int = 8 * 1024 * 1024
     max_connections: int = 256
-    # Not a setting: a Redis lease covers one Slack call (and its one re-send) and a store write; the holder
-    # renews it before each call and while it waits.
+    # Not settings: a Redis lease on a thread covers one record's read, change and write (a click's, or a
+    # sender's); a channel's sender holds a lease of its own, renewed every second, that another replica takes
+    # over once its holder is gone.
     redis_lease: float = 30.0
+    sender_lease: float = 5.0
     client_timeout: float = 30.0
     shutdown_timeout: float = 20.0
     alertmanager_url: Optional[str] = None
@@ -1106,7 +1110,8 @@ def load_config(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
         storm_window=raw.number("STORM_WINDOW", 1, 86400),
         thread_retention=raw.number("THREAD_RETENTION", 60, 365 * 86400),
         slack_timeout=slack_timeout, redis_lease=2 * slack_timeout + 10,
-        slack_retry_budget=raw.number("SLACK_RETRY_BUDGET", 0, 3600), slack_pace=raw.number("SLACK_PACE", 0, 60),
+        slack_pace=raw.number("SLACK_PACE", 0, 60), delivery_wait=raw.number("DELIVERY_WAIT", 0, 60),
+        outbox_limit=raw.number("OUTBOX_LIMIT", 1, 10_000_000, integer=True),
         max_body_bytes=raw.number("MAX_BODY_BYTES", 1024, 1 << 30, integer=True),
         max_connections=raw.number("MAX_CONNECTIONS", 1, 10000, integer=True),
         client_timeout=raw.number("CLIENT_TIMEOUT", 0.1, 3600),
@@ -1197,6 +1202,8 @@ def _logfmt(value: Any) -> str:
 
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# From intake to Slack: an instant on a calm channel, minutes when Slack is down.
+DELIVERY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
 class Metrics:
@@ -1204,7 +1211,17 @@ class Metrics:
 
     HELP = {
         "alert_threader_webhooks_total": ("counter", "Webhook requests answered, by HTTP code."),
-        "alert_threader_alerts_total": ("counter", "Alerts processed, by status and action."),
+        "alert_threader_alerts_total": ("counter", "Alerts told in Slack (or found told already: unchanged), by "
+                                                   "status and action."),
+        "alert_threader_alerts_delivered_total": ("counter", "Alerts posted to Slack from the outbox."),
+        "alert_threader_alerts_dropped_total": ("counter", "Alerts dropped without being told: always 0, an alert "
+                                                           "waits in the outbox until Slack takes it."),
+        "alert_threader_alerts_refused_total": ("counter", "Alerts refused with 503 because the outbox was full "
+                                                           "(OUTBOX_LIMIT); Alertmanager keeps and retries them."),
+        "alert_threader_delivery_seconds": ("histogram", "Time from a webhook's intake to its alert's post in Slack."),
+        "alert_threader_outbox_alerts": ("gauge", "Alerts waiting in the outbox for Slack, per channel."),
+        "alert_threader_outbox_oldest_seconds": ("gauge", "Age of the oldest alert waiting in the outbox, per "
+                                                          "channel (0: none waits)."),
         "alert_threader_slack_requests_total": ("counter", "Slack API calls, by method and result (ok or the Slack error)."),
         "alert_threader_slack_request_duration_seconds": ("histogram", "Slack API call latency."),
         "alert_threader_slack_rate_limit_wait_seconds_total": ("counter", "Seconds spent waiting out Slack's "
@@ -1231,19 +1248,24 @@ class Metrics:
         self._lock = threading.Lock()
         self._values: Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float] = {}
         self._histograms: Dict[str, List[float]] = {}
-        self._gauges: Dict[str, Callable[[], float]] = {}
+        self._gauges: Dict[str, Tuple[Optional[str], Callable[[], Any]]] = {}
 
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
         key = (name, tuple(sorted(labels.items())) if labels else ())
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + amount
 
+    @staticmethod
+    def buckets(name: str) -> Tuple[float, ...]:
+        return DELIVERY_BUCKETS if name == "alert_threader_delivery_seconds" else LATENCY_BUCKETS
+
     def observe(self, name: str, value: float) -> None:
-        bucket = bisect.bisect_left(LATENCY_BUCKETS, value)  # the first bound >= value; past them all: +Inf
+        bounds = self.buckets(name)
+        bucket = bisect.bisect_left(bounds, value)  # the first bound >= value; past them all: +Inf
         with self._lock:
             counts = self._histograms.get(name)
             if counts is None:
-                counts = self._histograms[name] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+                counts = self._histograms[name] = [0.0] * (len(bounds) + 2)
             counts[bucket] += 1  # per bucket here; cumulative in render()
             counts[-1] += value
 
@@ -1251,8 +1273,9 @@ class Metrics:
         with self._lock:
             self._values[(name, tuple(sorted(labels.items())))] = value
 
-    def gauge(self, name: str, read: Callable[[], float]) -> None:
-        self._gauges[name] = read
+    def gauge(self, name: str, read: Callable[[], Any], label: Optional[str] = None) -> None:
+        """A gauge read at each scrape: one value, or with a label a value for each of its values."""
+        self._gauges[name] = (label, read)
 
     def value(self, name: str, **labels: str) -> float:
         with self._lock:
@@ -1277,12 +1300,14 @@ class Metrics:
         with self._lock:
             values = dict(self._values)
             histograms = {k: list(v) for k, v in self._histograms.items()}
-        gauges = {}
-        for name, read in self._gauges.items():
+        gauges: Dict[str, List[Tuple[Tuple[Tuple[str, str], ...], float]]] = {}
+        for name, (label, read) in self._gauges.items():
             try:
-                gauges[name] = float(read())
+                value = read()
             except ThreaderError:
                 continue
+            gauges[name] = ([(((label, str(k)),), float(v)) for k, v in sorted(value.items())] if label
+                            else [((), float(value))])
         lines: List[str] = []
         for name, (kind, help_text) in self.HELP.items():
             samples = [(labels, v) for (n, labels), v in sorted(values.items()) if n == name]
@@ -1291,14 +1316,14 @@ class Metrics:
                 if counts is None:
                     continue
             elif kind == "gauge" and name in gauges:
-                samples = [((), gauges[name])]
+                samples = gauges[name]
             elif not samples:
                 continue
             lines.append(f"# HELP {name} {help_text}")
             lines.append(f"# TYPE {name} {kind}")
             if kind == "histogram":
                 cumulative = 0.0
-                for bound, count in zip(LATENCY_BUCKETS, counts):
+                for bound, count in zip(self.buckets(name), counts):
                     cumulative += count
                     lines.append(f'{name}_bucket{{le="{bound}"}} {cumulative:g}')
                 cumulative += counts[-2]
@@ -1317,33 +1342,164 @@ def _label_escape(value: str) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Thread stores
+# Thread stores: the threads, and the outbox of alerts on their way to Slack
 # ---------------------------------------------------------------------------
 #
-# A store maps a key to a record, a JSON object. The record's fields are
-# named here, once:
+# A store holds records, JSON objects by key, whose fields are named here, once:
 #
 # A thread (key: the thread key, or CHANNEL:THREAD_KEY outside the default channel):
 #   ts        the parent message's ts          channel   where it lives (an ID)
 #   key       the thread key                   status    "open" (an alert firing) or "closed"
-#   alerts    {fingerprint: [state "f"|"r", startsAt, endsAt]}
+#   alerts    {fingerprint: [state "f"|"r", startsAt, endsAt, its labels or None]}
 #   created, updated, closed   wall-clock seconds     ended    the alerts' last endsAt
 #   reopened  times it fired again after closing      first    the first alert, for the status card
 #   digest    the storm digest's key, for an alert that joined one (its ts is the digest's)
+#   acks, silences   what people did from Slack: written by clicks (CLICK_FIELDS); every other field is
+#             written by the channel's sender alone
 # A storm digest (key: storm|CHANNEL; before 1.1 also storm|CHANNEL|GROUP):
 #   storm: true, ts, channel, key, status, created, updated, closed, ended, started, reopened,
 #   members   {fingerprint: [state, alertname, severity]}: every count on its card comes from these
 #
-# The interface both stores share is ThreadStore's; RedisStore shares its locks,
-# turns and counts between replicas through Redis.
+# And the outbox: for each channel, the alerts taken from webhooks and not yet told in Slack
+# (Item), oldest first. An item leaves it in the same durable step that records what telling it did.
+#
+# The interface both stores share is ThreadStore's; RedisStore shares its locks, Slack's turns and
+# each channel's sender between replicas through Redis.
+
+CLICK_FIELDS = ("acks", "silences")
+
+# A stored alert keeps only what its messages can show, so that hostile megabyte values cost kilobytes.
+# A value longer than any link may be (3,000) is clipped to one character past it: still shown as far as
+# a field shows, never usable as a link or a silence matcher.
+RECORD_VALUE_MAX = 3001
+RECORD_NAME_MAX = 200
+RECORD_TEXT_BUDGET = 16384  # characters of label (or annotation) names and values kept per alert
+
+
+def clip_for_record(values: Dict[str, str], first: Sequence[str]) -> Tuple[Dict[str, str], bool]:
+    """The values a record keeps, the names in `first` before the rest; and whether all were kept whole."""
+    names, texts = [len(n) for n in values], [len(v) for v in values.values()]
+    if (sum(names) + sum(texts) <= RECORD_TEXT_BUDGET and max(names, default=0) <= RECORD_NAME_MAX
+            and max(texts, default=0) <= RECORD_VALUE_MAX):
+        return dict(values), True  # the usual alert: it all fits
+    kept: Dict[str, str] = {}
+    whole, budget = True, RECORD_TEXT_BUDGET
+    for name in [n for n in first if n in values] + sorted(n for n in values if n not in first):
+        value = values[name]
+        if len(value) > RECORD_VALUE_MAX:
+            value, whole = value[:RECORD_VALUE_MAX - 1] + ELLIPSIS, False
+        if len(name) > RECORD_NAME_MAX or len(name) + len(value) > budget:
+            whole = False
+            continue
+        kept[name] = value
+        budget -= len(name) + len(value)
+    return kept, whole
+
+
+@dataclasses.dataclass(eq=False)
+class Item:
+    """One alert in its channel's outbox: all that telling it needs, as intake stored it."""
+
+    channel: str
+    key: str  # the store key of its thread
+    thread_key: str  # the thread key, as answers show it
+    alert: Alert
+    external_url: str
+    received: float  # when intake took it (wall clock)
+    group_labels: Dict[str, str] = dataclasses.field(default_factory=dict)  # THREAD_BY=group: the group's
+    id: str = ""  # given by the store
+
+    @property
+    def identity(self) -> str:
+        """Items of one identity tell the same thing: one waiting is enough (a retry, a repeat, an HA twin)."""
+        return compact_json([self.key, self.alert.fingerprint, self.alert.status, self.alert.starts_at])
+
+
+def outbox_item(alert: Alert, channel: str, key: str, thread_key: str, external_url: str,
+                group_labels: Dict[str, str], received: float) -> Item:
+    """An alert as the outbox keeps it: clipped to what a message can show."""
+    labels, whole = clip_for_record(alert.labels, KEY_LABELS + ("instance",))
+    annotations, _ = clip_for_record(alert.annotations, ("summary", "description", "runbook_url"))
+    kept = dataclasses.replace(
+        alert, labels=labels, annotations=annotations, labels_whole=alert.labels_whole and whole,
+        generator_url=alert.generator_url if len(alert.generator_url) < RECORD_VALUE_MAX else "",
+        links={name: url for name, url in alert.links.items() if len(url) < RECORD_VALUE_MAX},
+        value=truncate(alert.value, 2000))
+    group, _ = clip_for_record(group_labels, ())
+    return Item(channel, key, thread_key, kept, external_url if len(external_url) < RECORD_VALUE_MAX else "",
+                received, group)
+
+
+def item_document(item: Item) -> Dict[str, Any]:
+    """An item as the outbox stores it (JSON); its id is the store's business."""
+    a = item.alert
+    alert: Dict[str, Any] = {"status": a.status, "labels": a.labels, "annotations": a.annotations,
+                             "startsAt": a.starts_at, "endsAt": a.ends_at, "generatorURL": a.generator_url,
+                             "fingerprint": a.fingerprint}
+    if not a.labels_whole:
+        alert["labels_whole"] = False
+    if a.grafana:
+        alert["grafana"] = True
+    if a.links:
+        alert["links"] = a.links
+    if a.value:
+        alert["value"] = a.value
+    document: Dict[str, Any] = {"channel": item.channel, "key": item.key, "thread_key": item.thread_key,
+                                "received": item.received, "external_url": item.external_url, "alert": alert}
+    if item.group_labels:
+        document["group_labels"] = item.group_labels
+    return document
+
+
+def _strings(value: Any, what: str) -> Dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ValueError(f"{what} is not an object of strings")
+    return value
+
+
+def _time(value: Any, what: str) -> Optional[float]:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(f"{what} is not a time")
+    return value
+
+
+def item_from_document(document: Any, item_id: str) -> Item:
+    """An item read back from the outbox; ValueError says what is damaged."""
+    if not isinstance(document, dict) or not isinstance(document.get("alert"), dict):
+        raise ValueError("not an outbox item")
+    raw = document["alert"]
+    texts = [document.get(name) for name in ("channel", "key", "thread_key", "external_url")]
+    texts += [raw.get(name) for name in ("status", "generatorURL", "fingerprint")] + [raw.get("value", "")]
+    if not all(isinstance(text, str) for text in texts) or raw["status"] not in ("firing", "resolved"):
+        raise ValueError("a field of the item is missing or not text")
+    if not document["channel"] or not document["key"] or _time(document.get("received"), "received") is None:
+        raise ValueError("the item names no channel, thread or time")
+    alert = Alert(status=raw["status"], labels=_strings(raw.get("labels"), "labels"),
+                  annotations=_strings(raw.get("annotations"), "annotations"),
+                  starts_at=_time(raw.get("startsAt"), "startsAt"), ends_at=_time(raw.get("endsAt"), "endsAt"),
+                  generator_url=raw["generatorURL"], fingerprint=raw["fingerprint"],
+                  labels_whole=raw.get("labels_whole", True) is not False, grafana=raw.get("grafana") is True,
+                  links=_strings(raw.get("links", {}), "links"), value=raw.get("value", ""))
+    return Item(document["channel"], document["key"], document["thread_key"], alert, document["external_url"],
+                float(document["received"]), _strings(document.get("group_labels", {}), "group_labels"), item_id)
+
+
+def item_order(item_id: str) -> Tuple[int, int]:
+    """Where an outbox id ("milliseconds-sequence", as Redis streams write them) stands among the others."""
+    ms, _, seq = item_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class OutboxFull(StoreError):
+    """OUTBOX_LIMIT alerts are waiting for Slack: Alertmanager must keep this webhook for now."""
 
 
 class LeaseLost(StoreError):
-    """Another replica took a thread over while this one worked on it: this one writes nothing more."""
+    """Another replica took a thread or a channel over while this one worked on it: this one writes nothing."""
 
 
 class LocalLimits:
-    """Shared turns (rate limits) and sliding counts, for the workers of this process.
+    """Shared turns (rate limits) and claims, for the workers of this process.
 
     A turn is taken the GCRA way: each bucket keeps the moment its next turn is
     due; up to `burst` turns may be taken early, then one per `interval`.
@@ -1352,7 +1508,6 @@ class LocalLimits:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._due: Dict[str, float] = {}  # bucket -> monotonic time the next turn is due
-        self._seen: Dict[str, "OrderedDict[str, float]"] = {}  # name -> {member: first seen}, oldest first
         self._claims: Dict[str, float] = {}  # name -> when its claim ends (monotonic)
 
     def reserve(self, bucket: str, interval: float, burst: int, max_wait: float) -> Optional[float]:
@@ -1379,18 +1534,6 @@ class LocalLimits:
                 return False
             self._claims[name] = now + seconds
             return True
-
-    def count_recent(self, name: str, members: Sequence[str], window: float, cap: int) -> int:
-        now = time.time()
-        with self._lock:
-            seen = self._seen.setdefault(name, OrderedDict())
-            while seen and next(iter(seen.values())) <= now - window:
-                seen.popitem(last=False)
-            for member in members:
-                seen.setdefault(member, now)
-            while len(seen) > cap:  # only whether there are more than the cap matters: keep the newest
-                seen.popitem(last=False)
-            return len(seen)
 
 
 class KeyLocks:
@@ -1445,21 +1588,31 @@ class HeldKeys:
             self.locks._release(self.held.pop())
 
 
-class ThreadStore:
-    """The interface both stores implement. Records are JSON objects (fields above).
+Result = Tuple[str, Optional[str]]  # what became of an item: (action, the ts of the thread it was told in)
+RESULTS_KEPT = 300.0  # seconds an item's result stays to be read: a webhook waits DELIVERY_WAIT at most
 
-    Unless a method says otherwise it may raise StoreError; a store that has
-    lost its backend (Redis down) keeps working from memory and says so in
-    health().
+
+class ThreadStore:
+    """What both stores do and promise. Records are JSON objects (fields above); items are Items.
+
+    Unless a method says otherwise it may raise StoreError, and then it has
+    changed nothing durable. Durable on return means: the file store's journal
+    fdatasync'd, or Redis written. Records handed out are copies, which the
+    caller may change freely.
     """
 
     name = "none"
+    shared = False  # True: other processes (replicas) take webhooks into the same outbox
 
     def __init__(self, metrics: Metrics, lock_timeout: float) -> None:
         self.metrics = metrics
         self.lock_timeout = lock_timeout
         self._key_locks = KeyLocks()
         self._limits = LocalLimits()
+        self._results: "OrderedDict[str, Tuple[Result, float]]" = OrderedDict()
+        self._told = threading.Condition()  # notified when items of this process are told
+
+    # -- threads ----------------------------------------------------------------
 
     def get(self, key: str) -> Optional[Dict[str, Any]]:
         return self.get_many([key]).get(key)
@@ -1468,48 +1621,22 @@ class ThreadStore:
         self.put_many({key: record})
 
     def get_many(self, keys: Sequence[str]) -> Dict[str, Dict[str, Any]]:
-        """The records of those keys that exist; copies, which the caller may change freely."""
+        """The records of those keys that exist."""
         raise NotImplementedError
 
     def put_many(self, records: Dict[str, Dict[str, Any]]) -> None:
-        """Store these records, durable on return (file: fdatasync'd; Redis: written).
+        """Store these records, durable on return.
 
         Inside locked(), a record is written only while this worker still holds
         its keys: LeaseLost (nothing written) if another replica took them over."""
         raise NotImplementedError
 
-    def flush(self) -> None:
-        """Every change durable on return; raises StoreError when that cannot be done."""
-
     def locked(self, keys: Sequence[str]) -> Any:
         """A context manager holding those keys for this worker alone (across replicas on Redis).
 
         Keys are taken in one order, so two workers never deadlock; StoreError
-        after lock_timeout."""
+        after lock_timeout. Hold them only for a read, a change and a write."""
         return self._key_locks.hold(keys, self.lock_timeout)
-
-    def renew(self) -> None:
-        """Keep the keys this worker holds for another lease (before each Slack call); LeaseLost if gone."""
-
-    def reserve(self, bucket: str, interval: float, burst: int, max_wait: float) -> Optional[float]:
-        """Take a turn of a rate limit shared by every worker: the seconds to wait for it.
-
-        None, taking nothing, when the turn is further off than max_wait."""
-        return self._limits.reserve(bucket, interval, burst, max_wait)
-
-    def hold_off(self, bucket: str, seconds: float, interval: float, burst: int) -> None:
-        """No turn of this bucket for anyone before `seconds` from now (Slack's Retry-After)."""
-        self._limits.hold_off(bucket, seconds, interval, burst)
-
-    def count_recent(self, name: str, members: Sequence[str], window: float, cap: int) -> int:
-        """Note these members (each counted once) and return how many were noted in the last `window` seconds.
-
-        The count stops at `cap`: asking again for the same member (a retry) never counts it twice."""
-        return self._limits.count_recent(name, members, window, cap)
-
-    def claim(self, name: str, seconds: float) -> bool:
-        """True the first time `name` is claimed within `seconds`, by any worker (a replayed request: False)."""
-        return self._limits.claim(name, seconds)
 
     def items(self) -> Dict[str, Dict[str, Any]]:
         """Every record, by key (for /cache)."""
@@ -1529,12 +1656,99 @@ class ThreadStore:
         return sum(1 for r in self.items().values() if r.get("status") == "open")
 
     def clear(self) -> int:
-        """Forget every record; returns how many there were."""
+        """Forget every thread (the outbox stays: its alerts are still told); returns how many there were."""
         raise NotImplementedError
+
+    def generation(self) -> int:
+        """A number that changes whenever clear() forgets the threads: copies of records made before are stale."""
+        return 0
 
     def prune(self, now: float) -> int:
         """Forget closed threads past the retention; returns how many."""
         return 0
+
+    # -- the outbox ---------------------------------------------------------------
+
+    def enqueue(self, items: List[Item], limit: int) -> List[Tuple[str, bool]]:
+        """Add the items (all of one channel) to its outbox, durable on return: (id, joined) for each.
+
+        An item whose identity is waiting already is not added again: it joins the
+        one waiting (joined True, that one's id). OutboxFull, adding nothing, when
+        `limit` alerts or more wait in all the channels together."""
+        raise NotImplementedError
+
+    def waiting(self, channel: str, after: Optional[str] = None) -> List[Item]:
+        """The channel's items waiting, oldest first; after an id: only those added after it.
+
+        A damaged entry is moved aside (reported by health(), and logged) and left out."""
+        raise NotImplementedError
+
+    def tail(self, channel: str) -> Optional[str]:
+        """The id of the channel's newest waiting item (None: nothing waits)."""
+        raise NotImplementedError
+
+    def complete(self, channel: str, records: Dict[str, Dict[str, Any]], done: Dict[str, Result]) -> None:
+        """In one durable step: write the records, take the done items out of the outbox, keep their results.
+
+        Only the holder of the channel's sender lease may (LeaseLost otherwise).
+        When that step fails (StoreError) it happens later in whole, or not at all."""
+        raise NotImplementedError
+
+    def outbox_summary(self) -> Dict[str, Tuple[int, Optional[float]]]:
+        """Per channel with items waiting: (how many, when the oldest was taken)."""
+        raise NotImplementedError
+
+    def results(self, ids: Sequence[str]) -> Dict[str, Result]:
+        """What became of those items that are told (by any replica), for RESULTS_KEPT seconds."""
+        with self._told:
+            return {i: self._results[i][0] for i in ids if i in self._results}
+
+    def wait_told(self, timeout: float) -> None:
+        """Until an item is told in this process, or timeout."""
+        with self._told:
+            self._told.wait(timeout)
+
+    def _keep_results(self, done: Dict[str, Result]) -> None:
+        now = time.monotonic()
+        with self._told:
+            for item_id, result in done.items():
+                self._results[item_id] = (result, now)
+            while self._results and next(iter(self._results.values()))[1] < now - RESULTS_KEPT:
+                self._results.popitem(last=False)
+            self._told.notify_all()
+
+    # -- senders ------------------------------------------------------------------
+
+    def hold_sender(self, channel: str) -> bool:
+        """Take (or keep) the channel's sender lease: True while this process is the one to send for it."""
+        return True
+
+    def release_sender(self, channel: str) -> None:
+        """Give the channel's lease up (at stop), so that another replica takes over at once."""
+
+    # -- what replicas share besides records ----------------------------------------
+
+    def reserve(self, bucket: str, interval: float, burst: int, max_wait: float) -> Optional[float]:
+        """Take a turn of a rate limit shared by every worker: the seconds to wait for it.
+
+        None, taking nothing, when the turn is further off than max_wait."""
+        return self._limits.reserve(bucket, interval, burst, max_wait)
+
+    def hold_off(self, bucket: str, seconds: float, interval: float, burst: int) -> None:
+        """No turn of this bucket for anyone before `seconds` from now (Slack's Retry-After)."""
+        self._limits.hold_off(bucket, seconds, interval, burst)
+
+    def claim(self, name: str, seconds: float) -> bool:
+        """True the first time `name` is claimed within `seconds`, by any worker (a replayed request: False)."""
+        return self._limits.claim(name, seconds)
+
+    # -- the store itself -------------------------------------------------------------
+
+    def ready(self) -> None:
+        """Return only if a write can be made durable now (StoreError otherwise): nothing goes to Slack before."""
+
+    def flush(self) -> None:
+        """Every change durable on return; raises StoreError when that cannot be done."""
 
     def health(self) -> Dict[str, Any]:
         """{"ok": bool, and what /health shows of the store}; never raises."""
@@ -1562,60 +1776,93 @@ def thread_record(value: Any) -> Optional[Dict[str, Any]]:
     return value
 
 
+OUTBOX_ID = re.compile(r"[0-9]{1,15}-[0-9]{1,15}")
+
+
 class StateFiles:
     """threads.json and its journal on disk: read back at start, appended to, and replaced atomically.
 
-    The snapshot is only ever replaced whole (a temporary file in the same
-    directory, fsync, rename, fsync of the directory). The journal takes one
-    line per change, written in full and fdatasync'd. A crash leaves the old or
-    the new snapshot and a journal whose last line may be incomplete; that
-    line belongs to a webhook that was never answered. A file that cannot be
-    used is moved aside (read-only: StoreError) and named in moved_aside.
+    The snapshot holds the threads and the outbox, and is only ever replaced
+    whole (a temporary file in the same directory, fsync, rename, fsync of the
+    directory). The journal takes one line per change (threads written, items
+    added to the outbox or taken from it), written in full and fdatasync'd. A
+    crash leaves the old or the new snapshot and a journal whose last line may
+    be incomplete; that line belongs to a webhook that was never answered. A
+    snapshot that cannot be used is moved aside (read-only: StoreError) and
+    named in moved_aside; a damaged journal line or outbox entry is copied to
+    threads.json.damaged, reported, and left out, and the rest is read.
     """
 
     def __init__(self, path: str, read_only: bool = False) -> None:
         self.path = path
         self.journal_path = f"{path}.journal"
+        self.damaged_path = f"{path}.damaged"
         self.read_only = read_only
         self.snapshot_bytes = 0
         self.journal_bytes = 0
         self.moved_aside: Optional[str] = None
+        self.damaged = 0  # entries set aside at start
         self._journal_fd: Optional[int] = None
 
     # -- reading ----------------------------------------------------------------
 
     def remove_temp_files(self) -> None:
         directory = os.path.dirname(self.path) or "."
-        for name in os.listdir(directory):
-            if name.startswith(self._temp_prefix()):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(directory, name))
-                    log_event(logging.INFO, "removed temporary file left by a crash", file=name)
+        with contextlib.suppress(OSError):
+            for name in os.listdir(directory):
+                if name.startswith(self._temp_prefix()):
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(directory, name))
+                        log_event(logging.INFO, "removed temporary file left by a crash", file=name)
 
-    def snapshot(self) -> Dict[str, Dict[str, Any]]:
-        """The threads in threads.json (none if it is missing or had to be moved aside)."""
+    def load(self) -> Tuple[Dict[str, Dict[str, Any]], List[Tuple[str, Any]]]:
+        """The threads and the outbox (id, document) a restart finds: the snapshot, then the journal's changes."""
+        threads, entries = self.snapshot()
+        outbox = OrderedDict(entries)
+        for change in self.changes():
+            if change.get("clear"):
+                threads.clear()
+            for key in change.get("del", []):
+                threads.pop(key, None)
+            threads.update(change.get("put", {}))
+            for document in change.get("enq", []):
+                item_id = self._entry_id(document)
+                if item_id:
+                    outbox[item_id] = document
+            for item_id in change.get("ack", []):
+                outbox.pop(item_id, None)
+        return threads, list(outbox.items())
+
+    def snapshot(self) -> Tuple[Dict[str, Dict[str, Any]], List[Tuple[str, Any]]]:
+        """The threads and outbox entries in threads.json (none if it is missing or had to be moved aside)."""
         try:
             with open(self.path, "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
-            return {}
+            return {}, []
         except OSError as e:
             self._move_aside(self.path, f"cannot be read ({e.strerror})")
-            return {}
+            return {}, []
         try:
             document = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
             self._move_aside(self.path, f"is not valid JSON ({truncate(str(e), 120)})")
-            return {}
+            return {}, []
+        outbox: Any = []
         if isinstance(document, dict) and isinstance(document.get("threads"), dict):
-            document = document["threads"]
+            document, outbox = document["threads"], document.get("outbox", [])
         try:
             threads = self.threads(document)
         except ValueError as e:
             self._move_aside(self.path, str(e))
-            return {}
-        log_event(logging.INFO, "thread store loaded", file=self.path, threads=len(threads))
-        return threads
+            return {}, []
+        if not isinstance(outbox, list):
+            self.set_aside(outbox, "the snapshot's outbox is not a list")
+            outbox = []
+        entries = [(item_id, entry) for item_id, entry in ((self._entry_id(e), e) for e in outbox) if item_id]
+        self.snapshot_bytes = len(raw)
+        log_event(logging.INFO, "thread store loaded", file=self.path, threads=len(threads), outbox=len(entries))
+        return threads, entries
 
     @staticmethod
     def threads(document: Any) -> Dict[str, Dict[str, Any]]:
@@ -1627,17 +1874,6 @@ class StateFiles:
             if record is None:
                 raise ValueError(f"has a malformed thread {truncate(key, 80)!r}")
         return threads  # type: ignore[return-value]
-
-    def records(self) -> Dict[str, Dict[str, Any]]:
-        """The threads a restart finds: the snapshot with the journal's changes applied in order."""
-        records = self.snapshot()
-        for change in self.changes():
-            if change.get("clear"):
-                records.clear()
-            for key in change.get("del", []):
-                records.pop(key, None)
-            records.update(change["put"])
-        return records
 
     def changes(self) -> Iterator[Dict[str, Any]]:
         """The journal's changes since the snapshot, in order; an incomplete last line is a crash mid-append."""
@@ -1654,22 +1890,59 @@ class StateFiles:
             if not line.strip():
                 continue
             try:
-                change = json.loads(line.decode("utf-8"))
-                if not isinstance(change, dict):
-                    raise ValueError("not a change")
-                change["put"] = self.threads(change.get("put", {}))
-            except (UnicodeDecodeError, ValueError, TypeError, AttributeError):
+                change = self._change(line)
+            except (UnicodeDecodeError, ValueError, TypeError, AttributeError, RecursionError) as e:
                 if number < len(lines):  # a whole line, newline and all, that is not a change: damage
-                    self._move_aside(self.journal_path, f"has a malformed entry on line {number}")
-                else:  # no newline yet: the append was cut short
-                    log_event(logging.WARNING, "ignored an incomplete last journal entry (a crash during a write; "
-                              "that webhook was never answered, so Alertmanager sent it again)",
-                              file=self.journal_path)
+                    self.set_aside(line.decode("utf-8", "backslashreplace"),
+                                   f"journal line {number} is damaged ({truncate(str(e), 100)})")
+                    continue
+                log_event(logging.WARNING, "ignored an incomplete last journal entry (a crash during a write; "
+                          "that webhook was never answered, so Alertmanager sent it again)",
+                          file=self.journal_path)
                 break
             applied += 1
             yield change
         if applied:
             log_event(logging.INFO, "thread store journal replayed", file=self.journal_path, changes=applied)
+
+    def _change(self, line: bytes) -> Dict[str, Any]:
+        change = json.loads(line.decode("utf-8"))
+        if not isinstance(change, dict):
+            raise ValueError("not a change")
+        change["put"] = self.threads(change.get("put", {}))
+        for name in ("del", "ack", "enq"):
+            if not isinstance(change.get(name, []), list):
+                raise ValueError(f"{name} is not a list")
+        if not all(isinstance(v, str) for name in ("del", "ack") for v in change.get(name, [])):
+            raise ValueError("a key or id that is not text")
+        return change
+
+    def _entry_id(self, document: Any) -> Optional[str]:
+        """An outbox entry's id, or None (and the entry set aside) when it has none."""
+        item_id = document.get("id") if isinstance(document, dict) else None
+        if isinstance(item_id, str) and OUTBOX_ID.fullmatch(item_id):
+            return item_id
+        self.set_aside(document, "an outbox entry without a valid id")
+        return None
+
+    def set_aside(self, entry: Any, reason: str) -> None:
+        """Copy a damaged entry to threads.json.damaged, say so, and go on without it."""
+        self.damaged += 1
+        log_event(logging.ERROR, "thread store entry damaged; set aside, the rest is read", file=self.path,
+                  reason=reason, set_aside_in=self.damaged_path)
+        if self.read_only:
+            return
+        line = compact_json({"at": iso_now(), "reason": reason, "entry": entry}) + "\n"
+        try:
+            fd = os.open(self.damaged_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line.encode("utf-8", "backslashreplace"))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            log_event(logging.ERROR, "cannot write the damaged entry aside", file=self.damaged_path,
+                      error=e.strerror or str(e))
 
     def _move_aside(self, path: str, reason: str) -> None:
         if self.read_only:
@@ -1701,9 +1974,9 @@ class StateFiles:
         os.fdatasync(self._journal_fd)
         self.journal_bytes += len(data)
 
-    def replace(self, fragments: List[str]) -> None:
-        """A new snapshot of these '"key":{record}' fragments, then an empty journal."""
-        self.snapshot_bytes = self._write_snapshot(fragments)
+    def replace(self, threads: List[str], outbox: List[str]) -> None:
+        """A new snapshot of these '"key":{record}' fragments and outbox entries, then an empty journal."""
+        self.snapshot_bytes = self._write_snapshot(threads, outbox)
         # After the rename: a crash before this truncation only replays changes the snapshot already has.
         if self._journal_fd is not None:
             os.ftruncate(self._journal_fd, 0)
@@ -1715,19 +1988,20 @@ class StateFiles:
     def _temp_prefix(self) -> str:
         return "." + os.path.basename(self.path) + ".tmp-"
 
-    def _write_snapshot(self, fragments: List[str]) -> int:
+    def _write_snapshot(self, threads: List[str], outbox: List[str]) -> int:
         """Temporary file in the same directory, fsync, rename, fsync the directory; returns its size.
 
         Written fragment by fragment, so that a large store is never held twice in memory."""
         fd, temp_path = tempfile.mkstemp(prefix=self._temp_prefix(), dir=os.path.dirname(self.path) or ".")
         try:
             with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-                f.write('{"version":1,"threads":{')
-                for i, fragment in enumerate(fragments):
-                    if i:
-                        f.write(",")
-                    f.write(fragment)
-                f.write("}}\n")
+                for opening, fragments in (('{"version":1,"threads":{', threads), ('},"outbox":[', outbox)):
+                    f.write(opening)
+                    for i, fragment in enumerate(fragments):
+                        if i:
+                            f.write(",")
+                        f.write(fragment)
+                f.write("]}\n")
                 f.flush()
                 os.fsync(f.fileno())
                 size = os.fstat(f.fileno()).st_size
@@ -1753,18 +2027,20 @@ class StateFiles:
 
 
 class FileStore(ThreadStore):
-    """Records in memory, made durable in threads.json and a journal beside it (StateFiles).
+    """Threads and the outbox in memory, made durable in threads.json and a journal beside it (StateFiles).
 
-    Each change is appended to the journal and fdatasync'd before put_many
-    returns: a write costs one record, not the whole store. When the journal
-    outgrows the snapshot it is folded into a new snapshot, so the cost stays
-    flat however many threads are stored; start-up and a clean stop fold it
-    too. Concurrent writers share one append and one fdatasync (group commit).
-    A write that fails raises StoreError, and every later commit retries by
-    writing a whole snapshot. With path None the store is memory-only.
+    Each change is appended to the journal and fdatasync'd before the method
+    returns: a write costs one change, not the whole store. When the journal
+    outgrows the snapshot (or FOLD_BYTES, on a small store) it is folded into
+    a new snapshot, so neither grows beyond about the state they hold; start-up
+    and a clean stop fold it too. Concurrent writers share one append and one
+    fdatasync (group commit). A write that fails raises StoreError, and every
+    later commit retries by writing a whole snapshot. With path None the store
+    is memory-only.
     """
 
     name = "file"
+    FOLD_BYTES = 16384
 
     def __init__(self, path: Optional[str], metrics: Metrics, retention: float = 86400.0,
                  lock_timeout: float = 60.0, read_only: bool = False) -> None:
@@ -1778,18 +2054,32 @@ class FileStore(ThreadStore):
         self._fragments: Dict[str, str] = {}
         # key -> (status, closed): what prune and the gauges need without parsing records
         self._summary: Dict[str, Tuple[str, Any]] = {}
+        self._outbox: Dict[str, "OrderedDict[str, Tuple[Item, str]]"] = {}  # channel -> id -> (item, its JSON)
+        self._channel_of: Dict[str, str] = {}  # item id -> its channel
+        self._identities: Dict[str, str] = {}  # identity -> the id of the item waiting with it
+        self._waiting = 0
+        self._last_id = (0, 0)
         self._pending: List[str] = []  # journal lines not yet written
         self._version = 0  # changes made in memory
         self._durable = 0  # changes on disk
         self._needs_fold = False  # after a failed write: only a whole snapshot is sure to hold everything
+        self._generation = 0
         self.write_error: Optional[str] = None
         if self.files:
             if not read_only:
                 self.files.remove_temp_files()
-            for key, record in self.files.records().items():
+            threads, entries = self.files.load()
+            for key, record in threads.items():
                 self._remember(key, record)
+            for item_id, document in entries:
+                try:
+                    item = item_from_document(document, item_id)
+                except ValueError as e:
+                    self.files.set_aside(document, f"outbox item {item_id}: {e}")
+                    continue
+                self._hold(item, compact_json(document))
             if not read_only:
-                self._fold()
+                self._start()
 
     @property
     def moved_aside(self) -> Optional[str]:
@@ -1807,6 +2097,32 @@ class FileStore(ThreadStore):
         self._fragments[key] = fragment
         self._summary[key] = (record.get("status", "open"), record.get("closed"))
         return fragment
+
+    def _hold(self, item: Item, text: str) -> None:
+        """An item joins its channel's outbox in memory (caller holds _lock, or is the constructor)."""
+        self._outbox.setdefault(item.channel, OrderedDict())[item.id] = (item, text)
+        self._channel_of[item.id] = item.channel
+        self._identities[item.identity] = item.id
+        self._waiting += 1
+        self._last_id = max(self._last_id, item_order(item.id))
+
+    def _release(self, item_id: str) -> bool:
+        channel = self._channel_of.pop(item_id, None)
+        if channel is None:
+            return False
+        item, _ = self._outbox[channel].pop(item_id)
+        if not self._outbox[channel]:
+            del self._outbox[channel]
+        if self._identities.get(item.identity) == item_id:
+            del self._identities[item.identity]
+        self._waiting -= 1
+        return True
+
+    def _next_id(self) -> str:
+        ms, seq = self._last_id
+        now = int(time.time() * 1000)
+        self._last_id = (now, 0) if now > ms else (ms, seq + 1)
+        return "%d-%d" % self._last_id
 
     def _change(self, line: str) -> int:
         """Queue one journal line (caller holds _lock); returns the version that makes it durable."""
@@ -1826,7 +2142,71 @@ class FileStore(ThreadStore):
             version = self._change('{"put":{' + ",".join(fragments) + "}}")
         self._commit(version)
 
+    # -- the outbox -------------------------------------------------------------
+
+    def enqueue(self, items: List[Item], limit: int) -> List[Tuple[str, bool]]:
+        taken: List[Tuple[str, bool]] = []
+        with self._lock:
+            if self._waiting >= limit:
+                raise OutboxFull(f"{self._waiting:,} alerts are waiting for Slack (OUTBOX_LIMIT is {limit:,})")
+            texts = []
+            for item in items:
+                joined = self._identities.get(item.identity)
+                if joined is not None:
+                    taken.append((joined, True))
+                    continue
+                item.id = self._next_id()
+                text = compact_json({"id": item.id, **item_document(item)})
+                self._hold(item, text)
+                texts.append(text)
+                taken.append((item.id, False))
+            version = self._change('{"enq":[' + ",".join(texts) + "]}") if texts else self._version
+        self._commit(version)  # also when every item joined one waiting: that one must be durable too
+        return taken
+
+    def waiting(self, channel: str, after: Optional[str] = None) -> List[Item]:
+        since = item_order(after) if after else (-1, -1)
+        with self._lock:
+            newer = []
+            for item_id in reversed(self._outbox.get(channel, {})):
+                if item_order(item_id) <= since:
+                    break
+                newer.append(self._outbox[channel][item_id][0])
+        newer.reverse()
+        return newer
+
+    def tail(self, channel: str) -> Optional[str]:
+        with self._lock:
+            entries = self._outbox.get(channel)
+            return next(reversed(entries)) if entries else None
+
+    def complete(self, channel: str, records: Dict[str, Dict[str, Any]], done: Dict[str, Result]) -> None:
+        with self._lock:
+            fragments = [self._remember(key, record) for key, record in records.items()]
+            acked = [item_id for item_id in done if self._release(item_id)]
+            version = self._version
+            if fragments or acked:
+                version = self._change('{"put":{' + ",".join(fragments) + '},"ack":' + compact_json(acked) + "}")
+        self._commit(version)
+        self._keep_results(done)  # an answer that says "posted" is never ahead of the disk
+
+    def outbox_summary(self) -> Dict[str, Tuple[int, Optional[float]]]:
+        with self._lock:
+            return {channel: (len(entries), next(iter(entries.values()))[0].received)
+                    for channel, entries in self._outbox.items()}
+
     # -- durability -------------------------------------------------------------
+
+    def _start(self) -> None:
+        """Fold what was read into a new snapshot; on a full or failing disk, serve and say so once."""
+        try:
+            self._fold()
+        except OSError as e:
+            self._needs_fold = True
+            self.write_error = f"{e.strerror or e} ({self.path})"
+            log_event(logging.ERROR, "cannot write the thread store at start; serving, but webhooks are answered "
+                      "503 (Alertmanager retries them) and nothing is posted until a write succeeds",
+                      file=self.path, error=e.strerror or str(e))
 
     def _commit(self, version: int) -> None:
         """Make every change up to `version` durable; one append and fdatasync serves all waiting writers."""
@@ -1836,7 +2216,7 @@ class FileStore(ThreadStore):
             if self._durable >= version:
                 return  # a concurrent writer's commit carried this change too
             try:
-                if self._needs_fold or self.files.journal_bytes > max(self.files.snapshot_bytes, 65536):
+                if self._needs_fold or self.files.journal_bytes > max(self.files.snapshot_bytes, self.FOLD_BYTES):
                     version = self._fold_locked()  # the new snapshot holds these changes too
                 else:
                     with self._lock:
@@ -1850,7 +2230,8 @@ class FileStore(ThreadStore):
                 self._count("write", error=True)
                 if first:
                     log_event(logging.ERROR, "cannot write thread store; webhooks are answered 503 (Alertmanager "
-                              "retries them) until a write succeeds", file=self.path, error=e.strerror or str(e))
+                              "retries them) and nothing is posted until a write succeeds", file=self.path,
+                              error=e.strerror or str(e))
                 raise StoreError(f"cannot write {self.path}: {e.strerror or e}") from None
             self._needs_fold = False
             self._durable = max(self._durable, version)
@@ -1871,18 +2252,22 @@ class FileStore(ThreadStore):
         assert self.files
         with self._lock:
             version = self._version
-            fragments = list(self._fragments.values())  # references only: the text is written piece by piece
+            threads = list(self._fragments.values())  # references only: the text is written piece by piece
+            outbox = [text for entries in self._outbox.values() for _, text in entries.values()]
             self._pending = []  # all in the snapshot
-        self.files.replace(fragments)
+        self.files.replace(threads, outbox)
         self._count("write")
         return version
+
+    def ready(self) -> None:
+        self.flush()
 
     def flush(self) -> None:
         """Make every change durable now (after a failed write: retry it); raises StoreError if it cannot."""
         with self._lock:
             version = self._version
-        if version > self._durable:
-            self._commit(version)
+        if version > self._durable or self._needs_fold:
+            self._commit(max(version, self._durable + 1) if self._needs_fold else version)
 
     # -- the rest of the interface ----------------------------------------------
 
@@ -1904,9 +2289,14 @@ class FileStore(ThreadStore):
             removed = len(self._fragments)
             self._fragments.clear()
             self._summary.clear()
+            self._generation += 1
             version = self._change('{"clear":true}')
         self._commit(version)
         return removed
+
+    def generation(self) -> int:
+        with self._lock:
+            return self._generation
 
     def prune(self, now: float) -> int:
         with self._lock:
@@ -1932,6 +2322,8 @@ class FileStore(ThreadStore):
             status["store_error"] = self.write_error
         if self.moved_aside:
             status["moved_aside"] = self.moved_aside
+        if self.files and self.files.damaged:
+            status["damaged_entries"] = {"count": self.files.damaged, "set_aside_in": self.files.damaged_path}
         return status
 
     def stats(self) -> Dict[str, Any]:
@@ -1952,17 +2344,6 @@ class FileStore(ThreadStore):
 
 
 RELEASE_LOCK_LUA = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
-# KEYS: the leases held; ARGV: lease ms, then one token per lease. Returns how many are still ours (and extended).
-RENEW_LEASES_LUA = """
-local held = 0
-for i, key in ipairs(KEYS) do
-  if redis.call('get', key) == ARGV[i + 1] then
-    redis.call('pexpire', key, ARGV[1])
-    held = held + 1
-  end
-end
-return held
-"""
 # KEYS: n leases, then the records; ARGV: n, lease ms, n tokens, then per record its JSON and expiry (0: none).
 # Writes nothing unless every lease is still ours: a replica that lost a thread never writes over it.
 GUARDED_WRITE_LUA = """
@@ -1974,6 +2355,71 @@ for i = 1, n do redis.call('pexpire', KEYS[i], ARGV[2]) end
 for i = n + 1, #KEYS do
   local value, ttl = ARGV[n + 3 + 2 * (i - n - 1)], tonumber(ARGV[n + 4 + 2 * (i - n - 1)])
   if ttl > 0 then redis.call('set', KEYS[i], value, 'EX', ttl) else redis.call('set', KEYS[i], value) end
+end
+return 1
+"""
+# KEYS[1]: a channel's sender lease; ARGV: this process's token, lease ms. 1 if this process holds it now.
+HOLD_SENDER_LUA = """
+local held = redis.call('get', KEYS[1])
+if held and held ~= ARGV[1] then return 0 end
+redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+# KEYS: the channel's outbox (a stream), its identity map (identity -> id), the set of channels with an
+# outbox, then every such channel's outbox (for the limit); ARGV: the channel, the limit, then per item its
+# identity and JSON. Per item its id, "=" before it when an item of that identity was waiting already;
+# -1 (nothing added) when the limit is reached.
+ENQUEUE_LUA = """
+local waiting = 0
+for i = 4, #KEYS do waiting = waiting + redis.call('xlen', KEYS[i]) end
+if waiting >= tonumber(ARGV[2]) then return -1 end
+redis.call('sadd', KEYS[3], ARGV[1])
+local ids = {}
+for i = 3, #ARGV, 2 do
+  local id = redis.call('hget', KEYS[2], ARGV[i])
+  if id and #redis.call('xrange', KEYS[1], id, id) > 0 then
+    ids[#ids + 1] = '=' .. id
+  else
+    id = redis.call('xadd', KEYS[1], '*', 'item', ARGV[i + 1], 'identity', ARGV[i])
+    redis.call('hset', KEYS[2], ARGV[i], id)
+    ids[#ids + 1] = id
+  end
+end
+return ids
+"""
+# KEYS: the channel's sender lease, its outbox, its identity map, n thread leases, r records, then the
+# result key of each item done; ARGV: the sender's token, its lease ms, n, thread lease ms, r, result
+# seconds, n thread tokens, per record its JSON and expiry (0: none), per item done its id and result.
+# Nothing is written unless the sender's lease and every thread lease are still ours; a sender lease that
+# lapsed while Redis was away, and that nobody took, is taken again.
+COMPLETE_LUA = """
+local sender = redis.call('get', KEYS[1])
+if sender and sender ~= ARGV[1] then return 0 end
+local n, r = tonumber(ARGV[3]), tonumber(ARGV[5])
+for i = 1, n do
+  if redis.call('get', KEYS[3 + i]) ~= ARGV[6 + i] then return 0 end
+end
+redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+for i = 1, n do redis.call('pexpire', KEYS[3 + i], ARGV[4]) end
+for i = 1, r do
+  local value, ttl = ARGV[6 + n + 2 * i - 1], tonumber(ARGV[6 + n + 2 * i])
+  if ttl > 0 then redis.call('set', KEYS[3 + n + i], value, 'EX', ttl)
+  else redis.call('set', KEYS[3 + n + i], value) end
+end
+local base = 6 + n + 2 * r
+for i = 1, #KEYS - 3 - n - r do
+  local id = ARGV[base + 2 * i - 1]
+  local entry = redis.call('xrange', KEYS[2], id, id)
+  if #entry > 0 then
+    local fields = entry[1][2]
+    for f = 1, #fields, 2 do
+      if fields[f] == 'identity' and redis.call('hget', KEYS[3], fields[f + 1]) == id then
+        redis.call('hdel', KEYS[3], fields[f + 1])
+      end
+    end
+    redis.call('xdel', KEYS[2], id)
+  end
+  redis.call('set', KEYS[3 + n + r + i], ARGV[base + 2 * i], 'EX', ARGV[6])
 end
 return 1
 """
@@ -2003,23 +2449,12 @@ if due > tonumber(redis.call('get', KEYS[1]) or 0) then
 end
 return 1
 """
-# KEYS[1]: a sorted set of member -> when first seen; ARGV: window ms, cap, members to note.
-# The members seen within the window, at most cap (the newest are kept).
-COUNT_RECENT_LUA = NOW_MS_LUA + """
-local window, cap = tonumber(ARGV[1]), tonumber(ARGV[2])
-redis.call('zremrangebyscore', KEYS[1], '-inf', now - window)
-for i = 3, #ARGV do redis.call('zadd', KEYS[1], 'NX', now, ARGV[i]) end
-redis.call('zremrangebyrank', KEYS[1], 0, -(cap + 1))
-redis.call('pexpire', KEYS[1], window + 1000)
-return redis.call('zcard', KEYS[1])
-"""
 
 
 class RedisConnection:
-    """One redis-py client that fails fast, and the outage it is in: one log line when it starts."""
+    """One redis-py client that fails fast, and the outage it is in: one log line when it starts and ends."""
 
-    def __init__(self, url: str, timeout: float, count: Callable[[str, bool], None],
-                 recovered: Callable[[float], None]) -> None:
+    def __init__(self, url: str, timeout: float, count: Callable[[str, bool], None]) -> None:
         try:
             import redis  # imported here: only this store needs the package
         except ImportError:
@@ -2030,8 +2465,7 @@ class RedisConnection:
         self.errors: Tuple[type, ...] = (redis.exceptions.RedisError, OSError)
         self.url = url
         self._count = count
-        self._recovered = recovered
-        # No client-side retries: an outage must fail fast so alerts go out without threading
+        # No client-side retries: an outage must fail fast, into a 503 that Alertmanager retries
         # (newer redis-py retries three times with backoff by default).
         timeouts = {"socket_timeout": timeout}
         if not url.startswith("unix:"):  # a unix socket connects at once; redis-py 4.3 refuses this there
@@ -2064,7 +2498,7 @@ class RedisConnection:
             with self._lock:
                 outage, self._down_since = (time.monotonic() - self._down_since if self._down_since else None), None
             if outage is not None:
-                self._recovered(outage)
+                log_event(logging.INFO, "redis reachable again", outage=format_duration(outage))
         return result
 
     def went_down(self, e: BaseException) -> None:
@@ -2075,8 +2509,9 @@ class RedisConnection:
             self._next_probe = time.monotonic() + 1.0
             self.last_error = f"{type(e).__name__}. Fix: {redis_fix(e)}"
         if first:
-            log_event(logging.ERROR, "redis unreachable; alerts are still posted, threads kept in memory until it "
-                      "returns", redis=redact_url(self.url), error=type(e).__name__, fix=redis_fix(e))
+            log_event(logging.ERROR, "redis unreachable; webhooks are answered 503 (Alertmanager retries them) and "
+                      "nothing is posted until it returns", redis=redact_url(self.url), error=type(e).__name__,
+                      fix=redis_fix(e))
 
     def probe(self) -> Optional[str]:
         """Why Redis cannot be used now (None if it answers), without the outage bookkeeping."""
@@ -2103,7 +2538,7 @@ def redis_fix(e: BaseException) -> str:
 
 
 class RedisLeases:
-    """Keys held across replicas: a lease each (SET NX PX), renewed while held, released only by its holder."""
+    """Keys held across replicas: a lease each (SET NX PX), released only by its holder."""
 
     def __init__(self, redis: RedisConnection, prefix: str, lease: float, timeout: float) -> None:
         self.redis = redis
@@ -2111,7 +2546,6 @@ class RedisLeases:
         self.lease = lease
         self.timeout = timeout
         self._release = redis.script(RELEASE_LOCK_LUA)
-        self._renew = redis.script(RENEW_LEASES_LUA)
         self._held = threading.local()
 
     def held(self) -> Dict[str, str]:
@@ -2129,17 +2563,12 @@ class RedisLeases:
         try:
             for key in sorted(set(keys)):
                 lease_key, token = self._lease_key(key), os.urandom(12).hex()
-                while True:
-                    try:
-                        if self.redis.run("lock", lambda: self.redis.client.set(lease_key, token, nx=True,
-                                                                                 px=int(self.lease * 1000))):
-                            tokens[lease_key] = token
-                            break
-                    except StoreError:
-                        break  # Redis is down: this process's own lock is all there is
+                while not self.redis.run("lock", lambda: self.redis.client.set(lease_key, token, nx=True,
+                                                                                px=int(self.lease * 1000))):
                     if time.monotonic() > deadline:
                         raise StoreError(f"timed out waiting for another replica on thread {key!r}")
                     time.sleep(0.01)
+                tokens[lease_key] = token
             self._held.tokens = {**outer, **tokens}
             yield
         finally:
@@ -2147,56 +2576,6 @@ class RedisLeases:
             for lease_key, token in tokens.items():
                 with contextlib.suppress(StoreError):
                     self.redis.run("unlock", lambda: self._release(keys=[lease_key], args=[token]))
-
-    def renew(self) -> None:
-        held = self.held()
-        if not held:
-            return
-        try:
-            kept = self.redis.run("renew", lambda: self._renew(keys=list(held),
-                                                                args=[int(self.lease * 1000), *held.values()]))
-        except StoreError:
-            return  # Redis is down: this process's own locks are all there is
-        if kept < len(held):
-            raise LeaseLost("another replica took over a thread this one was working on (its lease ran out); "
-                            "Alertmanager's retry carries on from that replica's state")
-
-
-class RecentRecords:
-    """The threads a Redis store read or wrote last, as their JSON text, within a bound on characters.
-
-    While Redis is unreachable these stand in for it: a blip must not make a replica forget a thread it
-    used a moment ago, post its alert again as a new parent and leave the first card firing for ever."""
-
-    def __init__(self, max_chars: int = 8 << 20) -> None:
-        self._texts: "collections.OrderedDict[str, str]" = collections.OrderedDict()
-        self._chars = 0
-        self._max_chars = max_chars
-        self._lock = threading.Lock()
-
-    def remember(self, key: str, text: Optional[str]) -> None:
-        """Keep the record's latest text (None: Redis has no such thread, so forget it)."""
-        with self._lock:
-            old = self._texts.pop(key, None)
-            if old is not None:
-                self._chars -= len(key) + len(old)
-            if text is not None:
-                self._texts[key] = text
-                self._chars += len(key) + len(text)
-            while self._chars > self._max_chars:
-                dropped, dropped_text = self._texts.popitem(last=False)
-                self._chars -= len(dropped) + len(dropped_text)
-
-    def get_many(self, keys: Sequence[str]) -> Dict[str, Dict[str, Any]]:
-        with self._lock:
-            texts = {k: self._texts[k] for k in keys if k in self._texts}
-        records = {k: redis_record(text) for k, text in texts.items()}
-        return {k: record for k, record in records.items() if record is not None}
-
-    def clear(self) -> None:
-        with self._lock:
-            self._texts.clear()
-            self._chars = 0
 
 
 def redis_record(value: Optional[str]) -> Optional[Dict[str, Any]]:
@@ -2210,110 +2589,74 @@ def redis_record(value: Optional[str]) -> Optional[Dict[str, Any]]:
 
 
 class RedisStore(ThreadStore):
-    """Records as JSON strings under PREFIX:KEY, shared by every replica; closed ones expire after the retention.
+    """Threads as JSON strings under PREFIX:KEY and each channel's outbox as a stream, shared by every replica.
 
-    Work on a key is serialised across processes by a lease (RedisLeases), renewed while held; a write checks
-    it in the same Lua script, so a replica that lost a key never writes over another's thread. Slack's turns
-    and the storm counts live in Redis too. While Redis is unreachable, changes and the records used last
-    (RecentRecords) live in memory: threading degrades, delivery does not. Changes are written back later."""
+    Work on a thread is serialised across processes by a lease (RedisLeases); a write checks it in the same
+    Lua script, so a replica that lost a key never writes over another's thread. Each channel has one sender
+    at a time, the replica holding PREFIX-sender:CHANNEL, which this process renews every second while it
+    sends; a completion checks that lease in the script that writes it, so a replica paused past its lease
+    writes nothing. Slack's turns live in Redis too. While Redis is unreachable nothing is taken or sent:
+    webhooks are answered 503, and Alertmanager keeps them until it returns."""
 
     name = "redis"
+    shared = True
 
     def __init__(self, url: str, prefix: str, metrics: Metrics, retention: float = 86400.0,
-                 lock_timeout: float = 60.0, lease: float = 60.0, timeout: float = 1.0) -> None:
+                 lock_timeout: float = 60.0, lease: float = 60.0, timeout: float = 1.0,
+                 sender_lease: float = 5.0) -> None:
         super().__init__(metrics, lock_timeout)
-        self.redis = RedisConnection(url, timeout, lambda op, error: self._count(op, error), self._recover)
+        self.redis = RedisConnection(url, timeout, lambda op, error: self._count(op, error))
         self.prefix = prefix
         self.retention = retention
         self.leases = RedisLeases(self.redis, prefix, lease, lock_timeout)
+        self.sender_lease = sender_lease
+        self._token = os.urandom(12).hex()  # this process's, on the senders' leases it holds
         self._guarded_write = self.redis.script(GUARDED_WRITE_LUA)
+        self._hold_sender = self.redis.script(HOLD_SENDER_LUA)
+        self._release = self.redis.script(RELEASE_LOCK_LUA)
+        self._enqueue = self.redis.script(ENQUEUE_LUA)
+        self._complete = self.redis.script(COMPLETE_LUA)
         self._reserve_turn = self.redis.script(RESERVE_TURN_LUA)
         self._hold_off = self.redis.script(HOLD_OFF_LUA)
-        self._count_recent = self.redis.script(COUNT_RECENT_LUA)
         self._lock = threading.Lock()
-        self._fallback: Dict[str, Dict[str, Any]] = {}  # changed while Redis was unreachable
-        self.recent = RecentRecords()
+        self._sending: set = set()  # channels this process holds the sender lease of
+        self._keeper: Optional[threading.Thread] = None
+        self._closed = threading.Event()
+        self.damaged = 0  # outbox entries set aside since start
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}:{key}"
+
+    def _outbox_key(self, channel: str, part: str = "") -> str:
+        return f"{self.prefix}-outbox{part}:{channel}"  # outside PREFIX:*, like the leases
 
     def _expiry(self, record: Dict[str, Any]) -> int:
         """Seconds a record lives: closed threads for the retention, open ones for ever (0)."""
         return max(1, int(self.retention)) if record.get("status") == "closed" else 0
 
-    def _set(self, client: Any, key: str, record: Dict[str, Any], text: str) -> None:
-        # Without ex, SET also clears an earlier expiry: a thread that reopened lives on.
-        client.set(self._key(key), text, ex=self._expiry(record) or None)
-
-    def _recover(self, outage: float) -> None:
-        """Redis is back: write back what was kept in memory meanwhile (unless a replica wrote newer)."""
-        with self._lock:
-            pending, self._fallback = self._fallback, {}
-        client, written = self.redis.client, 0
-        try:
-            for key, record in pending.items():
-                current = client.get(self._key(key))
-                if current is None or json.loads(current).get("updated", 0) <= record.get("updated", 0):
-                    self._set(client, key, record, compact_json(record))
-                    written += 1
-        except self.redis.errors as e:
-            with self._lock:
-                self._fallback.update({k: v for k, v in pending.items() if k not in self._fallback})
-            self.redis.went_down(e)
-            return
-        log_event(logging.INFO, "redis reachable again", outage=format_duration(outage), threads_written_back=written)
-
-    # -- records ----------------------------------------------------------------
+    # -- threads ----------------------------------------------------------------
 
     def get_many(self, keys: Sequence[str]) -> Dict[str, Dict[str, Any]]:
         keys = list(keys)
         if not keys:
             return {}
-        try:
-            values = self.redis.run("get", lambda: self.redis.client.mget([self._key(k) for k in keys]))
-        except StoreError:
-            with self._lock:  # what changed during the outage, else what was used just before it
-                changed = {k: json.loads(json.dumps(self._fallback[k])) for k in keys if k in self._fallback}
-            return {**self.recent.get_many([k for k in keys if k not in changed]), **changed}
+        values = self.redis.run("get", lambda: self.redis.client.mget([self._key(k) for k in keys]))
         records = {key: redis_record(value) for key, value in zip(keys, values)}
-        for key, value in zip(keys, values):
-            self.recent.remember(key, value if records[key] is not None else None)
         return {key: record for key, record in records.items() if record is not None}
 
     def put_many(self, records: Dict[str, Dict[str, Any]]) -> None:
         held = self.leases.held()
-        texts = {key: compact_json(record) for key, record in records.items()}
-
-        def write() -> int:
-            if not held:
-                pipe = self.redis.client.pipeline(transaction=False)
-                for key, record in records.items():
-                    self._set(pipe, key, record, texts[key])
-                pipe.execute()
-                return 1
-            args: List[Any] = [len(held), int(self.leases.lease * 1000), *held.values()]
-            for key, record in records.items():
-                args += [texts[key], self._expiry(record)]
-            return self._guarded_write(keys=[*held, *(self._key(k) for k in records)], args=args)
-        try:
-            written = self.redis.run("put", write)
-        except StoreError:
-            with self._lock:
-                self._fallback.update(json.loads(json.dumps(records)))
-            return
-        if not written:
+        args: List[Any] = [len(held), int(self.leases.lease * 1000), *held.values()]
+        for record in records.values():
+            args += [compact_json(record), self._expiry(record)]
+        if not self.redis.run("put", lambda: self._guarded_write(keys=[*held, *map(self._key, records)], args=args)):
             raise LeaseLost(f"another replica took over {truncate(', '.join(records), 200)} (this one's lease "
-                            "ran out); nothing was written, and Alertmanager's retry carries on from its state")
-        for key, text in texts.items():
-            self.recent.remember(key, text)
+                            "ran out); nothing was written")
 
     @contextlib.contextmanager
     def locked(self, keys: Sequence[str]) -> Iterator[None]:
         with self._key_locks.hold(keys, self.lock_timeout), self.leases.hold(keys):
             yield
-
-    def renew(self) -> None:
-        self.leases.renew()
 
     def _scan(self) -> List[str]:
         return list(self.redis.client.scan_iter(match=self._key("*"), count=1000))
@@ -2327,33 +2670,165 @@ class RedisStore(ThreadStore):
                     if record is not None:
                         found[name[strip:]] = record
             return found
-        try:
-            return self.redis.run("scan", read)
-        except StoreError:
-            with self._lock:
-                return json.loads(json.dumps(self._fallback))
+        return self.redis.run("scan", read)
 
     def count(self) -> int:
-        try:
-            return self.redis.run("scan", lambda: len(self._scan()))
-        except StoreError:
-            with self._lock:
-                return len(self._fallback)
+        return self.redis.run("scan", lambda: len(self._scan()))
 
     def clear(self) -> int:
         def delete_all() -> int:
             names = self._scan()
             for part in chunks(names, 500):
                 self.redis.client.delete(*part)
+            self.redis.client.incr(f"{self.prefix}-generation")
             return len(names)
-        with self._lock:
-            dropped = len(self._fallback)
-            self._fallback.clear()
-        self.recent.clear()
+        return self.redis.run("clear", delete_all)
+
+    def generation(self) -> int:
+        return int(self.redis.run("get", lambda: self.redis.client.get(f"{self.prefix}-generation")) or 0)
+
+    # -- the outbox -------------------------------------------------------------
+
+    def enqueue(self, items: List[Item], limit: int) -> List[Tuple[str, bool]]:
+        if not items:
+            return []
+        channel = items[0].channel
+        assert all(item.channel == channel for item in items), "a webhook's alerts go to one channel"
+
+        def add() -> Any:
+            channels = set(self.redis.client.smembers(self._channels_key())) | {channel}
+            args: List[Any] = [channel, limit]
+            for item in items:
+                args += [item.identity, compact_json(item_document(item))]
+            return self._enqueue(keys=[self._outbox_key(channel), self._outbox_key(channel, "-ids"),
+                                       self._channels_key(), *map(self._outbox_key, sorted(channels))], args=args)
+        ids = self.redis.run("enqueue", add)
+        if ids == -1:
+            raise OutboxFull(f"OUTBOX_LIMIT ({limit:,}) alerts are waiting for Slack")
+        taken = [(i[1:], True) if i.startswith("=") else (i, False) for i in ids]
+        for item, (item_id, _) in zip(items, taken):
+            item.id = item_id
+        return taken
+
+    def _channels_key(self) -> str:
+        return f"{self.prefix}-outbox-channels"
+
+    def waiting(self, channel: str, after: Optional[str] = None) -> List[Item]:
+        key = self._outbox_key(channel)
+        entries = self.redis.run("outbox", lambda: self.redis.client.xrange(key, min=after or "-", max="+"))
+        items = []
+        for entry_id, fields in entries:
+            if entry_id == after:
+                continue
+            try:
+                item = item_from_document(json.loads(fields.get("item", "")), entry_id)
+                if item.channel != channel:
+                    raise ValueError(f"an item of channel {truncate(item.channel, 40)!r} in this one's outbox")
+            except (ValueError, RecursionError) as e:
+                self._set_aside(channel, entry_id, fields, str(e))
+                continue
+            items.append(item)
+        return items
+
+    def _set_aside(self, channel: str, entry_id: str, fields: Dict[str, str], reason: str) -> None:
+        self.damaged += 1
+        damaged = self._outbox_key(channel, "-damaged")
+        entry = compact_json({"at": iso_now(), "id": entry_id, "reason": reason, "entry": fields})
+        log_event(logging.ERROR, "outbox entry damaged; set aside, the rest is delivered", channel=channel,
+                  id=entry_id, reason=truncate(reason, 200), set_aside_in=damaged)
+        with contextlib.suppress(StoreError):
+            self.redis.run("outbox", lambda: self.redis.client.pipeline().lpush(damaged, entry)
+                           .xdel(self._outbox_key(channel), entry_id).execute())
+
+    def tail(self, channel: str) -> Optional[str]:
+        key = self._outbox_key(channel)
+        newest = self.redis.run("outbox", lambda: self.redis.client.xrevrange(key, max="+", min="-", count=1))
+        return newest[0][0] if newest else None
+
+    def complete(self, channel: str, records: Dict[str, Dict[str, Any]], done: Dict[str, Result]) -> None:
+        held = self.leases.held()
+        args: List[Any] = [self._token, int(self.sender_lease * 1000), len(held), int(self.leases.lease * 1000),
+                           len(records), int(RESULTS_KEPT), *held.values()]
+        for record in records.values():
+            args += [compact_json(record), self._expiry(record)]
+        for item_id, result in done.items():
+            args += [item_id, compact_json(result)]
+        keys = [self._sender_key(channel), self._outbox_key(channel), self._outbox_key(channel, "-ids"), *held,
+                *map(self._key, records), *(f"{self.prefix}-done:{item_id}" for item_id in done)]
+        if not self.redis.run("complete", lambda: self._complete(keys=keys, args=args)):
+            with self._lock:
+                self._sending.discard(channel)
+            raise LeaseLost(f"another replica sends for {channel} now (this one's lease ran out); it wrote nothing")
+        self._keep_results(done)
+
+    def outbox_summary(self) -> Dict[str, Tuple[int, Optional[float]]]:
+        def read() -> Dict[str, Tuple[int, Optional[float]]]:
+            channels = sorted(self.redis.client.smembers(self._channels_key()))
+            pipe = self.redis.client.pipeline(transaction=False)
+            for channel in channels:
+                pipe.xlen(self._outbox_key(channel))
+                pipe.xrange(self._outbox_key(channel), min="-", max="+", count=1)
+            answers = pipe.execute()
+            summary = {}
+            for channel, length, oldest in zip(channels, answers[::2], answers[1::2]):
+                if length:
+                    with contextlib.suppress(ValueError, TypeError, KeyError, IndexError):
+                        summary[channel] = (length, float(json.loads(oldest[0][1]["item"])["received"]))
+                    summary.setdefault(channel, (length, None))
+            return summary
+        return self.redis.run("outbox", read)
+
+    def results(self, ids: Sequence[str]) -> Dict[str, Result]:
+        found = super().results(ids)
+        missing = [i for i in ids if i not in found]
+        if missing:  # told by another replica
+            values = self.redis.run("results", lambda: self.redis.client.mget(
+                [f"{self.prefix}-done:{item_id}" for item_id in missing]))
+            for item_id, value in zip(missing, values):
+                if value:
+                    action, ts = json.loads(value)
+                    found[item_id] = (action, ts)
+        return found
+
+    def wait_told(self, timeout: float) -> None:
+        super().wait_told(min(timeout, 0.1))  # another replica's news comes only by asking Redis again
+
+    # -- senders ------------------------------------------------------------------
+
+    def _sender_key(self, channel: str) -> str:
+        return f"{self.prefix}-sender:{channel}"
+
+    def hold_sender(self, channel: str) -> bool:
         try:
-            return self.redis.run("clear", delete_all) + dropped
+            held = self.redis.run("sender", lambda: self._hold_sender(
+                keys=[self._sender_key(channel)], args=[self._token, int(self.sender_lease * 1000)]))
         except StoreError:
-            return dropped
+            held = 0
+        with self._lock:
+            if not held:
+                self._sending.discard(channel)
+                return False
+            self._sending.add(channel)
+            if self._keeper is None:
+                self._keeper = threading.Thread(target=self._keep_leases, daemon=True,
+                                                name="alert-threader-sender-leases")
+                self._keeper.start()
+        return True
+
+    def _keep_leases(self) -> None:
+        """Renew the leases of the channels this process sends for, every second, whatever the senders do."""
+        while not self._closed.wait(min(1.0, self.sender_lease / 3)):
+            with self._lock:
+                channels = list(self._sending)
+            for channel in channels:
+                if not self.hold_sender(channel) and not self._closed.is_set():
+                    log_event(logging.WARNING, "this replica lost its lease on the channel", channel=channel)
+
+    def release_sender(self, channel: str) -> None:
+        with self._lock:
+            self._sending.discard(channel)
+        with contextlib.suppress(StoreError):
+            self.redis.run("sender", lambda: self._release(keys=[self._sender_key(channel)], args=[self._token]))
 
     # -- what replicas share besides records --------------------------------------
 
@@ -2378,14 +2853,10 @@ class RedisStore(ThreadStore):
         except StoreError:
             return super().claim(name, seconds)
 
-    def count_recent(self, name: str, members: Sequence[str], window: float, cap: int) -> int:
-        try:
-            return self.redis.run("count", lambda: self._count_recent(keys=[f"{self.prefix}-count:{name}"],
-                                                                      args=[int(window * 1000), cap, *members]))
-        except StoreError:
-            return super().count_recent(name, members, window, cap)
-
     # -- health ---------------------------------------------------------------------
+
+    def ready(self) -> None:
+        self.redis.run("ping", self.redis.client.ping)
 
     def health(self) -> Dict[str, Any]:
         with contextlib.suppress(StoreError):
@@ -2394,6 +2865,8 @@ class RedisStore(ThreadStore):
         status: Dict[str, Any] = {"ok": connected, "redis_status": "connected" if connected else "disconnected"}
         if not connected:
             status["store_error"] = f"redis unreachable: {self.redis.last_error}"
+        if self.damaged:
+            status["damaged_entries"] = {"count": self.damaged, "set_aside_in": self._outbox_key("CHANNEL", "-damaged")}
         return status
 
     def stats(self) -> Dict[str, Any]:
@@ -2405,6 +2878,11 @@ class RedisStore(ThreadStore):
         return {"redis": {name: info.get(name) for name in fields}}
 
     def close(self) -> None:
+        self._closed.set()
+        if self._keeper is not None:
+            self._keeper.join(5)  # it uses the client: not while it is closed
+        for channel in list(self._sending):
+            self.release_sender(channel)
         self.redis.close()
 
 
@@ -3013,8 +3491,9 @@ def fallback_text(alert: Alert, ms: MessageSettings, kind: str, mention: str = "
 
 
 def render_alert(alert: Alert, channel: str, ms: MessageSettings, kind: str, thread_ts: Optional[str] = None,
-                 external_url: str = "", mention: str = "", broadcast: bool = False) -> Dict[str, Any]:
-    """A reply or standalone message for one alert; kind is firing, refire or resolved."""
+                 external_url: str = "", mention: str = "", broadcast: bool = False,
+                 notes: Sequence[str] = ()) -> Dict[str, Any]:
+    """A reply or standalone message for one alert; kind is firing, refire or resolved; notes go under its title."""
     summary = alert_title(alert, ms)
     if kind == "resolved":
         emoji, color = RESOLVED_STYLE
@@ -3025,7 +3504,8 @@ def render_alert(alert: Alert, channel: str, ms: MessageSettings, kind: str, thr
     interactive = ms.interactive and kind != "resolved"
     blocks = alert_blocks(alert, ms, title, external_url, resolved=kind == "resolved",
                           controls=[silence_menu(ms)] if interactive else None,
-                          block_id=f"alert:{alert.fingerprint}" if interactive and alert.fingerprint else "")
+                          block_id=f"alert:{alert.fingerprint}" if interactive and alert.fingerprint else "",
+                          notes=notes)
     payload = message(channel, fallback_text(alert, ms, kind, mention, summary), color, blocks, thread_ts)
     if broadcast and thread_ts:
         payload["reply_broadcast"] = True
@@ -3204,28 +3684,29 @@ def render_digest(storm: Dict[str, Any], channel: str, ms: MessageSettings, ment
     return payload
 
 
-def digest_line(alert: Alert, ms: MessageSettings, again: bool = False) -> str:
+def digest_line(alert: Alert, ms: MessageSettings, note: str = "") -> str:
+    """One alert on one line of a compact message; `note` (plain words) after it, like "firing again"."""
     emoji = RESOLVED_STYLE[0] if alert.status == "resolved" else severity_style(alert.severity)[0]
     parts = [f"*{mrkdwn(alert.alertname or '-', 60)}*"]
     for name in ("instance", "namespace", "pod"):
         if alert.labels.get(name):
             parts.append(mrkdwn(alert.labels[name], 50))
     parts.append(mrkdwn(alert_title(alert, ms), 80))
-    if again:
-        parts.append("firing again")
+    if note:
+        parts.append(note)
     return clip_escaped(f"{emoji} " + " · ".join(parts), 160)
 
 
 def render_batch(alerts: List[Alert], channel: str, ms: MessageSettings, thread_ts: Optional[str], resolved: bool,
-                 again: Sequence[bool] = (), note: str = "", broadcast: bool = False) -> Dict[str, Any]:
-    """A compact message listing up to twenty alerts, one line each: storm digests, busy threads, orphans."""
+                 notes: Sequence[str] = (), note: str = "", broadcast: bool = False) -> Dict[str, Any]:
+    """A compact message listing up to twenty alerts, one line each (`notes`: a word for each, or none)."""
     n = len(alerts)
     head = (f"*✅ {n} resolved*" if resolved else f"*🔥 {n} firing*") + note
     color = RESOLVED_STYLE[1] if resolved else severity_style(
         min((a.severity for a in alerts), key=lambda s: SEVERITY_RANK.get(s, 5), default=""))[1]
     names = ", ".join(sorted({mrkdwn(a.alertname or "-", 60) for a in alerts}))
     text = clip_escaped(f"{'✅' if resolved else '🔥'} {n} {'resolved' if resolved else 'firing'}: {names}", 500)
-    lines = [digest_line(a, ms, bool(again[i]) if i < len(again) else False) for i, a in enumerate(alerts)]
+    lines = [digest_line(a, ms, notes[i] if i < len(notes) else "") for i, a in enumerate(alerts)]
     payload = message(channel, text, color, pack_sections(head, lines), thread_ts)
     if broadcast and thread_ts:
         payload["reply_broadcast"] = True
@@ -3233,16 +3714,15 @@ def render_batch(alerts: List[Alert], channel: str, ms: MessageSettings, thread_
 
 
 # ---------------------------------------------------------------------------
-# Webhook handling: the thread lifecycle
+# The plan: what the waiting alerts do to their threads (pure functions)
 # ---------------------------------------------------------------------------
 #
-# A webhook's alerts become entries; each entry waits in a batch for its target
-# (its thread, the channel's storm digest, or the channel's orphan resolves).
-# The worker that flushes a target takes the entries of every webhook waiting
-# there at that moment, decides under the thread's lock what each alert does
-# (decide, a pure function), and tells it: one full message for a single
-# alert, one compact message for many. Posting is paced per channel, so
-# webhooks that arrive together end up sharing messages.
+# A channel's sender takes everything waiting in its outbox and plans from that
+# backlog, the stored records and the settings. decide() says what one alert
+# does to its thread, decide_lines() does it for the whole backlog in order,
+# storm_mode() says whether the channel is in a storm, and plan_turn() makes
+# messages of it all, each carrying the records as they will be once Slack has
+# taken it. Nothing here calls Slack, writes a record or reads a clock.
 
 # What one alert does to its thread.
 POST, REPLY, REFIRE, REOPEN, RESOLVE, ORPHAN, UNCHANGED = (
@@ -3253,6 +3733,7 @@ ACTIONS = {POST: "posted", REPLY: "replied", REFIRE: "replied", REOPEN: "reopene
 # How a single alert's reply is drawn, by step, and which BROADCAST transition it is.
 REPLY_KINDS = {REPLY: "firing", REFIRE: "refire", REOPEN: "refire", RESOLVE: "resolved"}
 TRANSITIONS = {REPLY: "new", REFIRE: "refire", REOPEN: "reopen", RESOLVE: "resolve"}
+FIRED_AND_RESOLVED = "fired and resolved before it could be posted"
 
 
 def closes(record: Dict[str, Any], alert: Alert) -> bool:
@@ -3261,46 +3742,11 @@ def closes(record: Dict[str, Any], alert: Alert) -> bool:
         entry[0] == RESOLVED for fingerprint, entry in record["alerts"].items() if fingerprint != alert.fingerprint)
 
 
-class SlackUnavailable(ThreaderError):
-    """Slack did not take a message within the webhook's budget: Alertmanager must retry."""
-
-    def __init__(self, cause: SlackError, message: Optional[str] = None) -> None:
-        super().__init__(message or str(cause))
-        self.cause = cause
-
-
 def alert_entry(alert: Alert, state: str) -> List[Any]:
     """An alert as its thread keeps it: [state, startsAt, endsAt, its labels (None if too long to keep whole)]."""
     labels, whole = clip_for_record(alert.labels, ())
+    whole = whole and alert.labels_whole
     return [state, alert.starts_at, alert.ends_at if state == RESOLVED else None, labels if whole else None]
-
-
-# A stored record keeps only what its messages can show, so that hostile megabyte values cost kilobytes.
-# A value longer than any link may be (URL_MAX) is clipped to one character past it: still shown as far as
-# a field shows, never usable as a link or a silence matcher.
-RECORD_VALUE_MAX = URL_MAX + 1
-RECORD_NAME_MAX = 200
-RECORD_TEXT_BUDGET = 16384  # characters of label (or annotation) names and values kept per record
-
-
-def clip_for_record(values: Dict[str, str], first: Sequence[str]) -> Tuple[Dict[str, str], bool]:
-    """The values a record keeps, the names in `first` before the rest; and whether all were kept whole."""
-    names, texts = [len(n) for n in values], [len(v) for v in values.values()]
-    if (sum(names) + sum(texts) <= RECORD_TEXT_BUDGET and max(names, default=0) <= RECORD_NAME_MAX
-            and max(texts, default=0) <= RECORD_VALUE_MAX):
-        return dict(values), True  # the usual alert: it all fits
-    kept: Dict[str, str] = {}
-    whole, budget = True, RECORD_TEXT_BUDGET
-    for name in [n for n in first if n in values] + sorted(n for n in values if n not in first):
-        value = values[name]
-        if len(value) > RECORD_VALUE_MAX:
-            value, whole = value[:RECORD_VALUE_MAX - 1] + ELLIPSIS, False
-        if len(name) > RECORD_NAME_MAX or len(name) + len(value) > budget:
-            whole = False
-            continue
-        kept[name] = value
-        budget -= len(name) + len(value)
-    return kept, whole
 
 
 def first_alert(alert: Alert, external_url: str) -> Dict[str, Any]:
@@ -3418,290 +3864,555 @@ def usable(record: Optional[Dict[str, Any]], channel: str) -> Optional[Dict[str,
     return record
 
 
-@dataclasses.dataclass(eq=False)
-class Entry:
-    """One alert on its way to Slack, and what became of it (shared by webhooks that carry the same alert)."""
+def copied(record: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """A record to change without changing the one it was made from."""
+    return json.loads(STORED_JSON.encode(record)) if record is not None else None
 
-    key: str  # the store key of its thread
-    thread_key: str  # the thread key, as answers show it
-    alert: Alert
-    channel: str
-    external_url: str
-    target: str  # the batch it waits in: its thread's key, storm|CHANNEL, or orphans|CHANNEL
-    group_labels: Dict[str, str] = dataclasses.field(default_factory=dict)  # THREAD_BY=group: the group's
-    result: Optional[Tuple[str, Optional[str]]] = None  # (action, ts) once told
-    taken: bool = False
-    waiters: int = 1
+
+FULL_REPLIES = 3  # up to this many alerts of a quiet thread are replies of their own; more share compact ones
+# A target (a thread, the digest, the channel's standalone resolves) that took BUSY_MESSAGES messages, or a
+# compact one, within BUSY_WINDOW is busy: its next alerts wait up to HOLD to share a compact message, until
+# it has been quiet for BUSY_WINDOW. A card is edited at most every CARD_EVERY. All in SLACK_PACEs: with
+# pacing off, nothing waits.
+BUSY_MESSAGES, BUSY_WINDOW, HOLD, CARD_EVERY = 3, 10, 5, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+    """The settings a plan follows, SLACK_PACE's rhythms in seconds."""
+
+    messages: MessageSettings = dataclasses.field(default_factory=MessageSettings)
+    reopen_window: float = 1800.0
+    storm_threshold: int = 10
+    storm_window: float = 60.0
+    pace: float = 1.0
+
+    @classmethod
+    def of(cls, config: Config) -> "Rules":
+        return cls(config.messages, config.reopen_window, config.storm_threshold, config.storm_window,
+                   config.slack_pace)
 
     @property
-    def identity(self) -> Tuple[str, str, str, Optional[float]]:
-        return self.key, self.alert.fingerprint, self.alert.status, self.alert.starts_at
+    def hold(self) -> float:
+        return HOLD * self.pace
 
-    def told(self, step: str, ts: Optional[str], action: Optional[str] = None) -> None:
-        self.result = (action or ACTIONS[step], ts)
+    @property
+    def busy_window(self) -> float:
+        return BUSY_WINDOW * self.pace
+
+    @property
+    def card_every(self) -> float:
+        return CARD_EVERY * self.pace
 
 
-class Batches:
-    """Entries wait here by target, and the worker that flushes a target takes up to 20 of them at once.
+@dataclasses.dataclass
+class ChannelState:
+    """What a channel's sender remembers between turns (in memory: a restart or a takeover starts afresh)."""
 
-    A worker only flushes targets its own entries wait in, so its deadline
-    bounds its work; while it waits for its turn at Slack, other webhooks'
-    entries gather behind it and go out together in the next flush. Entries
-    for the same alert from several webhooks at once are one entry.
-    """
+    storm: bool = False
+    arrivals: Dict[str, float] = dataclasses.field(default_factory=dict)  # new threads' keys -> when they came
+    # target -> its recent messages: (when, whether it was compact)
+    sent: Dict[str, List[Tuple[float, bool]]] = dataclasses.field(default_factory=dict)
 
-    SIZE = LINES_PER_DIGEST_MESSAGE
 
-    def __init__(self, flush: Callable[[float, str, List[Entry], List[Entry]], None]) -> None:
-        self._flush = flush
+@dataclasses.dataclass
+class Line:
+    """An alert to tell, what it does to its thread, and where it is told."""
+
+    item: Item  # the alert told: when it fired and resolved while waiting, its resolve
+    step: str
+    target: str  # its thread's store key, the channel's digest (storm|C) or its standalone resolves (orphans|C)
+    fired: Optional[Item] = None  # its firing, waiting before its resolve: both are told as one
+
+    @property
+    def items(self) -> List[Item]:
+        return [self.fired, self.item] if self.fired else [self.item]
+
+    @property
+    def note(self) -> str:
+        if self.fired:
+            return FIRED_AND_RESOLVED
+        return "firing again" if self.step in (REFIRE, REOPEN) else ""
+
+
+@dataclasses.dataclass
+class Message:
+    """One chat.postMessage of a plan, and all that follows once Slack has taken it."""
+
+    kind: str  # open, reply, compact, digest (the storm digest's parent), lines (in a digest), standalone
+    target: str
+    payload: Dict[str, Any]  # thread_ts set for a reply
+    plain: Optional[Dict[str, Any]]  # what to send instead if Slack refuses the layout (None: plain_version)
+    records: Dict[str, Dict[str, Any]]  # as they are once it is posted; a "ts" of "" takes the post's own
+    done: List[Tuple[Item, str]] = dataclasses.field(default_factory=list)  # the items it tells, their action
+    before: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)  # a reply's thread before it
+    parent: Optional[Dict[str, Any]] = None  # a reply's parent, posted again if Slack says the thread is gone
+    cards: Dict[str, Tuple[bool, bool]] = dataclasses.field(default_factory=dict)  # key -> (edit, ✅ due)
+
+
+@dataclasses.dataclass
+class Plan:
+    """What one turn does: alerts told already, the messages to post in order, the channel's storm state."""
+
+    unchanged: List[Tuple[Item, Optional[str]]]  # told already (a repeat): the item, its thread's ts
+    messages: List[Message]
+    storm: bool
+    arrivals: Dict[str, float]
+    wake_at: Optional[float] = None  # when alerts held back to share a message are due (None: none are)
+
+
+def storm_mode(was_storm: bool, waiting: int, arrived: int, threshold: int) -> bool:
+    """Is the channel in a storm? It starts when more new threads than the threshold wait to be opened, or
+    arrived within STORM_WINDOW; it ends only when both have fallen to half of it, so that it cannot flicker."""
+    return max(waiting, arrived) > (threshold // 2 if was_storm else threshold)
+
+
+def fired_before(items: List[Item]) -> Dict[str, Item]:
+    """For each waiting resolve, the firing of the same episode waiting before it: told together, as one."""
+    firing: Dict[str, Item] = {}
+    pairs: Dict[str, Item] = {}
+    for item in items:
+        alert = item.alert
+        if alert.status == "firing":
+            firing[alert.fingerprint] = item
+            continue
+        fired = firing.pop(alert.fingerprint, None)
+        if fired and not later(alert.starts_at, fired.alert.starts_at) and not later(fired.alert.starts_at,
+                                                                                     alert.starts_at):
+            pairs[item.id] = fired
+    return pairs
+
+
+def decide_lines(backlog: List[Item], records: Dict[str, Dict[str, Any]], channel: str, window: float,
+                 now: float) -> Tuple[List[Line], List[Tuple[Item, Optional[str]]]]:
+    """What each waiting alert does, in order, deciding on a copy of its thread's record as the steps change it.
+
+    A new thread's lines are told in it (or, in a storm, in the digest: plan_turn's choice); a digest member's,
+    in the digest; a resolve with no thread, standalone."""
+    by_key: Dict[str, List[Item]] = {}
+    for item in backlog:
+        by_key.setdefault(item.key, []).append(item)
+    lines: List[Line] = []
+    unchanged: List[Tuple[Item, Optional[str]]] = []
+    for key, items in by_key.items():
+        stored = usable(records.get(key), channel)
+        scratch = copied(stored)
+        pairs = fired_before(items)
+        paired = {fired.id for fired in pairs.values()}
+        orphaned = False
+        for item in items:
+            if item.id in paired:
+                continue
+            fired = pairs.get(item.id)
+            if fired is not None and decide(scratch, fired.alert, window) == UNCHANGED:
+                unchanged.append((fired, scratch["ts"] if scratch else None))  # its firing was told already
+                fired = None
+            step = decide(scratch, (fired or item).alert, window)
+            if step == UNCHANGED:
+                unchanged.append((item, scratch["ts"] if scratch else None))
+                continue
+            if step == POST:
+                if orphaned:
+                    break  # after a standalone resolve of this key: its new thread waits for the next turn
+                scratch = {"status": "open", "alerts": {}}  # what decide reads of the thread it opens
+            elif scratch is None:
+                lines.append(Line(item, step, f"orphans|{channel}"))
+                orphaned = True
+                continue
+            for told, its_step in ([(fired, step), (item, RESOLVE)] if fired else [(item, step)]):
+                apply_step(scratch, told.alert, its_step, now)
+            member = step != POST and stored is not None and stored.get("digest")
+            if member and member not in records:
+                member = f"storm|{channel}"  # its digest is gone: the channel's takes its news
+            lines.append(Line(item, step, member or key, fired))
+    return lines, unchanged
+
+
+def recent_arrivals(known: Dict[str, float], new: Dict[str, float], now: float, window: float,
+                    cap: int) -> Dict[str, float]:
+    """The keys of new threads that arrived within the window (at most cap of them: the newest)."""
+    arrivals = {key: at for key, at in known.items() if at > now - window}
+    for key, at in new.items():
+        if key not in arrivals and at > now - window:
+            arrivals[key] = at
+    if len(arrivals) > cap:
+        arrivals = dict(sorted(arrivals.items(), key=lambda kv: kv[1])[-cap:])
+    return arrivals
+
+
+def plan_turn(backlog: List[Item], records: Dict[str, Dict[str, Any]], channel: str, state: ChannelState,
+              rules: Rules, now: float) -> Plan:
+    """The messages a turn posts, in order: new threads first, then every target whose alerts are due.
+
+    A target that opens this turn (a thread, the digest) gets only its parent: its other alerts go in the
+    next turn's plan, in the thread the parent started."""
+    lines, unchanged = decide_lines(backlog, records, channel, rules.reopen_window, now)
+    new = {}
+    for line in lines:
+        if line.step == POST:
+            new.setdefault(line.item.key, line.item.received)
+    arrivals = recent_arrivals(state.arrivals, new, now, rules.storm_window, rules.storm_threshold + 1)
+    storm = storm_mode(state.storm, len(new), len(arrivals), rules.storm_threshold)
+    digest_key = f"storm|{channel}"
+    joining = {line.item.key for line in lines if storm and line.step == POST}
+    targets: Dict[str, List[Line]] = {}
+    for line in lines:
+        if line.item.key in joining and line.target == line.item.key:
+            line.target = digest_key  # a new thread in a storm joins the digest, and so do its other alerts
+        targets.setdefault(line.target, []).append(line)
+    opening, rest, wake_at = [], [], None
+    for target, its_lines in targets.items():
+        if target == digest_key:
+            digest = usable(records.get(digest_key), channel)
+            if digest is None or (digest["status"] == "closed" and any(ln.step == POST for ln in its_lines)):
+                opening.append(digest_parent(digest_key, channel, its_lines, rules.messages, now))
+                continue
+        elif its_lines[0].step == POST:
+            opening.append(open_thread(its_lines[0], channel, rules.messages, now))
+            continue
+        recent = [compact for at, compact in state.sent.get(target, ()) if at > now - rules.busy_window]
+        busy = len(recent) >= BUSY_MESSAGES or any(recent)
+        due = min(ln.item.received for ln in its_lines) + rules.hold
+        if busy and due > now and len(its_lines) < LINES_PER_DIGEST_MESSAGE:
+            wake_at = due if wake_at is None else min(wake_at, due)  # held back, to share one message later
+            continue
+        rest.append((due, target, its_lines, busy))
+    messages = opening
+    for _, target, its_lines, busy in sorted(rest, key=lambda entry: entry[0]):
+        if target.startswith("storm|"):  # the channel's digest (or, from before 1.1, one of a group)
+            messages += digest_messages(records[target], records, its_lines, channel, rules.messages, now)
+        elif target.startswith("orphans|"):
+            messages += standalone_messages(its_lines, channel, rules.messages, busy, now)
+        else:
+            messages += thread_messages(records[target], target, its_lines, channel, rules.messages, busy, now)
+    return Plan(unchanged, messages, storm, arrivals, wake_at)
+
+
+def open_thread(line: Line, channel: str, ms: MessageSettings, now: float) -> Message:
+    """A new thread's parent: the status card, drawn for its first alert (closed, when it resolved already)."""
+    item, first = line.item, line.fired or line.item
+    record = new_record(first.alert, item.thread_key, channel, item.external_url, now)
+    if item.group_labels:  # what a silence of the whole thread matches
+        record["first"]["group_labels"] = item.group_labels
+    for told, step in ([(line.fired, POST), (item, RESOLVE)] if line.fired else [(item, POST)]):
+        apply_step(record, told.alert, step, now)
+    closed = record["status"] == "closed"
+    card = render_card(record, channel, ms, mention="" if closed else ms.mentions_for([item.alert]))
+    plain = render_plain(item.alert, channel, ms, "resolved" if closed else "firing")
+    return Message("open", item.key, card, plain, {item.key: record}, [(i, "posted") for i in line.items],
+                   cards={item.key: (False, True)} if closed else {})
+
+
+def thread_messages(record: Dict[str, Any], key: str, lines: List[Line], channel: str, ms: MessageSettings,
+                    busy: bool, now: float) -> List[Message]:
+    """A thread's news: a reply each for a few alerts of a quiet thread, else compact replies of twenty."""
+    full = len(lines) <= FULL_REPLIES and not busy
+    if full:
+        groups = [[line] for line in lines]
+    else:
+        groups = [part for resolved in (False, True)
+                  for part in chunks([ln for ln in lines if (ln.item.alert.status == "resolved") == resolved],
+                                     LINES_PER_DIGEST_MESSAGE)]
+    messages = []
+    for group in groups:
+        message = (reply_message if full else compact_reply)(record, key, group, channel, ms, now)
+        messages.append(message)
+        record = message.records[key]
+    return messages
+
+
+def told_in(record: Dict[str, Any], lines: List[Line], now: float) -> Tuple[Dict[str, Any], bool]:
+    """The record once these lines are told in it, and whether that closed it."""
+    after = copied(record)
+    assert after is not None
+    was_open = after["status"] == "open"
+    for line in lines:
+        for told, step in ([(line.fired, line.step), (line.item, RESOLVE)] if line.fired else
+                           [(line.item, line.step)]):
+            apply_step(after, told.alert, step, now)
+    return after, was_open and after["status"] == "closed"
+
+
+def new_parent(record: Dict[str, Any], item: Item, ms: MessageSettings) -> Dict[str, Any]:
+    """A thread's parent, drawn again for a thread whose first one is gone."""
+    if record.get("first"):
+        return render_card(record, item.channel, ms)
+    return render_alert(item.alert, item.channel, ms, "firing", external_url=item.external_url)
+
+
+def reply_message(record: Dict[str, Any], key: str, lines: List[Line], channel: str, ms: MessageSettings,
+                  now: float) -> Message:
+    """One alert's reply of its own in its thread."""
+    line = lines[0]
+    item, alert, step = line.item, line.item.alert, line.step
+    after, closing = told_in(record, lines, now)
+    transition = "resolve" if line.fired else TRANSITIONS[step]
+    broadcast = transition in ms.broadcast or ("close" in ms.broadcast and closes(record, alert))
+    kind = "resolved" if line.fired else REPLY_KINDS[step]
+    mention = ms.mentions_for([alert]) if step == REOPEN and not line.fired else ""
+    payload = render_alert(alert, channel, ms, kind, record["ts"], item.external_url, mention=mention,
+                           broadcast=broadcast, notes=[line.note.capitalize()] if line.fired else ())
+    plain_kind = "resolved" if alert.status == "resolved" else "firing"
+    return Message("reply", key, payload, render_plain(alert, channel, ms, plain_kind, record["ts"]), {key: after},
+                   [(i, ACTIONS[step]) for i in line.items], {key: record}, new_parent(record, item, ms),
+                   {key: (True, closing)})
+
+
+def compact_reply(record: Dict[str, Any], key: str, lines: List[Line], channel: str, ms: MessageSettings,
+                  now: float) -> Message:
+    """Up to twenty alerts of one thread in one reply, a line each."""
+    resolved = lines[0].item.alert.status == "resolved"
+    after, closing = told_in(record, lines, now)
+    transitions = {"resolve" if ln.fired else TRANSITIONS[ln.step] for ln in lines} | ({"close"} if closing else set())
+    payload = render_batch([ln.item.alert for ln in lines], channel, ms, record["ts"], resolved,
+                           notes=[ln.note for ln in lines], broadcast=bool(transitions & set(ms.broadcast)))
+    reopened = ms.mentions_for([ln.item.alert for ln in lines if ln.step == REOPEN and not ln.fired])
+    if reopened:
+        payload["text"] = f"{reopened} {payload['text']}"
+    return Message("compact", key, payload, None, {key: after},
+                   [(i, ACTIONS[ln.step]) for ln in lines for i in ln.items], {key: record},
+                   new_parent(record, lines[0].item, ms), {key: (True, closing)})
+
+
+def member_entry(alert: Alert) -> List[str]:
+    """A digest's note of one of its alerts: [state, alertname, severity]."""
+    state = RESOLVED if alert.status == "resolved" else FIRING
+    return [state, truncate(alert.alertname, 120), truncate(alert.severity.lower(), 40)]
+
+
+def digest_parent(digest_key: str, channel: str, lines: List[Line], ms: MessageSettings, now: float) -> Message:
+    """The storm digest's parent, drawn counting every alert on its way into it."""
+    starts = [ln.item.alert.starts_at for ln in lines if ln.item.alert.starts_at is not None]
+    storm = {"ts": "", "channel": channel, "key": digest_key, "storm": True, "status": "open", "created": now,
+             "updated": now, "closed": None, "ended": None, "reopened": 0, "started": min(starts, default=now),
+             "members": {}}
+    drawn = dict(storm, members={ln.item.alert.fingerprint: member_entry(ln.item.alert) for ln in lines})
+    card = render_digest(drawn, channel, ms, mention=ms.mentions_for(ln.item.alert for ln in lines))
+    return Message("digest", digest_key, card, None, {digest_key: storm})
+
+
+def digest_messages(storm: Dict[str, Any], records: Dict[str, Dict[str, Any]], lines: List[Line], channel: str,
+                    ms: MessageSettings, now: float) -> List[Message]:
+    """A digest's news, twenty alerts to a compact reply: members joining, firing again, resolving."""
+    messages = []
+    for resolved in (False, True):
+        group = [ln for ln in lines if (ln.item.alert.status == "resolved") == resolved]
+        for part in chunks(group, LINES_PER_DIGEST_MESSAGE):
+            message = digest_lines(storm, records, part, channel, ms, now)
+            messages.append(message)
+            storm = message.records[storm["key"]]
+            records = {**records, **message.records}
+    return messages
+
+
+def digest_lines(storm: Dict[str, Any], records: Dict[str, Dict[str, Any]], lines: List[Line], channel: str,
+                 ms: MessageSettings, now: float) -> Message:
+    """One compact reply in the digest; its members and the digest as they are once it is posted."""
+    digest_key = storm["key"]
+    storm = copied(storm)  # type: ignore[assignment]
+    if storm["status"] == "closed":  # members firing again: the storm is back
+        storm["status"], storm["closed"] = "open", None
+        storm["reopened"] = storm.get("reopened", 0) + 1
+    changed: Dict[str, Dict[str, Any]] = {}
+    for line in lines:
+        key, alert = line.item.key, line.item.alert
+        member = changed.get(key) or (copied(records.get(key)) if line.step != POST else None)
+        if member is None or not member.get("digest"):
+            member = {"ts": storm["ts"], "channel": channel, "key": line.item.thread_key, "status": "open",
+                      "digest": digest_key, "created": now, "updated": now, "closed": None, "ended": None,
+                      "alerts": {}}
+        for told, step in ([(line.fired, line.step), (line.item, RESOLVE)] if line.fired else
+                           [(line.item, line.step)]):
+            apply_step(member, told.alert, step, now)
+        member["ts"] = storm["ts"]
+        changed[key] = member
+        known = storm.setdefault("members", {})
+        if alert.status == "resolved" and "firing" in storm and alert.fingerprint not in known:
+            storm["resolved"] = storm.get("resolved", 0) + 1  # a digest of before 1.1 counts its own
+        else:
+            known[alert.fingerprint] = member_entry(alert)
+        if alert.status == "resolved" and alert.ends_at is not None:
+            storm["ended"] = max(storm.get("ended") or 0, alert.ends_at)
+    total, told_resolved, _, _ = digest_counts(storm)
+    closing = storm["status"] == "open" and told_resolved >= total
+    if closing:
+        storm["status"], storm["closed"] = "closed", now
+        storm["ended"] = storm.get("ended") or now
+    storm["updated"] = now
+    resolved = lines[0].item.alert.status == "resolved"
+    payload = render_batch([ln.item.alert for ln in lines], channel, ms, storm["ts"], resolved,
+                           notes=[ln.note for ln in lines])
+    done = [(i, "digest" if ln.step in (POST, REPLY, REFIRE) else ACTIONS[ln.step]) for ln in lines for i in ln.items]
+    return Message("lines", digest_key, payload, None, {**changed, digest_key: storm}, done,
+                   {digest_key: records[digest_key]}, render_digest(storm, channel, ms),
+                   {digest_key: (True, closing)})
+
+
+def standalone_messages(lines: List[Line], channel: str, ms: MessageSettings, busy: bool,
+                        now: float) -> List[Message]:
+    """Resolves with no known thread: one of its own for a single one, else twenty to a message."""
+    messages = []
+    for part in chunks(lines, LINES_PER_DIGEST_MESSAGE):
+        if len(lines) == 1 and not busy:
+            alert = part[0].item.alert
+            payload = render_alert(alert, channel, ms, "resolved", None, part[0].item.external_url)
+            plain: Optional[Dict[str, Any]] = render_plain(alert, channel, ms, "resolved")
+        else:
+            payload = render_batch([ln.item.alert for ln in part], channel, ms, None, True,
+                                   note=" · no thread was known for these")
+            plain = None
+        records: Dict[str, Dict[str, Any]] = {}
+        for line in part:
+            item = line.item
+            record = records.get(item.key)
+            if record is None:
+                record = records[item.key] = new_record(item.alert, item.thread_key, channel, item.external_url, now)
+                if len(lines) > 1:
+                    del record["first"]  # a list of many: never to be redrawn as one alert's card
+            apply_step(record, item.alert, ORPHAN, now)
+        messages.append(Message("standalone", f"orphans|{channel}", payload, plain, records,
+                                [(ln.item, "standalone") for ln in part]))
+    return messages
+
+
+# ---------------------------------------------------------------------------
+# The executor: the only code that calls Slack and writes records
+# ---------------------------------------------------------------------------
+
+class Stopping(ThreaderError):
+    """The service is stopping: the sender leaves what it was waiting to send in the outbox."""
+
+
+class LogLimiter:
+    """At most one log line a second per reason; the lines held back are counted on the next one."""
+
+    def __init__(self, every: float = 1.0) -> None:
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-        self._waiting: Dict[str, List[Entry]] = {}  # target -> entries not taken, oldest first
-        self._busy: set = set()  # targets being flushed
-        self._entries: Dict[Tuple[str, str, str, Optional[float]], Entry] = {}
+        self._every = every
+        self._last: Dict[str, Tuple[float, int]] = {}  # reason -> (when last written, held back since)
 
-    def enqueue(self, entries: List[Entry]) -> List[Tuple[Entry, bool]]:
-        """Queue the entries: (the entry waited on, whether another webhook's entry for the same alert)."""
+    def log(self, level: int, reason: str, message: str, **fields: Any) -> None:
+        now = time.monotonic()
         with self._lock:
-            return [self._join(entry) for entry in entries]
-
-    def wait(self, mine: List[Tuple[Entry, bool]], deadline: float) -> None:
-        """Flush the targets these entries wait in until each is told; SlackUnavailable past the deadline."""
-        entries = [entry for entry, _ in mine]
-        try:
-            while True:
-                with self._lock:
-                    target = self._next_target(entries)
-                    if target is None:
-                        if all(entry.result for entry in entries):
-                            return
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            raise SlackUnavailable(SlackError("chat.postMessage", "ratelimited", RATE_LIMITED),
-                                                   "waited SLACK_RETRY_BUDGET for the channel's turn at Slack")
-                        self._changed.wait(min(remaining, 1.0))
-                        continue
-                    queue = self._waiting[target]
-                    batch, self._waiting[target] = queue[:self.SIZE], queue[self.SIZE:]
-                    behind = list(self._waiting[target])
-                    self._busy.add(target)
-                    for entry in batch:
-                        entry.taken = True
-                try:
-                    self._flush(deadline, target, batch, behind)
-                finally:
-                    self._return(target, batch)
-        finally:
-            self._withdraw(entries)
-
-    def _join(self, entry: Entry) -> Tuple[Entry, bool]:
-        existing = self._entries.get(entry.identity)
-        if existing is not None and existing.result is None:
-            existing.waiters += 1
-            return existing, True
-        self._entries[entry.identity] = entry
-        self._waiting.setdefault(entry.target, []).append(entry)
-        return entry, False
-
-    def _next_target(self, entries: List[Entry]) -> Optional[str]:
-        for entry in entries:
-            if entry.result is None and not entry.taken and entry.target not in self._busy:
-                return entry.target
-        return None
-
-    def _return(self, target: str, batch: List[Entry]) -> None:
-        """After a flush: what it did not tell waits again (first in line), maybe in another target."""
-        with self._lock:
-            self._busy.discard(target)
-            for entry in reversed(batch):
-                entry.taken = False
-                if entry.result is None and entry.waiters > 0:
-                    self._waiting.setdefault(entry.target, []).insert(0, entry)
-                elif entry.result is None and self._entries.get(entry.identity) is entry:
-                    del self._entries[entry.identity]  # every webhook that carried it has given up
-            self._prune()
-            self._changed.notify_all()
-
-    def _withdraw(self, entries: List[Entry]) -> None:
-        """A webhook gives up (or is done): its untold entries leave unless another webhook waits for them."""
-        with self._lock:
-            for entry in entries:
-                entry.waiters -= 1
-                if entry.waiters == 0 and entry.result is None and not entry.taken:
-                    queue = self._waiting.get(entry.target, [])
-                    if entry in queue:
-                        queue.remove(entry)
-                    if self._entries.get(entry.identity) is entry:
-                        del self._entries[entry.identity]
-            self._prune()
-
-    def _prune(self) -> None:
-        for target in [t for t, queue in self._waiting.items() if not queue]:
-            del self._waiting[target]
-        for identity in [i for i, e in self._entries.items() if e.result is not None and e.waiters <= 0]:
-            del self._entries[identity]
+            last, held = self._last.get(reason, (-math.inf, 0))
+            if now - last < self._every:
+                self._last[reason] = (last, held + 1)
+                return
+            self._last[reason] = (now, 0)
+            while len(self._last) > 1000:  # reasons carry what an outside party said: keep them bounded
+                del self._last[next(iter(self._last))]
+        log_event(level, message, **fields, **({"repeated": held} if held else {}))
 
 
 class Poster:
-    """Every Slack call of the lifecycle, and what it learns of Slack.
+    """Slack's Web API for the lifecycle: each call in its turn, and what Slack says of it remembered.
 
     Turns are shared by every worker (and every replica on Redis): about one
     chat.postMessage a second per channel with a short burst, and a budget of
     their own for chat.update and reactions.add (Tier 3, about 50 a minute).
-    A 429's Retry-After holds the turn back for everyone. Waiting counts
-    against the webhook's deadline; past it, SlackUnavailable (a 503).
-    Refused layouts are sent again as plain text once; a reply whose parent
-    is gone starts the thread again.
+    A 429's Retry-After holds the turn back for everyone. A call is made once:
+    what a failure means is the caller's business.
     """
 
     POST_EVERY, POST_BURST = 1.0, 3
     EDIT_EVERY, EDIT_BURST = 60 / 50, 5
-    EDIT_WAIT = 2.0  # a card edit waits this long at most for its turn; otherwise the card is refreshed later
+    LONGEST_TURN = 3600.0
 
-    def __init__(self, slack: SlackAPI, store: ThreadStore, metrics: Metrics, pace: float = 1.0) -> None:
+    def __init__(self, slack: SlackAPI, store: ThreadStore, metrics: Metrics, pace: float,
+                 stopping: threading.Event) -> None:
         self.slack = slack
         self.store = store
         self.metrics = metrics
+        self.stopping = stopping
         self.post_every, self.edit_every = pace * self.POST_EVERY, pace * self.EDIT_EVERY
         self._lock = threading.Lock()
         self.last_error: Optional[Dict[str, Any]] = None
-        # False while Slack refuses our configuration (token, scope, channel): /health turns 503.
+        # False while Slack refuses our configuration (token, scope, channel): /health says so, with the fix.
         self.delivering = True
+        self.failing_since: Optional[float] = None  # when posts began to fail (monotonic), None while they go
         # An edit Slack can never take (channel_not_found, not_in_channel, is_archived), with its fix.
         self.edit_problem: Optional[Dict[str, Any]] = None
         self._warned_reactions = False
+        self._log = LogLimiter()
 
-    # -- messages -------------------------------------------------------------
+    def _bucket(self, method: str, payload: Dict[str, Any]) -> Tuple[str, float, int]:
+        if method in ("chat.postMessage", "chat.postEphemeral"):
+            return f"post:{payload.get('channel', '')}", self.post_every, self.POST_BURST
+        return f"edit:{method}", self.edit_every, self.EDIT_BURST
 
-    def post(self, deadline: float, payload: Dict[str, Any],
-             plain: Optional[Callable[[], Dict[str, Any]]] = None) -> Dict[str, Any]:
-        """chat.postMessage within the deadline; once as plain text if Slack refuses the layout."""
+    def call(self, method: str, payload: Dict[str, Any], wait: bool = True) -> Optional[Dict[str, Any]]:
+        """One call in its turn; with wait False only if a turn is free now (None if not). SlackError if it fails."""
+        bucket, every, burst = self._bucket(method, payload)
+        turn = self.store.reserve(bucket, every, burst, self.LONGEST_TURN if wait else 0.0)
+        if turn is None:
+            return None
+        if turn > 0:
+            self.metrics.inc("alert_threader_slack_wait_seconds_total", turn, bucket=bucket)
+            if self.stopping.wait(turn):
+                raise Stopping("stopping")
         try:
-            return self._send(deadline, "chat.postMessage", payload)
+            response = self.slack.call(method, payload)
+        except SlackError as e:
+            if e.kind == RATE_LIMITED:
+                self.metrics.inc("alert_threader_slack_refused_total", method=method)
+                self.metrics.inc("alert_threader_slack_rate_limit_wait_seconds_total", e.retry_after)
+                self.store.hold_off(bucket, e.retry_after, every, burst)  # for every worker, not only this one
+            if method == "chat.postMessage":
+                self.note_error(e)
+            raise
+        if method == "chat.postMessage":
+            with self._lock:
+                self.delivering, self.failing_since = True, None
+        return response
+
+    def post(self, payload: Dict[str, Any], plain: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """chat.postMessage; once more as plain text if Slack refuses the layout."""
+        try:
+            return self.call("chat.postMessage", payload)  # type: ignore[return-value]
         except SlackError as e:
             if e.kind != LAYOUT:
                 raise
             self.metrics.inc("alert_threader_slack_fallbacks_total")
             log_event(logging.WARNING, "Slack rejected the message layout; sending plain text", error=e.error)
-        try:
-            return self._send(deadline, "chat.postMessage", plain() if plain else plain_version(payload))
-        except SlackError as e:
-            raise SlackUnavailable(e) from None  # even plain text refused: nothing simpler to try
+        return self.call("chat.postMessage", plain or plain_version(payload))  # type: ignore[return-value]
 
-    def reply(self, deadline: float, record: Dict[str, Any], payload: Dict[str, Any],
-              new_parent: Callable[[], Dict[str, Any]], moved: Callable[[], None],
-              plain: Optional[Callable[[], Dict[str, Any]]] = None) -> Dict[str, Any]:
-        """A reply in the record's thread; if its parent is gone, a new parent first, and the record moves there."""
-        payload["thread_ts"] = record["ts"]
-        try:
-            return self.post(deadline, payload, plain)
-        except SlackError as e:
-            if e.kind != THREAD_GONE:
-                raise
-        log_event(logging.WARNING, "thread parent is gone; starting the thread again", key=record.get("key"),
-                  old_ts=record["ts"])
-        parent = new_parent()
-        parent.pop("ts", None)
-        parent.pop("thread_ts", None)
-        record["ts"] = self.post(deadline, parent)["ts"]
-        moved()
-        payload["thread_ts"] = record["ts"]
-        return self.post(deadline, payload, plain)
+    def post_within(self, deadline: float, payload: Dict[str, Any]) -> Dict[str, Any]:
+        """A post for a person's click: retried on Slack's passing trouble until the deadline (monotonic)."""
+        backoff = 0.25
+        while True:
+            try:
+                return self.post(payload)
+            except SlackError as e:
+                if e.kind not in (TRANSIENT, RATE_LIMITED) or time.monotonic() + backoff > deadline:
+                    raise
+            if self.stopping.wait(backoff):
+                raise Stopping("stopping")
+            backoff = min(backoff * 2, 4.0)
 
-    def edit(self, deadline: float, payload: Dict[str, Any]) -> bool:
-        """chat.update, best effort: False when it has to wait for later (or cannot be done)."""
-        return self._best_effort(deadline, "chat.update", payload)
+    def edit(self, payload: Dict[str, Any]) -> bool:
+        """chat.update, best effort: False when it has to be made later (no turn now, or Slack's trouble)."""
+        return self._best_effort("chat.update", payload)
 
-    def ephemeral(self, deadline: float, channel: str, user: str, thread_ts: str, text: str) -> bool:
+    def react(self, channel: str, ts: str) -> bool:
+        return self._best_effort("reactions.add", {"channel": channel, "timestamp": ts, "name": "white_check_mark"})
+
+    def ephemeral(self, channel: str, user: str, thread_ts: str, text: str) -> bool:
         """A message only `user` sees (chat.postEphemeral), best effort."""
         payload = {"channel": channel, "user": user, "text": text}
         if thread_ts:
             payload["thread_ts"] = thread_ts
-        return self._best_effort(deadline, "chat.postEphemeral", payload)
+        return self._best_effort("chat.postEphemeral", payload)
 
-    def react(self, deadline: float, channel: str, ts: str) -> bool:
-        return self._best_effort(deadline, "reactions.add",
-                                 {"channel": channel, "timestamp": ts, "name": "white_check_mark"})
-
-    # -- one call -------------------------------------------------------------
-
-    def _bucket(self, method: str, payload: Dict[str, Any]) -> Tuple[str, float, int]:
-        if method == "chat.postMessage":
-            return f"post:{payload.get('channel', '')}", self.post_every, self.POST_BURST
-        return f"edit:{method}", self.edit_every, self.EDIT_BURST
-
-    def _send(self, deadline: float, method: str, payload: Dict[str, Any]) -> Dict[str, Any]:
-        """One Slack call in its turn, retried on transient errors and 429s until the deadline."""
-        bucket, every, burst = self._bucket(method, payload)
-        backoff, refused = 0.25, None
-        while True:
-            self._take_turn(deadline, method, bucket, every, burst, refused)
-            self.store.renew()
-            try:
-                response = self.slack.call(method, payload)
-            except SlackError as e:
-                self.note_error(e)
-                if e.kind in (LAYOUT, THREAD_GONE):
-                    raise
-                if e.kind == RATE_LIMITED:
-                    self.metrics.inc("alert_threader_slack_refused_total", method=method)
-                    self.store.hold_off(bucket, e.retry_after, every, burst)  # for every worker, not only this one
-                    refused = e
-                    continue
-                # A message Slack may have posted is not posted again here: Alertmanager's retry may (README).
-                if (e.kind != TRANSIENT or (e.maybe_done and method == "chat.postMessage")
-                        or time.monotonic() + backoff > deadline):
-                    raise SlackUnavailable(e) from None
-                self._sleep(backoff)
-                backoff = min(backoff * 2, 4.0)
-                continue
-            if method == "chat.postMessage":
-                self.delivering = True
-            return response
-
-    def _take_turn(self, deadline: float, method: str, bucket: str, every: float, burst: int,
-                   refused: Optional[SlackError]) -> None:
-        wait = self.store.reserve(bucket, every, burst, max(0.0, deadline - time.monotonic()))
-        if wait is None:
-            if refused is not None:
-                raise SlackUnavailable(refused, f"Slack {method}: ratelimited, and its Retry-After of "
-                                                f"{refused.retry_after:g}s goes past SLACK_RETRY_BUDGET")
-            raise SlackUnavailable(SlackError(method, "ratelimited", RATE_LIMITED),
-                                   f"Slack {method}: no turn within SLACK_RETRY_BUDGET (the channel's pace)")
-        if wait > 0:
-            self.metrics.inc("alert_threader_slack_wait_seconds_total", wait, bucket=bucket)
-            if refused is not None:
-                self.metrics.inc("alert_threader_slack_rate_limit_wait_seconds_total", wait)
-            self._sleep(wait)
-
-    def _sleep(self, seconds: float) -> None:
-        """Sleep, keeping the leases of the threads this worker holds."""
-        end = time.monotonic() + seconds
-        while True:
-            remaining = end - time.monotonic()
-            if remaining <= 0:
-                return
-            time.sleep(min(remaining, 1.0))
-            self.store.renew()
-
-    def _best_effort(self, deadline: float, method: str, payload: Dict[str, Any]) -> bool:
-        bucket, every, burst = self._bucket(method, payload)
-        wait = self.store.reserve(bucket, every, burst, max(0.0, min(self.EDIT_WAIT, deadline - time.monotonic())))
-        if wait is None:
-            return False
-        self._sleep(wait)
-        self.store.renew()
+    def _best_effort(self, method: str, payload: Dict[str, Any]) -> bool:
         try:
-            self.slack.call(method, payload)
-        except SlackError as e:
-            if e.kind == RATE_LIMITED:
-                self.metrics.inc("alert_threader_slack_refused_total", method=method)
-                self.store.hold_off(bucket, e.retry_after, every, burst)
+            if self.call(method, payload, wait=False) is None:
                 return False
+        except SlackError as e:
             if e.error == "already_reacted":
                 return True
-            self._note_edit_error(method, e)
-            return e.kind != TRANSIENT  # a transient failure is tried again later; the rest never would work
+            if e.kind != RATE_LIMITED:
+                self._note_edit_error(method, e)
+            return e.kind not in (TRANSIENT, RATE_LIMITED)  # a passing failure is tried again; the rest never works
         if self.edit_problem and self.edit_problem["method"] == method:
             with self._lock:
                 self.edit_problem = None
@@ -3716,409 +4427,405 @@ class Poster:
         if e.kind == CONFIGURATION:
             with self._lock:
                 self.edit_problem = {"method": method, "error": e.error, "fix": e.hint, "at": iso_now()}
-            log_event(logging.ERROR, "Slack refuses to edit the status cards; they stay as first posted",
-                      method=method, error=e.error, fix=e.hint)
+            self._log.log(logging.ERROR, f"edit|{method}|{e.error}", "Slack refuses to edit the status cards; "
+                          "they stay as first posted", method=method, error=e.error, fix=e.hint)
             return
-        log_event(logging.WARNING, "Slack call failed; the thread itself is fine", method=method, error=e.error)
+        self._log.log(logging.WARNING, f"edit|{method}|{e.error}", "Slack call failed; the thread itself is fine",
+                      method=method, error=e.error)
 
     def note_error(self, e: SlackError) -> None:
         entry = {"method": e.method, "error": e.error, "kind": e.kind, "fix": e.hint, "at": iso_now()}
         with self._lock:
             self.last_error = entry
+            if self.failing_since is None:
+                self.failing_since = time.monotonic()
             if e.kind == CONFIGURATION:
                 self.delivering = False
         level = logging.ERROR if e.kind in (CONFIGURATION, OTHER) else logging.WARNING
-        log_event(level, "Slack call failed", method=e.method, error=e.error, fix=e.hint)
+        self._log.log(level, f"post|{e.error}", "Slack call failed; the alerts wait in the outbox and are sent again",
+                      method=e.method, error=e.error, fix=e.hint)
 
 
-FULL_REPLIES = 3  # up to this many alerts of one flush are replies of their own; more share compact ones
-DIGEST_REFRESH = 5.0  # seconds between edits of a storm digest's card while alerts keep coming
+class Executor:
+    """Carries a plan's messages out: posts each, then writes what it did and takes its items out of the outbox.
 
-
-class Cards:
-    """The parents that show a thread's state: status cards and storm digests, edited as the thread changes.
-
-    An edit that gets no turn at Slack (a storm, a 429) waits here, and the
-    card loop makes it later from the record as stored then. A digest's card
-    is edited at most every DIGEST_REFRESH seconds while its alerts keep
-    coming, and never when it would show what it shows already.
+    A message goes in its channel's turn (Poster); a layout Slack refuses goes
+    again as plain text, and a reply whose parent is gone starts the thread
+    again. Once Slack has taken it, its records are written and its items leave
+    the outbox in one durable step, before the next message is sent: a crash
+    in between can show that one message twice, never lose it. The fields clicks
+    write (CLICK_FIELDS) are kept from the stored record.
     """
 
-    def __init__(self, config: Config, store: ThreadStore, poster: Poster) -> None:
+    def __init__(self, config: Config, store: ThreadStore, poster: Poster, metrics: Metrics) -> None:
         self.config = config
         self.store = store
         self.poster = poster
+        self.metrics = metrics
+        self._drawn: "OrderedDict[str, str]" = OrderedDict()  # card key -> its card as last drawn
         self._lock = threading.Lock()
-        self._stale: Dict[str, bool] = {}  # store key -> the ✅ is due too: cards to edit when Slack gives a turn
-        self._edited: Dict[str, float] = {}  # digest key -> when its card was last edited (monotonic)
-        self._drawn: Dict[str, str] = {}  # digest key -> its card as last drawn
 
-    def drawn(self, key: str, card: Dict[str, Any]) -> None:
-        """A digest's parent was just posted showing `card`."""
-        self._edited[key], self._drawn[key] = time.monotonic(), self.card_text(card)
+    def send(self, channel: str, message: Message) -> bool:
+        """Post the message and record it (message.records end up as written, the post's ts in them).
+
+        True when the thread it replied in had to be started again: the plan's later messages name the old one."""
+        thread_ts = message.payload.get("thread_ts")
+        if thread_ts is None:
+            ts = self.poster.post(message.payload, message.plain)["ts"]
+            for record in message.records.values():
+                if record.get("ts") == "":
+                    record["ts"] = ts
+            if message.kind == "digest":
+                self._remember_drawn(message.target, message.payload)
+        else:
+            ts = self._reply(channel, message, thread_ts)
+        self.complete(channel, message.records, [(item, (action, ts)) for item, action in message.done])
+        return thread_ts is not None and ts != thread_ts
+
+    def _reply(self, channel: str, message: Message, thread_ts: str) -> str:
+        try:
+            self.poster.post(message.payload, message.plain)
+            return thread_ts
+        except SlackError as e:
+            if e.kind != THREAD_GONE or message.parent is None:
+                raise
+        log_event(logging.WARNING, "thread parent is gone; starting the thread again", key=message.target,
+                  old_ts=thread_ts)
+        parent = {k: v for k, v in message.parent.items() if k not in ("ts", "thread_ts")}
+        ts = self.poster.post(parent)["ts"]
+        self.complete(channel, {k: dict(r, ts=ts) for k, r in message.before.items()}, [])  # the thread moved
+        for record in message.records.values():
+            if record.get("ts") == thread_ts:
+                record["ts"] = ts
+        for payload in (message.payload, message.plain):
+            if payload:
+                payload["thread_ts"] = ts
+        self.poster.post(message.payload, message.plain)
+        return ts
+
+    def complete(self, channel: str, records: Dict[str, Dict[str, Any]], done: List[Tuple[Item, Result]]) -> None:
+        """Write the records (keeping what clicks wrote) and take the done items out of the outbox, in one step."""
+        with self.store.locked(list(records)):
+            stored = self.store.get_many(list(records))
+            for key, record in records.items():
+                for field in CLICK_FIELDS:
+                    if field in stored.get(key, {}):
+                        record[field] = stored[key][field]
+            self.store.complete(channel, records, {item.id: result for item, result in done})
+        now = time.time()
+        for item, (action, _) in done:
+            self.metrics.inc("alert_threader_alerts_total", status=item.alert.status, action=action)
+            if action != "unchanged":
+                self.metrics.inc("alert_threader_alerts_delivered_total")
+                self.metrics.observe("alert_threader_delivery_seconds", max(0.0, now - item.received))
+
+    # -- cards ----------------------------------------------------------------
+
+    def _remember_drawn(self, key: str, card: Dict[str, Any]) -> None:
+        with self._lock:
+            self._drawn[key] = self._card_text(card)
+            self._drawn.move_to_end(key)
+            while len(self._drawn) > 1000:
+                self._drawn.popitem(last=False)
 
     @staticmethod
-    def card_text(card: Dict[str, Any]) -> str:
-        return json.dumps({k: v for k, v in card.items() if k != "ts"}, sort_keys=True)
+    def _card_text(card: Dict[str, Any]) -> str:
+        return json.dumps({k: v for k, v in card.items() if k not in ("ts", "text")}, sort_keys=True)
 
-    def refresh(self, deadline: float, key: str, record: Dict[str, Any], closing: bool) -> None:
-        """Edit the parent to show the thread's state; a card Slack gives no turn to is edited later."""
-        edited = self.poster.edit(deadline, render_card(record, record["channel"], self.config.messages))
-        reacted = not closing or self.poster.react(deadline, record["channel"], record["ts"])
-        if not (edited and reacted):
+    def refresh_card(self, key: str, edit: bool = True, react: bool = False) -> Tuple[bool, bool]:
+        """Edit a thread's parent to show its state as stored now, and add its ✅: (edited, reacted), best effort."""
+        record = self.store.get(key)
+        if record is None or not record.get("ts"):
+            return True, True  # forgotten meanwhile (cleared): nothing left to draw
+        channel, ms = record.get("channel", ""), self.config.messages
+        edited = reacted = True
+        if edit:
+            card = (render_digest(record, channel, ms) if record.get("storm") else
+                    render_card(record, channel, ms) if record.get("first") else None)
             with self._lock:
-                self._stale[key] = self._stale.get(key, False) or (closing and not reacted)
+                drawn = card is None or self._drawn.get(key) == self._card_text(card)
+            if not drawn:
+                edited = self.poster.edit(card)  # type: ignore[arg-type]
+                if edited:
+                    self._remember_drawn(key, card)  # type: ignore[arg-type]
+        if react:
+            reacted = self.poster.react(channel, record["ts"])
+        return edited, reacted
 
-    def refresh_digest(self, deadline: float, key: str, storm: Dict[str, Any], closing: bool, last: bool) -> None:
-        recently = time.monotonic() - self._edited.get(key, 0.0) < DIGEST_REFRESH
-        if recently and not (closing or last):
-            with self._lock:
-                self._stale.setdefault(key, False)
-            return
-        self._edited[key] = time.monotonic()
-        card = render_digest(storm, storm["channel"], self.config.messages)
-        drawn = self.card_text(card) == self._drawn.get(key)
-        edited = drawn or self.poster.edit(deadline, card)
-        if edited:
-            self._drawn[key] = self.card_text(card)
-        reacted = not closing or self.poster.react(deadline, storm["channel"], storm["ts"])
-        if not (edited and reacted):
-            with self._lock:
-                self._stale[key] = self._stale.get(key, False) or (closing and not reacted)
+    # -- what clicks do -------------------------------------------------------
 
-    def refresh_stale(self) -> None:
-        """Edit the cards that had to wait, from their records as stored now."""
-        with self._lock:
-            stale, self._stale = self._stale, {}
-        for key, react in stale.items():
-            deadline = time.monotonic() + self.poster.EDIT_WAIT
-            with contextlib.suppress(StoreError, SlackError, SlackUnavailable):
-                with self.store.locked([key]):
-                    record = self.store.get(key)
-                    if record is None or not record.get("ts"):
-                        continue
-                    if record.get("storm"):
-                        self._edited[key] = time.monotonic()
-                        payload = render_digest(record, record["channel"], self.config.messages)
-                    elif record.get("first"):
-                        payload = render_card(record, record["channel"], self.config.messages)
-                    else:
-                        continue
-                    edited = self.poster.edit(deadline, payload)
-                    reacted = not react or self.poster.react(deadline, record["channel"], record["ts"])
-                if not (edited and reacted):
-                    with self._lock:
-                        self._stale[key] = self._stale.get(key, False) or (react and not reacted)
-
-
-class ThreadTeller:
-    """Tells one thread's batch: its new parent, then replies (full ones for a few alerts, compact for more)."""
-
-    def __init__(self, config: Config, store: ThreadStore, poster: Poster, cards: Cards) -> None:
-        self.config = config
-        self.store = store
-        self.poster = poster
-        self.cards = cards
-
-    def plan(self, record: Optional[Dict[str, Any]], batch: List[Entry],
-             now: float) -> List[Tuple[Entry, str]]:
-        """Each entry's step, firing first, deciding on a scratch copy of the record as the steps change it."""
-        if len(batch) == 1:  # no later decision reads the scratch copy
-            return [(batch[0], decide(record, batch[0].alert, self.config.reopen_window))]
-        scratch = json.loads(json.dumps(record)) if record else None
-        steps = []
-        for entry in sorted(batch, key=lambda e: e.alert.status != "firing"):
-            step = decide(scratch, entry.alert, self.config.reopen_window)
-            if step == POST:
-                scratch = {"status": "open", "alerts": {}}  # what decide reads of the thread it opens
-            if scratch is not None and step not in (UNCHANGED, ORPHAN):
-                apply_step(scratch, entry.alert, step, now)
-            steps.append((entry, step))
-        return steps
-
-    def thread(self, deadline: float, key: str, batch: List[Entry]) -> None:
-        channel, now = batch[0].channel, time.time()
+    def change_record(self, key: str, change: Callable[[Dict[str, Any]], bool]) -> Optional[Dict[str, Any]]:
+        """Change a stored thread's CLICK_FIELDS under its lock: the record as written, None if change() said no."""
         with self.store.locked([key]):
-            record = usable(self.store.get(key), channel)
-            if record is not None and record.get("digest"):
-                for entry in batch:
-                    entry.target = record["digest"]  # it joined a storm digest meanwhile
-                return
-            was_open = record is not None and record["status"] == "open"
-            lines = []
-            for entry, step in self.plan(record, batch, now):
-                if step == UNCHANGED:
-                    entry.told(step, record["ts"] if record else None)
-                elif step == ORPHAN:
-                    entry.target = f"orphans|{channel}"  # no thread after all (the store was cleared)
-                elif step == POST:
-                    record = self.open(deadline, key, entry, now)
-                else:
-                    lines.append((entry, step))
-            if not lines or record is None:
-                return
-            if len(lines) <= FULL_REPLIES:
-                for entry, step in lines:
-                    self.reply(deadline, key, record, entry, step, now)
-            else:
-                for resolved in (False, True):
-                    group = [(e, s) for e, s in lines if (e.alert.status == "resolved") == resolved]
-                    for part in chunks(group, LINES_PER_DIGEST_MESSAGE):
-                        self.compact_reply(deadline, key, record, part, resolved, now)
-            if record.get("first"):  # a new parent is drawn with its state; only later changes leave it behind
-                self.cards.refresh(deadline, key, record, closing=was_open and record["status"] == "closed")
-
-    def open(self, deadline: float, key: str, entry: Entry, now: float) -> Dict[str, Any]:
-        """A new thread: its parent, the status card, drawn for its first alert."""
-        alert, ms = entry.alert, self.config.messages
-        record = new_record(alert, entry.thread_key, entry.channel, entry.external_url, now)
-        if entry.group_labels:  # what a silence of the whole thread matches
-            record["first"]["group_labels"], _ = clip_for_record(entry.group_labels, ())
-        apply_step(record, alert, POST, now)
-        card = render_card(record, entry.channel, ms, mention=ms.mentions_for([alert]))
-        record["ts"] = self.poster.post(deadline, card, lambda: render_plain(alert, entry.channel, ms, "firing"))["ts"]
-        self.store.put(key, record)
-        entry.told(POST, record["ts"])
+            record = self.store.get(key)
+            if record is None:
+                raise AlertmanagerError("this thread is no longer known to alert-threader")
+            if not change(record):
+                return None
+            record["updated"] = time.time()
+            self.store.put(key, record)
         return record
 
-    def new_parent(self, record: Dict[str, Any], entry: Entry) -> Dict[str, Any]:
-        if record.get("first"):
-            return render_card(record, entry.channel, self.config.messages)
-        return render_alert(entry.alert, entry.channel, self.config.messages, "firing",
-                            external_url=entry.external_url)
-
-    def reply(self, deadline: float, key: str, record: Dict[str, Any], entry: Entry, step: str,
-              now: float) -> None:
-        alert, channel, ms = entry.alert, entry.channel, self.config.messages
-        broadcast = TRANSITIONS[step] in ms.broadcast or ("close" in ms.broadcast and closes(record, alert))
-        payload = render_alert(alert, channel, ms, REPLY_KINDS[step], record["ts"], entry.external_url,
-                               mention=ms.mentions_for([alert]) if step == REOPEN else "", broadcast=broadcast)
-        plain_kind = "resolved" if alert.status == "resolved" else "firing"
-        self.poster.reply(deadline, record, payload, lambda: self.new_parent(record, entry),
-                          lambda: self.store.put(key, record),
-                          lambda: render_plain(alert, channel, ms, plain_kind, record["ts"]))
-        apply_step(record, alert, step, now)
-        self.store.put(key, record)
-        entry.told(step, record["ts"])
-
-    def compact_reply(self, deadline: float, key: str, record: Dict[str, Any], lines: List[Tuple[Entry, str]],
-                      resolved: bool, now: float) -> None:
-        ms = self.config.messages
-        transitions = {TRANSITIONS[s] for _, s in lines}
-        if resolved and "close" in ms.broadcast:  # would these resolves close the thread? (on a scratch copy)
-            scratch = json.loads(json.dumps(record))
-            if any(apply_step(scratch, entry.alert, step, now) for entry, step in lines):
-                transitions.add("close")
-        payload = render_batch([e.alert for e, _ in lines], lines[0][0].channel, ms, record["ts"], resolved,
-                               again=[s in (REFIRE, REOPEN) for _, s in lines],
-                               broadcast=bool(transitions & set(ms.broadcast)))
-        reopened = ms.mentions_for([e.alert for e, s in lines if s == REOPEN])
-        if reopened:
-            payload["text"] = f"{reopened} {payload['text']}"
-        self.poster.reply(deadline, record, payload, lambda: self.new_parent(record, lines[0][0]),
-                          lambda: self.store.put(key, record))
-        for entry, step in lines:
-            apply_step(record, entry.alert, step, now)
-        self.store.put(key, record)
-        for entry, step in lines:
-            entry.told(step, record["ts"])
+    def tell(self, deadline: float, key: str, record: Dict[str, Any], text: str) -> None:
+        """What a click did, as a reply in the thread, and on the card."""
+        self.poster.post_within(deadline, {"channel": record["channel"], "thread_ts": record["ts"], "text": text,
+                                           "unfurl_links": False, "unfurl_media": False})
+        self.refresh_card(key)
 
 
-class DigestTeller:
-    """Tells a storm digest's batch: members joining, firing again or resolving, as compact lines in its thread.
+# ---------------------------------------------------------------------------
+# Senders: one per channel, draining its outbox at Slack's pace
+# ---------------------------------------------------------------------------
 
-    Its card counts every member from the digest's member table; the digest
-    closes when all of them have resolved and reopens when one fires again.
+class Sender:
+    """One channel's outbox, told at Slack's pace by one worker: the only one that plans for the channel.
+
+    At each turn it reads what waits, plans from that backlog and the records,
+    and posts the plan's messages one after another; when more alerts arrive
+    meanwhile it plans again with them, so that they share messages. Cards are
+    edited between messages, at most every CARD_EVERY. A failure is waited out
+    (Slack's Retry-After, else a growing backoff) and the plan made again:
+    nothing leaves the outbox before Slack has it. On Redis, only the replica
+    holding the channel's sender lease sends; the others wait to take over.
     """
 
-    def __init__(self, config: Config, store: ThreadStore, poster: Poster, cards: Cards) -> None:
-        self.config = config
+    BACKOFF_MAX = 15.0
+    CARD_RETRY = 2.0
+    IDLE = 1.0  # seconds between tries for the lease of a channel another replica sends for
+    POLL = 0.25  # seconds between looks at a shared outbox, which other replicas' intake fills unseen
+
+    def __init__(self, channel: str, rules: Rules, store: ThreadStore, executor: Executor,
+                 stopping: threading.Event) -> None:
+        self.channel = channel
+        self.rules = rules
         self.store = store
-        self.poster = poster
-        self.cards = cards
+        self.executor = executor
+        self.stopping = stopping
+        self.state = ChannelState()
+        self.backlog: "OrderedDict[str, Item]" = OrderedDict()  # id -> item, as the outbox holds them
+        self.last_id: Optional[str] = None
+        self.holding = False
+        self.cache: Dict[str, Optional[Dict[str, Any]]] = {}  # records as this sender last read or wrote them
+        self.generation = -1
+        self.cards: Dict[str, Tuple[bool, bool]] = {}  # key -> (edit due, ✅ due)
+        self.card_due: Dict[str, float] = {}  # key -> when its card may be edited next (monotonic)
+        self.failures = 0
+        self.woken = threading.Event()
+        self._log = LogLimiter()
 
-    def digest(self, deadline: float, digest_key: str, batch: List[Entry], behind: List[Entry]) -> None:
-        channel, now = batch[0].channel, time.time()
-        keys = sorted({e.key for e in batch} - {digest_key})
-        with self.store.locked(keys + [digest_key]):
-            stored = self.store.get_many(keys + [digest_key])
-            storm = usable(stored.pop(digest_key, None), channel)
-            members = {k: r for k, r in ((k, usable(r, channel)) for k, r in stored.items()) if r is not None}
-            lines = []
-            for entry in sorted(batch, key=lambda e: e.alert.status != "firing"):
-                record = members.get(entry.key)
-                if record is not None and not record.get("digest"):
-                    entry.target = entry.key  # a thread of its own by now
-                    continue
-                step = decide(record, entry.alert, self.config.reopen_window)
-                if step == UNCHANGED:
-                    entry.told(step, record["ts"] if record else None)
-                elif step == ORPHAN:
-                    entry.target = f"orphans|{channel}"
-                else:
-                    if record is None or step == POST:
-                        record = members[entry.key] = self.member(digest_key, entry, now)
-                    apply_step(record, entry.alert, step, now)  # scratch: stored only once told
-                    lines.append((entry, step))
-            if not lines:
-                return
-            storm = self.storm_for(deadline, digest_key, channel, storm, lines, behind, now)
-            closing = False
-            for resolved in (False, True):
-                group = [(e, s) for e, s in lines if (e.alert.status == "resolved") == resolved]
-                if group:
-                    closing = self.digest_lines(deadline, digest_key, storm, members, group, resolved, now) or closing
-            self.cards.refresh_digest(deadline, digest_key, storm, closing, last=not behind)
+    def wake(self) -> None:
+        self.woken.set()
 
-    def member(self, digest_key: str, entry: Entry, now: float) -> Dict[str, Any]:
-        return {"ts": "", "channel": entry.channel, "key": entry.thread_key,
-                "status": "open", "digest": digest_key, "created": now, "updated": now, "closed": None,
-                "ended": None, "alerts": {}}
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                wait = self.turn()
+                self.failures = 0
+            except Stopping:
+                break
+            except SlackError as e:  # a 429's wait is the turn's (Retry-After); the rest back off
+                self.failures += e.kind != RATE_LIMITED
+                wait = 0.0 if e.kind == RATE_LIMITED else min(self.BACKOFF_MAX, 0.25 * 2 ** (self.failures - 1))
+            except LeaseLost as e:
+                log_event(logging.WARNING, "this replica no longer sends for the channel", channel=self.channel,
+                          reason=str(e))
+                self.holding, wait = False, self.IDLE
+            except StoreError as e:
+                self._log.log(logging.WARNING, "store", "the store cannot be written; nothing is posted until it "
+                              "can", channel=self.channel, error=str(e))
+                wait = self.IDLE
+            except Exception:
+                log.exception("the sender of %s failed; it carries on", self.channel)
+                wait = 5.0
+            if wait:
+                self.woken.wait(wait)
+            self.woken.clear()
+        if self.holding:
+            self.store.release_sender(self.channel)
 
-    def storm_for(self, deadline: float, digest_key: str, channel: str, storm: Optional[Dict[str, Any]],
-                  lines: List[Tuple[Entry, str]], behind: List[Entry], now: float) -> Dict[str, Any]:
-        """The open digest these lines go in: the stored one, reopened, or a new one (its parent posted)."""
-        if storm is not None and storm["status"] == "open":
-            return storm
-        if storm is not None and not any(step == POST for _, step in lines):
-            storm["status"], storm["closed"] = "open", None  # members firing again: the storm is back
-            storm["reopened"] = storm.get("reopened", 0) + 1
-            return storm
-        starts = [e.alert.starts_at for e, _ in lines if e.alert.starts_at is not None]
-        storm = {"ts": "", "channel": channel, "key": digest_key, "storm": True, "status": "open", "created": now,
-                 "updated": now, "closed": None, "ended": None, "reopened": 0, "started": min(starts, default=now),
-                 "members": {}}
-        # Drawn with every alert already waiting for it, so that the first look shows the storm's size.
-        coming = [e for e, _ in lines] + [e for e in behind if e.alert.status == "firing"]
-        drawn = dict(storm, members={e.alert.fingerprint: self.member_entry(e.alert) for e in coming})
-        ms = self.config.messages
-        card = render_digest(drawn, channel, ms, mention=ms.mentions_for(e.alert for e in coming))
-        storm["ts"] = self.poster.post(deadline, card)["ts"]
-        self.store.put(digest_key, storm)
-        self.cards.drawn(digest_key, card)
-        return storm
+    def turn(self) -> float:
+        """Plan from what waits and post what is due; the seconds until the next turn is due."""
+        if not self.store.hold_sender(self.channel):
+            self.holding = False
+            return self.IDLE
+        if not self.holding:  # this replica (re)starts sending: what it knew may have changed meanwhile
+            self.holding, self.backlog, self.last_id, self.cache = True, OrderedDict(), None, {}
+        self.refresh()
+        wait = self.POLL if self.store.shared else 60.0
+        if self.backlog:
+            now = time.time()
+            plan = plan_turn(list(self.backlog.values()), self.records(), self.channel, self.state, self.rules,
+                             now)
+            self.storm(plan.storm)
+            self.state.arrivals = plan.arrivals
+            if plan.unchanged:
+                self.executor.complete(self.channel, {}, [(item, ("unchanged", ts)) for item, ts in plan.unchanged])
+                for item, _ in plan.unchanged:
+                    self.backlog.pop(item.id, None)
+            for message in plan.messages:
+                self.store.ready()  # nothing goes to Slack that could not then be recorded
+                moved = self.executor.send(self.channel, message)
+                self.sent(message)
+                if moved or self.arrived():
+                    break  # plan again: with the thread where it is now, with the alerts that arrived
+            if plan.unchanged or plan.messages:
+                wait = 0.0
+            elif plan.wake_at is not None:
+                wait = min(wait, max(0.0, plan.wake_at - now))
+        return min(wait, self.edit_cards())
 
-    @staticmethod
-    def member_entry(alert: Alert) -> List[str]:
-        state = RESOLVED if alert.status == "resolved" else FIRING
-        return [state, truncate(alert.alertname, 120), truncate(alert.severity.lower(), 40)]
+    def arrived(self) -> bool:
+        """Has an alert arrived since the backlog was read?"""
+        tail = self.store.tail(self.channel)
+        return tail is not None and (self.last_id is None or item_order(tail) > item_order(self.last_id))
 
-    def digest_lines(self, deadline: float, digest_key: str, storm: Dict[str, Any],
-                     members: Dict[str, Dict[str, Any]], lines: List[Tuple[Entry, str]], resolved: bool,
-                     now: float) -> bool:
-        """One compact reply in the digest, then its members and the digest stored; True if that closed it."""
-        channel, ms = storm["channel"], self.config.messages
-        payload = render_batch([e.alert for e, _ in lines], channel, ms, storm["ts"], resolved,
-                               again=[s in (REFIRE, REOPEN) for _, s in lines])
-        self.poster.reply(deadline, storm, payload, lambda: render_digest(storm, channel, ms),
-                          lambda: self.store.put(digest_key, storm))
-        changed: Dict[str, Dict[str, Any]] = {}
-        for entry, step in lines:
-            record = members[entry.key]
-            record["ts"] = storm["ts"]
-            changed[entry.key] = record
-            fingerprint, known = entry.alert.fingerprint, storm.setdefault("members", {})
-            if resolved and "firing" in storm and fingerprint not in known:
-                storm["resolved"] = storm.get("resolved", 0) + 1  # a digest of before 1.1 counts its own
+    def refresh(self) -> None:
+        for item in self.store.waiting(self.channel, self.last_id):
+            self.backlog[item.id] = item
+            self.last_id = item.id
+
+    def records(self) -> Dict[str, Dict[str, Any]]:
+        """The records the backlog's threads have now (and their digests): this sender's own copies, and the
+        store's for the rest."""
+        generation = self.store.generation()
+        if generation != self.generation:
+            self.cache, self.generation = {}, generation  # the threads were cleared
+        keys = {item.key for item in self.backlog.values()} | {f"storm|{self.channel}"}
+        self.cache = {key: record for key, record in self.cache.items() if key in keys}
+        for _ in range(2):  # the threads, then the digests some of them are members of
+            missing = [key for key in keys if key not in self.cache]
+            found = self.store.get_many(missing)
+            self.cache.update({key: found.get(key) for key in missing})
+            keys = {record["digest"] for record in self.cache.values() if record and record.get("digest")}
+        return {key: record for key, record in self.cache.items() if record is not None}
+
+    def sent(self, message: Message) -> None:
+        now = time.time()
+        self.cache.update(message.records)
+        for item, _ in message.done:
+            self.backlog.pop(item.id, None)
+        recent = [(at, compact) for at, compact in self.state.sent.get(message.target, ())
+                  if at > now - self.rules.busy_window]
+        self.state.sent[message.target] = recent + [(now, message.kind in ("compact", "lines", "standalone")
+                                                     and len(message.done) > 1)]
+        for target in [t for t, times in self.state.sent.items() if times[-1][0] <= now - self.rules.busy_window]:
+            del self.state.sent[target]
+        for key, (edit, react) in message.cards.items():
+            was_edit, was_react = self.cards.get(key, (False, False))
+            self.cards[key] = (was_edit or edit, was_react or react)
+
+    def storm(self, storm: bool) -> None:
+        if storm != self.state.storm:
+            log_event(logging.WARNING if storm else logging.INFO,
+                      "alert storm: new alerts join the channel's digest" if storm else
+                      "alert storm over: new alerts get threads of their own again", channel=self.channel)
+        self.state.storm = storm
+
+    def edit_cards(self) -> float:
+        """Edit the cards that are due, each at most every CARD_EVERY; the seconds until the next is due.
+
+        A card Slack gave no turn to, or failed to edit, is tried again CARD_RETRY later."""
+        now, soonest = time.monotonic(), math.inf
+        for key, (edit, react) in list(self.cards.items()):
+            due = self.card_due.get(key, -math.inf)
+            if due > now:
+                soonest = min(soonest, due - now)
+                continue
+            edited, reacted = self.executor.refresh_card(key, edit, react)
+            left = (edit and not edited, react and not reacted)
+            if any(left):
+                self.cards[key] = left
+                self.card_due[key] = now + max(self.rules.card_every, self.CARD_RETRY)
+                soonest = min(soonest, self.card_due[key] - now)
             else:
-                storm["members"][fingerprint] = self.member_entry(entry.alert)
-            if resolved and entry.alert.ends_at is not None:
-                storm["ended"] = max(storm.get("ended") or 0, entry.alert.ends_at)
-        total, told_resolved, _, _ = digest_counts(storm)
-        closing = storm["status"] == "open" and told_resolved >= total
-        if closing:
-            storm["status"], storm["closed"] = "closed", now
-            storm["ended"] = storm.get("ended") or now
-        storm["updated"] = now
-        changed[digest_key] = storm
-        self.store.put_many(changed)
-        for entry, step in lines:
-            entry.told(step, storm["ts"], "digest" if step in (POST, REPLY, REFIRE) else None)
-        return closing
+                del self.cards[key]
+                self.card_due[key] = now + self.rules.card_every if edit else due
+        self.card_due = {key: at for key, at in self.card_due.items() if at > now or key in self.cards}
+        return soonest
+
+    def drain(self) -> None:
+        """Tell everything waiting, and draw its cards, now (the render command: with pacing off, nothing waits)."""
+        for _ in range(100000):
+            self.turn()
+            if not self.backlog and not self.cards:
+                return
+        raise AssertionError("the plan made no progress")  # pragma: no cover
 
 
-class Teller:
-    """Tells one flushed batch, under the locks of its threads: a thread's news, a storm digest's, or orphans'.
+class Senders:
+    """This process's senders: a thread per channel, started when the channel first has alerts."""
 
-    Each decision is made again there, on the records as stored now, so that a
-    retry, a second webhook or a second replica never tells an alert twice.
-    Every message Slack accepts is stored before the next is sent.
+    def __init__(self, config: Config, store: ThreadStore, executor: Executor, stopping: threading.Event,
+                 threaded: bool = True) -> None:
+        self.rules = Rules.of(config)
+        self.store = store
+        self.executor = executor
+        self.stopping = stopping
+        self.threaded = threaded  # False: no threads, the caller drains (the render command)
+        self._lock = threading.Lock()
+        self._senders: Dict[str, Sender] = {}
+        self._threads: List[threading.Thread] = []
+
+    def sender(self, channel: str) -> Sender:
+        with self._lock:
+            sender = self._senders.get(channel)
+            if sender is None:
+                sender = self._senders[channel] = Sender(channel, self.rules, self.store, self.executor, self.stopping)
+                if self.threaded:
+                    thread = threading.Thread(target=sender.run, daemon=True, name=f"alert-threader-send-{channel}")
+                    thread.start()
+                    self._threads.append(thread)
+        return sender
+
+    def wake(self, channel: str) -> None:
+        self.sender(channel).wake()
+
+    def idle(self, cards: bool = True) -> bool:
+        """Has every sender told what it took from the outbox (and drawn its cards)?"""
+        with self._lock:
+            senders = list(self._senders.values())
+        return all(not sender.backlog and not (cards and sender.cards) for sender in senders)
+
+    def sending(self) -> List[str]:
+        """The channels this process sends for (on Redis, those whose lease it holds)."""
+        with self._lock:
+            return sorted(channel for channel, sender in self._senders.items() if sender.holding)
+
+    def storming(self) -> List[str]:
+        with self._lock:
+            return sorted(channel for channel, sender in self._senders.items() if sender.state.storm)
+
+    def stop(self, timeout: float) -> None:
+        """Stop sending (a Slack call in flight ends and is recorded); what waits stays in the outbox."""
+        self.stopping.set()
+        with self._lock:
+            senders, threads = list(self._senders.values()), list(self._threads)
+        for sender in senders:
+            sender.wake()
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+# ---------------------------------------------------------------------------
+# Intake: webhooks into the outbox, answered once told or after DELIVERY_WAIT
+# ---------------------------------------------------------------------------
+
+class Intake:
+    """Takes a validated webhook: its alerts into their channel's outbox, durably, and an answer in the seed's shape.
+
+    Alerts told already (Alertmanager's repeats) are answered "unchanged" at
+    once and stored nowhere. The rest are answered as their sender tells them,
+    or "queued" once DELIVERY_WAIT has passed. When the outbox is full or the
+    store cannot be written, the answer is 503 and nothing was stored.
     """
 
-    def __init__(self, config: Config, store: ThreadStore, poster: Poster) -> None:
+    def __init__(self, config: Config, store: ThreadStore, senders: Senders, metrics: Metrics) -> None:
         self.config = config
         self.store = store
-        self.poster = poster
-        self.cards = Cards(config, store, poster)
-        self.threads = ThreadTeller(config, store, poster, self.cards)
-        self.digests = DigestTeller(config, store, poster, self.cards)
-
-    def flush(self, deadline: float, target: str, batch: List[Entry], behind: List[Entry]) -> None:
-        """Tell `batch`; `behind` are the entries still waiting in the same target (a digest counts them)."""
-        if target.startswith("storm|"):
-            self.digests.digest(deadline, target, batch, behind)
-        elif target.startswith("orphans|"):
-            self.orphans(deadline, batch)
-        else:
-            self.threads.thread(deadline, target, batch)
-
-    def orphans(self, deadline: float, batch: List[Entry]) -> None:
-        channel, ms, now = batch[0].channel, self.config.messages, time.time()
-        keys = sorted({e.key for e in batch})
-        with self.store.locked(keys):
-            stored = self.store.get_many(keys)
-            lines = []
-            for entry in batch:
-                record = usable(stored.get(entry.key), channel)
-                if record is not None:
-                    entry.target = record.get("digest") or entry.key  # a thread appeared meanwhile
-                else:
-                    lines.append(entry)
-            if not lines:
-                return
-            if len(lines) == 1:
-                alert = lines[0].alert
-                payload = render_alert(alert, channel, ms, "resolved", None, lines[0].external_url)
-                ts = self.poster.post(deadline, payload, lambda: render_plain(alert, channel, ms, "resolved"))["ts"]
-            else:
-                payload = render_batch([e.alert for e in lines], channel, ms, None, True,
-                                       note=" · no thread was known for these")
-                ts = self.poster.post(deadline, payload)["ts"]
-            changed: Dict[str, Dict[str, Any]] = {}
-            for entry in lines:
-                record = changed.get(entry.key)
-                if record is None:
-                    record = new_record(entry.alert, entry.thread_key, channel, entry.external_url, now)
-                    record["ts"] = ts
-                    if len(lines) > 1:
-                        del record["first"]  # a list of many: never to be redrawn as one alert's card
-                    changed[entry.key] = record
-                apply_step(record, entry.alert, ORPHAN, now)
-            self.store.put_many(changed)
-            for entry in lines:
-                entry.told(ORPHAN, ts)
-
-
-
-class Threader:
-    """Turns validated webhooks into entries, and answers once they are told: the lifecycle's orchestration."""
-
-    def __init__(self, config: Config, store: ThreadStore, slack: SlackAPI, metrics: Metrics) -> None:
-        self.config = config
-        self.store = store
+        self.senders = senders
         self.metrics = metrics
-        self.poster = Poster(slack, store, metrics, config.slack_pace)
-        self.teller = Teller(config, store, self.poster)
-        self.batches = Batches(self.teller.flush)
         self.default_channel = config.slack_channel or DRY_RUN_CHANNEL
-
-    @property
-    def last_slack_error(self) -> Optional[Dict[str, Any]]:
-        return self.poster.last_error
-
-    @property
-    def delivering(self) -> bool:
-        return self.poster.delivering
 
     def store_key(self, thread_key: str, channel: str) -> str:
         """The seed's key in the default channel; other channels are prefixed with their ID.
@@ -4131,74 +4838,76 @@ class Threader:
             return "\\" + thread_key
         return thread_key
 
-    def handle(self, hook: Webhook, channel: Optional[str] = None) -> Tuple[int, Dict[str, Any]]:
-        """Deliver one webhook; 200 when everything is in Slack and stored, 503 when Alertmanager must retry."""
+    def take(self, hook: Webhook, channel: Optional[str] = None) -> Tuple[int, Dict[str, Any]]:
+        """Store the webhook's alerts and answer: 200 with each alert's result, or 503 (nothing stored)."""
         channel = channel or self.default_channel
-        deadline = time.monotonic() + self.config.slack_retry_budget
-        order, entries = self.entries(hook, channel, self.config.alertmanager_url or hook.external_url)
-        mine = self.batches.enqueue(entries)
-        error: Optional[str] = None
+        body: Dict[str, Any] = {"ok": True, "count": len(hook.alerts), "status": hook.status,
+                                "group_key": hook.group_key, "thread_store": self.store.name, "results": []}
         try:
-            self.batches.wait(mine, deadline)
-            self.store.flush()  # a retry that finds its alerts told must not be answered before they are durable
-        except SlackUnavailable as e:
-            error = f"{e} ({e.cause.hint})"
-        except SlackError as e:  # a thread that could not be mended: Alertmanager retries later
-            error = f"{e} ({e.hint})"
+            items, results = self.items(hook, channel)
+            taken = self.store.enqueue([item for _, item, _ in items], self.config.outbox_limit) if items else []
+        except OutboxFull as e:
+            self.metrics.inc("alert_threader_alerts_refused_total", len(hook.alerts))
+            return 503, dict(body, ok=False, error=f"outbox full: {e}; Alertmanager keeps the alerts and retries")
         except StoreError as e:
-            error = f"thread store: {e}"
-        results: List[Optional[Dict[str, Any]]] = [None] * len(hook.alerts)
-        for index, (entry, joined) in zip(order, mine):
-            if entry.result:
-                results[index] = self.result(entry, joined)
-                self.metrics.inc("alert_threader_alerts_total", status=entry.alert.status,
-                                 action=results[index]["action"])  # type: ignore[index]
-        body: Dict[str, Any] = {"ok": error is None, "count": len(hook.alerts), "status": hook.status,
-                                "group_key": hook.group_key, "thread_store": self.store.name,
-                                "results": [r for r in results if r]}
-        if error:
-            body["error"] = error
-            return 503, body
+            return 503, dict(body, ok=False, error=f"thread store: {e}; Alertmanager retries")
+        if items:
+            self.senders.wake(channel)
+        told = self.told([item_id for item_id, _ in taken])
+        for (index, item, thread_ts), (item_id, joined) in zip(items, taken):
+            action, ts = told.get(item_id, ("queued", thread_ts))
+            results[index] = (item.thread_key, "unchanged" if joined and action != "queued" else action, ts)
+        body["results"] = [{"key": key, "thread_ts": ts, "status": alert.status, "alertname": alert.alertname,
+                            "severity": alert.severity, "action": action}
+                           for alert, (key, action, ts) in zip(hook.alerts, results)]
         return 200, body
 
-    def entries(self, hook: Webhook, channel: str, external_url: str) -> Tuple[List[int], List[Entry]]:
-        """The webhook's alerts as entries, firing first, each in the batch of its target."""
-        ms, window = self.config.messages, self.config.reopen_window
+    def items(self, hook: Webhook, channel: str) -> Tuple[List[Tuple[int, Item, Optional[str]]],
+                                                            List[Tuple[str, str, Optional[str]]]]:
+        """The webhook's alerts to store, firing first: (index, item, its thread's ts if known); and the results
+        of those told already (by index; the rest are filled in once known)."""
+        ms, window, now = self.config.messages, self.config.reopen_window, time.time()
         thread_keys = [ms.thread_key(alert, hook.group_key) for alert in hook.alerts]
         keys = [self.store_key(thread_key, channel) for thread_key in thread_keys]
-        groups: Dict[str, List[Alert]] = {}
-        for key, alert in zip(keys, hook.alerts):
-            groups.setdefault(key, []).append(alert)
-        peeked = self.store.get_many(list(groups))  # a look only: every decision is made again under the lock
-        targets: Dict[str, str] = {}
-        opening = []
-        for key, alerts in groups.items():
-            record = usable(peeked.get(key), channel)
-            if record is not None and record.get("digest"):
-                targets[key] = record["digest"]
-            elif record is None and all(a.status == "resolved" for a in alerts):
-                targets[key] = f"orphans|{channel}"
-            else:
-                targets[key] = key
-                if any(decide(record, a, window) == POST for a in alerts if a.status == "firing"):
-                    opening.append(key)
-        # A storm: more new threads in the channel than STORM_THRESHOLD within STORM_WINDOW, this webhook's too.
-        threshold = self.config.storm_threshold
-        if opening and self.store.count_recent(f"new|{channel}", opening, self.config.storm_window,
-                                               threshold + 1) > threshold:
-            for key in opening:
-                targets[key] = f"storm|{channel}"
-        order = sorted(range(len(hook.alerts)), key=lambda i: hook.alerts[i].status != "firing")
+        stored = self.store.get_many(list(dict.fromkeys(keys)))  # a look only: the sender decides again
+        external_url = self.config.alertmanager_url or hook.external_url
         group_labels = hook.group_labels if ms.thread_by == "group" else {}
-        return order, [Entry(keys[i], thread_keys[i], hook.alerts[i], channel, external_url, targets[keys[i]],
-                             group_labels) for i in order]
+        results: List[Tuple[str, str, Optional[str]]] = [("", "", None)] * len(hook.alerts)
+        items = []
+        for i in sorted(range(len(hook.alerts)), key=lambda i: hook.alerts[i].status != "firing"):
+            alert, record = hook.alerts[i], usable(stored.get(keys[i]), channel)
+            ts = record["ts"] if record else None
+            if record is not None and decide(record, alert, window) == UNCHANGED:
+                results[i] = (thread_keys[i], "unchanged", ts)
+                self.metrics.inc("alert_threader_alerts_total", status=alert.status, action="unchanged")
+                continue
+            items.append((i, outbox_item(alert, channel, keys[i], thread_keys[i], external_url, group_labels, now), ts))
+        return items, results
 
-    def result(self, entry: Entry, joined: bool) -> Dict[str, Any]:
-        action, ts = entry.result or ("unchanged", None)
-        alert = entry.alert
-        return {"key": entry.thread_key, "thread_ts": ts, "status": alert.status,
-                "alertname": alert.alertname, "severity": alert.severity,
-                "action": "unchanged" if joined else action}  # joined: another webhook's copy told it
+    def told(self, ids: List[str]) -> Dict[str, Result]:
+        """The results of the items told within DELIVERY_WAIT (the rest are queued)."""
+        deadline = time.monotonic() + self.config.delivery_wait
+        found: Dict[str, Result] = {}
+        while ids:
+            with contextlib.suppress(StoreError):  # stored durably already: an answer without results will do
+                found = self.store.results(ids)
+            remaining = deadline - time.monotonic()
+            if len(found) == len(ids) or remaining <= 0:
+                break
+            self.store.wait_told(min(remaining, 0.5))
+        return found
+
+
+class Delivery:
+    """The lifecycle's parts, wired: intake, the channels' senders, the executor and its Slack poster."""
+
+    def __init__(self, config: Config, store: ThreadStore, slack: SlackAPI, metrics: Metrics,
+                 threaded: bool = True) -> None:
+        self.stopping = threading.Event()
+        self.poster = Poster(slack, store, metrics, config.slack_pace, self.stopping)
+        self.executor = Executor(config, store, self.poster, metrics)
+        self.senders = Senders(config, store, self.executor, self.stopping, threaded)
+        self.intake = Intake(config, store, self.senders, metrics)
 
 
 # ---------------------------------------------------------------------------
@@ -4222,12 +4931,11 @@ class Interactions:
     MAX_AGE = 300  # seconds a signed request stays good
     WORK_SECONDS = 30  # a click's Slack and Alertmanager calls, all told
 
-    def __init__(self, config: Config, store: ThreadStore, poster: Poster, cards: Cards,
-                 alertmanager: AlertmanagerClient, metrics: Metrics) -> None:
+    def __init__(self, config: Config, store: ThreadStore, executor: Executor, alertmanager: AlertmanagerClient,
+                 metrics: Metrics) -> None:
         self.config = config
         self.store = store
-        self.poster = poster
-        self.cards = cards
+        self.executor = executor
         self.alertmanager = alertmanager
         self.metrics = metrics
 
@@ -4291,7 +4999,7 @@ class Interactions:
             else:
                 self.unsilence(deadline, key, str(action.get("value", "")), who)
         except Exception as e:  # whatever went wrong, the person who clicked is told
-            if isinstance(e, (AlertmanagerError, StoreError, SlackError, SlackUnavailable)):
+            if isinstance(e, (AlertmanagerError, StoreError, SlackError, Stopping)):
                 reason = str(e)
             else:
                 log.exception("Slack action failed unexpectedly")
@@ -4299,23 +5007,20 @@ class Interactions:
             log_event(logging.WARNING, "Slack action failed", action=action.get("action_id"), user=who,
                       error=reason)
             self.metrics.inc("alert_threader_interactions_total", action="failed")
-            self.poster.ephemeral(deadline, channel, str(user.get("id", "")), parent_ts,
-                                  f"⚠️ {escape_mrkdwn(reason)}")
+            self.executor.poster.ephemeral(channel, str(user.get("id", "")), parent_ts, f"⚠️ {escape_mrkdwn(reason)}")
 
     def ack(self, deadline: float, key: str, who: str, user_id: str) -> None:
-        with self.store.locked([key]):
-            record = self.store.get(key)
-            if record is None:
-                raise AlertmanagerError("this thread is no longer known to alert-threader")
+        def add(record: Dict[str, Any]) -> bool:
             acks = record.setdefault("acks", [])
             if any(a.get("user") == user_id for a in acks):
-                return  # acknowledged by this person already
+                return False  # acknowledged by this person already
             acks.append({"user": user_id, "name": who, "at": time.time()})
             del acks[:-20]
-            record["updated"] = time.time()
-            self.store.put(key, record)
-        log_event(logging.INFO, "acknowledged from Slack", thread=key, user=who)
-        self.tell(deadline, key, record, f"👀 Acknowledged by {escape_mrkdwn(who)}")
+            return True
+        record = self.executor.change_record(key, add)
+        if record is not None:
+            log_event(logging.INFO, "acknowledged from Slack", thread=key, user=who)
+            self.executor.tell(deadline, key, record, f"👀 Acknowledged by {escape_mrkdwn(who)}")
 
     def silence(self, deadline: float, key: str, action: Dict[str, Any], who: str, payload: Dict[str, Any]) -> None:
         ms = self.config.messages
@@ -4335,36 +5040,39 @@ class Interactions:
         silence_id = self.alertmanager.create_silence(
             self.alertmanager_url(), matchers, starts, starts + seconds, who,
             f"Silenced from Slack by {who}: {link}")
-        with self.store.locked([key]):
-            record = self.store.get(key)
-            if record is None:  # forgotten meanwhile: undo, so that nothing is left half-done
-                self.alertmanager.expire_silence(self.alertmanager_url(), silence_id)
-                raise AlertmanagerError("this thread was forgotten meanwhile; the silence was taken back")
+
+        def add(record: Dict[str, Any]) -> bool:
             silences = record.setdefault("silences", [])
             silences.append({"id": silence_id, "scope": "thread" if scope == "card" else scope.split(":", 1)[1],
                              "until": starts + seconds, "by": who, "at": starts})
             del silences[:-20]
-            record["updated"] = time.time()
-            self.store.put(key, record)
+            return True
+        try:
+            record = self.executor.change_record(key, add)
+        except AlertmanagerError:  # forgotten meanwhile: undo, so that nothing is left half-done
+            self.alertmanager.expire_silence(self.alertmanager_url(), silence_id)
+            raise AlertmanagerError("this thread was forgotten meanwhile; the silence was taken back") from None
+        assert record is not None
         log_event(logging.INFO, "silenced from Slack", thread=key, user=who, duration=label, silence=silence_id,
                   matchers=len(matchers))
-        self.tell(deadline, key, record, f"🔕 {what} silenced for {label} by {escape_mrkdwn(who)} "
-                                         f"(until {slack_time(starts + seconds, ms)})")
+        self.executor.tell(deadline, key, record, f"🔕 {what} silenced for {label} by {escape_mrkdwn(who)} "
+                                                  f"(until {slack_time(starts + seconds, ms)})")
 
     def unsilence(self, deadline: float, key: str, silence_id: str, who: str) -> None:
         record = self.store.get(key) or {}
         if not any(s.get("id") == silence_id for s in record.get("silences", [])):
             raise AlertmanagerError("this silence was not made from this thread")
         self.alertmanager.expire_silence(self.alertmanager_url(), silence_id)
-        with self.store.locked([key]):
-            record = self.store.get(key) or record
+
+        def lift(record: Dict[str, Any]) -> bool:
             for silence in record.get("silences", []):
                 if silence.get("id") == silence_id:
                     silence["expired"] = True
-            record["updated"] = time.time()
-            self.store.put(key, record)
+            return True
+        record = self.executor.change_record(key, lift)
+        assert record is not None
         log_event(logging.INFO, "silence lifted from Slack", thread=key, user=who, silence=silence_id)
-        self.tell(deadline, key, record, f"🔔 Silence lifted by {escape_mrkdwn(who)}")
+        self.executor.tell(deadline, key, record, f"🔔 Silence lifted by {escape_mrkdwn(who)}")
 
     # -- helpers ------------------------------------------------------------------
 
@@ -4393,12 +5101,6 @@ class Interactions:
             raise AlertmanagerError("nothing to match a silence on: the thread key's labels are all empty")
         return [{"name": name, "value": value, "isRegex": False, "isEqual": True}
                 for name, value in sorted(labels.items())], what
-
-    def tell(self, deadline: float, key: str, record: Dict[str, Any], text: str) -> None:
-        """The outcome, as a reply in the thread, and on the card."""
-        self.poster.post(deadline, {"channel": record["channel"], "thread_ts": record["ts"], "text": text,
-                                    "unfurl_links": False, "unfurl_media": False})
-        self.cards.refresh(deadline, key, record, closing=False)
 
 
 # ---------------------------------------------------------------------------
@@ -4588,15 +5290,28 @@ def error(status: int, message: str, **headers: str) -> Response:
     return status, {"ok": False, "error": message}, headers
 
 
-class App:
-    """Routes requests to the threader and the status endpoints; knows nothing of sockets."""
+OUTBOX_WARNING = 0.5  # /health turns degraded when the outbox holds this share of OUTBOX_LIMIT
 
-    def __init__(self, config: Config, store: ThreadStore, slack: SlackAPI, threader: Threader,
+
+def outbox_view(store: ThreadStore, limit: int, now: float) -> Dict[str, Any]:
+    """What waits in the outbox, for /health, /stats and /cache: how many alerts, and for how long."""
+    summary = store.outbox_summary()
+    oldest = min((at for _, at in summary.values() if at is not None), default=None)
+    return {"waiting": sum(n for n, _ in summary.values()), "limit": limit,
+            "oldest_seconds": round(now - oldest, 1) if oldest is not None else None,
+            "channels": {channel: {"waiting": n, "oldest_seconds": round(now - at, 1) if at is not None else None}
+                         for channel, (n, at) in sorted(summary.items())}}
+
+
+class App:
+    """Routes requests to intake and the status endpoints; knows nothing of sockets."""
+
+    def __init__(self, config: Config, store: ThreadStore, slack: SlackAPI, delivery: Delivery,
                  metrics: Metrics, interactions: Optional[Interactions] = None) -> None:
         self.config = config
         self.store = store
         self.slack = slack
-        self.threader = threader
+        self.delivery = delivery
         self.metrics = metrics
         self.interactions = interactions  # Slack's clicks, with SLACK_SIGNING_SECRET set
         self.started = time.time()
@@ -4605,6 +5320,7 @@ class App:
         self.stopping = False
         self._inflight = 0
         self._idle = threading.Condition()
+        self._refusals = LogLimiter()
 
     # -- bookkeeping for graceful stop --------------------------------------
 
@@ -4682,13 +5398,7 @@ class App:
         if path == "/stats":
             return 200, self.stats(), {}
         if path == "/cache":
-            if request.method == "DELETE":
-                cleared = self.store.clear()
-                log_event(logging.WARNING, "thread cache cleared", threads=cleared)
-                return 200, {"ok": True, "cleared": cleared, "thread_store": self.store.name}, {}
-            threads = self.store.items()
-            return 200, {"ok": True, "thread_store": self.store.name, "cached_threads": len(threads),
-                         "threads": threads}, {}
+            return self.cache(request.method == "DELETE")
         if path == "/metrics":
             return 200, self.metrics.render(), {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
         if path == "/preview":
@@ -4706,44 +5416,75 @@ class App:
             hook = parse_webhook(read_body(), request.headers.get("Content-Type", ""))
             if self.stopping:
                 return error(503, "shutting down; Alertmanager will retry", Connection="close")
-            status, body = self.threader.handle(hook, channel)
-        level = logging.INFO if status == 200 else logging.WARNING
-        if log.isEnabledFor(level):  # the line's fields are worked out only for a line that is written
+            status, body = self.delivery.intake.take(hook, channel)
+        if status == 200 and log.isEnabledFor(logging.INFO):  # a line's fields are worked out only if it is written
             actions: Dict[str, int] = {}
             for result in body["results"]:
                 actions[result["action"]] = actions.get(result["action"], 0) + 1
-            log_event(level, "webhook", group_key=truncate(hook.group_key, 200),
-                      channel=channel or self.threader.default_channel, alerts=len(hook.alerts), **actions,
-                      code=status, duration_ms=round((time.monotonic() - started) * 1000, 1),
-                      **({"error": body["error"]} if "error" in body else {}))
+            log_event(logging.INFO, "webhook", group_key=truncate(hook.group_key, 200),
+                      channel=channel or self.delivery.intake.default_channel, alerts=len(hook.alerts), **actions,
+                      code=status, duration_ms=round((time.monotonic() - started) * 1000, 1))
+        elif status != 200:  # in an outage Alertmanager retries at once: one line a second says it all
+            self._refusals.log(logging.WARNING, body["error"].split(":", 1)[0], "webhook refused",
+                               code=status, error=body["error"])
         return status, body, {}
 
     def health(self) -> Response:
         store = self.store.health()
+        poster = self.delivery.poster
         body: Dict[str, Any] = {
             "status": "healthy", "environment": self.config.environment,
-            "channel": self.threader.default_channel, "thread_store": self.store.name,
-            "cached_threads": self.store.count(), "timestamp": iso_now(), "version": __version__,
-            "dry_run": self.config.dry_run, "last_slack_error": self.threader.last_slack_error}
+            "channel": self.delivery.intake.default_channel, "thread_store": self.store.name,
+            "cached_threads": None, "timestamp": iso_now(), "version": __version__,
+            "dry_run": self.config.dry_run, "last_slack_error": poster.last_error}
         body.update({k: v for k, v in store.items() if k != "ok"})
-        edit_problem = self.threader.poster.edit_problem
-        if edit_problem:
-            body["card_updates"] = edit_problem  # cards that can never be edited: the fix is in it
-        if not store["ok"] or not self.threader.delivering or edit_problem:
-            body["status"] = "degraded"
+        problems = [] if store["ok"] else ["the thread store cannot be written"]
+        with contextlib.suppress(StoreError):
+            body["cached_threads"] = self.store.count()
+            body["outbox"] = outbox_view(self.store, self.config.outbox_limit, time.time())
+            if body["outbox"]["waiting"] >= OUTBOX_WARNING * self.config.outbox_limit:
+                problems.append(f"{body['outbox']['waiting']:,} alerts wait for Slack (OUTBOX_LIMIT "
+                                f"{self.config.outbox_limit:,})")
+        if poster.failing_since is not None:
+            problems.append(f"Slack has refused or failed every post for {time.monotonic() - poster.failing_since:.0f}s")
+        if not poster.delivering:
+            problems.append("Slack refuses the configuration (last_slack_error has the fix)")
+        if poster.edit_problem:
+            body["card_updates"] = poster.edit_problem  # cards that can never be edited: the fix is in it
+            problems.append("Slack refuses to edit the status cards")
+        body["sending_for"], body["storm"] = self.delivery.senders.sending(), self.delivery.senders.storming()
+        if problems:
+            body["status"], body["problems"] = "degraded", problems
             return 503, body, {}
         return 200, body, {}
+
+    def cache(self, clear: bool) -> Response:
+        """The stored threads and what waits in the outbox; or the threads forgotten (the outbox stays)."""
+        if clear:
+            cleared = self.store.clear()
+            log_event(logging.WARNING, "thread cache cleared", threads=cleared)
+            return 200, {"ok": True, "cleared": cleared, "thread_store": self.store.name,
+                         "outbox_kept": outbox_view(self.store, self.config.outbox_limit, time.time())["waiting"]}, {}
+        threads = self.store.items()
+        outbox = outbox_view(self.store, self.config.outbox_limit, time.time())
+        for channel, view in outbox["channels"].items():
+            view["alerts"] = [{"id": item.id, "key": item.thread_key, "status": item.alert.status,
+                               "alertname": item.alert.alertname, "received": item.received}
+                              for item in self.store.waiting(channel)[:1000]]
+        return 200, {"ok": True, "thread_store": self.store.name, "cached_threads": len(threads),
+                     "threads": threads, "outbox": outbox}, {}
 
     def stats(self) -> Dict[str, Any]:
         value = self.metrics.total
         stats: Dict[str, Any] = {
-            "cached_threads": self.store.count(), "thread_store": self.store.name,
-            "environment": self.config.environment,
+            "cached_threads": None, "thread_store": self.store.name, "environment": self.config.environment,
             "uptime": datetime.fromtimestamp(self.started, timezone.utc).isoformat(),
-            "uptime_seconds": round(time.time() - self.started),
-            "open_threads": self.store.open_count(),
+            "uptime_seconds": round(time.time() - self.started), "open_threads": None,
             "alerts": {action: int(value("alert_threader_alerts_total", action=action))
                        for action in ("posted", "replied", "reopened", "standalone", "digest", "unchanged")},
+            "delivered": int(value("alert_threader_alerts_delivered_total")),
+            "refused": int(value("alert_threader_alerts_refused_total")),
+            "dropped": int(value("alert_threader_alerts_dropped_total")),
             "slack": {"calls_ok": int(value("alert_threader_slack_requests_total", result="ok")),
                       "calls_failed": int(value("alert_threader_slack_requests_total")
                                           - value("alert_threader_slack_requests_total", result="ok")),
@@ -4752,6 +5493,9 @@ class App:
             "webhooks": {code: int(n) for code, n in self.metrics.by_label("alert_threader_webhooks_total",
                                                                             "code").items()},
         }
+        with contextlib.suppress(StoreError):
+            stats["cached_threads"], stats["open_threads"] = self.store.count(), self.store.open_count()
+            stats["outbox"] = outbox_view(self.store, self.config.outbox_limit, time.time())
         stats.update(self.store.stats())
         return stats
 
@@ -5116,11 +5860,11 @@ class ThreaderServer(http.server.ThreadingHTTPServer):
 # ---------------------------------------------------------------------------
 
 def open_store(config: Config, metrics: Metrics) -> ThreadStore:
-    # A worker may hold a thread for its whole retry budget and a Slack call or two more.
-    lock_timeout = config.slack_retry_budget + 2 * config.slack_timeout + 30
+    # A thread is held for a read, a change and a write; a click may wait behind a sender's Slack call.
+    lock_timeout = 2 * config.slack_timeout + 30
     if config.thread_store == "redis":
         return RedisStore(config.redis_url, config.redis_key_prefix, metrics, config.thread_retention,
-                          lock_timeout=lock_timeout, lease=config.redis_lease)
+                          lock_timeout=lock_timeout, lease=config.redis_lease, sender_lease=config.sender_lease)
     return FileStore(config.thread_store_file, metrics, config.thread_retention, lock_timeout=lock_timeout)
 
 
@@ -5168,11 +5912,11 @@ class Service:
             self._unlock_state()
             raise
         self.slack = make_slack(config, self.metrics)
-        self.threader = Threader(config, self.store, self.slack, self.metrics)
-        interactions = Interactions(config, self.store, self.threader.poster, self.threader.teller.cards,
+        self.delivery = Delivery(config, self.store, self.slack, self.metrics)
+        interactions = Interactions(config, self.store, self.delivery.executor,
                                     AlertmanagerClient(config.alertmanager_auth, config.slack_timeout),
                                     self.metrics) if config.interactive else None
-        self.app = App(config, self.store, self.slack, self.threader, self.metrics, interactions)
+        self.app = App(config, self.store, self.slack, self.delivery, self.metrics, interactions)
         self.server.app = self.app
         self.port: int = self.server.server_address[1]
         self.metrics.set("alert_threader_build_info", 1, version=__version__,
@@ -5183,7 +5927,8 @@ class Service:
         for op in (("write", "append") if self.store.name == "file" else ("get", "put", "lock")):
             self.metrics.inc("alert_threader_store_errors_total", 0, store=self.store.name, op=op)
         self.metrics.inc("alert_threader_slack_fallbacks_total", 0)
-        for name in ("slack_resends", "slack_rate_limit_wait_seconds", "connections_refused", "connections_evicted"):
+        for name in ("slack_resends", "slack_rate_limit_wait_seconds", "connections_refused", "connections_evicted",
+                     "alerts_delivered", "alerts_dropped", "alerts_refused"):
             self.metrics.inc(f"alert_threader_{name}_total", 0)
         self.metrics.inc("alert_threader_slack_refused_total", 0, method="chat.postMessage")
         if interactions is not None:
@@ -5191,6 +5936,9 @@ class Service:
                 self.metrics.inc("alert_threader_interactions_total", 0, action=action)
         self.metrics.gauge("alert_threader_open_threads", self.store.open_count)
         self.metrics.gauge("alert_threader_stored_threads", self.store.count)
+        self.channels = config.slack_channels or (self.delivery.intake.default_channel,)
+        self.metrics.gauge("alert_threader_outbox_alerts", lambda: self._outbox(0), label="channel")
+        self.metrics.gauge("alert_threader_outbox_oldest_seconds", lambda: self._outbox(1), label="channel")
         self._stop = threading.Event()
         self._threads: List[threading.Thread] = []
 
@@ -5200,18 +5948,26 @@ class Service:
         host = self.config.host if self.config.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
         return f"http://{host}:{self.port}"
 
+    def _outbox(self, part: int) -> Dict[str, float]:
+        """Per channel: how many alerts wait (part 0), or for how many seconds the oldest has (part 1)."""
+        now, values = time.time(), {channel: 0.0 for channel in self.channels}
+        for channel, (waiting, oldest) in self.store.outbox_summary().items():
+            values[channel] = float(waiting) if part == 0 else max(0.0, now - oldest) if oldest else 0.0
+        return values
+
     def start(self) -> "Service":
         for target, name in ((lambda: self.server.serve_forever(poll_interval=0.2), "http"),
-                             (self._housekeeping, "housekeeping"), (self._cards, "cards")):
+                             (self._housekeeping, "housekeeping")):
             thread = threading.Thread(target=target, name=f"alert-threader-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        # A sender for every channel: to tell what the outbox kept from before a restart, and on Redis to take
+        # a channel over when the replica sending for it is gone.
+        with contextlib.suppress(StoreError):
+            self.channels = tuple(dict.fromkeys([*self.channels, *self.store.outbox_summary()]))
+        for channel in self.channels:
+            self.delivery.senders.wake(channel)
         return self
-
-    def _cards(self) -> None:
-        """Status cards that had to wait for Slack's turn (a storm, a 429) are edited here."""
-        while not self._stop.wait(2):
-            self.threader.teller.cards.refresh_stale()
 
     def _housekeeping(self) -> None:
         while not self._stop.wait(30):
@@ -5221,13 +5977,18 @@ class Service:
                     log_event(logging.INFO, "pruned closed threads past THREAD_RETENTION", threads=pruned)
 
     def stop(self, timeout: Optional[float] = None) -> bool:
-        """Stop accepting, let in-flight webhooks finish (bounded), flush the store. True if all finished."""
+        """Stop accepting, answer the webhooks in flight, let the senders finish their Slack call, flush the store.
+
+        What waits in the outbox stays there for the next start (or, on Redis, another replica). True if every
+        webhook in flight was answered."""
         timeout = self.config.shutdown_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         self.app.stopping = True
         self._stop.set()
         self.server.shutdown()
         self.server.server_close()
         drained = self.app.wait_idle(timeout)
+        self.delivery.senders.stop(max(0.0, deadline - time.monotonic()))
         self.store.close()
         self._unlock_state()
         return drained
@@ -5240,12 +6001,12 @@ class Service:
 
 def start_service(config: Config) -> Service:
     """Build and start the service exactly as main does (tests use this with PORT=0)."""
-    service = Service(config).start()
+    service = Service(config)  # the port is bound: what connects now waits for start()
     where = ({"file": config.thread_store_file} if config.thread_store == "file"
              else {"redis": redact_url(config.redis_url)})
     log_event(logging.INFO, f"alert-threader {__version__} listening on {config.host or '*'}:{service.port} "
               f"({service.url} from this machine)", store=config.thread_store, **where,
-              channel=service.threader.default_channel, environment=config.environment)
+              channel=service.delivery.intake.default_channel, environment=config.environment)
     if config.webhook_token:
         log_event(logging.INFO, "WEBHOOK_TOKEN is set: POST /alert, /cache and /preview need it; "
                   "/health, /metrics and /stats are open")
@@ -5259,7 +6020,7 @@ def start_service(config: Config) -> Service:
     if config.dry_run:
         log_event(logging.WARNING, "DRY-RUN: no SLACK_BOT_TOKEN is set, so nothing is posted to Slack; "
                   f"every payload is logged and shown on {service.url}/preview")
-    return service
+    return service.start()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -5292,8 +6053,10 @@ def cmd_render(config: Config, path: Optional[str], payload: Optional[int] = Non
         return 1
     metrics = Metrics()
     slack = DryRunSlack(metrics, quiet=True, keep=None)  # every call, however many
-    threader = Threader(dataclasses.replace(config, slack_pace=0), FileStore(None, metrics), slack, metrics)
-    threader.handle(hook)
+    delivery = Delivery(dataclasses.replace(config, slack_pace=0, delivery_wait=0), FileStore(None, metrics), slack,
+                        metrics, threaded=False)
+    delivery.intake.take(hook)
+    delivery.senders.sender(delivery.intake.default_channel).drain()
     calls = [{"method": method, "payload": sent} for _, method, sent, _ in slack.recent_calls()]
     if payload is None:
         print(json.dumps(calls, indent=2, ensure_ascii=False))
@@ -5317,8 +6080,10 @@ def cmd_check(config: Config) -> int:
     # Read-only: the running service may own this store, and check must never rewrite it.
     try:
         if config.thread_store == "file":
-            threads = len(FileStore.read(config.thread_store_file))
-            where = f"{config.thread_store_file}, {plural(threads, 'thread')}"
+            found = FileStore(config.thread_store_file, metrics, read_only=True)
+            waiting = sum(n for n, _ in found.outbox_summary().values())
+            where = (f"{config.thread_store_file}, {plural(found.count(), 'thread')}, "
+                     f"{plural(waiting, 'alert')} waiting for Slack")
         else:
             store = open_store(config, metrics)
             try:

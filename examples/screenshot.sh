@@ -80,6 +80,11 @@ for example in firing second-instance resolved; do
         -H 'Content-Type: application/json' --data-binary "@$here/$example.json"
     echo
 done
+# A card is edited just after its webhook is answered: wait until it shows the thread resolved.
+for _ in $(seq 100); do
+    if curl -sS "$url/preview" | grep -q 'alerts resolved after'; then break; fi
+    sleep 0.1
+done
 
 flags=(--headless --disable-gpu --disable-quic --no-first-run
     --disable-background-networking --disable-component-update --disable-sync
