@@ -1780,17 +1780,15 @@ OUTBOX_ID = re.compile(r"[0-9]{1,15}-[0-9]{1,15}")
 
 
 class StateFiles:
-    """threads.json and its journal on disk: read back at start, appended to, and replaced atomically.
+    """threads.json and its journal on disk: appended to, replaced atomically, and what cannot be read put aside.
 
     The snapshot holds the threads and the outbox, and is only ever replaced
     whole (a temporary file in the same directory, fsync, rename, fsync of the
     directory). The journal takes one line per change (threads written, items
     added to the outbox or taken from it), written in full and fdatasync'd. A
     crash leaves the old or the new snapshot and a journal whose last line may
-    be incomplete; that line belongs to a webhook that was never answered. A
-    snapshot that cannot be used is moved aside (read-only: StoreError) and
-    named in moved_aside; a damaged journal line or outbox entry is copied to
-    threads.json.damaged, reported, and left out, and the rest is read.
+    be incomplete; that line belongs to a webhook that was never answered.
+    Reading them back is StateReader's.
     """
 
     def __init__(self, path: str, read_only: bool = False) -> None:
@@ -1804,8 +1802,6 @@ class StateFiles:
         self.damaged = 0  # entries set aside at start
         self._journal_fd: Optional[int] = None
 
-    # -- reading ----------------------------------------------------------------
-
     def remove_temp_files(self) -> None:
         directory = os.path.dirname(self.path) or "."
         with contextlib.suppress(OSError):
@@ -1815,115 +1811,7 @@ class StateFiles:
                         os.unlink(os.path.join(directory, name))
                         log_event(logging.INFO, "removed temporary file left by a crash", file=name)
 
-    def load(self) -> Tuple[Dict[str, Dict[str, Any]], List[Tuple[str, Any]]]:
-        """The threads and the outbox (id, document) a restart finds: the snapshot, then the journal's changes."""
-        threads, entries = self.snapshot()
-        outbox = OrderedDict(entries)
-        for change in self.changes():
-            if change.get("clear"):
-                threads.clear()
-            for key in change.get("del", []):
-                threads.pop(key, None)
-            threads.update(change.get("put", {}))
-            for document in change.get("enq", []):
-                item_id = self._entry_id(document)
-                if item_id:
-                    outbox[item_id] = document
-            for item_id in change.get("ack", []):
-                outbox.pop(item_id, None)
-        return threads, list(outbox.items())
-
-    def snapshot(self) -> Tuple[Dict[str, Dict[str, Any]], List[Tuple[str, Any]]]:
-        """The threads and outbox entries in threads.json (none if it is missing or had to be moved aside)."""
-        try:
-            with open(self.path, "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:
-            return {}, []
-        except OSError as e:
-            self._move_aside(self.path, f"cannot be read ({e.strerror})")
-            return {}, []
-        try:
-            document = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:
-            self._move_aside(self.path, f"is not valid JSON ({truncate(str(e), 120)})")
-            return {}, []
-        outbox: Any = []
-        if isinstance(document, dict) and isinstance(document.get("threads"), dict):
-            document, outbox = document["threads"], document.get("outbox", [])
-        try:
-            threads = self.threads(document)
-        except ValueError as e:
-            self._move_aside(self.path, str(e))
-            return {}, []
-        if not isinstance(outbox, list):
-            self.set_aside(outbox, "the snapshot's outbox is not a list")
-            outbox = []
-        entries = [(item_id, entry) for item_id, entry in ((self._entry_id(e), e) for e in outbox) if item_id]
-        self.snapshot_bytes = len(raw)
-        log_event(logging.INFO, "thread store loaded", file=self.path, threads=len(threads), outbox=len(entries))
-        return threads, entries
-
-    @staticmethod
-    def threads(document: Any) -> Dict[str, Dict[str, Any]]:
-        """Validated records from a JSON object of them (or the seed's key -> ts)."""
-        if not isinstance(document, dict):
-            raise ValueError("is not a JSON object of threads")
-        threads = {key: thread_record(value) for key, value in document.items()}
-        for key, record in threads.items():
-            if record is None:
-                raise ValueError(f"has a malformed thread {truncate(key, 80)!r}")
-        return threads  # type: ignore[return-value]
-
-    def changes(self) -> Iterator[Dict[str, Any]]:
-        """The journal's changes since the snapshot, in order; an incomplete last line is a crash mid-append."""
-        try:
-            with open(self.journal_path, "rb") as f:
-                lines = f.read().split(b"\n")
-        except FileNotFoundError:
-            return
-        except OSError as e:
-            self._move_aside(self.journal_path, f"cannot be read ({e.strerror})")
-            return
-        applied = 0
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                change = self._change(line)
-            except (UnicodeDecodeError, ValueError, TypeError, AttributeError, RecursionError) as e:
-                if number < len(lines):  # a whole line, newline and all, that is not a change: damage
-                    self.set_aside(line.decode("utf-8", "backslashreplace"),
-                                   f"journal line {number} is damaged ({truncate(str(e), 100)})")
-                    continue
-                log_event(logging.WARNING, "ignored an incomplete last journal entry (a crash during a write; "
-                          "that webhook was never answered, so Alertmanager sent it again)",
-                          file=self.journal_path)
-                break
-            applied += 1
-            yield change
-        if applied:
-            log_event(logging.INFO, "thread store journal replayed", file=self.journal_path, changes=applied)
-
-    def _change(self, line: bytes) -> Dict[str, Any]:
-        change = json.loads(line.decode("utf-8"))
-        if not isinstance(change, dict):
-            raise ValueError("not a change")
-        change["put"] = self.threads(change.get("put", {}))
-        for name in ("del", "ack", "enq"):
-            if not isinstance(change.get(name, []), list):
-                raise ValueError(f"{name} is not a list")
-        if not all(isinstance(v, str) for name in ("del", "ack") for v in change.get(name, [])):
-            raise ValueError("a key or id that is not text")
-        return change
-
-    def _entry_id(self, document: Any) -> Optional[str]:
-        """An outbox entry's id, or None (and the entry set aside) when it has none."""
-        item_id = document.get("id") if isinstance(document, dict) else None
-        if isinstance(item_id, str) and OUTBOX_ID.fullmatch(item_id):
-            return item_id
-        self.set_aside(document, "an outbox entry without a valid id")
-        return None
+    # -- what cannot be read ------------------------------------------------------
 
     def set_aside(self, entry: Any, reason: str) -> None:
         """Copy a damaged entry to threads.json.damaged, say so, and go on without it."""
@@ -1944,7 +1832,8 @@ class StateFiles:
             log_event(logging.ERROR, "cannot write the damaged entry aside", file=self.damaged_path,
                       error=e.strerror or str(e))
 
-    def _move_aside(self, path: str, reason: str) -> None:
+    def move_aside(self, path: str, reason: str) -> None:
+        """A whole file that cannot be used: renamed to PATH.corrupt-STAMP (read-only: StoreError)."""
         if self.read_only:
             raise StoreError(f"{path} {reason}")
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -2026,21 +1915,296 @@ class StateFiles:
             self._journal_fd = None
 
 
-class FileStore(ThreadStore):
-    """Threads and the outbox in memory, made durable in threads.json and a journal beside it (StateFiles).
+class StateReader:
+    """What a restart finds in threads.json and its journal: the threads, and the outbox's entries.
 
-    Each change is appended to the journal and fdatasync'd before the method
-    returns: a write costs one change, not the whole store. When the journal
-    outgrows the snapshot (or FOLD_BYTES, on a small store) it is folded into
-    a new snapshot, so neither grows beyond about the state they hold; start-up
-    and a clean stop fold it too. Concurrent writers share one append and one
-    fdatasync (group commit). A write that fails raises StoreError, and every
-    later commit retries by writing a whole snapshot. With path None the store
-    is memory-only.
-    """
+    A snapshot that cannot be used is moved aside and named in moved_aside; a
+    damaged journal line or outbox entry is set aside in threads.json.damaged,
+    reported, and left out, and the rest is read. An incomplete last journal
+    line is a crash in the middle of an append, for a webhook never answered."""
+
+    def __init__(self, files: StateFiles) -> None:
+        self.files = files
+
+    def load(self) -> Tuple[Dict[str, Dict[str, Any]], List[Tuple[str, Any]]]:
+        """The threads and the outbox (id, document) a restart finds: the snapshot, then the journal's changes."""
+        threads, entries = self.snapshot()
+        outbox = OrderedDict(entries)
+        for change in self.changes():
+            if change.get("clear"):
+                threads.clear()
+            for key in change.get("del", []):
+                threads.pop(key, None)
+            threads.update(change.get("put", {}))
+            for document in change.get("enq", []):
+                item_id = self._entry_id(document)
+                if item_id:
+                    outbox[item_id] = document
+            for item_id in change.get("ack", []):
+                outbox.pop(item_id, None)
+        return threads, list(outbox.items())
+
+    def snapshot(self) -> Tuple[Dict[str, Dict[str, Any]], List[Tuple[str, Any]]]:
+        """The threads and outbox entries in threads.json (none if it is missing or had to be moved aside)."""
+        path = self.files.path
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return {}, []
+        except OSError as e:
+            self.files.move_aside(path, f"cannot be read ({e.strerror})")
+            return {}, []
+        try:
+            document = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            self.files.move_aside(path, f"is not valid JSON ({truncate(str(e), 120)})")
+            return {}, []
+        outbox: Any = []
+        if isinstance(document, dict) and isinstance(document.get("threads"), dict):
+            document, outbox = document["threads"], document.get("outbox", [])
+        try:
+            threads = self.threads(document)
+        except ValueError as e:
+            self.files.move_aside(path, str(e))
+            return {}, []
+        if not isinstance(outbox, list):
+            self.files.set_aside(outbox, "the snapshot's outbox is not a list")
+            outbox = []
+        entries = [(item_id, entry) for item_id, entry in ((self._entry_id(e), e) for e in outbox) if item_id]
+        self.files.snapshot_bytes = len(raw)
+        log_event(logging.INFO, "thread store loaded", file=path, threads=len(threads), outbox=len(entries))
+        return threads, entries
+
+    @staticmethod
+    def threads(document: Any) -> Dict[str, Dict[str, Any]]:
+        """Validated records from a JSON object of them (or the seed's key -> ts)."""
+        if not isinstance(document, dict):
+            raise ValueError("is not a JSON object of threads")
+        threads = {key: thread_record(value) for key, value in document.items()}
+        for key, record in threads.items():
+            if record is None:
+                raise ValueError(f"has a malformed thread {truncate(key, 80)!r}")
+        return threads  # type: ignore[return-value]
+
+    def changes(self) -> Iterator[Dict[str, Any]]:
+        """The journal's changes since the snapshot, in order."""
+        path = self.files.journal_path
+        try:
+            with open(path, "rb") as f:
+                lines = f.read().split(b"\n")
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            self.files.move_aside(path, f"cannot be read ({e.strerror})")
+            return
+        applied = 0
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                change = self._change(line)
+            except (UnicodeDecodeError, ValueError, TypeError, AttributeError, RecursionError) as e:
+                if number < len(lines):  # a whole line, newline and all, that is not a change: damage
+                    self.files.set_aside(line.decode("utf-8", "backslashreplace"),
+                                         f"journal line {number} is damaged ({truncate(str(e), 100)})")
+                    continue
+                log_event(logging.WARNING, "ignored an incomplete last journal entry (a crash during a write; "
+                          "that webhook was never answered, so Alertmanager sent it again)", file=path)
+                break
+            applied += 1
+            yield change
+        if applied:
+            log_event(logging.INFO, "thread store journal replayed", file=path, changes=applied)
+
+    def _change(self, line: bytes) -> Dict[str, Any]:
+        change = json.loads(line.decode("utf-8"))
+        if not isinstance(change, dict):
+            raise ValueError("not a change")
+        change["put"] = self.threads(change.get("put", {}))
+        for name in ("del", "ack", "enq"):
+            if not isinstance(change.get(name, []), list):
+                raise ValueError(f"{name} is not a list")
+        if not all(isinstance(v, str) for name in ("del", "ack") for v in change.get(name, [])):
+            raise ValueError("a key or id that is not text")
+        return change
+
+    def _entry_id(self, document: Any) -> Optional[str]:
+        """An outbox entry's id, or None (and the entry set aside) when it has none."""
+        item_id = document.get("id") if isinstance(document, dict) else None
+        if isinstance(item_id, str) and OUTBOX_ID.fullmatch(item_id):
+            return item_id
+        self.files.set_aside(document, "an outbox entry without a valid id")
+        return None
+
+
+class OutboxMemory:
+    """The file store's outbox in memory: each channel's items in order, with their JSON, and their identities.
+
+    Not locked itself: the file store changes it under its own lock."""
+
+    def __init__(self) -> None:
+        self.channels: Dict[str, "OrderedDict[str, Tuple[Item, str]]"] = {}  # channel -> id -> (item, its JSON)
+        self._channel_of: Dict[str, str] = {}  # item id -> its channel
+        self._identities: Dict[str, str] = {}  # identity -> the id of the item waiting with it
+        self.count = 0
+        self._last_id = (0, 0)
+
+    def hold(self, item: Item, text: str) -> None:
+        self.channels.setdefault(item.channel, OrderedDict())[item.id] = (item, text)
+        self._channel_of[item.id] = item.channel
+        self._identities[item.identity] = item.id
+        self.count += 1
+        self._last_id = max(self._last_id, item_order(item.id))
+
+    def add(self, item: Item) -> Tuple[str, Optional[str]]:
+        """The item in, with a new id: (its id, its journal text); or (the waiting one's id, None) if one is."""
+        joined = self._identities.get(item.identity)
+        if joined is not None:
+            return joined, None
+        ms, seq = self._last_id
+        now = int(time.time() * 1000)
+        item.id = "%d-%d" % ((now, 0) if now > ms else (ms, seq + 1))
+        text = compact_json({"id": item.id, **item_document(item)})
+        self.hold(item, text)
+        return item.id, text
+
+    def take(self, item_id: str) -> bool:
+        """The item out (told); False if it was not waiting."""
+        channel = self._channel_of.pop(item_id, None)
+        if channel is None:
+            return False
+        item, _ = self.channels[channel].pop(item_id)
+        if not self.channels[channel]:
+            del self.channels[channel]
+        if self._identities.get(item.identity) == item_id:
+            del self._identities[item.identity]
+        self.count -= 1
+        return True
+
+    def waiting(self, channel: str, after: Optional[str]) -> List[Item]:
+        since = item_order(after) if after else (-1, -1)
+        newer = []
+        entries = self.channels.get(channel, {})
+        for item_id in reversed(entries):
+            if item_order(item_id) <= since:
+                break
+            newer.append(entries[item_id][0])
+        newer.reverse()
+        return newer
+
+    def texts(self) -> List[str]:
+        return [text for entries in self.channels.values() for _, text in entries.values()]
+
+
+class GroupCommit:
+    """The file store's way to disk: journal lines made durable together, and folds into a new snapshot.
+
+    Concurrent writers share one append and one fdatasync. When the journal
+    outgrows the snapshot (or FOLD_BYTES, on a small store) it is folded, so
+    that neither grows beyond about the state they hold. A write that fails
+    raises StoreError, and every later commit retries by writing a whole
+    snapshot, which memory holds."""
+
+    FOLD_BYTES = 16384
+
+    def __init__(self, files: StateFiles, lock: threading.Lock,
+                 snapshot: Callable[[], Tuple[List[str], List[str]]], count: Callable[..., None]) -> None:
+        self.files = files
+        self._lock = lock  # the store's: pending lines are taken with the memory they describe
+        self._snapshot = snapshot  # what the store holds, taken under that lock
+        self._count = count
+        self._commit_lock = threading.Lock()  # one writer of the files at a time
+        self._pending: List[str] = []  # journal lines not yet written
+        self._version = 0  # changes made in memory
+        self._durable = 0  # changes on disk
+        self._needs_fold = False  # after a failed write: only a whole snapshot is sure to hold everything
+        self.write_error: Optional[str] = None
+
+    def change(self, line: str) -> int:
+        """Queue one journal line (caller holds the store's lock); returns the version that makes it durable."""
+        self._pending.append(line)
+        self._version += 1
+        return self._version
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def commit(self, version: int) -> None:
+        """Make every change up to `version` durable; one append and fdatasync serves all waiting writers."""
+        with self._commit_lock:
+            if self._durable >= version:
+                return  # a concurrent writer's commit carried this change too
+            try:
+                if self._needs_fold or self.files.journal_bytes > max(self.files.snapshot_bytes, self.FOLD_BYTES):
+                    version = self._fold_locked()  # the new snapshot holds these changes too
+                else:
+                    with self._lock:
+                        version, lines, self._pending = self._version, self._pending, []
+                    self.files.append(("\n".join(lines) + "\n").encode())
+                    self._count("append")
+            except OSError as e:
+                self._failed(e)
+                raise StoreError(f"cannot write {self.files.path}: {e.strerror or e}") from None
+            self._needs_fold = False
+            self._durable = max(self._durable, version)
+            if self.write_error is not None:
+                log_event(logging.INFO, "thread store written again", file=self.files.path)
+            self.write_error = None
+
+    def _failed(self, e: OSError) -> None:
+        self._needs_fold = True  # memory holds every change: the next commit writes them all
+        first = self.write_error is None
+        self.write_error = f"{e.strerror or e} ({self.files.path})"
+        self._count("write", error=True)
+        if first:
+            log_event(logging.ERROR, "cannot write thread store; webhooks are answered 503 (Alertmanager retries "
+                      "them) and nothing is posted until a write succeeds", file=self.files.path,
+                      error=e.strerror or str(e))
+
+    def fold(self) -> None:
+        """Fold the journal into a new snapshot now (start-up, clean stop); OSError if it cannot."""
+        with self._commit_lock:
+            self._durable = max(self._durable, self._fold_locked())
+            self._needs_fold = False
+
+    def _fold_locked(self) -> int:
+        """Snapshot everything in memory (caller holds _commit_lock); returns the version it holds."""
+        with self._lock:
+            version = self._version
+            threads, outbox = self._snapshot()  # references only: the text is written piece by piece
+            self._pending = []  # all in the snapshot
+        self.files.replace(threads, outbox)
+        self._count("write")
+        return version
+
+    def start(self) -> None:
+        """Fold what was read at start; on a full or failing disk, serve and say so once."""
+        try:
+            self.fold()
+        except OSError as e:
+            self._needs_fold = True
+            self.write_error = f"{e.strerror or e} ({self.files.path})"
+            log_event(logging.ERROR, "cannot write the thread store at start; serving, but webhooks are answered "
+                      "503 (Alertmanager retries them) and nothing is posted until a write succeeds",
+                      file=self.files.path, error=e.strerror or str(e))
+
+    def flush(self) -> None:
+        """Every change durable now (after a failed write: retried); StoreError if it cannot be."""
+        with self._lock:
+            version = self._version
+        if version > self._durable or self._needs_fold:
+            self.commit(max(version, self._durable + 1) if self._needs_fold else version)
+
+
+class FileStore(ThreadStore):
+    """Threads and the outbox in memory, made durable in threads.json and a journal beside it.
+
+    Each change is a journal line, durable before the method returns (GroupCommit): a write costs one change,
+    not the whole store. With path None the store is memory-only."""
 
     name = "file"
-    FOLD_BYTES = 16384
 
     def __init__(self, path: Optional[str], metrics: Metrics, retention: float = 86400.0,
                  lock_timeout: float = 60.0, read_only: bool = False) -> None:
@@ -2049,26 +2213,19 @@ class FileStore(ThreadStore):
         self.retention = retention
         self.files = StateFiles(path, read_only) if path else None
         self._lock = threading.Lock()  # guards the fields below
-        self._commit_lock = threading.Lock()  # one writer of the files at a time
         # key -> '"key":{record json}': snapshots are joined from these, journal lines built of them
         self._fragments: Dict[str, str] = {}
         # key -> (status, closed): what prune and the gauges need without parsing records
         self._summary: Dict[str, Tuple[str, Any]] = {}
-        self._outbox: Dict[str, "OrderedDict[str, Tuple[Item, str]]"] = {}  # channel -> id -> (item, its JSON)
-        self._channel_of: Dict[str, str] = {}  # item id -> its channel
-        self._identities: Dict[str, str] = {}  # identity -> the id of the item waiting with it
-        self._waiting = 0
-        self._last_id = (0, 0)
-        self._pending: List[str] = []  # journal lines not yet written
-        self._version = 0  # changes made in memory
-        self._durable = 0  # changes on disk
-        self._needs_fold = False  # after a failed write: only a whole snapshot is sure to hold everything
+        self.outbox = OutboxMemory()
         self._generation = 0
-        self.write_error: Optional[str] = None
+        self.journal = GroupCommit(self.files, self._lock, lambda: (list(self._fragments.values()),
+                                                                    self.outbox.texts()), self._count) \
+            if self.files else None
         if self.files:
             if not read_only:
                 self.files.remove_temp_files()
-            threads, entries = self.files.load()
+            threads, entries = StateReader(self.files).load()
             for key, record in threads.items():
                 self._remember(key, record)
             for item_id, document in entries:
@@ -2077,20 +2234,24 @@ class FileStore(ThreadStore):
                 except ValueError as e:
                     self.files.set_aside(document, f"outbox item {item_id}: {e}")
                     continue
-                self._hold(item, compact_json(document))
-            if not read_only:
-                self._start()
+                self.outbox.hold(item, compact_json(document))
+            if not read_only and self.journal:
+                self.journal.start()
 
     @property
     def moved_aside(self) -> Optional[str]:
         return self.files.moved_aside if self.files else None
+
+    @property
+    def write_error(self) -> Optional[str]:
+        return self.journal.write_error if self.journal else None
 
     @classmethod
     def read(cls, path: str) -> Dict[str, Dict[str, Any]]:
         """The threads a restart would find at path (snapshot plus journal), without writing anything."""
         return cls(path, Metrics(), read_only=True).items()
 
-    # -- memory -----------------------------------------------------------------
+    # -- changes ----------------------------------------------------------------
 
     def _remember(self, key: str, record: Dict[str, Any]) -> str:
         fragment = compact_json(key) + ":" + compact_json(record)
@@ -2098,37 +2259,15 @@ class FileStore(ThreadStore):
         self._summary[key] = (record.get("status", "open"), record.get("closed"))
         return fragment
 
-    def _hold(self, item: Item, text: str) -> None:
-        """An item joins its channel's outbox in memory (caller holds _lock, or is the constructor)."""
-        self._outbox.setdefault(item.channel, OrderedDict())[item.id] = (item, text)
-        self._channel_of[item.id] = item.channel
-        self._identities[item.identity] = item.id
-        self._waiting += 1
-        self._last_id = max(self._last_id, item_order(item.id))
+    def _change(self, line: Optional[str]) -> int:
+        """Queue a journal line (caller holds _lock; None: no change); the version that makes it durable."""
+        if self.journal is None:
+            return 0
+        return self.journal.change(line) if line is not None else self.journal.version
 
-    def _release(self, item_id: str) -> bool:
-        channel = self._channel_of.pop(item_id, None)
-        if channel is None:
-            return False
-        item, _ = self._outbox[channel].pop(item_id)
-        if not self._outbox[channel]:
-            del self._outbox[channel]
-        if self._identities.get(item.identity) == item_id:
-            del self._identities[item.identity]
-        self._waiting -= 1
-        return True
-
-    def _next_id(self) -> str:
-        ms, seq = self._last_id
-        now = int(time.time() * 1000)
-        self._last_id = (now, 0) if now > ms else (ms, seq + 1)
-        return "%d-%d" % self._last_id
-
-    def _change(self, line: str) -> int:
-        """Queue one journal line (caller holds _lock); returns the version that makes it durable."""
-        self._pending.append(line)
-        self._version += 1
-        return self._version
+    def _commit(self, version: int) -> None:
+        if self.journal is not None:
+            self.journal.commit(version)
 
     def get_many(self, keys: Sequence[str]) -> Dict[str, Dict[str, Any]]:
         with self._lock:
@@ -2142,134 +2281,47 @@ class FileStore(ThreadStore):
             version = self._change('{"put":{' + ",".join(fragments) + "}}")
         self._commit(version)
 
-    # -- the outbox -------------------------------------------------------------
-
     def enqueue(self, items: List[Item], limit: int) -> List[Tuple[str, bool]]:
-        taken: List[Tuple[str, bool]] = []
         with self._lock:
-            if self._waiting >= limit:
-                raise OutboxFull(f"{self._waiting:,} alerts are waiting for Slack (OUTBOX_LIMIT is {limit:,})")
-            texts = []
-            for item in items:
-                joined = self._identities.get(item.identity)
-                if joined is not None:
-                    taken.append((joined, True))
-                    continue
-                item.id = self._next_id()
-                text = compact_json({"id": item.id, **item_document(item)})
-                self._hold(item, text)
-                texts.append(text)
-                taken.append((item.id, False))
-            version = self._change('{"enq":[' + ",".join(texts) + "]}") if texts else self._version
+            if self.outbox.count >= limit:
+                raise OutboxFull(f"{self.outbox.count:,} alerts are waiting for Slack (OUTBOX_LIMIT is {limit:,})")
+            added = [self.outbox.add(item) for item in items]
+            texts = [text for _, text in added if text is not None]
+            version = self._change('{"enq":[' + ",".join(texts) + "]}" if texts else None)
         self._commit(version)  # also when every item joined one waiting: that one must be durable too
-        return taken
+        return [(item_id, text is None) for item_id, text in added]
 
     def waiting(self, channel: str, after: Optional[str] = None) -> List[Item]:
-        since = item_order(after) if after else (-1, -1)
         with self._lock:
-            newer = []
-            for item_id in reversed(self._outbox.get(channel, {})):
-                if item_order(item_id) <= since:
-                    break
-                newer.append(self._outbox[channel][item_id][0])
-        newer.reverse()
-        return newer
+            return self.outbox.waiting(channel, after)
 
     def tail(self, channel: str) -> Optional[str]:
         with self._lock:
-            entries = self._outbox.get(channel)
+            entries = self.outbox.channels.get(channel)
             return next(reversed(entries)) if entries else None
 
     def complete(self, channel: str, records: Dict[str, Dict[str, Any]], done: Dict[str, Result]) -> None:
         with self._lock:
             fragments = [self._remember(key, record) for key, record in records.items()]
-            acked = [item_id for item_id in done if self._release(item_id)]
-            version = self._version
-            if fragments or acked:
-                version = self._change('{"put":{' + ",".join(fragments) + '},"ack":' + compact_json(acked) + "}")
+            acked = [item_id for item_id in done if self.outbox.take(item_id)]
+            change = '{"put":{' + ",".join(fragments) + '},"ack":' + compact_json(acked) + "}"
+            version = self._change(change if fragments or acked else None)
         self._commit(version)
         self._keep_results(done)  # an answer that says "posted" is never ahead of the disk
 
     def outbox_summary(self) -> Dict[str, Tuple[int, Optional[float]]]:
         with self._lock:
             return {channel: (len(entries), next(iter(entries.values()))[0].received)
-                    for channel, entries in self._outbox.items()}
+                    for channel, entries in self.outbox.channels.items()}
 
-    # -- durability -------------------------------------------------------------
-
-    def _start(self) -> None:
-        """Fold what was read into a new snapshot; on a full or failing disk, serve and say so once."""
-        try:
-            self._fold()
-        except OSError as e:
-            self._needs_fold = True
-            self.write_error = f"{e.strerror or e} ({self.path})"
-            log_event(logging.ERROR, "cannot write the thread store at start; serving, but webhooks are answered "
-                      "503 (Alertmanager retries them) and nothing is posted until a write succeeds",
-                      file=self.path, error=e.strerror or str(e))
-
-    def _commit(self, version: int) -> None:
-        """Make every change up to `version` durable; one append and fdatasync serves all waiting writers."""
-        if not self.files:
-            return
-        with self._commit_lock:
-            if self._durable >= version:
-                return  # a concurrent writer's commit carried this change too
-            try:
-                if self._needs_fold or self.files.journal_bytes > max(self.files.snapshot_bytes, self.FOLD_BYTES):
-                    version = self._fold_locked()  # the new snapshot holds these changes too
-                else:
-                    with self._lock:
-                        version, lines, self._pending = self._version, self._pending, []
-                    self.files.append(("\n".join(lines) + "\n").encode())
-                    self._count("append")
-            except OSError as e:
-                self._needs_fold = True  # memory holds every change: the next commit writes them all
-                first = self.write_error is None
-                self.write_error = f"{e.strerror or e} ({self.path})"
-                self._count("write", error=True)
-                if first:
-                    log_event(logging.ERROR, "cannot write thread store; webhooks are answered 503 (Alertmanager "
-                              "retries them) and nothing is posted until a write succeeds", file=self.path,
-                              error=e.strerror or str(e))
-                raise StoreError(f"cannot write {self.path}: {e.strerror or e}") from None
-            self._needs_fold = False
-            self._durable = max(self._durable, version)
-            if self.write_error is not None:
-                log_event(logging.INFO, "thread store written again", file=self.path)
-            self.write_error = None
-
-    def _fold(self) -> None:
-        """Fold the journal into a new snapshot now (start-up, clean stop)."""
-        if not self.files:
-            return
-        with self._commit_lock:
-            self._durable = max(self._durable, self._fold_locked())
-            self._needs_fold = False
-
-    def _fold_locked(self) -> int:
-        """Snapshot everything in memory (caller holds _commit_lock); returns the version it holds."""
-        assert self.files
-        with self._lock:
-            version = self._version
-            threads = list(self._fragments.values())  # references only: the text is written piece by piece
-            outbox = [text for entries in self._outbox.values() for _, text in entries.values()]
-            self._pending = []  # all in the snapshot
-        self.files.replace(threads, outbox)
-        self._count("write")
-        return version
+    # -- the rest of the interface ----------------------------------------------
 
     def ready(self) -> None:
         self.flush()
 
     def flush(self) -> None:
-        """Make every change durable now (after a failed write: retry it); raises StoreError if it cannot."""
-        with self._lock:
-            version = self._version
-        if version > self._durable or self._needs_fold:
-            self._commit(max(version, self._durable + 1) if self._needs_fold else version)
-
-    # -- the rest of the interface ----------------------------------------------
+        if self.journal is not None:
+            self.journal.flush()
 
     def items(self) -> Dict[str, Dict[str, Any]]:
         with self._lock:
@@ -2305,7 +2357,7 @@ class FileStore(ThreadStore):
                      if status == "closed" and isinstance(closed, (int, float)) and closed + self.retention < now]
             for key in stale:
                 del self._fragments[key], self._summary[key]
-            version = self._change(json.dumps({"del": stale}, ensure_ascii=False)) if stale else 0
+            version = self._change(compact_json({"del": stale}) if stale else None)
         if stale:
             self._count("prune")
             self._commit(version)
@@ -2316,10 +2368,10 @@ class FileStore(ThreadStore):
     def health(self) -> Dict[str, Any]:
         with contextlib.suppress(StoreError):
             self.flush()  # a disk that has recovered shows so at once
-        status: Dict[str, Any] = {"ok": self.write_error is None,
-                                  "file_status": "ok" if self.write_error is None else "write failing"}
-        if self.write_error:
-            status["store_error"] = self.write_error
+        error = self.write_error
+        status: Dict[str, Any] = {"ok": error is None, "file_status": "ok" if error is None else "write failing"}
+        if error:
+            status["store_error"] = error
         if self.moved_aside:
             status["moved_aside"] = self.moved_aside
         if self.files and self.files.damaged:
@@ -2333,10 +2385,10 @@ class FileStore(ThreadStore):
 
     def close(self) -> None:
         """Fold the journal, so that a stopped service leaves everything in threads.json."""
-        if not self.files:
+        if not self.files or not self.journal:
             return
         try:
-            self._fold()
+            self.journal.fold()
         except OSError as e:
             log_event(logging.ERROR, "cannot write thread store at stop; the journal keeps the changes",
                       file=self.path, error=e.strerror or str(e))
@@ -2588,6 +2640,183 @@ def redis_record(value: Optional[str]) -> Optional[Dict[str, Any]]:
         return None
 
 
+class RedisOutbox:
+    """The channels' outboxes in Redis, and who sends for each.
+
+    A stream per channel (PREFIX-outbox:CHANNEL) holds its items, an identity
+    map beside it (PREFIX-outbox-ids:CHANNEL) the item waiting for each
+    identity, and PREFIX-outbox-channels the channels that have one. A told
+    item's result stays PREFIX-done:ID for RESULTS_KEPT, for whichever replica
+    took its webhook. PREFIX-sender:CHANNEL is the channel's sender lease:
+    this process renews those it holds every second, and a completion checks
+    its lease in the same script that writes."""
+
+    def __init__(self, redis: RedisConnection, prefix: str, leases: RedisLeases, sender_lease: float) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.leases = leases
+        self.sender_lease = sender_lease
+        self._token = os.urandom(12).hex()  # this process's, on the senders' leases it holds
+        self._enqueue = redis.script(ENQUEUE_LUA)
+        self._complete = redis.script(COMPLETE_LUA)
+        self._hold_sender = redis.script(HOLD_SENDER_LUA)
+        self._release = redis.script(RELEASE_LOCK_LUA)
+        self._lock = threading.Lock()
+        self.sending: set = set()  # channels this process holds the sender lease of
+        self._keeper: Optional[threading.Thread] = None
+        self.closed = threading.Event()
+        self.damaged = 0  # entries set aside since start
+
+    def _key(self, channel: str, part: str = "") -> str:
+        return f"{self.prefix}-outbox{part}:{channel}"  # outside PREFIX:*, like the leases
+
+    def _channels_key(self) -> str:
+        return f"{self.prefix}-outbox-channels"
+
+    def enqueue(self, items: List[Item], limit: int) -> List[Tuple[str, bool]]:
+        if not items:
+            return []
+        channel = items[0].channel
+        assert all(item.channel == channel for item in items), "a webhook's alerts go to one channel"
+
+        def add() -> Any:
+            channels = set(self.redis.client.smembers(self._channels_key())) | {channel}
+            args: List[Any] = [channel, limit]
+            for item in items:
+                args += [item.identity, compact_json(item_document(item))]
+            return self._enqueue(keys=[self._key(channel), self._key(channel, "-ids"), self._channels_key(),
+                                       *map(self._key, sorted(channels))], args=args)
+        ids = self.redis.run("enqueue", add)
+        if ids == -1:
+            raise OutboxFull(f"OUTBOX_LIMIT ({limit:,}) alerts are waiting for Slack")
+        taken = [(i[1:], True) if i.startswith("=") else (i, False) for i in ids]
+        for item, (item_id, _) in zip(items, taken):
+            item.id = item_id
+        return taken
+
+    def waiting(self, channel: str, after: Optional[str] = None) -> List[Item]:
+        key = self._key(channel)
+        entries = self.redis.run("outbox", lambda: self.redis.client.xrange(key, min=after or "-", max="+"))
+        items = []
+        for entry_id, fields in entries:
+            if entry_id == after:
+                continue
+            try:
+                item = item_from_document(json.loads(fields.get("item", "")), entry_id)
+                if item.channel != channel:
+                    raise ValueError(f"an item of channel {truncate(item.channel, 40)!r} in this one's outbox")
+            except (ValueError, RecursionError) as e:
+                self._set_aside(channel, entry_id, fields, str(e))
+                continue
+            items.append(item)
+        return items
+
+    def _set_aside(self, channel: str, entry_id: str, fields: Dict[str, str], reason: str) -> None:
+        self.damaged += 1
+        damaged = self._key(channel, "-damaged")
+        entry = compact_json({"at": iso_now(), "id": entry_id, "reason": reason, "entry": fields})
+        log_event(logging.ERROR, "outbox entry damaged; set aside, the rest is delivered", channel=channel,
+                  id=entry_id, reason=truncate(reason, 200), set_aside_in=damaged)
+        with contextlib.suppress(StoreError):
+            self.redis.run("outbox", lambda: self.redis.client.pipeline().lpush(damaged, entry)
+                           .xdel(self._key(channel), entry_id).execute())
+
+    def tail(self, channel: str) -> Optional[str]:
+        key = self._key(channel)
+        newest = self.redis.run("outbox", lambda: self.redis.client.xrevrange(key, max="+", min="-", count=1))
+        return newest[0][0] if newest else None
+
+    def complete(self, channel: str, records: List[Tuple[str, str, int]], done: Dict[str, Result]) -> None:
+        """Write the records (key, JSON, expiry) and take the done items out, if this process still sends."""
+        held = self.leases.held()
+        args: List[Any] = [self._token, int(self.sender_lease * 1000), len(held), int(self.leases.lease * 1000),
+                           len(records), int(RESULTS_KEPT), *held.values()]
+        for _, text, expiry in records:
+            args += [text, expiry]
+        for item_id, result in done.items():
+            args += [item_id, compact_json(result)]
+        keys = [self._sender_key(channel), self._key(channel), self._key(channel, "-ids"), *held,
+                *(key for key, _, _ in records), *(f"{self.prefix}-done:{item_id}" for item_id in done)]
+        if not self.redis.run("complete", lambda: self._complete(keys=keys, args=args)):
+            with self._lock:
+                self.sending.discard(channel)
+            raise LeaseLost(f"another replica sends for {channel} now (this one's lease ran out); it wrote nothing")
+
+    def summary(self) -> Dict[str, Tuple[int, Optional[float]]]:
+        def read() -> Dict[str, Tuple[int, Optional[float]]]:
+            channels = sorted(self.redis.client.smembers(self._channels_key()))
+            pipe = self.redis.client.pipeline(transaction=False)
+            for channel in channels:
+                pipe.xlen(self._key(channel))
+                pipe.xrange(self._key(channel), min="-", max="+", count=1)
+            answers = pipe.execute()
+            summary = {}
+            for channel, length, oldest in zip(channels, answers[::2], answers[1::2]):
+                if length:
+                    with contextlib.suppress(ValueError, TypeError, KeyError, IndexError):
+                        summary[channel] = (length, float(json.loads(oldest[0][1]["item"])["received"]))
+                    summary.setdefault(channel, (length, None))
+            return summary
+        return self.redis.run("outbox", read)
+
+    def told(self, ids: Sequence[str]) -> Dict[str, Result]:
+        """The results of those items that were told (by any replica)."""
+        if not ids:
+            return {}
+        values = self.redis.run("results", lambda: self.redis.client.mget(
+            [f"{self.prefix}-done:{item_id}" for item_id in ids]))
+        found = {}
+        for item_id, value in zip(ids, values):
+            if value:
+                action, ts = json.loads(value)
+                found[item_id] = (action, ts)
+        return found
+
+    # -- who sends ------------------------------------------------------------------
+
+    def _sender_key(self, channel: str) -> str:
+        return f"{self.prefix}-sender:{channel}"
+
+    def hold_sender(self, channel: str) -> bool:
+        try:
+            held = self.redis.run("sender", lambda: self._hold_sender(
+                keys=[self._sender_key(channel)], args=[self._token, int(self.sender_lease * 1000)]))
+        except StoreError:
+            held = 0
+        with self._lock:
+            if not held:
+                self.sending.discard(channel)
+                return False
+            self.sending.add(channel)
+            if self._keeper is None:
+                self._keeper = threading.Thread(target=self._keep_leases, daemon=True,
+                                                name="alert-threader-sender-leases")
+                self._keeper.start()
+        return True
+
+    def _keep_leases(self) -> None:
+        """Renew the leases of the channels this process sends for, every second, whatever the senders do."""
+        while not self.closed.wait(min(1.0, self.sender_lease / 3)):
+            with self._lock:
+                channels = list(self.sending)
+            for channel in channels:
+                if not self.hold_sender(channel) and not self.closed.is_set():
+                    log_event(logging.WARNING, "this replica lost its lease on the channel", channel=channel)
+
+    def release_sender(self, channel: str) -> None:
+        with self._lock:
+            self.sending.discard(channel)
+        with contextlib.suppress(StoreError):
+            self.redis.run("sender", lambda: self._release(keys=[self._sender_key(channel)], args=[self._token]))
+
+    def close(self) -> None:
+        self.closed.set()
+        if self._keeper is not None:
+            self._keeper.join(5)  # it uses the client: not while it is closed
+        for channel in list(self.sending):
+            self.release_sender(channel)
+
+
 class RedisStore(ThreadStore):
     """Threads as JSON strings under PREFIX:KEY and each channel's outbox as a stream, shared by every replica.
 
@@ -2609,26 +2838,13 @@ class RedisStore(ThreadStore):
         self.prefix = prefix
         self.retention = retention
         self.leases = RedisLeases(self.redis, prefix, lease, lock_timeout)
-        self.sender_lease = sender_lease
-        self._token = os.urandom(12).hex()  # this process's, on the senders' leases it holds
+        self.outbox = RedisOutbox(self.redis, prefix, self.leases, sender_lease)
         self._guarded_write = self.redis.script(GUARDED_WRITE_LUA)
-        self._hold_sender = self.redis.script(HOLD_SENDER_LUA)
-        self._release = self.redis.script(RELEASE_LOCK_LUA)
-        self._enqueue = self.redis.script(ENQUEUE_LUA)
-        self._complete = self.redis.script(COMPLETE_LUA)
         self._reserve_turn = self.redis.script(RESERVE_TURN_LUA)
         self._hold_off = self.redis.script(HOLD_OFF_LUA)
-        self._lock = threading.Lock()
-        self._sending: set = set()  # channels this process holds the sender lease of
-        self._keeper: Optional[threading.Thread] = None
-        self._closed = threading.Event()
-        self.damaged = 0  # outbox entries set aside since start
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}:{key}"
-
-    def _outbox_key(self, channel: str, part: str = "") -> str:
-        return f"{self.prefix}-outbox{part}:{channel}"  # outside PREFIX:*, like the leases
 
     def _expiry(self, record: Dict[str, Any]) -> int:
         """Seconds a record lives: closed threads for the retention, open ones for ever (0)."""
@@ -2687,148 +2903,37 @@ class RedisStore(ThreadStore):
     def generation(self) -> int:
         return int(self.redis.run("get", lambda: self.redis.client.get(f"{self.prefix}-generation")) or 0)
 
-    # -- the outbox -------------------------------------------------------------
+    # -- the outbox (RedisOutbox) ------------------------------------------------
 
     def enqueue(self, items: List[Item], limit: int) -> List[Tuple[str, bool]]:
-        if not items:
-            return []
-        channel = items[0].channel
-        assert all(item.channel == channel for item in items), "a webhook's alerts go to one channel"
-
-        def add() -> Any:
-            channels = set(self.redis.client.smembers(self._channels_key())) | {channel}
-            args: List[Any] = [channel, limit]
-            for item in items:
-                args += [item.identity, compact_json(item_document(item))]
-            return self._enqueue(keys=[self._outbox_key(channel), self._outbox_key(channel, "-ids"),
-                                       self._channels_key(), *map(self._outbox_key, sorted(channels))], args=args)
-        ids = self.redis.run("enqueue", add)
-        if ids == -1:
-            raise OutboxFull(f"OUTBOX_LIMIT ({limit:,}) alerts are waiting for Slack")
-        taken = [(i[1:], True) if i.startswith("=") else (i, False) for i in ids]
-        for item, (item_id, _) in zip(items, taken):
-            item.id = item_id
-        return taken
-
-    def _channels_key(self) -> str:
-        return f"{self.prefix}-outbox-channels"
+        return self.outbox.enqueue(items, limit)
 
     def waiting(self, channel: str, after: Optional[str] = None) -> List[Item]:
-        key = self._outbox_key(channel)
-        entries = self.redis.run("outbox", lambda: self.redis.client.xrange(key, min=after or "-", max="+"))
-        items = []
-        for entry_id, fields in entries:
-            if entry_id == after:
-                continue
-            try:
-                item = item_from_document(json.loads(fields.get("item", "")), entry_id)
-                if item.channel != channel:
-                    raise ValueError(f"an item of channel {truncate(item.channel, 40)!r} in this one's outbox")
-            except (ValueError, RecursionError) as e:
-                self._set_aside(channel, entry_id, fields, str(e))
-                continue
-            items.append(item)
-        return items
-
-    def _set_aside(self, channel: str, entry_id: str, fields: Dict[str, str], reason: str) -> None:
-        self.damaged += 1
-        damaged = self._outbox_key(channel, "-damaged")
-        entry = compact_json({"at": iso_now(), "id": entry_id, "reason": reason, "entry": fields})
-        log_event(logging.ERROR, "outbox entry damaged; set aside, the rest is delivered", channel=channel,
-                  id=entry_id, reason=truncate(reason, 200), set_aside_in=damaged)
-        with contextlib.suppress(StoreError):
-            self.redis.run("outbox", lambda: self.redis.client.pipeline().lpush(damaged, entry)
-                           .xdel(self._outbox_key(channel), entry_id).execute())
+        return self.outbox.waiting(channel, after)
 
     def tail(self, channel: str) -> Optional[str]:
-        key = self._outbox_key(channel)
-        newest = self.redis.run("outbox", lambda: self.redis.client.xrevrange(key, max="+", min="-", count=1))
-        return newest[0][0] if newest else None
+        return self.outbox.tail(channel)
 
     def complete(self, channel: str, records: Dict[str, Dict[str, Any]], done: Dict[str, Result]) -> None:
-        held = self.leases.held()
-        args: List[Any] = [self._token, int(self.sender_lease * 1000), len(held), int(self.leases.lease * 1000),
-                           len(records), int(RESULTS_KEPT), *held.values()]
-        for record in records.values():
-            args += [compact_json(record), self._expiry(record)]
-        for item_id, result in done.items():
-            args += [item_id, compact_json(result)]
-        keys = [self._sender_key(channel), self._outbox_key(channel), self._outbox_key(channel, "-ids"), *held,
-                *map(self._key, records), *(f"{self.prefix}-done:{item_id}" for item_id in done)]
-        if not self.redis.run("complete", lambda: self._complete(keys=keys, args=args)):
-            with self._lock:
-                self._sending.discard(channel)
-            raise LeaseLost(f"another replica sends for {channel} now (this one's lease ran out); it wrote nothing")
+        self.outbox.complete(channel, [(self._key(key), compact_json(record), self._expiry(record))
+                                       for key, record in records.items()], done)
         self._keep_results(done)
 
     def outbox_summary(self) -> Dict[str, Tuple[int, Optional[float]]]:
-        def read() -> Dict[str, Tuple[int, Optional[float]]]:
-            channels = sorted(self.redis.client.smembers(self._channels_key()))
-            pipe = self.redis.client.pipeline(transaction=False)
-            for channel in channels:
-                pipe.xlen(self._outbox_key(channel))
-                pipe.xrange(self._outbox_key(channel), min="-", max="+", count=1)
-            answers = pipe.execute()
-            summary = {}
-            for channel, length, oldest in zip(channels, answers[::2], answers[1::2]):
-                if length:
-                    with contextlib.suppress(ValueError, TypeError, KeyError, IndexError):
-                        summary[channel] = (length, float(json.loads(oldest[0][1]["item"])["received"]))
-                    summary.setdefault(channel, (length, None))
-            return summary
-        return self.redis.run("outbox", read)
+        return self.outbox.summary()
 
     def results(self, ids: Sequence[str]) -> Dict[str, Result]:
         found = super().results(ids)
-        missing = [i for i in ids if i not in found]
-        if missing:  # told by another replica
-            values = self.redis.run("results", lambda: self.redis.client.mget(
-                [f"{self.prefix}-done:{item_id}" for item_id in missing]))
-            for item_id, value in zip(missing, values):
-                if value:
-                    action, ts = json.loads(value)
-                    found[item_id] = (action, ts)
-        return found
+        return {**found, **self.outbox.told([i for i in ids if i not in found])}
 
     def wait_told(self, timeout: float) -> None:
         super().wait_told(min(timeout, 0.1))  # another replica's news comes only by asking Redis again
 
-    # -- senders ------------------------------------------------------------------
-
-    def _sender_key(self, channel: str) -> str:
-        return f"{self.prefix}-sender:{channel}"
-
     def hold_sender(self, channel: str) -> bool:
-        try:
-            held = self.redis.run("sender", lambda: self._hold_sender(
-                keys=[self._sender_key(channel)], args=[self._token, int(self.sender_lease * 1000)]))
-        except StoreError:
-            held = 0
-        with self._lock:
-            if not held:
-                self._sending.discard(channel)
-                return False
-            self._sending.add(channel)
-            if self._keeper is None:
-                self._keeper = threading.Thread(target=self._keep_leases, daemon=True,
-                                                name="alert-threader-sender-leases")
-                self._keeper.start()
-        return True
-
-    def _keep_leases(self) -> None:
-        """Renew the leases of the channels this process sends for, every second, whatever the senders do."""
-        while not self._closed.wait(min(1.0, self.sender_lease / 3)):
-            with self._lock:
-                channels = list(self._sending)
-            for channel in channels:
-                if not self.hold_sender(channel) and not self._closed.is_set():
-                    log_event(logging.WARNING, "this replica lost its lease on the channel", channel=channel)
+        return self.outbox.hold_sender(channel)
 
     def release_sender(self, channel: str) -> None:
-        with self._lock:
-            self._sending.discard(channel)
-        with contextlib.suppress(StoreError):
-            self.redis.run("sender", lambda: self._release(keys=[self._sender_key(channel)], args=[self._token]))
+        self.outbox.release_sender(channel)
 
     # -- what replicas share besides records --------------------------------------
 
@@ -2865,8 +2970,9 @@ class RedisStore(ThreadStore):
         status: Dict[str, Any] = {"ok": connected, "redis_status": "connected" if connected else "disconnected"}
         if not connected:
             status["store_error"] = f"redis unreachable: {self.redis.last_error}"
-        if self.damaged:
-            status["damaged_entries"] = {"count": self.damaged, "set_aside_in": self._outbox_key("CHANNEL", "-damaged")}
+        if self.outbox.damaged:
+            status["damaged_entries"] = {"count": self.outbox.damaged,
+                                         "set_aside_in": f"{self.prefix}-outbox-damaged:CHANNEL"}
         return status
 
     def stats(self) -> Dict[str, Any]:
@@ -2878,11 +2984,7 @@ class RedisStore(ThreadStore):
         return {"redis": {name: info.get(name) for name in fields}}
 
     def close(self) -> None:
-        self._closed.set()
-        if self._keeper is not None:
-            self._keeper.join(5)  # it uses the client: not while it is closed
-        for channel in list(self._sending):
-            self.release_sender(channel)
+        self.outbox.close()
         self.redis.close()
 
 

@@ -796,7 +796,7 @@ def test_journal_is_folded_into_the_snapshot_when_it_outgrows_it(tmp_path):
     for i in range(30):
         store.put(f"key{i}", dict(big, ts=f"{i}.1"))
         journal, snapshot = (tmp_path / "threads.json.journal").stat().st_size, (tmp_path / "threads.json").stat().st_size
-        assert journal <= max(snapshot, at.FileStore.FOLD_BYTES) + 3200, "never much larger than the state it holds"
+        assert journal <= max(snapshot, at.GroupCommit.FOLD_BYTES) + 3200, "never much larger than the state it holds"
     snapshot = json.loads((tmp_path / "threads.json").read_text())["threads"]
     assert 0 < len(snapshot) < 30, "folded as the journal outgrew the snapshot, then appended again"
     assert set(on_disk(tmp_path)) == {f"key{i}" for i in range(30)}
@@ -2681,11 +2681,11 @@ def test_a_sender_that_lost_its_channel_writes_nothing_over_the_replica_that_too
                             DELIVERY_WAIT="0.2s", overrides={"sender_lease": 0.5}) for _ in range(2))
     wait_for(lambda: stalled.service.store.hold_sender("C0ALERTS") or taker.service.store.hold_sender("C0ALERTS"),
              what="one replica to hold the channel")
-    holder, other = (stalled, taker) if "C0ALERTS" in stalled.service.store._sending else (taker, stalled)
+    holder, other = (stalled, taker) if "C0ALERTS" in stalled.service.store.outbox.sending else (taker, stalled)
     slack.fail("chat.postMessage", {"sleep": 2.0}, {})  # the holder's post stalls
     holder.alert(webhook(make_alert()))
     wait_for(lambda: slack.calls, what="the holder's post to reach Slack")
-    holder.service.store._closed.set()  # its lease keeper stops, as in a paused process: the lease runs out
+    holder.service.store.outbox.closed.set()  # its lease keeper stops, as in a paused process: the lease runs out
     wait_for(lambda: len(slack.calls) >= 2, timeout=10, what="the other replica to take the channel and post")
     taken = wait_for(lambda: redis_server.client().get(
         "threader:ts:DatabaseDown|critical|database|prod-eu|production"), what="the new holder's thread")
