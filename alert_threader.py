@@ -4,7 +4,9 @@
 Each alert key (alertname|severity|service|cluster|ENVIRONMENT) gets a parent
 message in Slack; further alerts of that key, their resolves and re-fires are
 replies in its thread, and the parent is kept up to date as a status card.
-Alertmanager's repeats and retries post nothing twice.
+Alertmanager's repeats and retries post nothing twice. A webhook's alerts go
+into a durable outbox and the webhook is answered at once (DELIVERY_WAIT at
+most); one sender per channel tells them at Slack's pace, a storm as a digest.
 
 Run:   python3 alert_threader.py            serve webhooks on :9009 (POST /alert)
        python3 alert_threader.py render F   print the Slack payloads webhook file F makes
@@ -1589,7 +1591,8 @@ class HeldKeys:
 
 
 Result = Tuple[str, Optional[str]]  # what became of an item: (action, the ts of the thread it was told in)
-RESULTS_KEPT = 300.0  # seconds an item's result stays to be read: a webhook waits DELIVERY_WAIT at most
+# An item's result stays this long to be read (a webhook waits DELIVERY_WAIT at most), the newest this many.
+RESULTS_KEPT, RESULTS_MAX = 300.0, 100_000
 
 
 class ThreadStore:
@@ -1611,6 +1614,7 @@ class ThreadStore:
         self._limits = LocalLimits()
         self._results: "OrderedDict[str, Tuple[Result, float]]" = OrderedDict()
         self._told = threading.Condition()  # notified when items of this process are told
+        self._storms: Dict[str, bool] = {}  # channel -> in a storm (its sender says)
 
     # -- threads ----------------------------------------------------------------
 
@@ -1713,7 +1717,8 @@ class ThreadStore:
         with self._told:
             for item_id, result in done.items():
                 self._results[item_id] = (result, now)
-            while self._results and next(iter(self._results.values()))[1] < now - RESULTS_KEPT:
+            while self._results and (len(self._results) > RESULTS_MAX
+                                     or next(iter(self._results.values()))[1] < now - RESULTS_KEPT):
                 self._results.popitem(last=False)
             self._told.notify_all()
 
@@ -1725,6 +1730,15 @@ class ThreadStore:
 
     def release_sender(self, channel: str) -> None:
         """Give the channel's lease up (at stop), so that another replica takes over at once."""
+
+    def note_storm(self, channel: str, storm: bool) -> None:
+        """The channel's sender says whether it is in a storm (every replica's intake answers accordingly)."""
+        with self._told:
+            self._storms[channel] = storm
+
+    def storming(self, channel: str) -> bool:
+        with self._told:
+            return self._storms.get(channel, False)
 
     # -- what replicas share besides records ----------------------------------------
 
@@ -2935,6 +2949,19 @@ class RedisStore(ThreadStore):
     def release_sender(self, channel: str) -> None:
         self.outbox.release_sender(channel)
 
+    def note_storm(self, channel: str, storm: bool) -> None:
+        super().note_storm(channel, storm)
+        key = f"{self.prefix}-storm:{channel}"  # short-lived: a sender that is gone leaves no storm behind
+        with contextlib.suppress(StoreError):
+            self.redis.run("storm", lambda: self.redis.client.set(key, "1", ex=30) if storm
+                           else self.redis.client.delete(key))
+
+    def storming(self, channel: str) -> bool:
+        try:
+            return bool(self.redis.run("storm", lambda: self.redis.client.exists(f"{self.prefix}-storm:{channel}")))
+        except StoreError:
+            return super().storming(channel)
+
     # -- what replicas share besides records --------------------------------------
 
     def reserve(self, bucket: str, interval: float, burst: int, max_wait: float) -> Optional[float]:
@@ -3045,11 +3072,11 @@ class SlackError(ThreaderError):
             return CONFIGURATION_ERRORS[self.error]
         if self.error.startswith(("network", "timeout")):
             return ("cannot reach Slack at SLACK_API_URL: check the URL, DNS, proxy and firewall "
-                    "(Alertmanager keeps retrying the webhook meanwhile)")
+                    "(the alerts wait in the outbox meanwhile)")
         if self.kind == RATE_LIMITED:
-            return "Slack is rate limiting; Alertmanager retries the webhook"
+            return "Slack is rate limiting; the channel waits its Retry-After"
         if self.kind == TRANSIENT:
-            return "Slack is having trouble; Alertmanager retries the webhook"
+            return "Slack is having trouble; the alerts wait in the outbox and are sent again"
         if self.kind == LAYOUT:
             return "Slack rejected the message layout; sent as plain text instead"
         return "see https://api.slack.com/methods/" + self.method
@@ -4461,6 +4488,9 @@ class Poster:
                 self.store.hold_off(bucket, e.retry_after, every, burst)  # for every worker, not only this one
             if method == "chat.postMessage":
                 self.note_error(e)
+                if e.maybe_done:  # the one window in which a message can show twice: said where it happens
+                    self._log.log(logging.WARNING, "maybe_done", "Slack may have taken a post whose answer was "
+                                  "lost; it is sent again and may show twice", error=e.error)
             raise
         if method == "chat.postMessage":
             with self._lock:
@@ -4693,6 +4723,7 @@ class Sender:
 
     BACKOFF_MAX = 15.0
     CARD_RETRY = 2.0
+    GATHER, GATHER_MAX = 0.05, 0.25  # a burst of webhooks is planned for once it pauses, or after GATHER_MAX
     IDLE = 1.0  # seconds between tries for the lease of a channel another replica sends for
     POLL = 0.25  # seconds between looks at a shared outbox, which other replicas' intake fills unseen
 
@@ -4712,6 +4743,7 @@ class Sender:
         self.cards: Dict[str, Tuple[bool, bool]] = {}  # key -> (edit due, ✅ due)
         self.card_due: Dict[str, float] = {}  # key -> when its card may be edited next (monotonic)
         self.failures = 0
+        self.gathering_since: Optional[float] = None  # when the burst being gathered began (monotonic)
         self.woken = threading.Event()
         self._log = LogLimiter()
 
@@ -4752,7 +4784,9 @@ class Sender:
             return self.IDLE
         if not self.holding:  # this replica (re)starts sending: what it knew may have changed meanwhile
             self.holding, self.backlog, self.last_id, self.cache = True, OrderedDict(), None, {}
-        self.refresh()
+        gathering = self.refresh()
+        if gathering:
+            return gathering  # alerts are pouring in: plan once with them all, not once for each
         wait = self.POLL if self.store.shared else 60.0
         if self.backlog:
             now = time.time()
@@ -4774,6 +4808,12 @@ class Sender:
                 wait = 0.0
             elif plan.wake_at is not None:
                 wait = min(wait, max(0.0, plan.wake_at - now))
+        elif self.state.storm:  # nothing waits: the storm ends once the arrivals within STORM_WINDOW fall
+            now = time.time()
+            self.state.arrivals = recent_arrivals(self.state.arrivals, {}, now, self.rules.storm_window,
+                                                  self.rules.storm_threshold + 1)
+            self.storm(storm_mode(True, 0, len(self.state.arrivals), self.rules.storm_threshold))
+            wait = min(wait, 1.0)
         return min(wait, self.edit_cards())
 
     def arrived(self) -> bool:
@@ -4781,10 +4821,18 @@ class Sender:
         tail = self.store.tail(self.channel)
         return tail is not None and (self.last_id is None or item_order(tail) > item_order(self.last_id))
 
-    def refresh(self) -> None:
-        for item in self.store.waiting(self.channel, self.last_id):
+    def refresh(self) -> float:
+        """Read what arrived since; while alerts keep arriving (a burst), the seconds to wait for the rest."""
+        now, arrived = time.monotonic(), self.store.waiting(self.channel, self.last_id)
+        for item in arrived:
             self.backlog[item.id] = item
             self.last_id = item.id
+        if not arrived or self.rules.pace == 0:
+            self.gathering_since = None
+            return 0.0
+        if self.gathering_since is None:
+            self.gathering_since = now
+        return self.GATHER if now - self.gathering_since < self.GATHER_MAX else 0.0
 
     def records(self) -> Dict[str, Dict[str, Any]]:
         """The records the backlog's threads have now (and their digests): this sender's own copies, and the
@@ -4821,6 +4869,8 @@ class Sender:
             log_event(logging.WARNING if storm else logging.INFO,
                       "alert storm: new alerts join the channel's digest" if storm else
                       "alert storm over: new alerts get threads of their own again", channel=self.channel)
+        if storm or storm != self.state.storm:
+            self.store.note_storm(self.channel, storm)  # renewed at every turn of a storm
         self.state.storm = storm
 
     def edit_cards(self) -> float:
@@ -4940,8 +4990,12 @@ class Intake:
             return "\\" + thread_key
         return thread_key
 
-    def take(self, hook: Webhook, channel: Optional[str] = None) -> Tuple[int, Dict[str, Any]]:
-        """Store the webhook's alerts and answer: 200 with each alert's result, or 503 (nothing stored)."""
+    def take(self, hook: Webhook, channel: Optional[str] = None,
+             since: Optional[float] = None) -> Tuple[int, Dict[str, Any]]:
+        """Store the webhook's alerts and answer: 200 with each alert's result, or 503 (nothing stored).
+
+        The answer waits DELIVERY_WAIT at most from `since` (when the request came: monotonic), or from now."""
+        deadline = (time.monotonic() if since is None else since) + self.config.delivery_wait
         channel = channel or self.default_channel
         body: Dict[str, Any] = {"ok": True, "count": len(hook.alerts), "status": hook.status,
                                 "group_key": hook.group_key, "thread_store": self.store.name, "results": []}
@@ -4955,7 +5009,9 @@ class Intake:
             return 503, dict(body, ok=False, error=f"thread store: {e}; Alertmanager retries")
         if items:
             self.senders.wake(channel)
-        told = self.told([item_id for item_id, _ in taken])
+        if self.config.slack_pace and self.store.storming(channel):
+            deadline = 0.0  # in a storm its alerts go out in the digest's rhythm: waiting would only hold a connection
+        told = self.told([item_id for item_id, _ in taken], deadline)
         for (index, item, thread_ts), (item_id, joined) in zip(items, taken):
             action, ts = told.get(item_id, ("queued", thread_ts))
             results[index] = (item.thread_key, "unchanged" if joined and action != "queued" else action, ts)
@@ -4986,9 +5042,8 @@ class Intake:
             items.append((i, outbox_item(alert, channel, keys[i], thread_keys[i], external_url, group_labels, now), ts))
         return items, results
 
-    def told(self, ids: List[str]) -> Dict[str, Result]:
-        """The results of the items told within DELIVERY_WAIT (the rest are queued)."""
-        deadline = time.monotonic() + self.config.delivery_wait
+    def told(self, ids: List[str], deadline: float) -> Dict[str, Result]:
+        """The results of the items told by the deadline (monotonic; the rest are queued)."""
         found: Dict[str, Result] = {}
         while ids:
             with contextlib.suppress(StoreError):  # stored durably already: an answer without results will do
@@ -5379,13 +5434,15 @@ class Request:
     headers: Any  # http.client.HTTPMessage: case-insensitive get()
     length: Optional[int]  # the declared Content-Length, None without one
     client: str = "127.0.0.1"  # the peer's address
+    came: float = dataclasses.field(default_factory=time.monotonic)  # when its first line was read
 
     @classmethod
-    def parse(cls, method: str, target: str, headers: Any, length: Optional[int], client: str) -> "Request":
+    def parse(cls, method: str, target: str, headers: Any, length: Optional[int], client: str,
+              came: Optional[float] = None) -> "Request":
         parts = urllib.parse.urlsplit(target)
         return cls(method=method, path=parts.path.rstrip("/") or "/",
                    query=urllib.parse.parse_qs(parts.query) if parts.query else {}, headers=headers, length=length,
-                   client=client)
+                   client=client, came=time.monotonic() if came is None else came)
 
 
 def error(status: int, message: str, **headers: str) -> Response:
@@ -5518,7 +5575,7 @@ class App:
             hook = parse_webhook(read_body(), request.headers.get("Content-Type", ""))
             if self.stopping:
                 return error(503, "shutting down; Alertmanager will retry", Connection="close")
-            status, body = self.delivery.intake.take(hook, channel)
+            status, body = self.delivery.intake.take(hook, channel, since=request.came)
         if status == 200 and log.isEnabledFor(logging.INFO):  # a line's fields are worked out only if it is written
             actions: Dict[str, int] = {}
             for result in body["results"]:
@@ -5665,6 +5722,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def parse_request(self) -> bool:
         """http.server's parsing, of a head first read here within limits of its own."""
+        self.came = time.monotonic()  # the request line is in: DELIVERY_WAIT counts from here
         self.command, self.request_version = None, self.default_request_version  # for a refusal's answer
         self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
         try:
@@ -5732,7 +5790,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return error(400, "Content-Length must be a non-negative integer")
         self.unread = int(length) if length is not None else 0
         self.request_info = Request.parse(self.command, self.path, headers,
-                                          int(length) if length is not None else None, self.client_address[0])
+                                          int(length) if length is not None else None, self.client_address[0],
+                                          self.came)
         return None
 
     def refusal(self) -> Optional[Response]:

@@ -2524,6 +2524,48 @@ def test_store_contract_closed_threads_expire_open_ones_do_not(store, redis_serv
         assert client.ttl("threader:ts:closed-new") == -1
 
 
+def outbox_item_of(name: str, status: str = "firing", channel: str = "C1") -> at.Item:
+    alert = make_alert(name=name)
+    key = f"{name}|critical|database|prod-eu|production"
+    return at.outbox_item(parsed(resolved(alert) if status == "resolved" else alert), channel, key, key,
+                          "http://am.example.com", {}, time.time())
+
+
+def test_store_contract_the_outbox_keeps_items_in_order_joins_copies_and_survives_restart(store):
+    s = store()
+    first = s.enqueue([outbox_item_of("One"), outbox_item_of("Two")], limit=10)
+    assert [joined for _, joined in first] == [False, False]
+    again = s.enqueue([outbox_item_of("Two"), outbox_item_of("Three")], limit=10)  # a retry, one alert more
+    assert again[0] == (first[1][0], True) and again[1][1] is False
+    assert [i.alert.alertname for i in s.waiting("C1")] == ["One", "Two", "Three"]
+    assert [i.alert.alertname for i in s.waiting("C1", after=first[0][0])] == ["Two", "Three"]
+    assert s.tail("C1") == again[1][0] and s.waiting("C2") == [] and s.tail("C2") is None
+    s.enqueue([outbox_item_of("Elsewhere", channel="C2")], limit=10)
+    summary = s.outbox_summary()
+    assert summary["C1"][0] == 3 and summary["C2"][0] == 1 and summary["C1"][1] <= time.time()
+    restarted = store()
+    assert [i.alert.alertname for i in restarted.waiting("C1")] == ["One", "Two", "Three"]
+    item = restarted.waiting("C1")[0]
+    assert item.alert.labels["instance"] == "db01.example.com" and item.external_url == "http://am.example.com"
+    with pytest.raises(at.OutboxFull):
+        restarted.enqueue([outbox_item_of("Four")], limit=4)
+    assert len(restarted.waiting("C1")) == 3, "refused: nothing added"
+
+
+def test_store_contract_completing_writes_records_takes_items_out_and_keeps_results_in_one_step(store):
+    s = store()
+    [(one, _), (two, _)] = s.enqueue([outbox_item_of("One"), outbox_item_of("Two")], limit=10)
+    assert s.hold_sender("C1")
+    s.complete("C1", {"One|critical|database|prod-eu|production": record("9.9")}, {one: ("posted", "9.9")})
+    assert [i.id for i in s.waiting("C1")] == [two]
+    assert s.results([one, two]) == {one: ("posted", "9.9")}
+    assert s.get("One|critical|database|prod-eu|production")["ts"] == "9.9"
+    assert s.enqueue([outbox_item_of("One")], limit=10)[0][1] is False, "told: a new copy is stored anew"
+    restarted = store()
+    assert [i.alert.alertname for i in restarted.waiting("C1")] == ["Two", "One"]
+    assert restarted.get("One|critical|database|prod-eu|production")["ts"] == "9.9"
+
+
 def test_redis_keys_keep_the_seed_layout(start, slack, redis_server):
     svc = start(THREAD_STORE="redis", REDIS_URL=redis_server.url)
     svc.alert(webhook(make_alert()))
@@ -3808,6 +3850,20 @@ def test_a_storm_arriving_spread_out_is_one_digest_and_ends_only_when_the_rate_f
     settled(svc)
     assert slack.messages[-1].thread_ts is None and "AfterTheStorm" in slack.messages[-1].text
     assert "alert storm over" in svc.log.getvalue()
+
+
+def test_in_a_storm_webhooks_are_answered_as_soon_as_stored(start, slack):
+    """Its alerts go out in the digest's rhythm, seconds apart: holding the connection DELIVERY_WAIT would only
+    pile connections up (one per Alertmanager group)."""
+    paced_slack(slack, per_second=10)
+    svc = start(SLACK_PACE="0.1s", STORM_THRESHOLD="5", DELIVERY_WAIT="5s")
+    svc.alert(webhook(*[make_alert(name="Storm", service=f"svc-{i}", instance=f"host-{i}") for i in range(10)]))
+    wait_for(lambda: svc.get("/health").json()["storm"] == ["C0ALERTS"], what="the storm")
+    began = time.monotonic()
+    answer = svc.alert(webhook(make_alert(name="Storm", service="svc-late", instance="host-late"))).json()
+    assert time.monotonic() - began < 1.0 and answer["results"][0]["action"] in ("queued", "digest")
+    settled(svc)
+    assert named(slack, "host-late") == 1
 
 
 def test_past_outbox_limit_and_only_then_webhooks_get_503(start, slack):
