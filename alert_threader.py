@@ -3025,7 +3025,8 @@ TRANSIENT, RATE_LIMITED, CONFIGURATION, LAYOUT, THREAD_GONE, OTHER = (
 TRANSIENT_ERRORS = frozenset({"internal_error", "service_unavailable", "request_timeout", "ratelimited"})
 LAYOUT_ERRORS = frozenset({"invalid_blocks", "invalid_blocks_format", "invalid_attachments", "too_many_attachments",
                            "msg_blocks_too_long", "msg_too_long", "no_text", "invalid_arguments"})
-THREAD_GONE_ERRORS = frozenset({"message_not_found", "thread_not_found", "cant_update_message"})
+THREAD_GONE_ERRORS = frozenset({"message_not_found", "thread_not_found", "cant_update_message",
+                                "restricted_action_thread_locked"})
 # Permanent configuration problems, each with what the operator should do.
 CONFIGURATION_ERRORS = {
     "invalid_auth": "Slack rejects SLACK_BOT_TOKEN: copy the app's Bot User OAuth Token (xoxb-...) again",
@@ -3883,7 +3884,7 @@ def first_alert(alert: Alert, external_url: str) -> Dict[str, Any]:
     labels, whole = clip_for_record(alert.labels, KEY_LABELS + ("instance",))
     annotations, _ = clip_for_record(alert.annotations, ("summary", "description", "runbook_url"))
     first: Dict[str, Any] = {"labels": labels, "annotations": annotations, "startsAt": alert.starts_at}
-    if not whole:
+    if not (whole and alert.labels_whole):
         first["labels_clipped"] = True  # matchers built from these labels would silence too much
     if is_http_url(alert.generator_url):
         first["generatorURL"] = alert.generator_url
@@ -4498,14 +4499,16 @@ class Poster:
         return response
 
     def post(self, payload: Dict[str, Any], plain: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-        """chat.postMessage; once more as plain text if Slack refuses the layout."""
+        """chat.postMessage; once more as plain text if Slack refuses the layout (or refuses it for a reason
+        this service does not know: a message Slack never takes must not hold its channel's outbox back)."""
         try:
             return self.call("chat.postMessage", payload)  # type: ignore[return-value]
         except SlackError as e:
-            if e.kind != LAYOUT:
+            if e.kind not in (LAYOUT, OTHER):
                 raise
             self.metrics.inc("alert_threader_slack_fallbacks_total")
-            log_event(logging.WARNING, "Slack rejected the message layout; sending plain text", error=e.error)
+            self._log.log(logging.WARNING, f"fallback|{e.error}", "Slack refused the message; sending plain text",
+                          error=e.error)
         return self.call("chat.postMessage", plain or plain_version(payload))  # type: ignore[return-value]
 
     def post_within(self, deadline: float, payload: Dict[str, Any]) -> Dict[str, Any]:

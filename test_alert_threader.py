@@ -1104,7 +1104,7 @@ def test_permanent_configuration_errors_keep_the_alert_and_say_how_to_fix(start,
 
 
 @pytest.mark.parametrize("error", ["invalid_blocks", "invalid_attachments", "too_many_attachments",
-                                   "msg_blocks_too_long"])
+                                   "msg_blocks_too_long", "an_error_slack_adds_some_day"])
 def test_rejected_layout_is_resent_once_as_plain_text(start, slack, error):
     svc = start()
     slack.fail("chat.postMessage", {"error": error})
@@ -1119,11 +1119,12 @@ def test_rejected_layout_is_resent_once_as_plain_text(start, slack, error):
     assert f"error={error}" in svc.log.getvalue()
 
 
-def test_reply_whose_parent_is_gone_starts_the_thread_again(start, slack):
+@pytest.mark.parametrize("error", ["thread_not_found", "restricted_action_thread_locked"])
+def test_reply_whose_parent_is_gone_starts_the_thread_again(start, slack, error):
     svc = start()
     a, b = make_alert(instance="db01"), make_alert(instance="db02")
     svc.alert(webhook(a))
-    slack.fail("chat.postMessage", {"error": "thread_not_found"})
+    slack.fail("chat.postMessage", {"error": error})
     svc.alert(webhook(a, b))
     old_parent, new_parent, reply = slack.messages
     assert new_parent.thread_ts is None and reply.thread_ts == new_parent.ts != old_parent.ts
