@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import email.errors
 import fcntl
+import functools
 import hashlib
 import hmac
 import html
@@ -1411,7 +1412,7 @@ class Item:
     group_labels: Dict[str, str] = dataclasses.field(default_factory=dict)  # THREAD_BY=group: the group's
     id: str = ""  # given by the store
 
-    @property
+    @functools.cached_property
     def identity(self) -> str:
         """Items of one identity tell the same thing: one waiting is enough (a retry, a repeat, an HA twin)."""
         return compact_json([self.key, self.alert.fingerprint, self.alert.status, self.alert.starts_at])
@@ -1613,7 +1614,8 @@ class ThreadStore:
         self._key_locks = KeyLocks()
         self._limits = LocalLimits()
         self._results: "OrderedDict[str, Tuple[Result, float]]" = OrderedDict()
-        self._told = threading.Condition()  # notified when items of this process are told
+        self._told = threading.Lock()  # guards the results, their waiters and the storms
+        self._waiters: Dict[str, List[threading.Event]] = {}  # item id -> the webhooks waiting for it
         self._storms: Dict[str, bool] = {}  # channel -> in a storm (its sender says)
 
     # -- threads ----------------------------------------------------------------
@@ -1707,20 +1709,35 @@ class ThreadStore:
         with self._told:
             return {i: self._results[i][0] for i in ids if i in self._results}
 
-    def wait_told(self, timeout: float) -> None:
-        """Until an item is told in this process, or timeout."""
+    def wait_told(self, ids: Sequence[str], timeout: float) -> None:
+        """Until one of these items is told in this process (or timeout): each webhook is woken by its own."""
+        told = threading.Event()
         with self._told:
-            self._told.wait(timeout)
+            if any(i in self._results for i in ids):
+                return
+            for item_id in ids:
+                self._waiters.setdefault(item_id, []).append(told)
+        try:
+            told.wait(timeout)
+        finally:
+            with self._told:
+                for item_id in ids:
+                    waiting = self._waiters.get(item_id, [])
+                    if told in waiting:
+                        waiting.remove(told)
+                    if not waiting:
+                        self._waiters.pop(item_id, None)
 
     def _keep_results(self, done: Dict[str, Result]) -> None:
         now = time.monotonic()
         with self._told:
             for item_id, result in done.items():
                 self._results[item_id] = (result, now)
+                for told in self._waiters.get(item_id, ()):
+                    told.set()
             while self._results and (len(self._results) > RESULTS_MAX
                                      or next(iter(self._results.values()))[1] < now - RESULTS_KEPT):
                 self._results.popitem(last=False)
-            self._told.notify_all()
 
     # -- senders ------------------------------------------------------------------
 
@@ -2940,8 +2957,8 @@ class RedisStore(ThreadStore):
         found = super().results(ids)
         return {**found, **self.outbox.told([i for i in ids if i not in found])}
 
-    def wait_told(self, timeout: float) -> None:
-        super().wait_told(min(timeout, 0.1))  # another replica's news comes only by asking Redis again
+    def wait_told(self, ids: Sequence[str], timeout: float) -> None:
+        super().wait_told(ids, min(timeout, 0.1))  # another replica's news comes only by asking Redis again
 
     def hold_sender(self, channel: str) -> bool:
         return self.outbox.hold_sender(channel)
@@ -4065,19 +4082,43 @@ class Line:
         return "firing again" if self.step in (REFIRE, REOPEN) else ""
 
 
+# A message as Slack gets it: its payload (thread_ts set for a reply), what to send instead if Slack refuses
+# the layout (None: plain_version of it), and for a reply its thread's parent, posted again if the thread is gone.
+Drawn = Tuple[Dict[str, Any], Optional[Dict[str, Any]], Optional[Dict[str, Any]]]
+
+
 @dataclasses.dataclass
 class Message:
-    """One chat.postMessage of a plan, and all that follows once Slack has taken it."""
+    """One chat.postMessage of a plan, and all that follows once Slack has taken it.
+
+    It is drawn (its Block Kit made) only when it is about to be sent: a plan made again for every alert
+    that arrives meanwhile draws only the message it sends."""
 
     kind: str  # open, reply, compact, digest (the storm digest's parent), lines (in a digest), standalone
     target: str
-    payload: Dict[str, Any]  # thread_ts set for a reply
-    plain: Optional[Dict[str, Any]]  # what to send instead if Slack refuses the layout (None: plain_version)
+    draw: Callable[[], Drawn]
     records: Dict[str, Dict[str, Any]]  # as they are once it is posted; a "ts" of "" takes the post's own
     done: List[Tuple[Item, str]] = dataclasses.field(default_factory=list)  # the items it tells, their action
     before: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)  # a reply's thread before it
-    parent: Optional[Dict[str, Any]] = None  # a reply's parent, posted again if Slack says the thread is gone
     cards: Dict[str, Tuple[bool, bool]] = dataclasses.field(default_factory=dict)  # key -> (edit, ✅ due)
+    _drawn: Optional[Drawn] = dataclasses.field(default=None, repr=False)
+
+    def drawn(self) -> Drawn:
+        if self._drawn is None:
+            self._drawn = self.draw()
+        return self._drawn
+
+    @property
+    def payload(self) -> Dict[str, Any]:
+        return self.drawn()[0]
+
+    @property
+    def plain(self) -> Optional[Dict[str, Any]]:
+        return self.drawn()[1]
+
+    @property
+    def parent(self) -> Optional[Dict[str, Any]]:
+        return self.drawn()[2]
 
 
 @dataclasses.dataclass
@@ -4227,9 +4268,11 @@ def open_thread(line: Line, channel: str, ms: MessageSettings, now: float) -> Me
     for told, step in ([(line.fired, POST), (item, RESOLVE)] if line.fired else [(item, POST)]):
         apply_step(record, told.alert, step, now)
     closed = record["status"] == "closed"
-    card = render_card(record, channel, ms, mention="" if closed else ms.mentions_for([item.alert]))
-    plain = render_plain(item.alert, channel, ms, "resolved" if closed else "firing")
-    return Message("open", item.key, card, plain, {item.key: record}, [(i, "posted") for i in line.items],
+
+    def draw() -> Drawn:
+        card = render_card(record, channel, ms, mention="" if closed else ms.mentions_for([item.alert]))
+        return card, render_plain(item.alert, channel, ms, "resolved" if closed else "firing"), None
+    return Message("open", item.key, draw, {item.key: record}, [(i, "posted") for i in line.items],
                    cards={item.key: (False, True)} if closed else {})
 
 
@@ -4279,12 +4322,14 @@ def reply_message(record: Dict[str, Any], key: str, lines: List[Line], channel: 
     transition = "resolve" if line.fired else TRANSITIONS[step]
     broadcast = transition in ms.broadcast or ("close" in ms.broadcast and closes(record, alert))
     kind = "resolved" if line.fired else REPLY_KINDS[step]
-    mention = ms.mentions_for([alert]) if step == REOPEN and not line.fired else ""
-    payload = render_alert(alert, channel, ms, kind, record["ts"], item.external_url, mention=mention,
-                           broadcast=broadcast, notes=[line.note.capitalize()] if line.fired else ())
-    plain_kind = "resolved" if alert.status == "resolved" else "firing"
-    return Message("reply", key, payload, render_plain(alert, channel, ms, plain_kind, record["ts"]), {key: after},
-                   [(i, ACTIONS[step]) for i in line.items], {key: record}, new_parent(record, item, ms),
+
+    def draw() -> Drawn:
+        mention = ms.mentions_for([alert]) if step == REOPEN and not line.fired else ""
+        payload = render_alert(alert, channel, ms, kind, record["ts"], item.external_url, mention=mention,
+                               broadcast=broadcast, notes=[line.note.capitalize()] if line.fired else ())
+        plain_kind = "resolved" if alert.status == "resolved" else "firing"
+        return payload, render_plain(alert, channel, ms, plain_kind, record["ts"]), new_parent(record, item, ms)
+    return Message("reply", key, draw, {key: after}, [(i, ACTIONS[step]) for i in line.items], {key: record},
                    {key: (True, closing)})
 
 
@@ -4294,14 +4339,16 @@ def compact_reply(record: Dict[str, Any], key: str, lines: List[Line], channel: 
     resolved = lines[0].item.alert.status == "resolved"
     after, closing = told_in(record, lines, now)
     transitions = {"resolve" if ln.fired else TRANSITIONS[ln.step] for ln in lines} | ({"close"} if closing else set())
-    payload = render_batch([ln.item.alert for ln in lines], channel, ms, record["ts"], resolved,
-                           notes=[ln.note for ln in lines], broadcast=bool(transitions & set(ms.broadcast)))
-    reopened = ms.mentions_for([ln.item.alert for ln in lines if ln.step == REOPEN and not ln.fired])
-    if reopened:
-        payload["text"] = f"{reopened} {payload['text']}"
-    return Message("compact", key, payload, None, {key: after},
-                   [(i, ACTIONS[ln.step]) for ln in lines for i in ln.items], {key: record},
-                   new_parent(record, lines[0].item, ms), {key: (True, closing)})
+
+    def draw() -> Drawn:
+        payload = render_batch([ln.item.alert for ln in lines], channel, ms, record["ts"], resolved,
+                               notes=[ln.note for ln in lines], broadcast=bool(transitions & set(ms.broadcast)))
+        reopened = ms.mentions_for([ln.item.alert for ln in lines if ln.step == REOPEN and not ln.fired])
+        if reopened:
+            payload["text"] = f"{reopened} {payload['text']}"
+        return payload, None, new_parent(record, lines[0].item, ms)
+    return Message("compact", key, draw, {key: after}, [(i, ACTIONS[ln.step]) for ln in lines for i in ln.items],
+                   {key: record}, {key: (True, closing)})
 
 
 def member_entry(alert: Alert) -> List[str]:
@@ -4316,9 +4363,11 @@ def digest_parent(digest_key: str, channel: str, lines: List[Line], ms: MessageS
     storm = {"ts": "", "channel": channel, "key": digest_key, "storm": True, "status": "open", "created": now,
              "updated": now, "closed": None, "ended": None, "reopened": 0, "started": min(starts, default=now),
              "members": {}}
-    drawn = dict(storm, members={ln.item.alert.fingerprint: member_entry(ln.item.alert) for ln in lines})
-    card = render_digest(drawn, channel, ms, mention=ms.mentions_for(ln.item.alert for ln in lines))
-    return Message("digest", digest_key, card, None, {digest_key: storm})
+    counted = dict(storm, members={ln.item.alert.fingerprint: member_entry(ln.item.alert) for ln in lines})
+
+    def draw() -> Drawn:
+        return render_digest(counted, channel, ms, mention=ms.mentions_for(ln.item.alert for ln in lines)), None, None
+    return Message("digest", digest_key, draw, {digest_key: storm})
 
 
 def digest_messages(storm: Dict[str, Any], records: Dict[str, Dict[str, Any]], lines: List[Line], channel: str,
@@ -4339,7 +4388,9 @@ def digest_lines(storm: Dict[str, Any], records: Dict[str, Dict[str, Any]], line
                  ms: MessageSettings, now: float) -> Message:
     """One compact reply in the digest; its members and the digest as they are once it is posted."""
     digest_key = storm["key"]
-    storm = copied(storm)  # type: ignore[assignment]
+    # Its member table is shared with the digest as it was, entry by entry (entries are replaced, never changed):
+    # a storm of thousands is a plan of a hundred messages, not a hundred copies of thousands.
+    storm = dict(storm, members=dict(storm.get("members", {})))
     if storm["status"] == "closed":  # members firing again: the storm is back
         storm["status"], storm["closed"] = "open", None
         storm["reopened"] = storm.get("reopened", 0) + 1
@@ -4370,39 +4421,42 @@ def digest_lines(storm: Dict[str, Any], records: Dict[str, Dict[str, Any]], line
         storm["ended"] = storm.get("ended") or now
     storm["updated"] = now
     resolved = lines[0].item.alert.status == "resolved"
-    payload = render_batch([ln.item.alert for ln in lines], channel, ms, storm["ts"], resolved,
-                           notes=[ln.note for ln in lines])
+
+    def draw() -> Drawn:
+        payload = render_batch([ln.item.alert for ln in lines], channel, ms, storm["ts"], resolved,
+                               notes=[ln.note for ln in lines])
+        return payload, None, render_digest(storm, channel, ms)
     done = [(i, "digest" if ln.step in (POST, REPLY, REFIRE) else ACTIONS[ln.step]) for ln in lines for i in ln.items]
-    return Message("lines", digest_key, payload, None, {**changed, digest_key: storm}, done,
-                   {digest_key: records[digest_key]}, render_digest(storm, channel, ms),
+    return Message("lines", digest_key, draw, {**changed, digest_key: storm}, done, {digest_key: records[digest_key]},
                    {digest_key: (True, closing)})
 
 
 def standalone_messages(lines: List[Line], channel: str, ms: MessageSettings, busy: bool,
                         now: float) -> List[Message]:
     """Resolves with no known thread: one of its own for a single one, else twenty to a message."""
-    messages = []
-    for part in chunks(lines, LINES_PER_DIGEST_MESSAGE):
-        if len(lines) == 1 and not busy:
-            alert = part[0].item.alert
-            payload = render_alert(alert, channel, ms, "resolved", None, part[0].item.external_url)
-            plain: Optional[Dict[str, Any]] = render_plain(alert, channel, ms, "resolved")
-        else:
-            payload = render_batch([ln.item.alert for ln in part], channel, ms, None, True,
-                                   note=" · no thread was known for these")
-            plain = None
-        records: Dict[str, Dict[str, Any]] = {}
-        for line in part:
-            item = line.item
-            record = records.get(item.key)
-            if record is None:
-                record = records[item.key] = new_record(item.alert, item.thread_key, channel, item.external_url, now)
-                if len(lines) > 1:
-                    del record["first"]  # a list of many: never to be redrawn as one alert's card
-            apply_step(record, item.alert, ORPHAN, now)
-        messages.append(Message("standalone", f"orphans|{channel}", payload, plain, records,
-                                [(ln.item, "standalone") for ln in part]))
-    return messages
+    return [standalone(part, channel, ms, len(lines) == 1 and not busy, now)
+            for part in chunks(lines, LINES_PER_DIGEST_MESSAGE)]
+
+
+def standalone(lines: List[Line], channel: str, ms: MessageSettings, alone: bool, now: float) -> Message:
+    """One message of resolves with no known thread: the alert's own layout when alone, else a list."""
+    def draw() -> Drawn:
+        if alone:
+            alert = lines[0].item.alert
+            return (render_alert(alert, channel, ms, "resolved", None, lines[0].item.external_url),
+                    render_plain(alert, channel, ms, "resolved"), None)
+        return render_batch([ln.item.alert for ln in lines], channel, ms, None, True,
+                            note=" · no thread was known for these"), None, None
+    records: Dict[str, Dict[str, Any]] = {}
+    for line in lines:
+        item = line.item
+        record = records.get(item.key)
+        if record is None:
+            record = records[item.key] = new_record(item.alert, item.thread_key, channel, item.external_url, now)
+            if not alone:
+                del record["first"]  # a list of many: never to be redrawn as one alert's card
+        apply_step(record, item.alert, ORPHAN, now)
+    return Message("standalone", f"orphans|{channel}", draw, records, [(ln.item, "standalone") for ln in lines])
 
 
 # ---------------------------------------------------------------------------
@@ -4614,7 +4668,8 @@ class Executor:
                 self._remember_drawn(message.target, message.payload)
         else:
             ts = self._reply(channel, message, thread_ts)
-        self.complete(channel, message.records, [(item, (action, ts)) for item, action in message.done])
+        self.complete(channel, message.records, [(item, (action, ts)) for item, action in message.done],
+                      new=message.kind in ("open", "digest", "standalone"))
         return thread_ts is not None and ts != thread_ts
 
     def _reply(self, channel: str, message: Message, thread_ts: str) -> str:
@@ -4638,10 +4693,12 @@ class Executor:
         self.poster.post(message.payload, message.plain)
         return ts
 
-    def complete(self, channel: str, records: Dict[str, Dict[str, Any]], done: List[Tuple[Item, Result]]) -> None:
-        """Write the records (keeping what clicks wrote) and take the done items out of the outbox, in one step."""
+    def complete(self, channel: str, records: Dict[str, Dict[str, Any]], done: List[Tuple[Item, Result]],
+                 new: bool = False) -> None:
+        """Write the records (keeping what clicks wrote to them: new ones have none yet) and take the done items
+        out of the outbox, in one step."""
         with self.store.locked(list(records)):
-            stored = self.store.get_many(list(records))
+            stored = {} if new else self.store.get_many(list(records))
             for key, record in records.items():
                 for field in CLICK_FIELDS:
                     if field in stored.get(key, {}):
@@ -4805,8 +4862,10 @@ class Sender:
                 self.store.ready()  # nothing goes to Slack that could not then be recorded
                 moved = self.executor.send(self.channel, message)
                 self.sent(message)
-                if moved or self.arrived():
-                    break  # plan again: with the thread where it is now, with the alerts that arrived
+                # Plan again: with the thread where it is now; with the alerts that arrived meanwhile, to share
+                # messages with them (with pacing off, nothing waits to be shared: the plan goes on).
+                if moved or (self.rules.pace and self.arrived()):
+                    break
             if plan.unchanged or plan.messages:
                 wait = 0.0
             elif plan.wake_at is not None:
@@ -5054,7 +5113,7 @@ class Intake:
             remaining = deadline - time.monotonic()
             if len(found) == len(ids) or remaining <= 0:
                 break
-            self.store.wait_told(min(remaining, 0.5))
+            self.store.wait_told([i for i in ids if i not in found], min(remaining, 0.5))
         return found
 
 
