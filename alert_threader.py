@@ -60,9 +60,9 @@ import urllib.parse
 import zoneinfo
 from collections import OrderedDict, deque
 from datetime import datetime, timezone
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 log = logging.getLogger("alert_threader")
 
@@ -225,14 +225,15 @@ def is_http_url(url: Any, max_length: int = 3000) -> bool:
 
 
 def without_credentials(url: str) -> str:
-    """The URL without the user:password@ it may carry (a webhook's externalURL): they must go nowhere."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return url  # no link can be made of it anyway
-    if "@" not in parts.netloc:
+    """The URL without the user:password@ it may carry (a webhook's externalURL, an alert's generatorURL):
+    they must go nowhere. (Not urlsplit: it caches what it parses, and an alert's URL may be a megabyte.)"""
+    start = url.find("://") + 3
+    if start < 3:
         return url
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    end = min([i for i in (url.find(c, start) for c in "/?#\\") if i != -1] + [len(url)])
+    if "@" not in url[start:end]:
+        return url
+    return url[:start] + url[start:end].rpartition("@")[2] + url[end:]
 
 
 def parse_time(text: str) -> Optional[float]:
@@ -666,9 +667,10 @@ def parse_alert(raw: Any, where: str, top_status: Optional[str], grafana: bool) 
         raise BadRequest(f"{where}.fingerprint is longer than 128 characters")
     links = {name: optional_string(raw, field, where + ".") for name, field in GRAFANA_LINKS}
     return Alert(status=status, labels=labels, annotations=annotations, starts_at=times["startsAt"],
-                 ends_at=times["endsAt"], generator_url=optional_string(raw, "generatorURL", where + "."),
+                 ends_at=times["endsAt"],
+                 generator_url=without_credentials(optional_string(raw, "generatorURL", where + ".")),
                  fingerprint=fingerprint or label_fingerprint(labels), grafana=grafana,
-                 links={name: url for name, url in links.items() if url},
+                 links={name: without_credentials(url) for name, url in links.items() if url},
                  value=grafana_value(raw, where + ".") if grafana else "")
 
 
@@ -1613,9 +1615,10 @@ class ThreadStore:
         self.lock_timeout = lock_timeout
         self._key_locks = KeyLocks()
         self._limits = LocalLimits()
-        self._results: "OrderedDict[str, Tuple[Result, float]]" = OrderedDict()
+        # (channel, id) -> result and when it came: on Redis ids are per channel (each stream numbers its own)
+        self._results: "OrderedDict[Tuple[str, str], Tuple[Result, float]]" = OrderedDict()
         self._told = threading.Lock()  # guards the results, their waiters and the storms
-        self._waiters: Dict[str, List[threading.Event]] = {}  # item id -> the webhooks waiting for it
+        self._waiters: Dict[Tuple[str, str], List[threading.Event]] = {}  # (channel, id) -> webhooks waiting
         self._storms: Dict[str, bool] = {}  # channel -> in a storm (its sender says)
 
     # -- threads ----------------------------------------------------------------
@@ -1704,36 +1707,37 @@ class ThreadStore:
         """Per channel with items waiting: (how many, when the oldest was taken)."""
         raise NotImplementedError
 
-    def results(self, ids: Sequence[str]) -> Dict[str, Result]:
-        """What became of those items that are told (by any replica), for RESULTS_KEPT seconds."""
+    def results(self, channel: str, ids: Sequence[str]) -> Dict[str, Result]:
+        """What became of those items of the channel that are told (by any replica), for RESULTS_KEPT seconds."""
         with self._told:
-            return {i: self._results[i][0] for i in ids if i in self._results}
+            return {i: self._results[channel, i][0] for i in ids if (channel, i) in self._results}
 
-    def wait_told(self, ids: Sequence[str], timeout: float) -> None:
+    def wait_told(self, channel: str, ids: Sequence[str], timeout: float) -> None:
         """Until one of these items is told in this process (or timeout): each webhook is woken by its own."""
         told = threading.Event()
+        keys = [(channel, item_id) for item_id in ids]
         with self._told:
-            if any(i in self._results for i in ids):
+            if any(key in self._results for key in keys):
                 return
-            for item_id in ids:
-                self._waiters.setdefault(item_id, []).append(told)
+            for key in keys:
+                self._waiters.setdefault(key, []).append(told)
         try:
             told.wait(timeout)
         finally:
             with self._told:
-                for item_id in ids:
-                    waiting = self._waiters.get(item_id, [])
+                for key in keys:
+                    waiting = self._waiters.get(key, [])
                     if told in waiting:
                         waiting.remove(told)
                     if not waiting:
-                        self._waiters.pop(item_id, None)
+                        self._waiters.pop(key, None)
 
-    def _keep_results(self, done: Dict[str, Result]) -> None:
+    def _keep_results(self, channel: str, done: Dict[str, Result]) -> None:
         now = time.monotonic()
         with self._told:
             for item_id, result in done.items():
-                self._results[item_id] = (result, now)
-                for told in self._waiters.get(item_id, ()):
+                self._results[channel, item_id] = (result, now)
+                for told in self._waiters.get((channel, item_id), ()):
                     told.set()
             while self._results and (len(self._results) > RESULTS_MAX
                                      or next(iter(self._results.values()))[1] < now - RESULTS_KEPT):
@@ -1796,17 +1800,27 @@ class ThreadStore:
                          store=self.name, op=op)
 
 
+SLACK_TS = re.compile(r"[0-9]{1,15}\.[0-9]{1,9}")
+
+
 def thread_record(value: Any) -> Optional[Dict[str, Any]]:
-    """A stored thread with its defaults; the seed's bare ts is an open thread. None if it is no thread."""
+    """A stored thread with its defaults; the seed's bare ts is an open thread. None if it is no thread (or
+    a thread whose shape the planning cannot rely on)."""
     if isinstance(value, str):  # the seed stored key -> ts
         value = {"ts": value, "status": "open", "alerts": {}}
-    if not isinstance(value, dict) or not isinstance(value.get("ts"), str):
+    if not isinstance(value, dict) or not isinstance(value.get("ts"), str) or not SLACK_TS.fullmatch(value["ts"]):
         return None
-    value.setdefault("alerts", {})
-    value.setdefault("status", "open")
+    value = {"alerts": {}, "status": "open", **value}
+    alerts = value["alerts"]
+    if value["status"] not in ("open", "closed") or not isinstance(alerts, dict) or not all(
+            isinstance(e, list) and len(e) >= 2 and e[0] in ("f", "r") for e in alerts.values()):
+        return None
+    if not all(isinstance(value.get(name, {}), dict) for name in ("members", "first")):
+        return None
     return value
 
 
+DROPPED_SHOWN = 900.0  # seconds /health stays degraded after Slack refused a message for good
 OUTBOX_ID = re.compile(r"[0-9]{1,15}-[0-9]{1,15}")
 
 
@@ -1994,29 +2008,30 @@ class StateReader:
         outbox: Any = []
         if isinstance(document, dict) and isinstance(document.get("threads"), dict):
             document, outbox = document["threads"], document.get("outbox", [])
-        try:
-            threads = self.threads(document)
-        except ValueError as e:
-            self.files.move_aside(path, str(e))
+        if not isinstance(document, dict):
+            self.files.move_aside(path, "is not a JSON object of threads")
             return {}, []
+        threads = self.threads(document)
         if not isinstance(outbox, list):
             self.files.set_aside(outbox, "the snapshot's outbox is not a list")
             outbox = []
         entries = [(item_id, entry) for item_id, entry in ((self._entry_id(e), e) for e in outbox) if item_id]
         self.files.snapshot_bytes = len(raw)
-        log_event(logging.INFO, "thread store loaded", file=path, threads=len(threads), outbox=len(entries))
         return threads, entries
 
-    @staticmethod
-    def threads(document: Any) -> Dict[str, Dict[str, Any]]:
-        """Validated records from a JSON object of them (or the seed's key -> ts)."""
+    def threads(self, document: Any) -> Dict[str, Dict[str, Any]]:
+        """Validated records from a JSON object of them (or the seed's key -> ts); a malformed one is set aside
+        (its next alert starts a new thread), the rest are read."""
         if not isinstance(document, dict):
-            raise ValueError("is not a JSON object of threads")
-        threads = {key: thread_record(value) for key, value in document.items()}
-        for key, record in threads.items():
+            raise ValueError("threads that are not a JSON object")
+        threads = {}
+        for key, value in document.items():
+            record = thread_record(value)
             if record is None:
-                raise ValueError(f"has a malformed thread {truncate(key, 80)!r}")
-        return threads  # type: ignore[return-value]
+                self.files.set_aside({"key": key, "thread": value}, f"a malformed thread {truncate(key, 80)!r}")
+            else:
+                threads[key] = record
+        return threads
 
     def changes(self) -> Iterator[Dict[str, Any]]:
         """The journal's changes since the snapshot, in order."""
@@ -2266,6 +2281,9 @@ class FileStore(ThreadStore):
                     self.files.set_aside(document, f"outbox item {item_id}: {e}")
                     continue
                 self.outbox.hold(item, compact_json(document))
+            if threads or self.outbox.count:
+                log_event(logging.INFO, "thread store loaded", file=path, threads=len(threads),
+                          outbox=self.outbox.count)
             if not read_only and self.journal:
                 self.journal.start()
 
@@ -2314,8 +2332,9 @@ class FileStore(ThreadStore):
 
     def enqueue(self, items: List[Item], limit: int) -> List[Tuple[str, bool]]:
         with self._lock:
-            if self.outbox.count >= limit:
-                raise OutboxFull(f"{self.outbox.count:,} alerts are waiting for Slack (OUTBOX_LIMIT is {limit:,})")
+            if self.outbox.count + len(items) > limit:
+                raise OutboxFull(f"{self.outbox.count:,} alerts are waiting for Slack and {len(items):,} more "
+                                 f"would pass OUTBOX_LIMIT ({limit:,})")
             added = [self.outbox.add(item) for item in items]
             texts = [text for _, text in added if text is not None]
             version = self._change('{"enq":[' + ",".join(texts) + "]}" if texts else None)
@@ -2338,7 +2357,7 @@ class FileStore(ThreadStore):
             change = '{"put":{' + ",".join(fragments) + '},"ack":' + compact_json(acked) + "}"
             version = self._change(change if fragments or acked else None)
         self._commit(version)
-        self._keep_results(done)  # an answer that says "posted" is never ahead of the disk
+        self._keep_results(channel, done)  # an answer that says "posted" is never ahead of the disk
 
     def outbox_summary(self) -> Dict[str, Tuple[int, Optional[float]]]:
         with self._lock:
@@ -2449,16 +2468,18 @@ redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
 # KEYS: the channel's outbox (a stream), its identity map (identity -> id), the set of channels with an
-# outbox, then every such channel's outbox (for the limit); ARGV: the channel, the limit, then per item its
-# identity and JSON. Per item its id, "=" before it when an item of that identity was waiting already;
-# -1 (nothing added) when the limit is reached.
+# outbox, then every such channel's outbox (for the limit); ARGV: the channel, the limit, how many alerts
+# the webhook adds in all (0: a later part of it, checked already), then per item its identity and JSON.
+# Per item its id, "=" before it when an item of that identity was waiting already; -1 (nothing added) when
+# they would pass the limit.
 ENQUEUE_LUA = """
 local waiting = 0
 for i = 4, #KEYS do waiting = waiting + redis.call('xlen', KEYS[i]) end
-if waiting >= tonumber(ARGV[2]) then return -1 end
+local adding = tonumber(ARGV[3])
+if adding > 0 and waiting + adding > tonumber(ARGV[2]) then return -1 end
 redis.call('sadd', KEYS[3], ARGV[1])
 local ids = {}
-for i = 3, #ARGV, 2 do
+for i = 4, #ARGV, 2 do
   local id = redis.call('hget', KEYS[2], ARGV[i])
   if id and #redis.call('xrange', KEYS[1], id, id) > 0 then
     ids[#ids + 1] = '=' .. id
@@ -2537,7 +2558,7 @@ return 1
 class RedisConnection:
     """One redis-py client that fails fast, and the outage it is in: one log line when it starts and ends."""
 
-    def __init__(self, url: str, timeout: float, count: Callable[[str, bool], None]) -> None:
+    def __init__(self, url: str, timeout: float, count: Callable[[str, bool], None], connections: int = 300) -> None:
         try:
             import redis  # imported here: only this store needs the package
         except ImportError:
@@ -2553,7 +2574,12 @@ class RedisConnection:
         timeouts = {"socket_timeout": timeout}
         if not url.startswith("unix:"):  # a unix socket connects at once; redis-py 4.3 refuses this there
             timeouts["socket_connect_timeout"] = timeout
-        self.client = redis.Redis.from_url(url, decode_responses=True, retry=Retry(NoBackoff(), 0), **timeouts)
+        # A connection for every request that may run at once (a storm's groups) and every worker: past a
+        # pool's own limit, newer redis-py fails a request as if Redis were gone.
+        self.pool = redis.BlockingConnectionPool.from_url(url, max_connections=connections, timeout=timeout,
+                                                          decode_responses=True, retry=Retry(NoBackoff(), 0),
+                                                          **timeouts)
+        self.client = redis.Redis(connection_pool=self.pool)
         self._lock = threading.Lock()
         self._down_since: Optional[float] = None
         self._next_probe = 0.0
@@ -2607,6 +2633,7 @@ class RedisConnection:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.client.close()
+            self.pool.disconnect()
 
 
 def redis_fix(e: BaseException) -> str:
@@ -2677,10 +2704,12 @@ class RedisOutbox:
     A stream per channel (PREFIX-outbox:CHANNEL) holds its items, an identity
     map beside it (PREFIX-outbox-ids:CHANNEL) the item waiting for each
     identity, and PREFIX-outbox-channels the channels that have one. A told
-    item's result stays PREFIX-done:ID for RESULTS_KEPT, for whichever replica
+    item's result stays PREFIX-done:CHANNEL:ID for RESULTS_KEPT, for whichever replica
     took its webhook. PREFIX-sender:CHANNEL is the channel's sender lease:
     this process renews those it holds every second, and a completion checks
     its lease in the same script that writes."""
+
+    ENQUEUE_PART = 1000  # items per enqueue script: about 60 ms of Redis's time
 
     def __init__(self, redis: RedisConnection, prefix: str, leases: RedisLeases, sender_lease: float) -> None:
         self.redis = redis
@@ -2710,16 +2739,24 @@ class RedisOutbox:
         channel = items[0].channel
         assert all(item.channel == channel for item in items), "a webhook's alerts go to one channel"
 
-        def add() -> Any:
+        def add(part: List[Item], adding: int) -> Any:
             channels = set(self.redis.client.smembers(self._channels_key())) | {channel}
-            args: List[Any] = [channel, limit]
-            for item in items:
+            args: List[Any] = [channel, limit, adding]
+            for item in part:
                 args += [item.identity, compact_json(item_document(item))]
             return self._enqueue(keys=[self._key(channel), self._key(channel, "-ids"), self._channels_key(),
                                        *map(self._key, sorted(channels))], args=args)
-        ids = self.redis.run("enqueue", add)
-        if ids == -1:
-            raise OutboxFull(f"OUTBOX_LIMIT ({limit:,}) alerts are waiting for Slack")
+        ids: List[str] = []
+        # In parts, each a script short enough that Redis (single-threaded) serves the others meanwhile and
+        # answers within its timeout. Should Redis fail between two, the webhook is answered 503 and its
+        # retry finds the first parts waiting (it joins them): nothing is doubled.
+        for start in range(0, len(items), self.ENQUEUE_PART):
+            part = items[start:start + self.ENQUEUE_PART]
+            added = self.redis.run("enqueue", lambda: add(part, 0 if start else len(items)))
+            if added == -1:
+                raise OutboxFull(f"{len(items):,} more alerts would pass OUTBOX_LIMIT ({limit:,}) alerts waiting "
+                                 "for Slack")
+            ids += added
         taken = [(i[1:], True) if i.startswith("=") else (i, False) for i in ids]
         for item, (item_id, _) in zip(items, taken):
             item.id = item_id
@@ -2767,7 +2804,7 @@ class RedisOutbox:
         for item_id, result in done.items():
             args += [item_id, compact_json(result)]
         keys = [self._sender_key(channel), self._key(channel), self._key(channel, "-ids"), *held,
-                *(key for key, _, _ in records), *(f"{self.prefix}-done:{item_id}" for item_id in done)]
+                *(key for key, _, _ in records), *(f"{self.prefix}-done:{channel}:{item_id}" for item_id in done)]
         if not self.redis.run("complete", lambda: self._complete(keys=keys, args=args)):
             with self._lock:
                 self.sending.discard(channel)
@@ -2790,12 +2827,12 @@ class RedisOutbox:
             return summary
         return self.redis.run("outbox", read)
 
-    def told(self, ids: Sequence[str]) -> Dict[str, Result]:
-        """The results of those items that were told (by any replica)."""
+    def told(self, channel: str, ids: Sequence[str]) -> Dict[str, Result]:
+        """The results of those items of the channel that were told (by any replica)."""
         if not ids:
             return {}
         values = self.redis.run("results", lambda: self.redis.client.mget(
-            [f"{self.prefix}-done:{item_id}" for item_id in ids]))
+            [f"{self.prefix}-done:{channel}:{item_id}" for item_id in ids]))
         found = {}
         for item_id, value in zip(ids, values):
             if value:
@@ -2863,9 +2900,9 @@ class RedisStore(ThreadStore):
 
     def __init__(self, url: str, prefix: str, metrics: Metrics, retention: float = 86400.0,
                  lock_timeout: float = 60.0, lease: float = 60.0, timeout: float = 1.0,
-                 sender_lease: float = 5.0) -> None:
+                 sender_lease: float = 5.0, connections: int = 300) -> None:
         super().__init__(metrics, lock_timeout)
-        self.redis = RedisConnection(url, timeout, lambda op, error: self._count(op, error))
+        self.redis = RedisConnection(url, timeout, lambda op, error: self._count(op, error), connections)
         self.prefix = prefix
         self.retention = retention
         self.leases = RedisLeases(self.redis, prefix, lease, lock_timeout)
@@ -2948,17 +2985,17 @@ class RedisStore(ThreadStore):
     def complete(self, channel: str, records: Dict[str, Dict[str, Any]], done: Dict[str, Result]) -> None:
         self.outbox.complete(channel, [(self._key(key), compact_json(record), self._expiry(record))
                                        for key, record in records.items()], done)
-        self._keep_results(done)
+        self._keep_results(channel, done)
 
     def outbox_summary(self) -> Dict[str, Tuple[int, Optional[float]]]:
         return self.outbox.summary()
 
-    def results(self, ids: Sequence[str]) -> Dict[str, Result]:
-        found = super().results(ids)
-        return {**found, **self.outbox.told([i for i in ids if i not in found])}
+    def results(self, channel: str, ids: Sequence[str]) -> Dict[str, Result]:
+        found = super().results(channel, ids)
+        return {**found, **self.outbox.told(channel, [i for i in ids if i not in found])}
 
-    def wait_told(self, ids: Sequence[str], timeout: float) -> None:
-        super().wait_told(ids, min(timeout, 0.1))  # another replica's news comes only by asking Redis again
+    def wait_told(self, channel: str, ids: Sequence[str], timeout: float) -> None:
+        super().wait_told(channel, ids, min(timeout, 0.1))  # another replica's news comes only by asking Redis again
 
     def hold_sender(self, channel: str) -> bool:
         return self.outbox.hold_sender(channel)
@@ -3019,6 +3056,15 @@ class RedisStore(ThreadStore):
                                          "set_aside_in": f"{self.prefix}-outbox-damaged:CHANNEL"}
         return status
 
+    def warn_if_volatile(self) -> None:
+        """Say at start when Redis keeps nothing on disk: a Redis restart would forget answered alerts."""
+        with contextlib.suppress(StoreError):
+            info = self.redis.run("info", lambda: self.redis.client.info("persistence"))
+            if str(info.get("aof_enabled", "1")) == "0":
+                log_event(logging.WARNING, "redis runs without its append-only file (appendonly no): a Redis "
+                          "restart forgets the threads and the alerts waiting in the outbox, though they were "
+                          "answered 200. Set appendonly yes (README: Redis settings)", redis=redact_url(self.redis.url))
+
     def stats(self) -> Dict[str, Any]:
         try:
             info = self.redis.run("info", self.redis.client.info)
@@ -3043,7 +3089,7 @@ TRANSIENT_ERRORS = frozenset({"internal_error", "service_unavailable", "request_
 LAYOUT_ERRORS = frozenset({"invalid_blocks", "invalid_blocks_format", "invalid_attachments", "too_many_attachments",
                            "msg_blocks_too_long", "msg_too_long", "no_text", "invalid_arguments"})
 THREAD_GONE_ERRORS = frozenset({"message_not_found", "thread_not_found", "cant_update_message",
-                                "restricted_action_thread_locked"})
+                                "restricted_action_thread_locked", "cannot_reply_to_message"})
 # Permanent configuration problems, each with what the operator should do.
 CONFIGURATION_ERRORS = {
     "invalid_auth": "Slack rejects SLACK_BOT_TOKEN: copy the app's Bot User OAuth Token (xoxb-...) again",
@@ -3059,6 +3105,17 @@ CONFIGURATION_ERRORS = {
     "is_archived": "the channel is archived: unarchive it or point SLACK_CHANNEL at another one",
     "ekm_access_denied": "Slack EKM denies access: ask a Slack admin",
 }
+
+
+KNOWN_ERRORS = (TRANSIENT_ERRORS | LAYOUT_ERRORS | THREAD_GONE_ERRORS | set(CONFIGURATION_ERRORS)
+                | {"invalid_response", "unknown_error"})
+
+
+def metric_error(error: str) -> str:
+    """A Slack error as a metric's label: Slack's own words are any text, so an unknown one is "other"."""
+    if error in KNOWN_ERRORS or re.fullmatch(r"http_\d{3}|timeout after [\d.e+-]+s|network: \w{1,40}", error):
+        return error
+    return "other"
 
 
 def classify_slack_error(error: str) -> str:
@@ -3083,11 +3140,13 @@ class SlackError(ThreaderError):
         self.kind = kind
         self.retry_after = retry_after
         self.maybe_done = maybe_done  # the request reached Slack and its answer was lost: it may have been done
+        self.for_good = False  # a post Slack refused as laid out and again as plain text: it never will take it
 
     @property
     def hint(self) -> str:
         if self.kind == CONFIGURATION:
-            return CONFIGURATION_ERRORS[self.error]
+            return CONFIGURATION_ERRORS.get(self.error, f"Slack's API answered {self.error}: check SLACK_API_URL "
+                                                        "and any proxy on the way (the alerts wait in the outbox)")
         if self.error.startswith(("network", "timeout")):
             return ("cannot reach Slack at SLACK_API_URL: check the URL, DNS, proxy and firewall "
                     "(the alerts wait in the outbox meanwhile)")
@@ -3115,7 +3174,7 @@ class SlackAPI:
         try:
             response = self._call(method, body)
         except SlackError as e:
-            self.metrics.inc("alert_threader_slack_requests_total", method=method, result=e.error)
+            self.metrics.inc("alert_threader_slack_requests_total", method=method, result=metric_error(e.error))
             raise
         finally:
             self.metrics.observe("alert_threader_slack_request_duration_seconds", time.monotonic() - start)
@@ -3309,10 +3368,10 @@ class SlackClient(SlackAPI):
             except ValueError:
                 wait = 1.0
             raise SlackError(method, "ratelimited", RATE_LIMITED, max(0.0, min(wait, MAX_RETRY_AFTER)))
-        if status >= 500:
-            raise SlackError(method, f"http_{status}", TRANSIENT)
-        if status >= 400:
-            raise SlackError(method, f"http_{status}", OTHER)
+        if status >= 500:  # but a 503's, the request may have been carried out before the error
+            raise SlackError(method, f"http_{status}", TRANSIENT, maybe_done=status != 503)
+        if status >= 400:  # a wrong SLACK_API_URL, a proxy in the way: what waits is told once it is fixed
+            raise SlackError(method, f"http_{status}", CONFIGURATION)
         try:
             document = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
@@ -4017,6 +4076,9 @@ def copied(record: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
 
 
 FULL_REPLIES = 3  # up to this many alerts of a quiet thread are replies of their own; more share compact ones
+# A turn plans for the oldest PLAN_WINDOW alerts waiting (50 compact messages, at Slack's pace 50 s of posts):
+# a plan is made again after each message while alerts arrive, so its cost must not grow with the backlog.
+PLAN_WINDOW = 1000
 # A target (a thread, the digest, the channel's standalone resolves) that took BUSY_MESSAGES messages, or a
 # compact one, within BUSY_WINDOW is busy: its next alerts wait up to HOLD to share a compact message, until
 # it has been quiet for BUSY_WINDOW. A card is edited at most every CARD_EVERY. All in SLACK_PACEs: with
@@ -4130,6 +4192,8 @@ class Plan:
     storm: bool
     arrivals: Dict[str, float]
     wake_at: Optional[float] = None  # when alerts held back to share a message are due (None: none are)
+    # digest key -> {fingerprint: member entry} of the alerts on their way into it: its card counts them too
+    coming: Dict[str, Dict[str, List[str]]] = dataclasses.field(default_factory=dict)
 
 
 def storm_mode(was_storm: bool, waiting: int, arrived: int, threshold: int) -> bool:
@@ -4170,28 +4234,29 @@ def decide_lines(backlog: List[Item], records: Dict[str, Dict[str, Any]], channe
         scratch = copied(stored)
         pairs = fired_before(items)
         paired = {fired.id for fired in pairs.values()}
-        orphaned = False
+        told = False
         for item in items:
             if item.id in paired:
                 continue
             fired = pairs.get(item.id)
             if fired is not None and decide(scratch, fired.alert, window) == UNCHANGED:
-                unchanged.append((fired, scratch["ts"] if scratch else None))  # its firing was told already
+                unchanged.append((fired, scratch.get("ts") if scratch else None))  # its firing was told already
                 fired = None
             step = decide(scratch, (fired or item).alert, window)
-            if step == UNCHANGED:
-                unchanged.append((item, scratch["ts"] if scratch else None))
+            if step == UNCHANGED:  # a repeat: of what Slack has, or of a copy about to open the thread (no ts yet)
+                unchanged.append((item, scratch.get("ts") if scratch else None))
                 continue
             if step == POST:
-                if orphaned:
-                    break  # after a standalone resolve of this key: its new thread waits for the next turn
+                if told:
+                    break  # after news of this key (its thread's close, a standalone resolve): the new thread
+                    # opens in the next turn, once the news is recorded
                 scratch = {"status": "open", "alerts": {}}  # what decide reads of the thread it opens
-            elif scratch is None:
+            told = True
+            if scratch is None:
                 lines.append(Line(item, step, f"orphans|{channel}"))
-                orphaned = True
                 continue
-            for told, its_step in ([(fired, step), (item, RESOLVE)] if fired else [(item, step)]):
-                apply_step(scratch, told.alert, its_step, now)
+            for alert, its_step in ([(fired.alert, step), (item.alert, RESOLVE)] if fired else [(item.alert, step)]):
+                apply_step(scratch, alert, its_step, now)
             member = step != POST and stored is not None and stored.get("digest")
             if member and member not in records:
                 member = f"storm|{channel}"  # its digest is gone: the channel's takes its news
@@ -4209,6 +4274,12 @@ def recent_arrivals(known: Dict[str, float], new: Dict[str, float], now: float, 
     if len(arrivals) > cap:
         arrivals = dict(sorted(arrivals.items(), key=lambda kv: kv[1])[-cap:])
     return arrivals
+
+
+def is_digest(target: str, records: Dict[str, Dict[str, Any]], channel: str) -> bool:
+    """Is this target a digest: the channel's (storm|C), or one from before 1.1? Known by what it is, not by
+    its name, which a thread's key may share ("storm|critical|…" for an alert named storm)."""
+    return target == f"storm|{channel}" or bool(records.get(target, {}).get("storm"))
 
 
 def plan_turn(backlog: List[Item], records: Dict[str, Dict[str, Any]], channel: str, state: ChannelState,
@@ -4250,13 +4321,15 @@ def plan_turn(backlog: List[Item], records: Dict[str, Dict[str, Any]], channel: 
         rest.append((due, target, its_lines, busy))
     messages = opening
     for _, target, its_lines, busy in sorted(rest, key=lambda entry: entry[0]):
-        if target.startswith("storm|"):  # the channel's digest (or, from before 1.1, one of a group)
+        if is_digest(target, records, channel):
             messages += digest_messages(records[target], records, its_lines, channel, rules.messages, now)
-        elif target.startswith("orphans|"):
+        elif target == f"orphans|{channel}":
             messages += standalone_messages(its_lines, channel, rules.messages, busy, now)
         else:
             messages += thread_messages(records[target], target, its_lines, channel, rules.messages, busy, now)
-    return Plan(unchanged, messages, storm, arrivals, wake_at)
+    coming = {target: {ln.item.alert.fingerprint: member_entry(ln.item.alert) for ln in its_lines}
+              for target, its_lines in targets.items() if is_digest(target, records, channel)}
+    return Plan(unchanged, messages, storm, arrivals, wake_at, coming)
 
 
 def open_thread(line: Line, channel: str, ms: MessageSettings, now: float) -> Message:
@@ -4459,12 +4532,73 @@ def standalone(lines: List[Line], channel: str, ms: MessageSettings, alone: bool
     return Message("standalone", f"orphans|{channel}", draw, records, [(ln.item, "standalone") for ln in lines])
 
 
+def untold(items: List[Item], channel: str, why: str) -> Message:
+    """Alerts this code failed to plan or lay out (a bug, or a record it cannot read), told as plain text
+    without their thread: one bad alert must not hold its channel's outbox back for ever."""
+    def draw() -> Drawn:
+        lines = [f"⚠️ alert-threader could not {why} {len(items)} alert{'s' if len(items) != 1 else ''} (its log "
+                 "says why); as received:"]
+        for item in items[:LINES_PER_DIGEST_MESSAGE]:
+            alert = item.alert
+            labels = ", ".join(f"{name}={value}" for name, value in sorted(alert.labels.items()))
+            lines.append(f"{'✅' if alert.status == 'resolved' else '🔥'} {mrkdwn(labels, 300)}")
+        return {"channel": channel, "text": clip_escaped("\n".join(lines), 3900)}, None, None
+    return Message("standalone", f"orphans|{channel}", draw, {}, [(item, "standalone") for item in items])
+
+
+def plan_sparing(backlog: List[Item], records: Dict[str, Dict[str, Any]], channel: str, state: ChannelState,
+                 rules: Rules, now: float) -> Plan:
+    """plan_turn; should it fail, the plan for every thread it does not fail for, and the alerts of those
+    it fails for told as plain text."""
+    try:
+        return plan_turn(backlog, records, channel, state, rules, now)
+    except Exception:
+        log.exception("cannot plan some alerts of channel %s; they are told as plain text, without a thread", channel)
+    by_key: Dict[str, List[Item]] = {}
+    for item in backlog:
+        by_key.setdefault(item.key, []).append(item)
+    failing: List[Item] = []
+    for items in by_key.values():
+        try:
+            plan_turn(items, records, channel, ChannelState(), rules, now)
+        except Exception:
+            failing += items
+    ids = {item.id for item in failing}
+    rest = [item for item in backlog if item.id not in ids]
+    planned = plan_turn(rest, records, channel, state, rules, now) if rest else Plan([], [], state.storm,
+                                                                                    state.arrivals)
+    planned.messages[:0] = [untold(part, channel, "plan") for part in chunks(failing, LINES_PER_DIGEST_MESSAGE)]
+    return planned
+
+
+def drawable(message: Message, channel: str) -> Message:
+    """The message, drawn; should drawing fail, its alerts as plain text (or, for a digest's parent, a plain
+    parent)."""
+    try:
+        message.drawn()
+        return message
+    except Exception:
+        log.exception("cannot lay out a %s message in channel %s; it is sent as plain text", message.kind, channel)
+    if message.done:
+        return untold([item for item, _ in message.done], channel, "lay out")
+    text = "⚠️ alert-threader could not lay out this message (its log says why)"
+    return dataclasses.replace(message, draw=lambda: ({"channel": channel, "text": text}, None, None), _drawn=None)
+
+
 # ---------------------------------------------------------------------------
 # The executor: the only code that calls Slack and writes records
 # ---------------------------------------------------------------------------
 
 class Stopping(ThreaderError):
     """The service is stopping: the sender leaves what it was waiting to send in the outbox."""
+
+
+class Unrecorded(StoreError):
+    """Slack took a post that the store could not then record: nothing more is posted until it is recorded."""
+
+    def __init__(self, cause: StoreError, posted: bool) -> None:
+        super().__init__(str(cause))
+        self.posted = posted  # the message itself went (else only the new parent of its moved thread did)
 
 
 class LogLimiter:
@@ -4516,6 +4650,7 @@ class Poster:
         self.failing_since: Optional[float] = None  # when posts began to fail (monotonic), None while they go
         # An edit Slack can never take (channel_not_found, not_in_channel, is_archived), with its fix.
         self.edit_problem: Optional[Dict[str, Any]] = None
+        self.dropped: Optional[Tuple[int, str, float]] = None  # alerts Slack refused for good: how many, why, when
         self._warned_reactions = False
         self._log = LogLimiter()
 
@@ -4556,14 +4691,32 @@ class Poster:
         """chat.postMessage; once more as plain text if Slack refuses the layout (or refuses it for a reason
         this service does not know: a message Slack never takes must not hold its channel's outbox back)."""
         try:
-            return self.call("chat.postMessage", payload)  # type: ignore[return-value]
+            return self._with_ts(self.call("chat.postMessage", payload))
         except SlackError as e:
             if e.kind not in (LAYOUT, OTHER):
                 raise
             self.metrics.inc("alert_threader_slack_fallbacks_total")
             self._log.log(logging.WARNING, f"fallback|{e.error}", "Slack refused the message; sending plain text",
                           error=e.error)
-        return self.call("chat.postMessage", plain or plain_version(payload))  # type: ignore[return-value]
+        try:
+            return self._with_ts(self.call("chat.postMessage", plain or plain_version(payload)))
+        except SlackError as e:
+            e.for_good = e.kind in (LAYOUT, OTHER)
+            raise
+
+    def _with_ts(self, answer: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+        """Slack's answer to a post, its ts None if it has none that can be threaded in (a broken proxy)."""
+        assert answer is not None  # a post waits for its turn
+        ts = answer.get("ts")
+        if isinstance(ts, str) and SLACK_TS.fullmatch(ts):
+            return answer
+        self._log.log(logging.ERROR, "bad_ts", "Slack took a message but its answer has no valid ts: the message "
+                      "stands alone, nothing can be threaded in it", ts=truncate(repr(ts), 40))
+        return dict(answer, ts=None)
+
+    def note_dropped(self, count: int, error: str) -> None:
+        with self._lock:
+            self.dropped = (self.dropped[0] + count if self.dropped else count, error, time.monotonic())
 
     def post_within(self, deadline: float, payload: Dict[str, Any]) -> Dict[str, Any]:
         """A post for a person's click: retried on Slack's passing trouble until the deadline (monotonic)."""
@@ -4631,8 +4784,7 @@ class Poster:
             if e.kind == CONFIGURATION:
                 self.delivering = False
         level = logging.ERROR if e.kind in (CONFIGURATION, OTHER) else logging.WARNING
-        self._log.log(level, f"post|{e.error}", "Slack call failed; the alerts wait in the outbox and are sent again",
-                      method=e.method, error=e.error, fix=e.hint)
+        self._log.log(level, f"post|{e.error}", "Slack call failed", method=e.method, error=e.error, fix=e.hint)
 
 
 class Executor:
@@ -4653,24 +4805,66 @@ class Executor:
         self.metrics = metrics
         self._drawn: "OrderedDict[str, str]" = OrderedDict()  # card key -> its card as last drawn
         self._lock = threading.Lock()
+        # channel -> what Slack took and the store could not record yet: written before anything else is posted
+        self._unrecorded: Dict[str, Tuple[Dict[str, Dict[str, Any]], List[Tuple[Item, Result]], bool]] = {}
+
+    def record_pending(self, channel: str) -> None:
+        """Write what Slack took and the store could not record; StoreError while it still cannot."""
+        pending = self._unrecorded.get(channel)
+        if pending is None:
+            return
+        try:
+            self.complete(channel, *pending)
+        except LeaseLost:
+            del self._unrecorded[channel]  # another replica sends now: what it finds in the outbox, it tells
+            raise
+        del self._unrecorded[channel]
+
+    def _record(self, channel: str, records: Dict[str, Dict[str, Any]], done: List[Tuple[Item, Result]],
+                new: bool, posted: bool) -> None:
+        try:
+            self.complete(channel, records, done, new)
+        except LeaseLost:
+            raise
+        except StoreError as e:
+            self._unrecorded[channel] = (records, done, new)
+            raise Unrecorded(e, posted) from None
 
     def send(self, channel: str, message: Message) -> bool:
         """Post the message and record it (message.records end up as written, the post's ts in them).
 
-        True when the thread it replied in had to be started again: the plan's later messages name the old one."""
+        True when the thread it replied in had to be started again: the plan's later messages name the old one.
+        Unrecorded when Slack took it and the store could not record it (it is, before the next post)."""
+        self.record_pending(channel)
         thread_ts = message.payload.get("thread_ts")
-        if thread_ts is None:
-            ts = self.poster.post(message.payload, message.plain)["ts"]
-            for record in message.records.values():
-                if record.get("ts") == "":
-                    record["ts"] = ts
-            if message.kind == "digest":
-                self._remember_drawn(message.target, message.payload)
-        else:
-            ts = self._reply(channel, message, thread_ts)
-        self.complete(channel, message.records, [(item, (action, ts)) for item, action in message.done],
-                      new=message.kind in ("open", "digest", "standalone"))
+        try:
+            ts = (self.poster.post(message.payload, message.plain)["ts"] if thread_ts is None
+                  else self._reply(channel, message, thread_ts))
+        except SlackError as e:
+            if not (e.for_good and message.done):
+                raise
+            self._drop(channel, message, e)
+            return False
+        if thread_ts is None and message.kind == "digest":
+            self._remember_drawn(message.target, message.payload)
+        for record in message.records.values():
+            if record.get("ts") == "":
+                record["ts"] = ts
+        # A post Slack answered without a ts stands alone: the threads it would have started are not kept.
+        message.records = {key: record for key, record in message.records.items() if record.get("ts")}
+        self._record(channel, message.records, [(item, (action, ts)) for item, action in message.done],
+                     message.kind in ("open", "digest", "standalone"), posted=True)
         return thread_ts is not None and ts != thread_ts
+
+    def _drop(self, channel: str, message: Message, e: SlackError) -> None:
+        """A message Slack refuses for good: its alerts leave the outbox, named in the log, so that they do not
+        hold the channel back for ever."""
+        items = [item for item, _ in message.done]
+        log_event(logging.ERROR, "Slack refused a message for good, as laid out and as plain text; its alerts are "
+                  "dropped", channel=channel, error=e.error, alerts=len(items),
+                  names=truncate(", ".join(sorted({item.alert.alertname for item in items})), 300))
+        self.poster.note_dropped(len(items), e.error)
+        self._record(channel, {}, [(item, ("refused", None)) for item in items], False, posted=False)
 
     def _reply(self, channel: str, message: Message, thread_ts: str) -> str:
         try:
@@ -4683,7 +4877,9 @@ class Executor:
                   old_ts=thread_ts)
         parent = {k: v for k, v in message.parent.items() if k not in ("ts", "thread_ts")}
         ts = self.poster.post(parent)["ts"]
-        self.complete(channel, {k: dict(r, ts=ts) for k, r in message.before.items()}, [])  # the thread moved
+        if ts is None:  # a new parent that cannot be threaded in: try again (a broken proxy; it may show twice)
+            raise SlackError("chat.postMessage", "invalid_response", TRANSIENT)
+        self._record(channel, {k: dict(r, ts=ts) for k, r in message.before.items()}, [], False, posted=False)
         for record in message.records.values():
             if record.get("ts") == thread_ts:
                 record["ts"] = ts
@@ -4707,7 +4903,9 @@ class Executor:
         now = time.time()
         for item, (action, _) in done:
             self.metrics.inc("alert_threader_alerts_total", status=item.alert.status, action=action)
-            if action != "unchanged":
+            if action == "refused":
+                self.metrics.inc("alert_threader_alerts_dropped_total")
+            elif action != "unchanged":
                 self.metrics.inc("alert_threader_alerts_delivered_total")
                 self.metrics.observe("alert_threader_delivery_seconds", max(0.0, now - item.received))
 
@@ -4724,11 +4922,17 @@ class Executor:
     def _card_text(card: Dict[str, Any]) -> str:
         return json.dumps({k: v for k, v in card.items() if k not in ("ts", "text")}, sort_keys=True)
 
-    def refresh_card(self, key: str, edit: bool = True, react: bool = False) -> Tuple[bool, bool]:
-        """Edit a thread's parent to show its state as stored now, and add its ✅: (edited, reacted), best effort."""
-        record = self.store.get(key)
+    def refresh_card(self, key: str, edit: bool = True, react: bool = False,
+                     coming: Optional[Dict[str, List[str]]] = None,
+                     forgotten: Optional[Dict[str, Any]] = None) -> Tuple[bool, bool]:
+        """Edit a thread's parent to show its state as stored now (a digest's, with the alerts coming into it),
+        and add its ✅: (edited, reacted), best effort. A thread cleared since its last message is drawn as that
+        message left it (forgotten), so that its card does not stay behind its replies."""
+        record = self.store.get(key) or copied(forgotten)
         if record is None or not record.get("ts"):
-            return True, True  # forgotten meanwhile (cleared): nothing left to draw
+            return True, True  # forgotten meanwhile, and not known here: nothing left to draw
+        if coming and record.get("storm") and "firing" not in record:  # (a digest of before 1.1 keeps counts)
+            record["members"] = {**record.get("members", {}), **coming}
         channel, ms = record.get("channel", ""), self.config.messages
         edited = reacted = True
         if edit:
@@ -4769,6 +4973,53 @@ class Executor:
 # Senders: one per channel, draining its outbox at Slack's pace
 # ---------------------------------------------------------------------------
 
+class Cards:
+    """A channel's card edits (and ✅) waiting their turn: each card is edited at most every CARD_EVERY, with
+    what its thread holds then; one Slack gave no turn to, or failed to edit, is tried again CARD_RETRY later."""
+
+    CARD_RETRY = 2.0
+
+    def __init__(self, executor: Executor, every: float) -> None:
+        self.executor = executor
+        self.every = every
+        self.due: Dict[str, Tuple[bool, bool]] = {}  # key -> (edit due, ✅ due)
+        self.next: Dict[str, float] = {}  # key -> when its card may be edited next (monotonic)
+        self.coming: Dict[str, Dict[str, List[str]]] = {}  # the last plan's: what a digest's card counts too
+        self.forgotten: Dict[str, Dict[str, Any]] = {}  # cleared threads' records, for their pending edits
+
+    def add(self, cards: Dict[str, Tuple[bool, bool]]) -> None:
+        for key, (edit, react) in cards.items():
+            was_edit, was_react = self.due.get(key, (False, False))
+            self.due[key] = (was_edit or edit, was_react or react)
+
+    def forget(self, records: Dict[str, Optional[Dict[str, Any]]]) -> None:
+        """The threads were cleared: keep what their pending cards will show."""
+        self.forgotten = {key: record for key, record in records.items() if record and key in self.due}
+
+    def edit(self, records: Dict[str, Optional[Dict[str, Any]]]) -> float:
+        """Edit the cards that are due (a cleared thread's as `records` last had it); the seconds until the
+        next is due."""
+        now, soonest = time.monotonic(), math.inf
+        for key, (edit, react) in list(self.due.items()):
+            due = self.next.get(key, -math.inf)
+            if due > now:
+                soonest = min(soonest, due - now)
+                continue
+            edited, reacted = self.executor.refresh_card(key, edit, react, self.coming.get(key),
+                                                         self.forgotten.get(key) or records.get(key))
+            left = (edit and not edited, react and not reacted)
+            if any(left):
+                self.due[key] = left
+                self.next[key] = now + max(self.every, self.CARD_RETRY)
+                soonest = min(soonest, self.next[key] - now)
+            else:
+                del self.due[key]
+                self.next[key] = now + self.every if edit else due
+        self.next = {key: at for key, at in self.next.items() if at > now or key in self.due}
+        self.forgotten = {key: record for key, record in self.forgotten.items() if key in self.due}
+        return soonest
+
+
 class Sender:
     """One channel's outbox, told at Slack's pace by one worker: the only one that plans for the channel.
 
@@ -4782,7 +5033,6 @@ class Sender:
     """
 
     BACKOFF_MAX = 15.0
-    CARD_RETRY = 2.0
     GATHER, GATHER_MAX = 0.05, 0.25  # a burst of webhooks is planned for once it pauses, or after GATHER_MAX
     IDLE = 1.0  # seconds between tries for the lease of a channel another replica sends for
     POLL = 0.25  # seconds between looks at a shared outbox, which other replicas' intake fills unseen
@@ -4800,8 +5050,7 @@ class Sender:
         self.holding = False
         self.cache: Dict[str, Optional[Dict[str, Any]]] = {}  # records as this sender last read or wrote them
         self.generation = -1
-        self.cards: Dict[str, Tuple[bool, bool]] = {}  # key -> (edit due, ✅ due)
-        self.card_due: Dict[str, float] = {}  # key -> when its card may be edited next (monotonic)
+        self.cards = Cards(executor, rules.card_every)
         self.failures = 0
         self.gathering_since: Optional[float] = None  # when the burst being gathered began (monotonic)
         self.woken = threading.Event()
@@ -4812,9 +5061,10 @@ class Sender:
 
     def run(self) -> None:
         while not self.stopping.is_set():
+            failed = True  # a failure's wait is not cut short by arrivals: they would hammer Slack or the store
             try:
                 wait = self.turn()
-                self.failures = 0
+                self.failures, failed = 0, False
             except Stopping:
                 break
             except SlackError as e:  # a 429's wait is the turn's (Retry-After); the rest back off
@@ -4824,15 +5074,15 @@ class Sender:
                 log_event(logging.WARNING, "this replica no longer sends for the channel", channel=self.channel,
                           reason=str(e))
                 self.holding, wait = False, self.IDLE
-            except StoreError as e:
-                self._log.log(logging.WARNING, "store", "the store cannot be written; nothing is posted until it "
-                              "can", channel=self.channel, error=str(e))
+            except StoreError as e:  # the store logs its own outage, once: nothing more to say here
+                log_event(logging.DEBUG, "the store cannot be written; nothing is posted until it can",
+                          channel=self.channel, error=str(e))
                 wait = self.IDLE
             except Exception:
                 log.exception("the sender of %s failed; it carries on", self.channel)
                 wait = 5.0
             if wait:
-                self.woken.wait(wait)
+                (self.stopping if failed else self.woken).wait(wait)
             self.woken.clear()
         if self.holding:
             self.store.release_sender(self.channel)
@@ -4844,14 +5094,18 @@ class Sender:
             return self.IDLE
         if not self.holding:  # this replica (re)starts sending: what it knew may have changed meanwhile
             self.holding, self.backlog, self.last_id, self.cache = True, OrderedDict(), None, {}
+            if self.store.shared:
+                log_event(logging.INFO, "this replica sends for the channel now", channel=self.channel)
+        self.executor.record_pending(self.channel)
         gathering = self.refresh()
         if gathering:
             return gathering  # alerts are pouring in: plan once with them all, not once for each
         wait = self.POLL if self.store.shared else 60.0
         if self.backlog:
             now = time.time()
-            plan = plan_turn(list(self.backlog.values()), self.records(), self.channel, self.state, self.rules,
-                             now)
+            window = list(itertools.islice(self.backlog.values(), PLAN_WINDOW))
+            plan = plan_sparing(window, self.records(window), self.channel, self.state, self.rules, now)
+            self.cards.coming = plan.coming
             self.storm(plan.storm)
             self.state.arrivals = plan.arrivals
             if plan.unchanged:
@@ -4860,7 +5114,14 @@ class Sender:
                     self.backlog.pop(item.id, None)
             for message in plan.messages:
                 self.store.ready()  # nothing goes to Slack that could not then be recorded
-                moved = self.executor.send(self.channel, message)
+                message = drawable(message, self.channel)
+                try:
+                    moved = self.executor.send(self.channel, message)
+                except Unrecorded as e:  # Slack has it; the store will, before anything else is posted
+                    if e.posted:
+                        self.sent(message)
+                    self.cache = {}  # what the store holds now is what to plan from
+                    raise
                 self.sent(message)
                 # Plan again: with the thread where it is now; with the alerts that arrived meanwhile, to share
                 # messages with them (with pacing off, nothing waits to be shared: the plan goes on).
@@ -4870,13 +5131,15 @@ class Sender:
                 wait = 0.0
             elif plan.wake_at is not None:
                 wait = min(wait, max(0.0, plan.wake_at - now))
-        elif self.state.storm:  # nothing waits: the storm ends once the arrivals within STORM_WINDOW fall
+        else:
+            self.cards.coming = {}
+        if not self.backlog and self.state.storm:  # the storm ends once the arrivals within STORM_WINDOW fall
             now = time.time()
             self.state.arrivals = recent_arrivals(self.state.arrivals, {}, now, self.rules.storm_window,
                                                   self.rules.storm_threshold + 1)
             self.storm(storm_mode(True, 0, len(self.state.arrivals), self.rules.storm_threshold))
             wait = min(wait, 1.0)
-        return min(wait, self.edit_cards())
+        return min(wait, self.cards.edit(self.cache))
 
     def arrived(self) -> bool:
         """Has an alert arrived since the backlog was read?"""
@@ -4896,13 +5159,16 @@ class Sender:
             self.gathering_since = now
         return self.GATHER if now - self.gathering_since < self.GATHER_MAX else 0.0
 
-    def records(self) -> Dict[str, Dict[str, Any]]:
-        """The records the backlog's threads have now (and their digests): this sender's own copies, and the
+    def records(self, items: List[Item]) -> Dict[str, Dict[str, Any]]:
+        """The records these items' threads have now (and their digests): this sender's own copies, and the
         store's for the rest."""
         generation = self.store.generation()
-        if generation != self.generation:
-            self.cache, self.generation = {}, generation  # the threads were cleared
-        keys = {item.key for item in self.backlog.values()} | {f"storm|{self.channel}"}
+        if generation != self.generation:  # the threads were cleared: forget them, and how busy they were
+            self.cards.forget(self.cache)
+            self.cache, self.generation = {}, generation
+            self.state.sent.clear()
+            self.state.arrivals.clear()
+        keys = {item.key for item in items} | {f"storm|{self.channel}"}
         self.cache = {key: record for key, record in self.cache.items() if key in keys}
         for _ in range(2):  # the threads, then the digests some of them are members of
             missing = [key for key in keys if key not in self.cache]
@@ -4922,9 +5188,7 @@ class Sender:
                                                      and len(message.done) > 1)]
         for target in [t for t, times in self.state.sent.items() if times[-1][0] <= now - self.rules.busy_window]:
             del self.state.sent[target]
-        for key, (edit, react) in message.cards.items():
-            was_edit, was_react = self.cards.get(key, (False, False))
-            self.cards[key] = (was_edit or edit, was_react or react)
+        self.cards.add(message.cards)
 
     def storm(self, storm: bool) -> None:
         if storm != self.state.storm:
@@ -4935,33 +5199,11 @@ class Sender:
             self.store.note_storm(self.channel, storm)  # renewed at every turn of a storm
         self.state.storm = storm
 
-    def edit_cards(self) -> float:
-        """Edit the cards that are due, each at most every CARD_EVERY; the seconds until the next is due.
-
-        A card Slack gave no turn to, or failed to edit, is tried again CARD_RETRY later."""
-        now, soonest = time.monotonic(), math.inf
-        for key, (edit, react) in list(self.cards.items()):
-            due = self.card_due.get(key, -math.inf)
-            if due > now:
-                soonest = min(soonest, due - now)
-                continue
-            edited, reacted = self.executor.refresh_card(key, edit, react)
-            left = (edit and not edited, react and not reacted)
-            if any(left):
-                self.cards[key] = left
-                self.card_due[key] = now + max(self.rules.card_every, self.CARD_RETRY)
-                soonest = min(soonest, self.card_due[key] - now)
-            else:
-                del self.cards[key]
-                self.card_due[key] = now + self.rules.card_every if edit else due
-        self.card_due = {key: at for key, at in self.card_due.items() if at > now or key in self.cards}
-        return soonest
-
     def drain(self) -> None:
         """Tell everything waiting, and draw its cards, now (the render command: with pacing off, nothing waits)."""
         for _ in range(100000):
             self.turn()
-            if not self.backlog and not self.cards:
+            if not self.backlog and not self.cards.due:
                 return
         raise AssertionError("the plan made no progress")  # pragma: no cover
 
@@ -4998,7 +5240,7 @@ class Senders:
         """Has every sender told what it took from the outbox (and drawn its cards)?"""
         with self._lock:
             senders = list(self._senders.values())
-        return all(not sender.backlog and not (cards and sender.cards) for sender in senders)
+        return all(not sender.backlog and not (cards and sender.cards.due) for sender in senders)
 
     def sending(self) -> List[str]:
         """The channels this process sends for (on Redis, those whose lease it holds)."""
@@ -5063,9 +5305,18 @@ class Intake:
                                 "group_key": hook.group_key, "thread_store": self.store.name, "results": []}
         try:
             items, results = self.items(hook, channel)
-            taken = self.store.enqueue([item for _, item, _ in items], self.config.outbox_limit) if items else []
+            if len(items) > self.config.outbox_limit:  # never to fit: a retry would not help
+                self.metrics.inc("alert_threader_alerts_refused_total", len(items))
+                return 413, dict(body, ok=False, error=f"{len(items):,} new alerts in one webhook, more than the "
+                                 f"outbox holds (OUTBOX_LIMIT {self.config.outbox_limit:,}): raise OUTBOX_LIMIT, "
+                                 "or split the route's groups")
+            if items:
+                taken = self.store.enqueue([item for _, item, _ in items], self.config.outbox_limit)
+            else:  # told already: stores nothing, but says so only if what told it can be made durable
+                taken = []
+                self.store.ready()
         except OutboxFull as e:
-            self.metrics.inc("alert_threader_alerts_refused_total", len(hook.alerts))
+            self.metrics.inc("alert_threader_alerts_refused_total", len(items))
             return 503, dict(body, ok=False, error=f"outbox full: {e}; Alertmanager keeps the alerts and retries")
         except StoreError as e:
             return 503, dict(body, ok=False, error=f"thread store: {e}; Alertmanager retries")
@@ -5073,7 +5324,7 @@ class Intake:
             self.senders.wake(channel)
         if self.config.slack_pace and self.store.storming(channel):
             deadline = 0.0  # in a storm its alerts go out in the digest's rhythm: waiting would only hold a connection
-        told = self.told([item_id for item_id, _ in taken], deadline)
+        told = self.told(channel, [item_id for item_id, _ in taken], deadline)
         for (index, item, thread_ts), (item_id, joined) in zip(items, taken):
             action, ts = told.get(item_id, ("queued", thread_ts))
             results[index] = (item.thread_key, "unchanged" if joined and action != "queued" else action, ts)
@@ -5104,16 +5355,16 @@ class Intake:
             items.append((i, outbox_item(alert, channel, keys[i], thread_keys[i], external_url, group_labels, now), ts))
         return items, results
 
-    def told(self, ids: List[str], deadline: float) -> Dict[str, Result]:
-        """The results of the items told by the deadline (monotonic; the rest are queued)."""
+    def told(self, channel: str, ids: List[str], deadline: float) -> Dict[str, Result]:
+        """The results of the channel's items told by the deadline (monotonic; the rest are queued)."""
         found: Dict[str, Result] = {}
         while ids:
             with contextlib.suppress(StoreError):  # stored durably already: an answer without results will do
-                found = self.store.results(ids)
+                found = self.store.results(channel, ids)
             remaining = deadline - time.monotonic()
             if len(found) == len(ids) or remaining <= 0:
                 break
-            self.store.wait_told([i for i in ids if i not in found], min(remaining, 0.5))
+            self.store.wait_told(channel, [i for i in ids if i not in found], min(remaining, 0.5))
         return found
 
 
@@ -5590,8 +5841,8 @@ class App:
             return error(401, "missing or wrong bearer token (WEBHOOK_TOKEN)", **{"WWW-Authenticate": challenge})
         if (method, path) in LOCAL_ONLY and not self.config.webhook_token and not (
                 is_loopback(request.client) and is_local_host(request.headers.get("Host", ""))):
-            return error(403, f"{path} shows the stored alerts: with no WEBHOOK_TOKEN set it answers only on this "
-                              "machine; set WEBHOOK_TOKEN to use it from elsewhere")
+            return error(403, f"{path} shows the stored alerts: with no WEBHOOK_TOKEN set it answers only loopback "
+                              "(127.0.0.1, ::1, as localhost); set WEBHOOK_TOKEN to use it from elsewhere")
         if path == "/alert" and "channel" in request.query:
             channel = request.query["channel"][-1]
             if channel not in self.config.slack_channels:
@@ -5666,10 +5917,15 @@ class App:
             if body["outbox"]["waiting"] >= OUTBOX_WARNING * self.config.outbox_limit:
                 problems.append(f"{body['outbox']['waiting']:,} alerts wait for Slack (OUTBOX_LIMIT "
                                 f"{self.config.outbox_limit:,})")
+        failing = poster.failing_since is not None or not poster.delivering
+        body["slack_status"] = "dry-run" if self.config.dry_run else "failing" if failing else "ok"
         if poster.failing_since is not None:
             problems.append(f"Slack has refused or failed every post for {time.monotonic() - poster.failing_since:.0f}s")
         if not poster.delivering:
             problems.append("Slack refuses the configuration (last_slack_error has the fix)")
+        if poster.dropped and time.monotonic() - poster.dropped[2] < DROPPED_SHOWN:
+            problems.append(f"Slack refused {poster.dropped[0]:,} alerts for good ({poster.dropped[1]}); the log "
+                            "names them")
         if poster.edit_problem:
             body["card_updates"] = poster.edit_problem  # cards that can never be edited: the fix is in it
             problems.append("Slack refuses to edit the status cards")
@@ -5750,6 +6006,27 @@ def linger(sock: socket.socket) -> None:
             dropped += len(chunk)
 
 
+def read_head(rfile: BinaryIO) -> Optional[bytes]:
+    """A request's header lines up to the blank one: at most HEAD_MAX bytes and HEAD_LINES lines, no bare CR or NUL."""
+    lines: List[bytes] = []
+    size = 0
+    while True:
+        line = rfile.readline(HEAD_MAX + 1)
+        if not line.endswith(b"\n"):
+            if len(line) > HEAD_MAX:
+                raise BadRequest("request headers longer than 32 KiB", 431)
+            return None
+        size += len(line)
+        if size > HEAD_MAX or len(lines) >= HEAD_LINES:
+            raise BadRequest(f"request headers over 32 KiB or {HEAD_LINES} lines", 431)
+        text = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+        if b"\r" in text or b"\0" in text:  # email's parser would start a new header at a bare CR
+            raise BadRequest("a header line holds a bare CR or a NUL", 400)
+        lines.append(line)
+        if not text:
+            return b"".join(lines)
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     """Thin: http.server parses, App decides, the answer is JSON (or the text App returns).
 
@@ -5788,7 +6065,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.command, self.request_version = None, self.default_request_version  # for a refusal's answer
         self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
         try:
-            head = self.read_head()
+            head = read_head(self.rfile)
         except BadRequest as e:
             self.send_error(e.status, str(e))
             return False
@@ -5802,26 +6079,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return super().parse_request()
         finally:
             self.rfile = real
-
-    def read_head(self) -> Optional[bytes]:
-        """The header lines up to the blank one: at most HEAD_MAX bytes and HEAD_LINES lines, no bare CR or NUL."""
-        lines: List[bytes] = []
-        size = 0
-        while True:
-            line = self.rfile.readline(HEAD_MAX + 1)
-            if not line.endswith(b"\n"):
-                if len(line) > HEAD_MAX:
-                    raise BadRequest("request headers longer than 32 KiB", 431)
-                return None
-            size += len(line)
-            if size > HEAD_MAX or len(lines) >= HEAD_LINES:
-                raise BadRequest(f"request headers over 32 KiB or {HEAD_LINES} lines", 431)
-            text = line[:-2] if line.endswith(b"\r\n") else line[:-1]
-            if b"\r" in text or b"\0" in text:  # email's parser would start a new header at a bare CR
-                raise BadRequest("a header line holds a bare CR or a NUL", 400)
-            lines.append(line)
-            if not text:
-                return b"".join(lines)
 
     def log_message(self, format: str, *args: Any) -> None:
         if log.isEnabledFor(logging.DEBUG):
@@ -6087,7 +6344,8 @@ def open_store(config: Config, metrics: Metrics) -> ThreadStore:
     lock_timeout = 2 * config.slack_timeout + 30
     if config.thread_store == "redis":
         return RedisStore(config.redis_url, config.redis_key_prefix, metrics, config.thread_retention,
-                          lock_timeout=lock_timeout, lease=config.redis_lease, sender_lease=config.sender_lease)
+                          lock_timeout=lock_timeout, lease=config.redis_lease, sender_lease=config.sender_lease,
+                          connections=config.max_connections + 32)
     return FileStore(config.thread_store_file, metrics, config.thread_retention, lock_timeout=lock_timeout)
 
 
@@ -6235,8 +6493,10 @@ def start_service(config: Config) -> Service:
                   "/health, /metrics and /stats are open")
     else:
         log_event(logging.WARNING, f"no WEBHOOK_TOKEN: POST /alert takes webhooks from anyone who can reach "
-                  f"{config.host or '*'}:{service.port}; /cache and /preview answer only this machine")
+                  f"{config.host or '*'}:{service.port}; /cache and /preview answer only loopback (127.0.0.1, ::1)")
     service.store.health()  # a store out of reach is said now, not when the first alert arrives
+    if isinstance(service.store, RedisStore):
+        service.store.warn_if_volatile()
     if config.interactive:
         log_event(logging.INFO, "Silence and Ack from Slack are on: POST /slack/actions takes Slack's signed "
                   "requests", alertmanager=config.alertmanager_url)
