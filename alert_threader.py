@@ -4565,8 +4565,13 @@ def plan_sparing(backlog: List[Item], records: Dict[str, Dict[str, Any]], channe
             failing += items
     ids = {item.id for item in failing}
     rest = [item for item in backlog if item.id not in ids]
-    planned = plan_turn(rest, records, channel, state, rules, now) if rest else Plan([], [], state.storm,
-                                                                                    state.arrivals)
+    planned = Plan([], [], state.storm, state.arrivals)
+    try:
+        if rest:
+            planned = plan_turn(rest, records, channel, state, rules, now)
+    except Exception:  # it fails only with them all: every one is told as plain text
+        log.exception("cannot plan the alerts of channel %s together either", channel)
+        failing = backlog
     planned.messages[:0] = [untold(part, channel, "plan") for part in chunks(failing, LINES_PER_DIGEST_MESSAGE)]
     return planned
 

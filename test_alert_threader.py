@@ -3692,6 +3692,22 @@ def test_an_alert_named_like_the_digest_or_the_standalone_resolves_is_told_in_it
     assert set(planned.messages[-1].records[first.key]["alerts"]) == {a.alert.fingerprint for a in (first, second)}
 
 
+def test_alerts_a_plan_fails_for_only_together_are_all_told_as_plain_text(monkeypatch, caplog):
+    real_plan = at.plan_turn
+
+    def plan_turn(backlog: List[at.Item], *args: Any) -> at.Plan:
+        if len(backlog) > 1:
+            raise RuntimeError("a bug that needs two alerts")
+        return real_plan(backlog, *args)
+    monkeypatch.setattr(at, "plan_turn", plan_turn)
+    backlog = [waiting_item("One"), waiting_item("Two")]
+    planned = at.plan_sparing(backlog, {}, "C0ALERTS", at.ChannelState(), RULES, PLANNED_AT)
+    [plain] = planned.messages
+    assert [item.id for item, _ in plain.done] == [item.id for item in backlog]
+    assert "alertname=One" in plain.payload["text"] and "alertname=Two" in plain.payload["text"]
+    assert caplog.text.count("RuntimeError: a bug that needs two alerts") == 2
+
+
 def test_repeats_are_told_already_and_resolves_without_a_thread_go_standalone():
     told = waiting_item("Told")
     record = thread_of(told)

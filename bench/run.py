@@ -586,7 +586,7 @@ class Row:
 
 
 ROWS = [
-    Row("cpu_ms_per_alert", "CPU per alert (ms)", 3, ("ratio", 0.5)),
+    Row("cpu_ms_per_alert", "CPU per alert (ms)", 3, ("ratio", 0.333)),
     Row("p50_ms", "p50 latency, 1-alert webhook (ms)", 2),
     Row("p99_ms", "p99 latency, 1-alert webhook (ms)", 2),
     Row("p50_ms_slow_slack", "p50 latency, Slack at {delay:g} ms (ms)", 1),
@@ -595,7 +595,7 @@ ROWS = [
     Row("storm_slack_calls", "{storm:,}-alert webhook: Slack calls", 0),
     Row("storm_cpu_ms_per_alert", "{storm:,}-alert webhook: CPU per alert (ms)", 3),
     Row("stored_threads", "threads stored after it", 0),
-    Row("cpu_ms_per_alert_stored", "CPU per alert, {storm:,}+ stored (ms)", 3, ("ratio", 0.5)),
+    Row("cpu_ms_per_alert_stored", "CPU per alert, {storm:,}+ stored (ms)", 3, ("ratio", 0.333)),
     Row("p50_ms_stored", "p50 latency, {storm:,}+ stored (ms)", 2),
     Row("rss_idle_mb", "RSS idle (MB), unit: -m, bytecode", 1, ("max", 40.0)),
     Row("rss_peak_mb", "RSS peak (MB), unit: -m, bytecode", 1, ("max", 60.0)),
