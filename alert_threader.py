@@ -1155,6 +1155,10 @@ class RedactingFilter(logging.Filter):
             record.msg, record.args = self._redact(message), None
             record.fields = {k: self._redact(v) if isinstance(v, str) else v for k, v in fields.items()}
             record.event = self._redact(getattr(record, "event", ""))
+        if record.exc_info:  # a traceback's messages too (what an exception quotes is not ours to choose)
+            text = logging.Formatter().formatException(record.exc_info)
+            if any(s in text for s in self.secrets):
+                record.exc_text, record.exc_info = self._redact(text), None
         return True
 
 
@@ -1163,8 +1167,8 @@ class JsonFormatter(logging.Formatter):
         entry = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
                  "level": record.levelname.lower(), "message": getattr(record, "event", None) or record.getMessage()}
         entry.update(getattr(record, "fields", {}))
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+        if record.exc_info or record.exc_text:
+            entry["exception"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
 
 
@@ -1745,9 +1749,14 @@ class ThreadStore:
 
     # -- senders ------------------------------------------------------------------
 
-    def hold_sender(self, channel: str) -> bool:
-        """Take (or keep) the channel's sender lease: True while this process is the one to send for it."""
-        return True
+    def hold_sender(self, channel: str) -> Optional[str]:
+        """Keep (or take) the channel's sender lease: while this process is the one to send for it, a token
+        that changes whenever it takes the lease anew (what it knew of the channel may have changed
+        meanwhile); None while another does."""
+        return "local"
+
+    def still_sending(self, channel: str) -> None:
+        """LeaseLost unless this process still holds the channel's lease (asked before each post)."""
 
     def release_sender(self, channel: str) -> None:
         """Give the channel's lease up (at stop), so that another replica takes over at once."""
@@ -1845,6 +1854,8 @@ class StateFiles:
         self.journal_bytes = 0
         self.moved_aside: Optional[str] = None
         self.damaged = 0  # entries set aside at start
+        self.epoch = 0  # the snapshot's fold; only journal lines written after it are its changes
+        self._journal_epoch: Optional[int] = None  # the fold the journal's last lines follow
         self._journal_fd: Optional[int] = None
 
     def remove_temp_files(self) -> None:
@@ -1894,10 +1905,13 @@ class StateFiles:
     # -- writing ----------------------------------------------------------------
 
     def append(self, data: bytes) -> None:
-        """Journal lines, durable on return: a short write (a full disk) is finished, never left torn."""
+        """Journal lines, durable on return: a short write (a full disk) is finished, never left torn. The first
+        after a fold names it, so that lines from before it are never replayed over its snapshot."""
         if self._journal_fd is None:
             self._journal_fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             self._fsync_directory()  # the journal's own name must survive a crash too
+        if self._journal_epoch != self.epoch:
+            data = b'{"epoch":%d}\n' % self.epoch + data
         with memoryview(data) as view:
             written = 0
             while written < len(view):
@@ -1907,29 +1921,32 @@ class StateFiles:
                 written += count
         os.fdatasync(self._journal_fd)
         self.journal_bytes += len(data)
+        self._journal_epoch = self.epoch
 
     def replace(self, threads: List[str], outbox: List[str]) -> None:
         """A new snapshot of these '"key":{record}' fragments and outbox entries, then an empty journal."""
-        self.snapshot_bytes = self._write_snapshot(threads, outbox)
-        # After the rename: a crash before this truncation only replays changes the snapshot already has.
+        self.snapshot_bytes = self._write_snapshot(threads, outbox, self.epoch + 1)
+        self.epoch += 1
+        # After the rename, the journal's lines are of an older fold: a restart before this truncation skips them.
         if self._journal_fd is not None:
             os.ftruncate(self._journal_fd, 0)
             os.fsync(self._journal_fd)
         elif os.path.exists(self.journal_path):
             os.truncate(self.journal_path, 0)
-        self.journal_bytes = 0
+        self.journal_bytes, self._journal_epoch = 0, None
 
     def _temp_prefix(self) -> str:
         return "." + os.path.basename(self.path) + ".tmp-"
 
-    def _write_snapshot(self, threads: List[str], outbox: List[str]) -> int:
+    def _write_snapshot(self, threads: List[str], outbox: List[str], epoch: int) -> int:
         """Temporary file in the same directory, fsync, rename, fsync the directory; returns its size.
 
         Written fragment by fragment, so that a large store is never held twice in memory."""
         fd, temp_path = tempfile.mkstemp(prefix=self._temp_prefix(), dir=os.path.dirname(self.path) or ".")
         try:
             with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-                for opening, fragments in (('{"version":1,"threads":{', threads), ('},"outbox":[', outbox)):
+                for opening, fragments in (('{"version":1,"epoch":%d,"threads":{' % epoch, threads),
+                                           ('},"outbox":[', outbox)):
                     f.write(opening)
                     for i, fragment in enumerate(fragments):
                         if i:
@@ -1975,7 +1992,14 @@ class StateReader:
         """The threads and the outbox (id, document) a restart finds: the snapshot, then the journal's changes."""
         threads, entries = self.snapshot()
         outbox = OrderedDict(entries)
+        epoch, skipped = 0, 0  # the journal's lines before a fold's first name none (as 1.1.0 wrote them)
         for change in self.changes():
+            if "epoch" in change:
+                epoch = change["epoch"]
+                continue
+            if epoch != self.files.epoch:  # a line the snapshot holds already: a crash ended its fold
+                skipped += 1
+                continue
             if change.get("clear"):
                 threads.clear()
             for key in change.get("del", []):
@@ -1987,6 +2011,9 @@ class StateReader:
                     outbox[item_id] = document
             for item_id in change.get("ack", []):
                 outbox.pop(item_id, None)
+        if skipped:
+            log_event(logging.INFO, "skipped journal lines that the snapshot already holds (a stop during a fold)",
+                      file=self.files.journal_path, lines=skipped)
         return threads, list(outbox.items())
 
     def snapshot(self) -> Tuple[Dict[str, Dict[str, Any]], List[Tuple[str, Any]]]:
@@ -2007,6 +2034,8 @@ class StateReader:
             return {}, []
         outbox: Any = []
         if isinstance(document, dict) and isinstance(document.get("threads"), dict):
+            epoch = document.get("epoch", 0)
+            self.files.epoch = epoch if type(epoch) is int and epoch >= 0 else 0
             document, outbox = document["threads"], document.get("outbox", [])
         if not isinstance(document, dict):
             self.files.move_aside(path, "is not a JSON object of threads")
@@ -2067,6 +2096,8 @@ class StateReader:
         change = json.loads(line.decode("utf-8"))
         if not isinstance(change, dict):
             raise ValueError("not a change")
+        if "epoch" in change and (type(change["epoch"]) is not int or len(change) > 1):
+            raise ValueError("a fold's name that is not a number alone")
         change["put"] = self.threads(change.get("put", {}))
         for name in ("del", "ack", "enq"):
             if not isinstance(change.get(name, []), list):
@@ -2460,10 +2491,13 @@ for i = n + 1, #KEYS do
 end
 return 1
 """
-# KEYS[1]: a channel's sender lease; ARGV: this process's token, lease ms. 1 if this process holds it now.
+# KEYS[1]: a channel's sender lease; ARGV: the token of this holding, lease ms, "1" to take a free lease
+# (a new holding) rather than renew one. 1 if this holding has the lease now. A lease that lapsed is never
+# renewed: whoever held it starts a new holding, with a new token, from what the outbox and records say.
 HOLD_SENDER_LUA = """
 local held = redis.call('get', KEYS[1])
-if held and held ~= ARGV[1] then return 0 end
+if held == ARGV[1] then redis.call('pexpire', KEYS[1], ARGV[2]) return 1 end
+if held or ARGV[3] ~= '1' then return 0 end
 redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
@@ -2494,11 +2528,9 @@ return ids
 # KEYS: the channel's sender lease, its outbox, its identity map, n thread leases, r records, then the
 # result key of each item done; ARGV: the sender's token, its lease ms, n, thread lease ms, r, result
 # seconds, n thread tokens, per record its JSON and expiry (0: none), per item done its id and result.
-# Nothing is written unless the sender's lease and every thread lease are still ours; a sender lease that
-# lapsed while Redis was away, and that nobody took, is taken again.
+# Nothing is written unless the sender's lease (this holding's token) and every thread lease are still ours.
 COMPLETE_LUA = """
-local sender = redis.call('get', KEYS[1])
-if sender and sender ~= ARGV[1] then return 0 end
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
 local n, r = tonumber(ARGV[3]), tonumber(ARGV[5])
 for i = 1, n do
   if redis.call('get', KEYS[3 + i]) ~= ARGV[6 + i] then return 0 end
@@ -2716,13 +2748,12 @@ class RedisOutbox:
         self.prefix = prefix
         self.leases = leases
         self.sender_lease = sender_lease
-        self._token = os.urandom(12).hex()  # this process's, on the senders' leases it holds
         self._enqueue = redis.script(ENQUEUE_LUA)
         self._complete = redis.script(COMPLETE_LUA)
         self._hold_sender = redis.script(HOLD_SENDER_LUA)
         self._release = redis.script(RELEASE_LOCK_LUA)
         self._lock = threading.Lock()
-        self.sending: set = set()  # channels this process holds the sender lease of
+        self.sending: Dict[str, str] = {}  # the channels this process holds the sender lease of: their tokens
         self._keeper: Optional[threading.Thread] = None
         self.closed = threading.Event()
         self.damaged = 0  # entries set aside since start
@@ -2797,7 +2828,9 @@ class RedisOutbox:
     def complete(self, channel: str, records: List[Tuple[str, str, int]], done: Dict[str, Result]) -> None:
         """Write the records (key, JSON, expiry) and take the done items out, if this process still sends."""
         held = self.leases.held()
-        args: List[Any] = [self._token, int(self.sender_lease * 1000), len(held), int(self.leases.lease * 1000),
+        with self._lock:
+            token = self.sending.get(channel, "")
+        args: List[Any] = [token, int(self.sender_lease * 1000), len(held), int(self.leases.lease * 1000),
                            len(records), int(RESULTS_KEPT), *held.values()]
         for _, text, expiry in records:
             args += [text, expiry]
@@ -2806,8 +2839,7 @@ class RedisOutbox:
         keys = [self._sender_key(channel), self._key(channel), self._key(channel, "-ids"), *held,
                 *(key for key, _, _ in records), *(f"{self.prefix}-done:{channel}:{item_id}" for item_id in done)]
         if not self.redis.run("complete", lambda: self._complete(keys=keys, args=args)):
-            with self._lock:
-                self.sending.discard(channel)
+            self._lost(channel, token)
             raise LeaseLost(f"another replica sends for {channel} now (this one's lease ran out); it wrote nothing")
 
     def summary(self) -> Dict[str, Tuple[int, Optional[float]]]:
@@ -2835,7 +2867,7 @@ class RedisOutbox:
             [f"{self.prefix}-done:{channel}:{item_id}" for item_id in ids]))
         found = {}
         for item_id, value in zip(ids, values):
-            if value:
+            with contextlib.suppress(ValueError, TypeError):  # damaged: as if not told (yet)
                 action, ts = json.loads(value)
                 found[item_id] = (action, ts)
         return found
@@ -2845,22 +2877,43 @@ class RedisOutbox:
     def _sender_key(self, channel: str) -> str:
         return f"{self.prefix}-sender:{channel}"
 
-    def hold_sender(self, channel: str) -> bool:
+    def hold_sender(self, channel: str) -> Optional[str]:
+        """Renew this process's holding of the channel's lease, or take the lease if it is free: the holding's
+        token, or None. A holding whose lease lapsed is over, even if nobody took the lease meanwhile."""
+        with self._lock:
+            token = self.sending.get(channel)
+        fresh = token is None
+        token = token or os.urandom(12).hex()
         try:
             held = self.redis.run("sender", lambda: self._hold_sender(
-                keys=[self._sender_key(channel)], args=[self._token, int(self.sender_lease * 1000)]))
+                keys=[self._sender_key(channel)], args=[token, int(self.sender_lease * 1000), int(fresh)]))
         except StoreError:
             held = 0
+        if not held:
+            self._lost(channel, token)
+            return None
         with self._lock:
-            if not held:
-                self.sending.discard(channel)
-                return False
-            self.sending.add(channel)
+            self.sending[channel] = token
             if self._keeper is None:
                 self._keeper = threading.Thread(target=self._keep_leases, daemon=True,
                                                 name="alert-threader-sender-leases")
                 self._keeper.start()
-        return True
+        return token
+
+    def still_sending(self, channel: str) -> None:
+        """LeaseLost unless this process's holding of the channel's lease goes on (asked of Redis itself: a
+        process that was paused learns it here, before it posts)."""
+        with self._lock:
+            token = self.sending.get(channel)
+        if token is None or self.redis.run("sender", lambda: self.redis.client.get(self._sender_key(channel))) \
+                != token:
+            self._lost(channel, token)
+            raise LeaseLost(f"another replica may send for {channel} now (this one's lease ran out)")
+
+    def _lost(self, channel: str, token: Optional[str]) -> None:
+        with self._lock:
+            if token is not None and self.sending.get(channel) == token:
+                del self.sending[channel]
 
     def _keep_leases(self) -> None:
         """Renew the leases of the channels this process sends for, every second, whatever the senders do."""
@@ -2868,14 +2921,18 @@ class RedisOutbox:
             with self._lock:
                 channels = list(self.sending)
             for channel in channels:
-                if not self.hold_sender(channel) and not self.closed.is_set():
-                    log_event(logging.WARNING, "this replica lost its lease on the channel", channel=channel)
+                try:
+                    if not self.hold_sender(channel) and not self.closed.is_set():
+                        log_event(logging.WARNING, "this replica lost its lease on the channel", channel=channel)
+                except Exception:  # the senders' leases lapse without it: never let one surprise stop it
+                    log.exception("cannot renew the lease on channel %s", channel)
 
     def release_sender(self, channel: str) -> None:
         with self._lock:
-            self.sending.discard(channel)
-        with contextlib.suppress(StoreError):
-            self.redis.run("sender", lambda: self._release(keys=[self._sender_key(channel)], args=[self._token]))
+            token = self.sending.pop(channel, None)
+        if token is not None:
+            with contextlib.suppress(StoreError):
+                self.redis.run("sender", lambda: self._release(keys=[self._sender_key(channel)], args=[token]))
 
     def close(self) -> None:
         self.closed.set()
@@ -2997,8 +3054,11 @@ class RedisStore(ThreadStore):
     def wait_told(self, channel: str, ids: Sequence[str], timeout: float) -> None:
         super().wait_told(channel, ids, min(timeout, 0.1))  # another replica's news comes only by asking Redis again
 
-    def hold_sender(self, channel: str) -> bool:
+    def hold_sender(self, channel: str) -> Optional[str]:
         return self.outbox.hold_sender(channel)
+
+    def still_sending(self, channel: str) -> None:
+        self.outbox.still_sending(channel)
 
     def release_sender(self, channel: str) -> None:
         self.outbox.release_sender(channel)
@@ -3476,6 +3536,7 @@ FIELDS_MAX = 10
 # Slack refuses a message whose blocks carry about 12,000 characters of text in all (msg_blocks_too_long).
 TEXT_BUDGET = 11000
 LINES_PER_DIGEST_MESSAGE = 20
+DIGEST_MEMBERS_KEPT = 5000  # past this, a digest's resolved members are kept as counts
 
 
 def severity_style(severity: str) -> Tuple[str, str]:
@@ -4424,6 +4485,23 @@ def compact_reply(record: Dict[str, Any], key: str, lines: List[Line], channel: 
                    {key: record}, {key: (True, closing)})
 
 
+def fold_resolved_members(storm: Dict[str, Any]) -> None:
+    """A digest kept open for weeks by one alert that never resolves gathers every later storm's members: its
+    resolved ones become counters (as a digest of before 1.1 keeps them), so that it stays the size of what
+    still fires. Its counts stay as they were."""
+    members, resolved = {}, storm.get("resolved", 0)
+    by_name, by_severity = dict(storm.get("by_name", {})), dict(storm.get("by_severity", {}))
+    for fingerprint, (state, name, severity) in storm["members"].items():
+        if state != RESOLVED:
+            members[fingerprint] = [state, name, severity]
+            continue
+        resolved += 1
+        by_name[name] = by_name.get(name, 0) + 1
+        by_severity[severity] = by_severity.get(severity, 0) + 1
+    storm["firing"] = storm.get("firing", 0) + len(storm["members"]) - len(members)
+    storm.update(members=members, resolved=resolved, by_name=by_name, by_severity=by_severity)
+
+
 def member_entry(alert: Alert) -> List[str]:
     """A digest's note of one of its alerts: [state, alertname, severity]."""
     state = RESOLVED if alert.status == "resolved" else FIRING
@@ -4487,6 +4565,8 @@ def digest_lines(storm: Dict[str, Any], records: Dict[str, Dict[str, Any]], line
             known[alert.fingerprint] = member_entry(alert)
         if alert.status == "resolved" and alert.ends_at is not None:
             storm["ended"] = max(storm.get("ended") or 0, alert.ends_at)
+    if len(storm["members"]) > DIGEST_MEMBERS_KEPT:
+        fold_resolved_members(storm)
     total, told_resolved, _, _ = digest_counts(storm)
     closing = storm["status"] == "open" and told_resolved >= total
     if closing:
@@ -4538,10 +4618,12 @@ def untold(items: List[Item], channel: str, why: str) -> Message:
     def draw() -> Drawn:
         lines = [f"⚠️ alert-threader could not {why} {len(items)} alert{'s' if len(items) != 1 else ''} (its log "
                  "says why); as received:"]
-        for item in items[:LINES_PER_DIGEST_MESSAGE]:
+        room = max(60, 3600 // max(1, len(items)))  # every alert named, the most important labels first
+        for item in items:
             alert = item.alert
-            labels = ", ".join(f"{name}={value}" for name, value in sorted(alert.labels.items()))
-            lines.append(f"{'✅' if alert.status == 'resolved' else '🔥'} {mrkdwn(labels, 300)}")
+            labels = ", ".join(f"{name}={value}" for name, value in sorted(
+                alert.labels.items(), key=lambda label: (label[0] not in KEY_LABELS + ("instance",), label[0])))
+            lines.append(f"{'✅' if alert.status == 'resolved' else '🔥'} {mrkdwn(labels, room)}")
         return {"channel": channel, "text": clip_escaped("\n".join(lines), 3900)}, None, None
     return Message("standalone", f"orphans|{channel}", draw, {}, [(item, "standalone") for item in items])
 
@@ -4601,9 +4683,10 @@ class Stopping(ThreaderError):
 class Unrecorded(StoreError):
     """Slack took a post that the store could not then record: nothing more is posted until it is recorded."""
 
-    def __init__(self, cause: StoreError, posted: bool) -> None:
+    def __init__(self, cause: StoreError, posted: bool, told: bool) -> None:
         super().__init__(str(cause))
         self.posted = posted  # the message itself went (else only the new parent of its moved thread did)
+        self.told = told  # its alerts leave the outbox with the record held back (posted, or dropped)
 
 
 class LogLimiter:
@@ -4833,7 +4916,7 @@ class Executor:
             raise
         except StoreError as e:
             self._unrecorded[channel] = (records, done, new)
-            raise Unrecorded(e, posted) from None
+            raise Unrecorded(e, posted, bool(done)) from None
 
     def send(self, channel: str, message: Message) -> bool:
         """Post the message and record it (message.records end up as written, the post's ts in them).
@@ -5052,7 +5135,7 @@ class Sender:
         self.state = ChannelState()
         self.backlog: "OrderedDict[str, Item]" = OrderedDict()  # id -> item, as the outbox holds them
         self.last_id: Optional[str] = None
-        self.holding = False
+        self.holding: Optional[str] = None  # the token of this process's holding of the channel's lease
         self.cache: Dict[str, Optional[Dict[str, Any]]] = {}  # records as this sender last read or wrote them
         self.generation = -1
         self.cards = Cards(executor, rules.card_every)
@@ -5078,7 +5161,7 @@ class Sender:
             except LeaseLost as e:
                 log_event(logging.WARNING, "this replica no longer sends for the channel", channel=self.channel,
                           reason=str(e))
-                self.holding, wait = False, self.IDLE
+                self.holding, wait = None, self.IDLE
             except StoreError as e:  # the store logs its own outage, once: nothing more to say here
                 log_event(logging.DEBUG, "the store cannot be written; nothing is posted until it can",
                           channel=self.channel, error=str(e))
@@ -5094,11 +5177,12 @@ class Sender:
 
     def turn(self) -> float:
         """Plan from what waits and post what is due; the seconds until the next turn is due."""
-        if not self.store.hold_sender(self.channel):
-            self.holding = False
+        holding = self.store.hold_sender(self.channel)
+        if not holding:
+            self.holding = None
             return self.IDLE
-        if not self.holding:  # this replica (re)starts sending: what it knew may have changed meanwhile
-            self.holding, self.backlog, self.last_id, self.cache = True, OrderedDict(), None, {}
+        if holding != self.holding:  # this replica (re)starts sending: what it knew may have changed meanwhile
+            self.holding, self.backlog, self.last_id, self.cache = holding, OrderedDict(), None, {}
             if self.store.shared:
                 log_event(logging.INFO, "this replica sends for the channel now", channel=self.channel)
         self.executor.record_pending(self.channel)
@@ -5119,15 +5203,24 @@ class Sender:
                     self.backlog.pop(item.id, None)
             for message in plan.messages:
                 self.store.ready()  # nothing goes to Slack that could not then be recorded
+                self.store.still_sending(self.channel)  # nor by a replica paused past its lease
                 message = drawable(message, self.channel)
                 try:
                     moved = self.executor.send(self.channel, message)
                 except Unrecorded as e:  # Slack has it; the store will, before anything else is posted
                     if e.posted:
                         self.sent(message)
+                    elif e.told:  # dropped: planned again, they would be dropped (and counted) again
+                        for item, _ in message.done:
+                            self.backlog.pop(item.id, None)
                     self.cache = {}  # what the store holds now is what to plan from
                     raise
+                except BaseException:  # a thread may have been started again before the failure: the same
+                    self.cache = {}
+                    raise
                 self.sent(message)
+                if moved:
+                    self.cache = {}
                 # Plan again: with the thread where it is now; with the alerts that arrived meanwhile, to share
                 # messages with them (with pacing off, nothing waits to be shared: the plan goes on).
                 if moved or (self.rules.pace and self.arrived()):

@@ -828,6 +828,35 @@ def test_incomplete_last_journal_line_from_a_crash_is_ignored(tmp_path):
     assert again.moved_aside is None and json.loads((tmp_path / "threads.json").read_text())["threads"]["kept"]
 
 
+def test_a_crash_between_a_folds_rename_and_its_journal_truncation_replays_nothing_twice(tmp_path):
+    """kill -9 after a fold put its snapshot in place, before it emptied the journal: the journal's lines are
+    older than the snapshot, so a restart skips them. A resolve told is not told again; its thread stays closed."""
+    path = str(tmp_path / "threads.json")
+    store = at.FileStore(path, at.Metrics())
+    key = "Disk|critical|database|prod-eu|production"
+    store.put(key, {"ts": "1.1", "channel": "C1", "status": "open", "alerts": {"fp": ["f", 1.0, None, None]}})
+    [(item_id, _)] = store.enqueue([outbox_item_of("Disk", "resolved")], limit=10)
+    journal_then = (tmp_path / "threads.json.journal").read_bytes()  # the thread open, its resolve waiting
+    store.complete("C1", {key: {"ts": "1.1", "channel": "C1", "status": "closed", "closed": 3.0,
+                                "alerts": {"fp": ["r", 1.0, 2.0, None]}}}, {item_id: ("replied", "1.1")})
+    store.journal.fold()
+    store.close()
+    (tmp_path / "threads.json.journal").write_bytes(journal_then)  # as the crash left it
+    again = at.FileStore(path, at.Metrics())
+    assert again.get(key)["status"] == "closed" and again.waiting("C1") == []
+    again.put("later", {"ts": "2.2", "status": "open", "alerts": {}})  # the new journal's lines are replayed
+    again.close()
+    assert at.FileStore(path, at.Metrics()).get("later")["ts"] == "2.2"
+
+
+def test_a_journal_of_1_1_0_without_fold_names_is_replayed_over_its_snapshot(tmp_path):
+    (tmp_path / "threads.json").write_text(json.dumps({"version": 1, "threads": {
+        "old": {"ts": "1.1", "status": "open", "alerts": {}}}, "outbox": []}))
+    (tmp_path / "threads.json.journal").write_text('{"put":{"new":{"ts":"2.2","status":"open","alerts":{}}}}\n'
+                                                  '{"del":["old"]}\n')
+    assert set(at.FileStore(str(tmp_path / "threads.json"), at.Metrics()).items()) == {"new"}
+
+
 def test_short_and_failed_journal_writes_never_leave_a_torn_line(tmp_path, monkeypatch):
     """A nearly full disk: writes that take part of the data, then one that fails."""
     store = at.FileStore(str(tmp_path / "threads.json"), at.Metrics())
@@ -903,7 +932,7 @@ def test_a_damaged_journal_line_is_set_aside_and_reported_and_the_rest_is_read(t
     again = at.FileStore(str(tmp_path / "threads.json"), at.Metrics())
     assert set(again.items()) == {"first", "later"}
     [aside] = (tmp_path / "threads.json.damaged").read_text().splitlines()
-    assert json.loads(aside)["entry"] == "garbage that is not a change" and "line 2" in json.loads(aside)["reason"]
+    assert json.loads(aside)["entry"] == "garbage that is not a change" and "line 3" in json.loads(aside)["reason"]
     assert again.health()["damaged_entries"] == {"count": 1, "set_aside_in": str(tmp_path / "threads.json.damaged")}
     assert again.moved_aside is None
 
@@ -1087,6 +1116,28 @@ def test_a_message_slack_refuses_for_good_is_dropped_named_in_the_log_and_the_ch
     assert svc.get("/stats").json()["dropped"] == 1
 
 
+def test_a_message_dropped_while_the_disk_is_full_is_dropped_once(start, slack, monkeypatch):
+    """Slack refuses a message for good while the store cannot record that: once it can, the drop is recorded,
+    and the alerts are not offered to Slack, and dropped, a second time."""
+    svc = start(DELIVERY_WAIT="0.2s")
+    slack.fail("chat.postMessage", {"error": "some_new_refusal"}, {"error": "some_new_refusal", "sleep": 1.0})
+    svc.alert(webhook(make_alert(name="NeverTaken")))
+    wait_for(lambda: len(slack.calls) == 2, what="the plain-text try")
+
+    def full(*args: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(at.os, "fdatasync", full)
+    monkeypatch.setattr(at.os, "fsync", full)
+    wait_for(lambda: "cannot write thread store" in svc.log.getvalue(), what="the drop's record to fail")
+    monkeypatch.undo()
+    svc.alert(webhook(make_alert(name="Taken")))
+    settled(svc)
+    assert [named(slack, "NeverTaken"), named(slack, "Taken")] == [0, 1]
+    assert len([c for c in slack.calls if c.method == "chat.postMessage"]) == 3
+    assert svc.get("/stats").json()["dropped"] == 1
+
+
 @pytest.mark.parametrize("answer", [{"ok": True}, {"ok": True, "ts": 123}, {"ok": True, "ts": None},
                                     {"ok": True, "ts": "not a ts"}])
 def test_a_post_slack_answers_without_a_valid_ts_stands_alone_and_the_state_stays_readable(start, slack, tmp_path,
@@ -1221,6 +1272,24 @@ def test_reply_whose_parent_is_gone_starts_the_thread_again(start, slack, error)
     assert svc.get("/cache").json()["threads"][key]["ts"] == new_parent.ts
     svc.alert(webhook(resolved(a), b))
     assert slack.messages[-1].thread_ts == new_parent.ts
+
+
+def test_a_thread_started_again_stays_there_when_the_reply_into_it_fails_once(start, slack):
+    """The parent was deleted: the reply starts the thread again, then meets a 503. Sent again, it goes into the
+    new thread, and the thread is kept there: no third parent, nothing into the deleted one."""
+    svc = start()
+    a, b = make_alert(instance="db01"), make_alert(instance="db02")
+    svc.alert(webhook(a))
+    slack.fail("chat.postMessage", {"error": "thread_not_found"}, {}, {"status": 503})
+    svc.alert(webhook(a, b))
+    settled(svc)
+    old_parent, new_parent, reply = slack.messages
+    assert new_parent.thread_ts is None and reply.thread_ts == new_parent.ts != old_parent.ts
+    key = "DatabaseDown|critical|database|prod-eu|production"
+    assert svc.get("/cache").json()["threads"][key]["ts"] == new_parent.ts
+    svc.alert(webhook(resolved(a), b))
+    settled(svc)
+    assert slack.messages[-1].thread_ts == new_parent.ts and len(slack.messages) == 4
 
 
 def test_changed_channel_starts_a_new_thread_there(start, slack, tmp_path):
@@ -1845,6 +1914,19 @@ def test_secrets_never_reach_logs_errors_endpoints_or_help(tmp_path, slack, star
     assert "invalid_auth" in everything  # the failure itself is visible...
     for secret in (SLACK_TOKEN, WEBHOOK_TOKEN, "SecretSlackToken", "Secret-Webhook"):
         assert secret not in everything  # ...the secrets are not
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_secret_an_exception_quotes_is_redacted_in_its_logged_traceback(log_format):
+    log = io.StringIO()
+    at.setup_logging(make_config({"SLACK_BOT_TOKEN": SLACK_TOKEN, "SLACK_CHANNEL": "C0ALERTS", "LOG_FORMAT": log_format}),
+                     log)
+    try:
+        raise ValueError(f"a library quoting its input: {SLACK_TOKEN}")
+    except ValueError:
+        at.log.exception("something failed")
+    assert "ValueError: a library quoting its input" in log.getvalue() and "Traceback" in log.getvalue()
+    assert SLACK_TOKEN not in log.getvalue()
 
 
 @pytest.mark.parametrize("flag, value", [("--slack-bot-token", SLACK_TOKEN), ("--webhook-token", WEBHOOK_TOKEN)])
@@ -2832,6 +2914,35 @@ def test_a_sender_that_lost_its_channel_writes_nothing_over_the_replica_that_too
     assert redis_server.client().xlen("threader:ts-outbox:C0ALERTS") == 0
 
 
+def test_a_sender_paused_past_its_lease_drops_its_plan_even_when_the_lease_is_free_again(start, slack,
+                                                                                             redis_server):
+    """A replica stalls mid-plan; the other takes the channel, tells everything and stops (a rolling restart),
+    which frees the lease. The stalled one wakes to a free lease: its holding is over all the same, and it
+    plans again from Redis. Only the message it was posting shows twice."""
+    stalled, taker = (start(THREAD_STORE="redis", REDIS_URL=redis_server.url, SLACK_TIMEOUT="8s",
+                            DELIVERY_WAIT="0.2s", overrides={"sender_lease": 0.5}) for _ in range(2))
+    wait_for(lambda: stalled.service.store.hold_sender("C0ALERTS") or taker.service.store.hold_sender("C0ALERTS"),
+             what="one replica to hold the channel")
+    holder, other = (stalled, taker) if "C0ALERTS" in stalled.service.store.outbox.sending else (taker, stalled)
+    slack.fail("chat.postMessage", {"sleep": 3.0})  # the holder's first post stalls
+    holder.alert(webhook(*[make_alert(name=f"Down{i}") for i in range(3)]))
+    wait_for(lambda: slack.calls, what="the holder's post to reach Slack")
+    holder.service.store.outbox.closed.set()  # its lease keeper stops, as in a paused process: the lease runs out
+    wait_for(lambda: len(slack.messages) >= 3, timeout=10, what="the other replica to tell all three")
+    settled(other)
+    other.service.stop(timeout=5)  # it gives its lease up
+    assert redis_server.client().get("threader:ts-sender:C0ALERTS") is None
+    wait_for(lambda: holder.service.metrics.total("alert_threader_slack_requests_total", result="ok") >= 1,
+             what="the stalled post's late answer")
+    wait_for(lambda: "C0ALERTS" in holder.service.delivery.senders.sending(), what="the holder to send again")
+    settled(holder)
+    parents = sorted(m.payload["text"] for m in slack.messages if m.thread_ts is None)
+    assert len(parents) == 4 and len(set(parents)) == 3, parents
+    for i in range(3):
+        record = json.loads(redis_server.client().get(f"threader:ts:Down{i}|critical|database|prod-eu|production"))
+        assert record["ts"] in {m.ts for m in slack.messages}
+
+
 def test_a_replica_killed_while_it_sends_is_taken_over_and_nothing_is_lost_or_doubled(slack, redis_server, tmp_path):
     """Two real processes on one Redis; the one sending for the channel is killed (-9) while Slack is down.
     The other takes the channel within seconds and delivers everything either answered 200, once."""
@@ -3592,6 +3703,23 @@ def test_the_storm_does_not_end_because_the_digest_took_its_alerts_only_when_the
         "Later|critical|database|prod-eu|production": PLANNED_AT - 1}
 
 
+def test_a_digest_held_open_for_weeks_keeps_its_counts_but_not_every_resolved_member(monkeypatch):
+    """One alert that never resolves keeps the channel's digest open through later storms: their resolved alerts
+    become counts, so that the record (rewritten at every digest post) stays the size of what still fires."""
+    monkeypatch.setattr(at, "DIGEST_MEMBERS_KEPT", 50)
+    digest = dict(open_digest(), members={f"fp{i}": ["r" if i else "f", f"Old{i % 3}", "warning"] for i in range(60)})
+    before = at.digest_counts(digest)
+    late = waiting_item("Late")
+    arrivals = {f"Member{i}|critical|database|prod-eu|production": PLANNED_AT - 50 for i in range(11)}
+    [message] = plan([late], {"storm|C0ALERTS": digest}, at.ChannelState(True, arrivals)).messages
+    stored = message.records["storm|C0ALERTS"]
+    assert set(stored["members"]) == {"fp0", late.alert.fingerprint}
+    total, resolved, by_name, by_severity = at.digest_counts(stored)
+    assert (total, resolved) == (before[0] + 1, before[1]) == (61, 59)
+    assert by_name == {**before[2], "Late": 1} and by_severity == {"warning": 60, "critical": 1}
+    assert stored["status"] == "open" and "61 alerts" in json.dumps(at.render_digest(stored, "C0ALERTS", MS))
+
+
 def test_an_alert_that_fired_and_resolved_while_waiting_is_told_once_as_both():
     fired, gone = waiting_item("Flap"), waiting_item("Flap", status="resolved")
     [parent] = plan([fired, gone]).messages
@@ -3676,6 +3804,12 @@ def test_a_message_that_cannot_be_drawn_is_sent_as_plain_text_naming_its_alerts(
                          "C0ALERTS")
     assert parent.records == {"storm|C0ALERTS": open_digest()} and "could not lay out" in parent.payload["text"]
     assert caplog.text.count("ValueError: a layout bug") == 2, "each failure is logged with its traceback"
+    many = [waiting_item(f"Undrawable{i:02d}", status=status, instance="x" * 500) for i in range(20)
+            for status in ("firing", "resolved")]  # a compact reply's most: 20 alerts, fired and resolved
+    plain = at.drawable(at.Message("compact", "k", fails, {}, [(i, "replied") for i in many]), "C0ALERTS")
+    text = plain.payload["text"]
+    assert all(f"alertname=Undrawable{i:02d}" in text for i in range(20)) and len(text) <= 3900
+    assert text.count("🔥") == text.count("✅") == 20
 
 
 @pytest.mark.parametrize("name", ["storm", "orphans"])
@@ -4121,9 +4255,10 @@ def test_a_damaged_outbox_entry_is_set_aside_and_reported_and_the_rest_delivered
                           "Good|critical|database|prod-eu|production", "", {}, time.time())
     store.enqueue([good], 100)
     store.close()
+    epoch = json.loads((tmp_path / "threads.json").read_text())["epoch"]  # the line follows the last fold
     with open(tmp_path / "threads.json.journal", "ab") as journal:
         damaged = {"id": "1-1", "channel": "C0ALERTS", "key": "Bad", "alert": {"status": "exploded"}}
-        journal.write(json.dumps({"enq": [damaged]}).encode() + b"\n")
+        journal.write(b'{"epoch":%d}\n' % epoch + json.dumps({"enq": [damaged]}).encode() + b"\n")
     svc = start()
     wait_for(lambda: named(slack, "Good") == 1, what="the good alert")
     health = svc.get("/health").json()
