@@ -1608,8 +1608,7 @@ class ThreadStore:
     Unless a method says otherwise it may raise StoreError, and then it has
     changed nothing durable. Durable on return means: the file store's journal
     fdatasync'd, or Redis written. Records handed out are copies, which the
-    caller may change freely.
-    """
+    caller may change freely."""
 
     name = "none"
     shared = False  # True: other processes (replicas) take webhooks into the same outbox
@@ -1730,11 +1729,9 @@ class ThreadStore:
         finally:
             with self._told:
                 for key in keys:
-                    waiting = self._waiters.get(key, [])
-                    if told in waiting:
-                        waiting.remove(told)
-                    if not waiting:
-                        self._waiters.pop(key, None)
+                    self._waiters[key] = [other for other in self._waiters.get(key, []) if other is not told]
+                    if not self._waiters[key]:
+                        del self._waiters[key]
 
     def _keep_results(self, channel: str, done: Dict[str, Result]) -> None:
         now = time.monotonic()
@@ -1750,9 +1747,7 @@ class ThreadStore:
     # -- senders ------------------------------------------------------------------
 
     def hold_sender(self, channel: str) -> Optional[str]:
-        """Keep (or take) the channel's sender lease: while this process is the one to send for it, a token
-        that changes whenever it takes the lease anew (what it knew of the channel may have changed
-        meanwhile); None while another does."""
+        """Keep or take the channel's sender lease: a token, new at each taking (what was known is stale), or None."""
         return "local"
 
     def still_sending(self, channel: str) -> None:
@@ -2730,6 +2725,90 @@ def redis_record(value: Optional[str]) -> Optional[Dict[str, Any]]:
         return None
 
 
+class SenderLeases:
+    """Who sends for each channel: PREFIX-sender:CHANNEL, held by one replica at a time under a token of its
+    holding, which this process renews every second for the channels it holds. A lease that lapsed is never
+    renewed: its holding is over, and the next one starts from what Redis holds."""
+
+    def __init__(self, redis: RedisConnection, prefix: str, lease: float) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.lease = lease
+        self._hold = redis.script(HOLD_SENDER_LUA)
+        self._release = redis.script(RELEASE_LOCK_LUA)
+        self._lock = threading.Lock()
+        self.sending: Dict[str, str] = {}  # the channels this process holds the lease of: their holdings' tokens
+        self._keeper: Optional[threading.Thread] = None
+        self.closed = threading.Event()
+
+    def key(self, channel: str) -> str:
+        return f"{self.prefix}-sender:{channel}"
+
+    def token(self, channel: str) -> Optional[str]:
+        with self._lock:
+            return self.sending.get(channel)
+
+    def hold(self, channel: str) -> Optional[str]:
+        """Renew this process's holding of the channel's lease, or take the lease if it is free: the holding's
+        token, or None."""
+        token = self.token(channel)
+        fresh = token is None
+        token = token or os.urandom(12).hex()
+        try:
+            held = self.redis.run("sender", lambda: self._hold(
+                keys=[self.key(channel)], args=[token, int(self.lease * 1000), int(fresh)]))
+        except StoreError:
+            held = 0
+        if not held:
+            self.lost(channel, token)
+            return None
+        with self._lock:
+            self.sending[channel] = token
+            if self._keeper is None:
+                self._keeper = threading.Thread(target=self._keep, daemon=True, name="alert-threader-sender-leases")
+                self._keeper.start()
+        return token
+
+    def check(self, channel: str) -> None:
+        """LeaseLost unless this process's holding of the channel's lease goes on (asked of Redis itself: a
+        process that was paused learns it here, before it posts)."""
+        token = self.token(channel)
+        if token is None or self.redis.run("sender", lambda: self.redis.client.get(self.key(channel))) != token:
+            self.lost(channel, token)
+            raise LeaseLost(f"another replica may send for {channel} now (this one's lease ran out)")
+
+    def lost(self, channel: str, token: Optional[str]) -> None:
+        with self._lock:
+            if token is not None and self.sending.get(channel) == token:
+                del self.sending[channel]
+
+    def _keep(self) -> None:
+        """Renew the leases of the channels this process sends for, every second, whatever the senders do."""
+        while not self.closed.wait(min(1.0, self.lease / 3)):
+            with self._lock:
+                channels = list(self.sending)
+            for channel in channels:
+                try:
+                    if not self.hold(channel) and not self.closed.is_set():
+                        log_event(logging.WARNING, "this replica lost its lease on the channel", channel=channel)
+                except Exception:  # the senders' leases lapse without it: never let one surprise stop it
+                    log.exception("cannot renew the lease on channel %s", channel)
+
+    def release(self, channel: str) -> None:
+        with self._lock:
+            token = self.sending.pop(channel, None)
+        if token is not None:
+            with contextlib.suppress(StoreError):
+                self.redis.run("sender", lambda: self._release(keys=[self.key(channel)], args=[token]))
+
+    def close(self) -> None:
+        self.closed.set()
+        if self._keeper is not None:
+            self._keeper.join(5)  # it uses the client: not while it is closed
+        for channel in list(self.sending):
+            self.release(channel)
+
+
 class RedisOutbox:
     """The channels' outboxes in Redis, and who sends for each.
 
@@ -2737,9 +2816,8 @@ class RedisOutbox:
     map beside it (PREFIX-outbox-ids:CHANNEL) the item waiting for each
     identity, and PREFIX-outbox-channels the channels that have one. A told
     item's result stays PREFIX-done:CHANNEL:ID for RESULTS_KEPT, for whichever replica
-    took its webhook. PREFIX-sender:CHANNEL is the channel's sender lease:
-    this process renews those it holds every second, and a completion checks
-    its lease in the same script that writes."""
+    took its webhook. A completion checks the channel's sender lease
+    (SenderLeases) in the same script that writes."""
 
     ENQUEUE_PART = 1000  # items per enqueue script: about 60 ms of Redis's time
 
@@ -2747,15 +2825,9 @@ class RedisOutbox:
         self.redis = redis
         self.prefix = prefix
         self.leases = leases
-        self.sender_lease = sender_lease
+        self.senders = SenderLeases(redis, prefix, sender_lease)
         self._enqueue = redis.script(ENQUEUE_LUA)
         self._complete = redis.script(COMPLETE_LUA)
-        self._hold_sender = redis.script(HOLD_SENDER_LUA)
-        self._release = redis.script(RELEASE_LOCK_LUA)
-        self._lock = threading.Lock()
-        self.sending: Dict[str, str] = {}  # the channels this process holds the sender lease of: their tokens
-        self._keeper: Optional[threading.Thread] = None
-        self.closed = threading.Event()
         self.damaged = 0  # entries set aside since start
 
     def _key(self, channel: str, part: str = "") -> str:
@@ -2827,19 +2899,17 @@ class RedisOutbox:
 
     def complete(self, channel: str, records: List[Tuple[str, str, int]], done: Dict[str, Result]) -> None:
         """Write the records (key, JSON, expiry) and take the done items out, if this process still sends."""
-        held = self.leases.held()
-        with self._lock:
-            token = self.sending.get(channel, "")
-        args: List[Any] = [token, int(self.sender_lease * 1000), len(held), int(self.leases.lease * 1000),
+        held, token = self.leases.held(), self.senders.token(channel)
+        args: List[Any] = [token or "", int(self.senders.lease * 1000), len(held), int(self.leases.lease * 1000),
                            len(records), int(RESULTS_KEPT), *held.values()]
         for _, text, expiry in records:
             args += [text, expiry]
         for item_id, result in done.items():
             args += [item_id, compact_json(result)]
-        keys = [self._sender_key(channel), self._key(channel), self._key(channel, "-ids"), *held,
+        keys = [self.senders.key(channel), self._key(channel), self._key(channel, "-ids"), *held,
                 *(key for key, _, _ in records), *(f"{self.prefix}-done:{channel}:{item_id}" for item_id in done)]
         if not self.redis.run("complete", lambda: self._complete(keys=keys, args=args)):
-            self._lost(channel, token)
+            self.senders.lost(channel, token)
             raise LeaseLost(f"another replica sends for {channel} now (this one's lease ran out); it wrote nothing")
 
     def summary(self) -> Dict[str, Tuple[int, Optional[float]]]:
@@ -2871,75 +2941,6 @@ class RedisOutbox:
                 action, ts = json.loads(value)
                 found[item_id] = (action, ts)
         return found
-
-    # -- who sends ------------------------------------------------------------------
-
-    def _sender_key(self, channel: str) -> str:
-        return f"{self.prefix}-sender:{channel}"
-
-    def hold_sender(self, channel: str) -> Optional[str]:
-        """Renew this process's holding of the channel's lease, or take the lease if it is free: the holding's
-        token, or None. A holding whose lease lapsed is over, even if nobody took the lease meanwhile."""
-        with self._lock:
-            token = self.sending.get(channel)
-        fresh = token is None
-        token = token or os.urandom(12).hex()
-        try:
-            held = self.redis.run("sender", lambda: self._hold_sender(
-                keys=[self._sender_key(channel)], args=[token, int(self.sender_lease * 1000), int(fresh)]))
-        except StoreError:
-            held = 0
-        if not held:
-            self._lost(channel, token)
-            return None
-        with self._lock:
-            self.sending[channel] = token
-            if self._keeper is None:
-                self._keeper = threading.Thread(target=self._keep_leases, daemon=True,
-                                                name="alert-threader-sender-leases")
-                self._keeper.start()
-        return token
-
-    def still_sending(self, channel: str) -> None:
-        """LeaseLost unless this process's holding of the channel's lease goes on (asked of Redis itself: a
-        process that was paused learns it here, before it posts)."""
-        with self._lock:
-            token = self.sending.get(channel)
-        if token is None or self.redis.run("sender", lambda: self.redis.client.get(self._sender_key(channel))) \
-                != token:
-            self._lost(channel, token)
-            raise LeaseLost(f"another replica may send for {channel} now (this one's lease ran out)")
-
-    def _lost(self, channel: str, token: Optional[str]) -> None:
-        with self._lock:
-            if token is not None and self.sending.get(channel) == token:
-                del self.sending[channel]
-
-    def _keep_leases(self) -> None:
-        """Renew the leases of the channels this process sends for, every second, whatever the senders do."""
-        while not self.closed.wait(min(1.0, self.sender_lease / 3)):
-            with self._lock:
-                channels = list(self.sending)
-            for channel in channels:
-                try:
-                    if not self.hold_sender(channel) and not self.closed.is_set():
-                        log_event(logging.WARNING, "this replica lost its lease on the channel", channel=channel)
-                except Exception:  # the senders' leases lapse without it: never let one surprise stop it
-                    log.exception("cannot renew the lease on channel %s", channel)
-
-    def release_sender(self, channel: str) -> None:
-        with self._lock:
-            token = self.sending.pop(channel, None)
-        if token is not None:
-            with contextlib.suppress(StoreError):
-                self.redis.run("sender", lambda: self._release(keys=[self._sender_key(channel)], args=[token]))
-
-    def close(self) -> None:
-        self.closed.set()
-        if self._keeper is not None:
-            self._keeper.join(5)  # it uses the client: not while it is closed
-        for channel in list(self.sending):
-            self.release_sender(channel)
 
 
 class RedisStore(ThreadStore):
@@ -3055,13 +3056,13 @@ class RedisStore(ThreadStore):
         super().wait_told(channel, ids, min(timeout, 0.1))  # another replica's news comes only by asking Redis again
 
     def hold_sender(self, channel: str) -> Optional[str]:
-        return self.outbox.hold_sender(channel)
+        return self.outbox.senders.hold(channel)
 
     def still_sending(self, channel: str) -> None:
-        self.outbox.still_sending(channel)
+        self.outbox.senders.check(channel)
 
     def release_sender(self, channel: str) -> None:
-        self.outbox.release_sender(channel)
+        self.outbox.senders.release(channel)
 
     def note_storm(self, channel: str, storm: bool) -> None:
         super().note_storm(channel, storm)
@@ -3134,7 +3135,7 @@ class RedisStore(ThreadStore):
         return {"redis": {name: info.get(name) for name in fields}}
 
     def close(self) -> None:
-        self.outbox.close()
+        self.outbox.senders.close()
         self.redis.close()
 
 

@@ -1919,8 +1919,8 @@ def test_secrets_never_reach_logs_errors_endpoints_or_help(tmp_path, slack, star
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_a_secret_an_exception_quotes_is_redacted_in_its_logged_traceback(log_format):
     log = io.StringIO()
-    at.setup_logging(make_config({"SLACK_BOT_TOKEN": SLACK_TOKEN, "SLACK_CHANNEL": "C0ALERTS", "LOG_FORMAT": log_format}),
-                     log)
+    settings = {"SLACK_BOT_TOKEN": SLACK_TOKEN, "SLACK_CHANNEL": "C0ALERTS", "LOG_FORMAT": log_format}
+    at.setup_logging(make_config(settings), log)
     try:
         raise ValueError(f"a library quoting its input: {SLACK_TOKEN}")
     except ValueError:
@@ -2897,11 +2897,12 @@ def test_a_sender_that_lost_its_channel_writes_nothing_over_the_replica_that_too
                             DELIVERY_WAIT="0.2s", overrides={"sender_lease": 0.5}) for _ in range(2))
     wait_for(lambda: stalled.service.store.hold_sender("C0ALERTS") or taker.service.store.hold_sender("C0ALERTS"),
              what="one replica to hold the channel")
-    holder, other = (stalled, taker) if "C0ALERTS" in stalled.service.store.outbox.sending else (taker, stalled)
+    holds = "C0ALERTS" in stalled.service.store.outbox.senders.sending
+    holder, other = (stalled, taker) if holds else (taker, stalled)
     slack.fail("chat.postMessage", {"sleep": 2.0}, {})  # the holder's post stalls
     holder.alert(webhook(make_alert()))
     wait_for(lambda: slack.calls, what="the holder's post to reach Slack")
-    holder.service.store.outbox.closed.set()  # its lease keeper stops, as in a paused process: the lease runs out
+    holder.service.store.outbox.senders.closed.set()  # its lease keeper stops, as in a paused process
     wait_for(lambda: len(slack.calls) >= 2, timeout=10, what="the other replica to take the channel and post")
     taken = wait_for(lambda: redis_server.client().get(
         "threader:ts:DatabaseDown|critical|database|prod-eu|production"), what="the new holder's thread")
@@ -2923,11 +2924,12 @@ def test_a_sender_paused_past_its_lease_drops_its_plan_even_when_the_lease_is_fr
                             DELIVERY_WAIT="0.2s", overrides={"sender_lease": 0.5}) for _ in range(2))
     wait_for(lambda: stalled.service.store.hold_sender("C0ALERTS") or taker.service.store.hold_sender("C0ALERTS"),
              what="one replica to hold the channel")
-    holder, other = (stalled, taker) if "C0ALERTS" in stalled.service.store.outbox.sending else (taker, stalled)
+    holds = "C0ALERTS" in stalled.service.store.outbox.senders.sending
+    holder, other = (stalled, taker) if holds else (taker, stalled)
     slack.fail("chat.postMessage", {"sleep": 3.0})  # the holder's first post stalls
     holder.alert(webhook(*[make_alert(name=f"Down{i}") for i in range(3)]))
     wait_for(lambda: slack.calls, what="the holder's post to reach Slack")
-    holder.service.store.outbox.closed.set()  # its lease keeper stops, as in a paused process: the lease runs out
+    holder.service.store.outbox.senders.closed.set()  # its lease keeper stops, as in a paused process
     wait_for(lambda: len(slack.messages) >= 3, timeout=10, what="the other replica to tell all three")
     settled(other)
     other.service.stop(timeout=5)  # it gives its lease up
