@@ -1851,6 +1851,7 @@ class StateFiles:
         self.damaged = 0  # entries set aside at start
         self.epoch = 0  # the snapshot's fold; only journal lines written after it are its changes
         self._journal_epoch: Optional[int] = None  # the fold the journal's last lines follow
+        self.torn = False  # the journal may end in a line cut short: only a fold (which empties it) may write
         self._journal_fd: Optional[int] = None
 
     def remove_temp_files(self) -> None:
@@ -1900,21 +1901,30 @@ class StateFiles:
     # -- writing ----------------------------------------------------------------
 
     def append(self, data: bytes) -> None:
-        """Journal lines, durable on return: a short write (a full disk) is finished, never left torn. The first
-        after a fold names it, so that lines from before it are never replayed over its snapshot."""
+        """Journal lines, durable on return (with none: a write that shows one can be made). A short write (a
+        full disk) is finished; a failed one is cut off again, or else `torn` says that only a fold may write
+        next. The first lines after a fold name it, so that lines from before it are never replayed over it."""
         if self._journal_fd is None:
             self._journal_fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             self._fsync_directory()  # the journal's own name must survive a crash too
-        if self._journal_epoch != self.epoch:
+        if self._journal_epoch != self.epoch or not data:
             data = b'{"epoch":%d}\n' % self.epoch + data
-        with memoryview(data) as view:
-            written = 0
-            while written < len(view):
-                count = os.write(self._journal_fd, view[written:])
-                if count <= 0:
-                    raise OSError("the journal write made no progress")
-                written += count
-        os.fdatasync(self._journal_fd)
+        size = os.fstat(self._journal_fd).st_size
+        try:
+            with memoryview(data) as view:
+                written = 0
+                while written < len(view):
+                    count = os.write(self._journal_fd, view[written:])
+                    if count <= 0:
+                        raise OSError("the journal write made no progress")
+                    written += count
+            os.fdatasync(self._journal_fd)
+        except OSError:
+            try:
+                os.ftruncate(self._journal_fd, size)  # shrinking needs no space
+            except OSError:
+                self.torn = True
+            raise
         self.journal_bytes += len(data)
         self._journal_epoch = self.epoch
 
@@ -1923,12 +1933,13 @@ class StateFiles:
         self.snapshot_bytes = self._write_snapshot(threads, outbox, self.epoch + 1)
         self.epoch += 1
         # After the rename, the journal's lines are of an older fold: a restart before this truncation skips them.
+        self.torn = True  # until it is empty: a line cut short there must not swallow the new fold's first
         if self._journal_fd is not None:
             os.ftruncate(self._journal_fd, 0)
             os.fsync(self._journal_fd)
         elif os.path.exists(self.journal_path):
             os.truncate(self.journal_path, 0)
-        self.journal_bytes, self._journal_epoch = 0, None
+        self.journal_bytes, self._journal_epoch, self.torn = 0, None, False
 
     def _temp_prefix(self) -> str:
         return "." + os.path.basename(self.path) + ".tmp-"
@@ -2062,12 +2073,13 @@ class StateReader:
         path = self.files.journal_path
         try:
             with open(path, "rb") as f:
-                lines = f.read().split(b"\n")
+                raw = f.read()
         except FileNotFoundError:
             return
         except OSError as e:
             self.files.move_aside(path, f"cannot be read ({e.strerror})")
             return
+        self.files.journal_bytes, lines = len(raw), raw.split(b"\n")
         applied = 0
         for number, line in enumerate(lines, 1):
             if not line.strip():
@@ -2175,10 +2187,12 @@ class GroupCommit:
     Concurrent writers share one append and one fdatasync. When the journal
     outgrows the snapshot (or FOLD_BYTES, on a small store) it is folded, so
     that neither grows beyond about the state they hold. A write that fails
-    raises StoreError, and every later commit retries by writing a whole
-    snapshot, which memory holds."""
+    raises StoreError and keeps its lines, for the next commit to write; a
+    fold that fails (a disk with room for lines, not for a whole snapshot) is
+    tried again FOLD_RETRY later, the journal taking the lines meanwhile."""
 
     FOLD_BYTES = 16384
+    FOLD_RETRY = 30.0
 
     def __init__(self, files: StateFiles, lock: threading.Lock,
                  snapshot: Callable[[], Tuple[List[str], List[str]]], count: Callable[..., None]) -> None:
@@ -2190,7 +2204,7 @@ class GroupCommit:
         self._pending: List[str] = []  # journal lines not yet written
         self._version = 0  # changes made in memory
         self._durable = 0  # changes on disk
-        self._needs_fold = False  # after a failed write: only a whole snapshot is sure to hold everything
+        self._fold_after = 0.0  # when a fold that failed is tried again (monotonic)
         self.write_error: Optional[str] = None
 
     def change(self, line: str) -> int:
@@ -2204,29 +2218,43 @@ class GroupCommit:
         return self._version
 
     def commit(self, version: int) -> None:
-        """Make every change up to `version` durable; one append and fdatasync serves all waiting writers."""
+        """Make every change up to `version` durable; one append and fdatasync serves all waiting writers. After
+        a failure, a write is made even with nothing to write: it tells whether the disk takes one again."""
         with self._commit_lock:
-            if self._durable >= version:
+            if self._durable >= version and self.write_error is None:
                 return  # a concurrent writer's commit carried this change too
             try:
-                if self._needs_fold or self.files.journal_bytes > max(self.files.snapshot_bytes, self.FOLD_BYTES):
-                    version = self._fold_locked()  # the new snapshot holds these changes too
-                else:
-                    with self._lock:
-                        version, lines, self._pending = self._version, self._pending, []
-                    self.files.append(("\n".join(lines) + "\n").encode())
-                    self._count("append")
+                version = self._write_locked()
             except OSError as e:
                 self._failed(e)
                 raise StoreError(f"cannot write {self.files.path}: {e.strerror or e}") from None
-            self._needs_fold = False
             self._durable = max(self._durable, version)
             if self.write_error is not None:
                 log_event(logging.INFO, "thread store written again", file=self.files.path)
             self.write_error = None
 
+    def _write_locked(self) -> int:
+        """Fold, when due and possible, else append the pending lines; returns the version now durable."""
+        due = self.files.journal_bytes > max(self.files.snapshot_bytes, self.FOLD_BYTES)
+        if self.files.torn or (due and time.monotonic() >= self._fold_after):
+            try:
+                return self._fold_locked()
+            except OSError as e:
+                if self.files.torn:
+                    raise
+                self._fold_after = time.monotonic() + self.FOLD_RETRY
+                log_event(logging.WARNING, "cannot fold the journal into a new snapshot; the journal takes the "
+                          "changes meanwhile", file=self.files.path, error=e.strerror or str(e),
+                          needs_free_kb=(self.files.snapshot_bytes + self.files.journal_bytes) // 1024 + 1)
+        with self._lock:
+            version, lines = self._version, list(self._pending)
+        self.files.append(("\n".join(lines) + "\n").encode() if lines else b"")
+        self._count("append")
+        with self._lock:
+            del self._pending[:len(lines)]
+        return version
+
     def _failed(self, e: OSError) -> None:
-        self._needs_fold = True  # memory holds every change: the next commit writes them all
         first = self.write_error is None
         self.write_error = f"{e.strerror or e} ({self.files.path})"
         self._count("write", error=True)
@@ -2239,15 +2267,15 @@ class GroupCommit:
         """Fold the journal into a new snapshot now (start-up, clean stop); OSError if it cannot."""
         with self._commit_lock:
             self._durable = max(self._durable, self._fold_locked())
-            self._needs_fold = False
 
     def _fold_locked(self) -> int:
         """Snapshot everything in memory (caller holds _commit_lock); returns the version it holds."""
         with self._lock:
-            version = self._version
+            version, taken = self._version, len(self._pending)
             threads, outbox = self._snapshot()  # references only: the text is written piece by piece
-            self._pending = []  # all in the snapshot
         self.files.replace(threads, outbox)
+        with self._lock:
+            del self._pending[:taken]  # all in the snapshot
         self._count("write")
         return version
 
@@ -2256,7 +2284,6 @@ class GroupCommit:
         try:
             self.fold()
         except OSError as e:
-            self._needs_fold = True
             self.write_error = f"{e.strerror or e} ({self.files.path})"
             log_event(logging.ERROR, "cannot write the thread store at start; serving, but webhooks are answered "
                       "503 (Alertmanager retries them) and nothing is posted until a write succeeds",
@@ -2266,8 +2293,8 @@ class GroupCommit:
         """Every change durable now (after a failed write: retried); StoreError if it cannot be."""
         with self._lock:
             version = self._version
-        if version > self._durable or self._needs_fold:
-            self.commit(max(version, self._durable + 1) if self._needs_fold else version)
+        if version > self._durable or self.write_error is not None:
+            self.commit(version)
 
 
 class FileStore(ThreadStore):
@@ -6163,14 +6190,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.came = time.monotonic()  # the request line is in: DELIVERY_WAIT counts from here
         self.command, self.request_version = None, self.default_request_version  # for a refusal's answer
         self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        late = False
         try:
             head = read_head(self.rfile)
         except BadRequest as e:
             self.send_error(e.status, str(e))
             return False
         finally:
-            self.server.head_arrived(self.connection)  # the head is in: the body has a limit of its own
-        if head is None:  # the client went, or was too slow
+            late = self.server.head_arrived(self.connection)  # the head is in: the body has a limit of its own
+        if head is None or late:  # the client went, or was too slow (a head read as it was shut: not served)
             self.close_connection = True
             return False
         real, self.rfile = self.rfile, io.BytesIO(head)
@@ -6348,6 +6376,7 @@ class ThreaderServer(http.server.ThreadingHTTPServer):
         self.deadlines = Deadlines()
         # id(socket) -> (since, socket): connections waiting for a head, and lingering ones (since -inf: first to go)
         self._waiting: Dict[int, Tuple[float, Any]] = {}
+        self._evicted: Dict[int, Any] = {}  # shut down to make room, until their handlers know
         self._waiting_lock = threading.Lock()
         # Connections waiting to be accepted: a storm's burst must reach the 503 past MAX_CONNECTIONS, not a reset.
         self.request_queue_size = max(128, max_connections)
@@ -6361,11 +6390,13 @@ class ThreaderServer(http.server.ThreadingHTTPServer):
         with self._waiting_lock:
             self._waiting[id(sock)] = (time.monotonic(), sock)
 
-    def head_arrived(self, sock: Any) -> None:
+    def head_arrived(self, sock: Any) -> bool:
+        """True if the connection was shut down meanwhile, for being slow or to make room: whatever was read
+        on it, nothing can be answered, so nothing may be done."""
         with self._waiting_lock:
             if self._waiting.pop(id(sock), None) is None:
-                return  # told already, or evicted
-        self.deadlines.unwatch(sock)
+                return self._evicted.pop(id(sock), None) is not None  # else told already
+        return self.deadlines.unwatch(sock)
 
     def linger(self, sock: Any) -> None:
         """Linger on a closing connection, the first of all to make way when slots run out: it holds no request."""
@@ -6386,6 +6417,7 @@ class ThreaderServer(http.server.ThreadingHTTPServer):
             if time.monotonic() - since < self.HEAD_GRACE:
                 return False
             del self._waiting[key]
+            self._evicted[key] = sock
         self.deadlines.unwatch(sock)
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)  # its handler ends at once and gives its slot back

@@ -888,6 +888,45 @@ def test_short_and_failed_journal_writes_never_leave_a_torn_line(tmp_path, monke
     store.close()
 
 
+def test_a_disk_with_room_for_lines_but_not_for_a_snapshot_takes_writes_again(tmp_path, monkeypatch):
+    """A small disk filled, then partly freed: too little room to write the whole snapshot again, enough for the
+    journal's lines. The store writes again at once (the journal takes the lines), and folds once it can."""
+    log = io.StringIO()
+    at.setup_logging(make_config({"LOG_LEVEL": "info"}), log)
+    store = at.FileStore(str(tmp_path / "threads.json"), at.Metrics())
+    big = {"ts": "1.1", "status": "open", "alerts": {}, "first": {"annotations": {"description": "x" * 3000}}}
+    count = 0
+    while store.files.journal_bytes <= max(store.files.snapshot_bytes, at.GroupCommit.FOLD_BYTES):
+        store.put(f"key{count}", dict(big, ts=f"{count}.1"))  # until a fold is due at the next write
+        count += 1
+    real_write = os.write
+
+    def no_room(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def no_room_for_the_journal(fd: int, data: Any) -> int:
+        if fd == store.files._journal_fd:
+            return no_room()
+        return real_write(fd, data)
+
+    monkeypatch.setattr(at.os, "write", no_room_for_the_journal)  # full
+    monkeypatch.setattr(at.tempfile, "mkstemp", no_room)
+    with pytest.raises(at.StoreError):
+        store.put("refused", {"ts": "8.1", "status": "open", "alerts": {}})
+    monkeypatch.setattr(at.os, "write", real_write)  # room for lines again, not for a whole snapshot
+    store.put("taken", {"ts": "9.1", "status": "open", "alerts": {}})
+    store.put("taken too", {"ts": "9.2", "status": "open", "alerts": {}})
+    assert store.write_error is None and store.health()["ok"]
+    assert log.getvalue().count("cannot fold the journal into a new snapshot") == 1, "tried again FOLD_RETRY later"
+    assert "needs_free_kb=" in log.getvalue()
+    assert set(on_disk(tmp_path)) == {f"key{i}" for i in range(count)} | {"refused", "taken", "taken too"}
+    monkeypatch.undo()
+    store.journal._fold_after = 0.0  # FOLD_RETRY has passed
+    store.put("folded", {"ts": "10.1", "status": "open", "alerts": {}})
+    assert len(json.loads((tmp_path / "threads.json").read_text())["threads"]) == count + 4, "folded once it could"
+    store.close()
+
+
 @pytest.mark.parametrize("error", [errno.EIO, errno.ENOSPC])
 def test_a_failed_state_write_answers_503_until_the_disk_recovers(start, slack, tmp_path, monkeypatch, error):
     svc = start()
@@ -1576,6 +1615,29 @@ def test_silent_clients_are_dropped_after_the_client_timeout(start, slack):
         raw_exchange(svc.port, partial, timeout=10)  # returns when the server closes the connection
         assert time.monotonic() - started < 5
     assert svc.get("/health").status == 200 and slack.calls == []
+
+
+def test_a_request_read_as_its_connection_timed_out_is_not_served(start, slack, monkeypatch):
+    """An idle kept-alive connection's deadline passes just as a request arrives on it: the server has shut the
+    connection, so it can answer nothing; it must not store the webhook (and count a 200) either."""
+    svc = start(CLIENT_TIMEOUT="0.5s")
+    read_head = at.read_head
+
+    def read_then_stall(rfile: Any) -> Any:
+        head = read_head(rfile)
+        time.sleep(1.0)  # the scheduler ran other threads meanwhile: the deadline passed with the head in hand
+        return head
+    monkeypatch.setattr(at, "read_head", read_then_stall)
+    body = json.dumps(webhook(make_alert())).encode()
+    answer = raw_exchange(svc.port, b"POST /alert HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                    b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    monkeypatch.undo()
+    assert answer == b"", "the connection was shut: no answer can reach the client"
+    assert svc.get("/health").status == 200  # a request served after it proves the first one's handler is done
+    wait_for(lambda: svc.service.server._slots._value == svc.service.config.max_connections,
+             what="every connection's handler to end")
+    assert svc.service.store.outbox_summary() == {} and slack.calls == []
+    assert webhooks_answered(svc) == 0
 
 
 def test_connections_past_the_limit_get_503(start, slack):
