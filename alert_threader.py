@@ -236,6 +236,12 @@ def without_credentials(url: str) -> str:
     return url[:start] + url[start:end].rpartition("@")[2] + url[end:]
 
 
+def shown_url(url: str) -> str:
+    """A URL setting as an error quotes it: never with what may be a password."""
+    url = without_credentials(url)
+    return repr(url) if "@" not in url else "(a value with an @ in it, not shown)"
+
+
 def parse_time(text: str) -> Optional[float]:
     """Epoch seconds of an RFC 3339 time as Alertmanager writes it; None for its zero time."""
     match = RFC3339.fullmatch(text)
@@ -252,8 +258,10 @@ def parse_time(text: str) -> Optional[float]:
     epoch = moment.timestamp() + float(match.group(7) or 0)
     zone = match.group(8)
     if zone not in "Zz":
-        sign = 1 if zone[0] == "+" else -1
-        epoch -= sign * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
+        sign, hours, minutes = 1 if zone[0] == "+" else -1, int(zone[1:3]), int(zone[4:6])
+        if hours > 23 or minutes > 59:
+            raise ValueError(f"not a valid time zone offset: {text!r}")
+        epoch -= sign * (hours * 3600 + minutes * 60)
     # Past the end of year 9999 (by rounding, or by an offset) no date can be written: the last second stands in.
     return min(epoch, LAST_EPOCH)
 
@@ -1004,6 +1012,7 @@ def store_settings(raw: RawSettings, environ: Dict[str, str]) -> Dict[str, Any]:
         raise ConfigError("REDIS_URL is malformed") from None
     if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
         raise ConfigError("REDIS_URL must be redis://[:password@]host:port/db, rediss://... or unix:///path")
+    check_redis_url(redis_url)
     prefix = raw.text("REDIS_KEY_PREFIX")
     if not prefix or any(c in prefix for c in "*?[] "):
         raise ConfigError("REDIS_KEY_PREFIX must be non-empty without spaces or glob characters")
@@ -1011,14 +1020,32 @@ def store_settings(raw: RawSettings, environ: Dict[str, str]) -> Dict[str, Any]:
             "redis_key_prefix": prefix}
 
 
+def check_redis_url(url: str) -> None:
+    """REDIS_URL as redis-py will read it: its refusals at start, in one line (and a database that is no number,
+    which it would ignore)."""
+    try:
+        from redis.connection import parse_url
+    except ImportError:  # the file store needs no redis package; the Redis store says so itself
+        return
+    try:
+        parse_url(url)
+        database = url.split("?", 1)[0].split("/", 3)[3:] if url.startswith(("redis://", "rediss://")) else []
+        if database and database[0] and not database[0].isdigit():
+            raise ValueError(f"the database {database[0][:40]!r} is not a number")
+    except (ValueError, TypeError) as e:  # redis-py's words may quote a piece of a password: not then
+        detail = "it cannot be read (in a password, / ? # @ must be %-encoded)" if "@" in url else str(e)
+        raise ConfigError(f"REDIS_URL: {detail} (the form is redis://[[USER]:PASSWORD@]HOST:PORT/DB, DB a "
+                          "number)") from None
+
+
 def url_settings(raw: RawSettings) -> Dict[str, Any]:
     api_url = raw.text("SLACK_API_URL")
     api = urllib.parse.urlsplit(api_url)
     if api.scheme not in ("http", "https") or not api.hostname:
-        raise ConfigError(f"SLACK_API_URL={api_url!r} must be an http(s) URL")
+        raise ConfigError(f"SLACK_API_URL={shown_url(api_url)} must be an http(s) URL")
     am_url = raw["ALERTMANAGER_URL"]
     if am_url and not is_http_url(am_url):
-        raise ConfigError(f"ALERTMANAGER_URL={am_url!r} must be an http(s) URL")
+        raise ConfigError(f"ALERTMANAGER_URL={shown_url(am_url)} must be an http(s) URL")
     if am_url and "@" in urllib.parse.urlsplit(am_url).netloc:
         raise ConfigError("ALERTMANAGER_URL must not carry credentials (they would show in every Silence link): "
                           "put them in ALERTMANAGER_AUTH or ALERTMANAGER_AUTH_FILE")
@@ -1686,7 +1713,7 @@ class ThreadStore:
 
         An item whose identity is waiting already is not added again: it joins the
         one waiting (joined True, that one's id). OutboxFull, adding nothing, when
-        `limit` alerts or more wait in all the channels together."""
+        the items it would add would make more than `limit` wait in all the channels together."""
         raise NotImplementedError
 
     def waiting(self, channel: str, after: Optional[str] = None) -> List[Item]:
@@ -2141,6 +2168,10 @@ class OutboxMemory:
         self.count += 1
         self._last_id = max(self._last_id, item_order(item.id))
 
+    def new(self, items: List[Item]) -> int:
+        """How many of these items would be added, not joined to one waiting."""
+        return len({item.identity for item in items} - self._identities.keys())
+
     def add(self, item: Item) -> Tuple[str, Optional[str]]:
         """The item in, with a new id: (its id, its journal text); or (the waiting one's id, None) if one is."""
         joined = self._identities.get(item.identity)
@@ -2385,8 +2416,9 @@ class FileStore(ThreadStore):
 
     def enqueue(self, items: List[Item], limit: int) -> List[Tuple[str, bool]]:
         with self._lock:
-            if self.outbox.count + len(items) > limit:
-                raise OutboxFull(f"{self.outbox.count:,} alerts are waiting for Slack and {len(items):,} more "
+            adding = self.outbox.new(items)  # a copy of a waiting alert (a retry, an HA peer's) joins it
+            if adding and self.outbox.count + adding > limit:
+                raise OutboxFull(f"{self.outbox.count:,} alerts are waiting for Slack and {adding:,} more "
                                  f"would pass OUTBOX_LIMIT ({limit:,})")
             added = [self.outbox.add(item) for item in items]
             texts = [text for _, text in added if text is not None]
@@ -2877,14 +2909,18 @@ class RedisOutbox:
             return self._enqueue(keys=[self._key(channel), self._key(channel, "-ids"), self._channels_key(),
                                        *map(self._key, sorted(channels))], args=args)
         ids: List[str] = []
+        # Those that would join one waiting (a retry, an HA peer's copy) do not count against the limit.
+        identities = sorted({item.identity for item in items})
+        known = self.redis.run("enqueue", lambda: self.redis.client.hmget(self._key(channel, "-ids"), identities))
+        adding = sum(1 for found in known if not found)
         # In parts, each a script short enough that Redis (single-threaded) serves the others meanwhile and
         # answers within its timeout. Should Redis fail between two, the webhook is answered 503 and its
         # retry finds the first parts waiting (it joins them): nothing is doubled.
         for start in range(0, len(items), self.ENQUEUE_PART):
             part = items[start:start + self.ENQUEUE_PART]
-            added = self.redis.run("enqueue", lambda: add(part, 0 if start else len(items)))
+            added = self.redis.run("enqueue", lambda: add(part, 0 if start else adding))
             if added == -1:
-                raise OutboxFull(f"{len(items):,} more alerts would pass OUTBOX_LIMIT ({limit:,}) alerts waiting "
+                raise OutboxFull(f"{adding:,} more alerts would pass OUTBOX_LIMIT ({limit:,}) alerts waiting "
                                  "for Slack")
             ids += added
         taken = [(i[1:], True) if i.startswith("=") else (i, False) for i in ids]
@@ -3173,7 +3209,9 @@ class RedisStore(ThreadStore):
 TRANSIENT, RATE_LIMITED, CONFIGURATION, LAYOUT, THREAD_GONE, OTHER = (
     "transient", "rate_limited", "configuration", "layout", "thread_gone", "other")
 
-TRANSIENT_ERRORS = frozenset({"internal_error", "service_unavailable", "request_timeout", "ratelimited"})
+TRANSIENT_ERRORS = frozenset({"internal_error", "service_unavailable", "request_timeout", "ratelimited",
+                              "rate_limited", "message_limit_exceeded", "team_added_to_org", "fatal_error"})
+MAYBE_DONE_ERRORS = frozenset({"fatal_error"})  # Slack: "some aspect of the operation" may have succeeded
 LAYOUT_ERRORS = frozenset({"invalid_blocks", "invalid_blocks_format", "invalid_attachments", "too_many_attachments",
                            "msg_blocks_too_long", "msg_too_long", "no_text", "invalid_arguments"})
 THREAD_GONE_ERRORS = frozenset({"message_not_found", "thread_not_found", "cant_update_message",
@@ -3192,6 +3230,16 @@ CONFIGURATION_ERRORS = {
     "not_in_channel": "invite the bot: /invite @your-app in the channel",
     "is_archived": "the channel is archived: unarchive it or point SLACK_CHANNEL at another one",
     "ekm_access_denied": "Slack EKM denies access: ask a Slack admin",
+    "team_access_not_granted": "the token is not granted to this workspace: check the app's installation",
+    "access_denied": "Slack denies the token access: check the app's installation and scopes",
+    "enterprise_is_restricted": "an Enterprise Grid policy forbids this post: ask a Slack admin",
+    "restricted_action_read_only_channel": "the channel is read-only for the bot: allow it to post, or change "
+                                           "SLACK_CHANNEL",
+    "restricted_action_non_threadable_channel": "the channel does not allow threads: choose another SLACK_CHANNEL",
+    "two_factor_setup_required": "the workspace requires two-factor setup for this token's user: ask a Slack admin",
+    "accesslimited": "Slack limits access from this network: check the workspace's IP allowlist",
+    "not_allowed_token_type": "this token type may not post: use the app's Bot User OAuth Token (xoxb-...)",
+    "org_login_required": "the workspace is moving into an Enterprise Grid org: wait for it, or ask a Slack admin",
 }
 
 
@@ -3468,7 +3516,7 @@ class SlackClient(SlackAPI):
             raise SlackError(method, "invalid_response", TRANSIENT, maybe_done=True)
         if not document.get("ok"):
             error = str(document.get("error") or "unknown_error")[:80]
-            raise SlackError(method, error, classify_slack_error(error))
+            raise SlackError(method, error, classify_slack_error(error), maybe_done=error in MAYBE_DONE_ERRORS)
         return document
 
 
@@ -3629,8 +3677,9 @@ def link_button(label: str, action_id: str, url: str) -> Dict[str, Any]:
 
 
 def link_buttons(*candidates: Tuple[str, str, Any]) -> List[Dict[str, Any]]:
-    """Link buttons for the (label, action_id, url) whose url is safe http(s)."""
-    return [link_button(label, action_id, url) for label, action_id, url in candidates if is_http_url(url)]
+    """Link buttons for the (label, action_id, url) whose url is safe http(s), without a user:password@."""
+    return [link_button(label, action_id, without_credentials(url)) for label, action_id, url in candidates
+            if is_http_url(url)]
 
 
 def silence_menu(ms: MessageSettings) -> Dict[str, Any]:
@@ -3816,7 +3865,7 @@ def render_plain(alert: Alert, channel: str, ms: MessageSettings, kind: str,
              time_line(alert, ms, kind == "resolved").replace("*", "")]
     runbook = alert.annotations.get("runbook_url", "")
     if is_http_url(runbook):
-        lines.append("Runbook: " + escape_mrkdwn(runbook))
+        lines.append("Runbook: " + escape_mrkdwn(without_credentials(runbook)))
     payload: Dict[str, Any] = {"channel": channel, "text": "\n".join(lines),
                                "unfurl_links": False, "unfurl_media": False}
     if thread_ts:
@@ -5534,6 +5583,7 @@ class Interactions:
         self.executor = executor
         self.alertmanager = alertmanager
         self.metrics = metrics
+        self.started = time.time()
 
     # -- the request ------------------------------------------------------------
 
@@ -5548,6 +5598,8 @@ class Interactions:
         expected = "v0=" + hmac.new(secret, b"v0:" + timestamp.encode() + b":" + body, hashlib.sha256).hexdigest()
         if not hmac.compare_digest(expected.encode(), signature.encode()):
             raise BadRequest("the signature does not match SLACK_SIGNING_SECRET", 401)
+        if not self.store.shared and int(timestamp) < self.started - 1:
+            return False  # signed before this process began: it may have been taken by the one before, unseen here
         return self.store.claim("slack-request|" + signature, 2 * self.MAX_AGE)
 
     def handle(self, headers: Any, body: bytes) -> Response:
@@ -5901,6 +5953,26 @@ def outbox_view(store: ThreadStore, limit: int, now: float) -> Dict[str, Any]:
                          for channel, (n, at) in sorted(summary.items())}}
 
 
+def cache_answer(store: ThreadStore, outbox_limit: int, clear: bool) -> Response:
+    """The stored threads and what waits in the outbox; or the threads forgotten (the outbox stays)."""
+    try:
+        if clear:
+            cleared = store.clear()
+            log_event(logging.WARNING, "thread cache cleared", threads=cleared)
+            return 200, {"ok": True, "cleared": cleared, "thread_store": store.name,
+                         "outbox_kept": outbox_view(store, outbox_limit, time.time())["waiting"]}, {}
+        threads = store.items()
+        outbox = outbox_view(store, outbox_limit, time.time())
+        for channel, view in outbox["channels"].items():
+            view["alerts"] = [{"id": item.id, "key": item.thread_key, "status": item.alert.status,
+                               "alertname": item.alert.alertname, "received": item.received}
+                              for item in store.waiting(channel)[:1000]]
+        return 200, {"ok": True, "thread_store": store.name, "cached_threads": len(threads),
+                     "threads": threads, "outbox": outbox}, {}
+    except StoreError as e:  # Redis out of reach: /health says more
+        return error(503, f"the thread store cannot be read now ({e}); see GET /health")
+
+
 class App:
     """Routes requests to intake and the status endpoints; knows nothing of sockets."""
 
@@ -6062,20 +6134,7 @@ class App:
         return 200, body, {}
 
     def cache(self, clear: bool) -> Response:
-        """The stored threads and what waits in the outbox; or the threads forgotten (the outbox stays)."""
-        if clear:
-            cleared = self.store.clear()
-            log_event(logging.WARNING, "thread cache cleared", threads=cleared)
-            return 200, {"ok": True, "cleared": cleared, "thread_store": self.store.name,
-                         "outbox_kept": outbox_view(self.store, self.config.outbox_limit, time.time())["waiting"]}, {}
-        threads = self.store.items()
-        outbox = outbox_view(self.store, self.config.outbox_limit, time.time())
-        for channel, view in outbox["channels"].items():
-            view["alerts"] = [{"id": item.id, "key": item.thread_key, "status": item.alert.status,
-                               "alertname": item.alert.alertname, "received": item.received}
-                              for item in self.store.waiting(channel)[:1000]]
-        return 200, {"ok": True, "thread_store": self.store.name, "cached_threads": len(threads),
-                     "threads": threads, "outbox": outbox}, {}
+        return cache_answer(self.store, self.config.outbox_limit, clear)
 
     def stats(self) -> Dict[str, Any]:
         value = self.metrics.total
@@ -6165,6 +6224,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     default_request_version = "HTTP/1.0"  # every answer, refusals of bad request lines too, has a status line
     wbufsize = 65536  # an answer's head and body leave in one write
     disable_nagle_algorithm = True  # and a longer one's last piece without waiting for a delayed ACK
+    holds_slot = True  # one of MAX_CONNECTIONS (idle, it makes way for a newcomer)
     server: "ThreaderServer"
 
     def setup(self) -> None:
@@ -6179,7 +6239,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         # The request line and headers must arrive within CLIENT_TIMEOUT in all, not only between bytes.
-        self.server.awaiting_head(self.connection, self.timeout)
+        self.server.awaiting_head(self.connection, self.timeout, self.holds_slot)
         try:
             super().handle_one_request()
         finally:
@@ -6333,13 +6393,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def finish(self) -> None:
         super().finish()
         if self.lingering:
-            self.server.linger(self.connection)
+            self.server.linger(self.connection, self.holds_slot)
 
     do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = do_HEAD = do_OPTIONS = dispatch
 
 
 class RefusingHandler(Handler):
     """For a connection past MAX_CONNECTIONS: one request, answered 503, and closed."""
+
+    holds_slot = False
 
     def setup(self) -> None:
         super().setup()
@@ -6384,24 +6446,28 @@ class ThreaderServer(http.server.ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
 
-    def awaiting_head(self, sock: Any, seconds: float) -> None:
-        """A connection now waits for a request's head: within `seconds`, and first to go when slots run out."""
+    def awaiting_head(self, sock: Any, seconds: float, slot: bool = True) -> None:
+        """A connection now waits for a request's head: within `seconds`, and (if it holds a slot) first to go
+        when slots run out."""
         self.deadlines.watch(sock, seconds)
-        with self._waiting_lock:
-            self._waiting[id(sock)] = (time.monotonic(), sock)
+        if slot:
+            with self._waiting_lock:
+                self._waiting[id(sock)] = (time.monotonic(), sock)
 
     def head_arrived(self, sock: Any) -> bool:
         """True if the connection was shut down meanwhile, for being slow or to make room: whatever was read
         on it, nothing can be answered, so nothing may be done."""
         with self._waiting_lock:
-            if self._waiting.pop(id(sock), None) is None:
-                return self._evicted.pop(id(sock), None) is not None  # else told already
-        return self.deadlines.unwatch(sock)
+            self._waiting.pop(id(sock), None)
+            evicted = self._evicted.pop(id(sock), None) is not None
+        return self.deadlines.unwatch(sock) or evicted
 
-    def linger(self, sock: Any) -> None:
-        """Linger on a closing connection, the first of all to make way when slots run out: it holds no request."""
-        with self._waiting_lock:
-            self._waiting[id(sock)] = (-math.inf, sock)
+    def linger(self, sock: Any, slot: bool = True) -> None:
+        """Linger on a closing connection, the first of all to make way when slots run out: it holds no request.
+        (A refused one holds no slot either: closing it would make no room.)"""
+        if slot:
+            with self._waiting_lock:
+                self._waiting[id(sock)] = (-math.inf, sock)
         try:
             linger(sock)
         finally:
@@ -6626,6 +6692,9 @@ def start_service(config: Config) -> Service:
         log_event(logging.WARNING, f"no WEBHOOK_TOKEN: POST /alert takes webhooks from anyone who can reach "
                   f"{config.host or '*'}:{service.port}; /cache and /preview answer only loopback (127.0.0.1, ::1)")
     service.store.health()  # a store out of reach is said now, not when the first alert arrives
+    if config.thread_store == "file" and config.redis_url != {n: d for n, d, _ in SETTINGS}["REDIS_URL"]:
+        log_event(logging.WARNING, "REDIS_URL is set but THREAD_STORE is file: Redis is not used; set "
+                  "THREAD_STORE=redis to use it")
     if isinstance(service.store, RedisStore):
         service.store.warn_if_volatile()
     if config.interactive:
@@ -6687,7 +6756,9 @@ def cmd_render(config: Config, path: Optional[str], payload: Optional[int] = Non
 
 
 def cmd_check(config: Config) -> int:
-    """Validate the settings, reach the store, and ask Slack whether the token works."""
+    """Validate the settings, reach the store, and ask Slack whether the token works: every part is checked,
+    whatever the others say."""
+    failed = False
     channel = config.slack_channel or f"{DRY_RUN_CHANNEL} (dry-run)"
     print(f"settings: OK (store={config.thread_store}, channel={channel}, environment={config.environment})")
     metrics = Metrics()
@@ -6709,16 +6780,18 @@ def cmd_check(config: Config) -> int:
             where = redact_url(config.redis_url)
     except (ConfigError, StoreError) as e:
         print(f"store: FAILED: {redact(str(e), config.secrets())}")
-        return 1
-    print(f"store: OK ({where})")
+        failed = True
+    else:
+        print(f"store: OK ({where})")
     if config.interactive and config.alertmanager_url:  # load_config requires the URL with a signing secret
         try:
             client = AlertmanagerClient(config.alertmanager_auth, config.slack_timeout)
             version = client.version(config.alertmanager_url)
         except AlertmanagerError as e:
             print(f"alertmanager: FAILED: {redact(str(e), config.secrets())}")
-            return 1
-        print(f"alertmanager: OK ({config.alertmanager_url}, version {version}): silences from Slack can be made")
+            failed = True
+        else:
+            print(f"alertmanager: OK ({config.alertmanager_url}, version {version}): silences from Slack can be made")
     if config.dry_run:
         print("slack: no SLACK_BOT_TOKEN: the service would run in dry-run mode and post nothing. "
               "Fix: set SLACK_BOT_TOKEN or SLACK_BOT_TOKEN_FILE to the app's xoxb- token")
@@ -6732,7 +6805,7 @@ def cmd_check(config: Config) -> int:
     print(f"slack: OK: the token works (team {identity.get('team')}, bot user {identity.get('user')}). "
           f"Not checked: that the bot may post in {config.slack_channel}; if not, the first alert's "
           "Slack error says how to fix it (e.g. not_in_channel: /invite the bot)")
-    return 0
+    return int(failed)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

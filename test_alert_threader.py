@@ -1033,6 +1033,19 @@ def test_transient_slack_failures_are_retried_within_the_webhook(start, slack):
     assert len([c for c in slack.calls if c.method == "chat.postMessage"]) == 4
 
 
+@pytest.mark.parametrize("error", ["fatal_error", "rate_limited", "message_limit_exceeded", "team_added_to_org"])
+def test_slack_errors_that_pass_are_waited_out_never_dropped(start, slack, error):
+    """Slack's own list of chat.postMessage errors: these pass (fatal_error "may" have been done, so it is the
+    one window of a lost answer); they are tried again until Slack takes the alert, which is never dropped."""
+    svc = start(DELIVERY_WAIT="0.2s")
+    slack.fail("chat.postMessage", *[{"error": error}] * 3)
+    svc.alert(webhook(make_alert()))
+    settled(svc)
+    assert len(slack.messages) == 1 and named(slack, "DatabaseDown") == 1
+    assert len([c for c in slack.calls if c.method == "chat.postMessage"]) == 4
+    assert svc.get("/stats").json()["dropped"] == 0
+
+
 @pytest.mark.parametrize("lost", [{"partial": True}, {"sleep": 1.0}], ids=["half-an-answer", "answer-too-late"])
 def test_a_post_whose_answer_was_lost_is_sent_once_more_and_then_never_again(start, slack, lost):
     """Slack has read the whole request, so it may have posted it, and it takes no idempotency key: the sender
@@ -1254,6 +1267,7 @@ def test_alerts_slack_took_are_never_posted_again_when_the_rest_of_the_webhook_f
     ("account_inactive", "reinstall the app"), ("token_revoked", "reinstall the Slack app"),
     ("missing_scope", "chat:write"), ("channel_not_found", "channel ID"),
     ("not_in_channel", "/invite @your-app"), ("is_archived", "unarchive"),
+    ("team_access_not_granted", "installation"), ("restricted_action_read_only_channel", "read-only"),
 ])
 def test_permanent_configuration_errors_keep_the_alert_and_say_how_to_fix(start, slack, error, fix):
     svc = start(DELIVERY_WAIT="0.3s")
@@ -1504,6 +1518,8 @@ BAD_BODIES = [
      "alerts[1].endsAt must be an RFC 3339 time"),
     (with_change(lambda b: b["alerts"][0].__setitem__("startsAt", "2024-13-45T99:00:00Z")),
      "alerts[0].startsAt must be an RFC 3339 time"),
+    (with_change(lambda b: b["alerts"][0].__setitem__("startsAt", "2024-01-01T00:00:00+99:99")),
+     "alerts[0].startsAt must be an RFC 3339 time"),
     (with_change(lambda b: b["alerts"][0].__setitem__("startsAt", "\u0662\u0660\u0662\u0664-01-15T14:30:25Z")),
      "alerts[0].startsAt must be an RFC 3339 time"),
     (with_change(lambda b: b["alerts"][0].__setitem__("generatorURL", {"u": 1})),
@@ -1652,6 +1668,16 @@ def test_connections_past_the_limit_get_503(start, slack):
         time.sleep(at.ThreaderServer.HEAD_GRACE + 0.2)  # past the grace: still they are not idle
         answer = raw_exchange(svc.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 503 ") and b"MAX_CONNECTIONS" in answer
+        # A refused client that reads its 503 and stays: closing it would free no slot, so it is never taken
+        # for an idle connection, and the next newcomers are refused at once (no wait for a slot per one).
+        stays = socket.create_connection(("127.0.0.1", svc.port))
+        busy.append(stays)
+        stays.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert stays.recv(65536).startswith(b"HTTP/1.1 503 ")
+        started = time.monotonic()
+        for _ in range(4):
+            assert raw_exchange(svc.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 503 ")
+        assert time.monotonic() - started < 0.8, "each refused at once, not after a second's wait for a slot"
     finally:
         for sock in busy:
             sock.close()
@@ -1976,6 +2002,11 @@ def test_secrets_never_reach_logs_errors_endpoints_or_help(tmp_path, slack, star
     assert "invalid_auth" in everything  # the failure itself is visible...
     for secret in (SLACK_TOKEN, WEBHOOK_TOKEN, "SecretSlackToken", "Secret-Webhook"):
         assert secret not in everything  # ...the secrets are not
+    for setting in ("SLACK_API_URL", "ALERTMANAGER_URL"):  # nor a URL's password, in a refusal of the URL
+        for url in ("ftp://user:UrlPassword@example.com/", "user:UrlPassword@example.com"):
+            refused = run_cli(cwd=tmp_path, env={setting: url})
+            assert refused.returncode == 2 and f"{setting}=" in refused.stderr.decode()
+            assert "UrlPassword" not in refused.stderr.decode()
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
@@ -2786,6 +2817,12 @@ def test_store_contract_the_outbox_keeps_items_in_order_joins_copies_and_survive
     with pytest.raises(at.OutboxFull):
         restarted.enqueue([outbox_item_of("Four"), outbox_item_of("Five")], limit=5)  # with C2's: 6, over 5
     assert len(restarted.waiting("C1")) == 3, "refused: nothing added"
+    # At the limit, copies of waiting alerts (Alertmanager's retry, an HA peer's) still join them: only what
+    # they would add counts.
+    copies = restarted.enqueue([outbox_item_of("One"), outbox_item_of("Two"), outbox_item_of("Three")], limit=4)
+    assert [joined for _, joined in copies] == [True, True, True]
+    with pytest.raises(at.OutboxFull):
+        restarted.enqueue([outbox_item_of("One"), outbox_item_of("Four")], limit=4)
 
 
 def test_store_contract_completing_writes_records_takes_items_out_and_keeps_results_in_one_step(store):
@@ -2862,6 +2899,10 @@ def test_a_wrong_redis_password_is_named_with_its_fix_in_check_and_the_log(start
         assert "Fix: Redis refuses the credentials: put its password in REDIS_URL" in health["store_error"]
         refused = svc.alert(webhook(make_alert()), expect=503).json()  # nowhere to keep it: Alertmanager does
         assert "thread store: redis unreachable" in refused["error"] and refused["results"] == []
+        for method in ("GET", "DELETE"):  # nothing to show or to forget: said as the other endpoints say it
+            cache = svc.request(method, "/cache")
+            assert cache.status == 503 and "the thread store cannot be read now" in cache.json()["error"]
+            assert "not-the-pass" not in cache.text
     finally:
         server.remove()
 
@@ -2895,6 +2936,28 @@ def test_redis_key_prefix_is_configurable(start, slack, redis_server):
     svc.alert(webhook(make_alert()))
     assert redis_server.client().keys("team-a:threads:*") == [
         "team-a:threads:DatabaseDown|critical|database|prod-eu|production"]
+
+
+@pytest.mark.parametrize("url, says", [
+    ("redis://127.0.0.1:6390/0?password=SecretRedisPass&db=x", "Invalid value for"),
+    ("redis://127.0.0.1:6390/abc", "the database 'abc' is not a number"),
+    ("redis://:SecretPass@127.0.0.1:6390/0?db=x", "must be %-encoded"),
+    ("redis://:Secret/RedisPass@127.0.0.1:6390/0", "REDIS_URL is malformed"),
+    ("http://127.0.0.1:6390/0", "REDIS_URL must be redis://"),
+])
+def test_a_redis_url_redis_py_cannot_read_stops_startup_and_check_with_one_line(tmp_path, url, says):
+    require_module("redis")
+    for command in (("check",), ("--port", "0")):
+        result = run_cli(*command, cwd=tmp_path, env={"THREAD_STORE": "redis", "REDIS_URL": url})
+        lines = result.stderr.decode().strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("alert-threader: REDIS_URL"), lines
+        assert says in lines[0] and "Secret" not in lines[0] and "Traceback" not in lines[0]
+
+
+def test_a_redis_url_without_the_redis_store_is_said_at_start(start, slack):
+    svc = start(REDIS_URL="redis://127.0.0.1:6390/0")
+    assert "REDIS_URL is set but THREAD_STORE is file: Redis is not used" in svc.log.getvalue()
+    assert svc.get("/health").json()["thread_store"] == "file"
 
 
 def test_missing_redis_package_stops_startup_with_the_install_hint(tmp_path):
@@ -3854,7 +3917,9 @@ def test_a_resolve_and_a_new_episode_waiting_together_close_the_thread_then_open
     assert kinds(second) == ["open"] and [item.id for item, _ in second.messages[0].done] == [again.id]
 
 
-def test_a_message_that_cannot_be_drawn_is_sent_as_plain_text_naming_its_alerts(caplog):
+def test_a_message_that_cannot_be_drawn_is_sent_as_plain_text_naming_its_alerts():
+    logged = io.StringIO()
+    at.setup_logging(make_config({}), logged)
     item = waiting_item("Undrawable", instance="<!channel>")
 
     def fails() -> at.Drawn:
@@ -3867,7 +3932,7 @@ def test_a_message_that_cannot_be_drawn_is_sent_as_plain_text_naming_its_alerts(
     parent = at.drawable(at.Message("digest", "storm|C0ALERTS", fails, {"storm|C0ALERTS": open_digest()}),
                          "C0ALERTS")
     assert parent.records == {"storm|C0ALERTS": open_digest()} and "could not lay out" in parent.payload["text"]
-    assert caplog.text.count("ValueError: a layout bug") == 2, "each failure is logged with its traceback"
+    assert logged.getvalue().count("ValueError: a layout bug") == 2, "each failure is logged with its traceback"
     many = [waiting_item(f"Undrawable{i:02d}", status=status, instance="x" * 500) for i in range(20)
             for status in ("firing", "resolved")]  # a compact reply's most: 20 alerts, fired and resolved
     plain = at.drawable(at.Message("compact", "k", fails, {}, [(i, "replied") for i in many]), "C0ALERTS")
@@ -3890,7 +3955,9 @@ def test_an_alert_named_like_the_digest_or_the_standalone_resolves_is_told_in_it
     assert set(planned.messages[-1].records[first.key]["alerts"]) == {a.alert.fingerprint for a in (first, second)}
 
 
-def test_alerts_a_plan_fails_for_only_together_are_all_told_as_plain_text(monkeypatch, caplog):
+def test_alerts_a_plan_fails_for_only_together_are_all_told_as_plain_text(monkeypatch):
+    logged = io.StringIO()
+    at.setup_logging(make_config({}), logged)
     real_plan = at.plan_turn
 
     def plan_turn(backlog: List[at.Item], *args: Any) -> at.Plan:
@@ -3903,7 +3970,7 @@ def test_alerts_a_plan_fails_for_only_together_are_all_told_as_plain_text(monkey
     [plain] = planned.messages
     assert [item.id for item, _ in plain.done] == [item.id for item in backlog]
     assert "alertname=One" in plain.payload["text"] and "alertname=Two" in plain.payload["text"]
-    assert caplog.text.count("RuntimeError: a bug that needs two alerts") == 2
+    assert logged.getvalue().count("RuntimeError: a bug that needs two alerts") == 2
 
 
 def test_repeats_are_told_already_and_resolves_without_a_thread_go_standalone():
@@ -4685,6 +4752,11 @@ def test_check_asks_slack_whether_the_token_works(slack, tmp_path):
     dry = run_cli("check", cwd=tmp_path)
     assert dry.returncode == 1 and "dry-run" in dry.stdout.decode() and "set SLACK_BOT_TOKEN" in dry.stdout.decode()
     assert SLACK_TOKEN not in (ok.stdout + bad.stdout + ok.stderr + bad.stderr).decode()
+    # Every part is checked, whatever the others say: a user fixes them all in one round.
+    both = run_cli("check", cwd=tmp_path, env=dict(env, SLACK_SIGNING_SECRET=SIGNING_SECRET,
+                                                   ALERTMANAGER_URL=f"http://127.0.0.1:{free_port()}"))
+    assert both.returncode == 1 and "alertmanager: FAILED" in both.stdout.decode()
+    assert "slack: OK: the token works" in both.stdout.decode()
 
 
 def test_version(tmp_path):
@@ -5588,6 +5660,26 @@ def test_a_replayed_interaction_does_nothing_a_second_time(start, slack, fake_am
     assert sum("Acknowledged" in m.text for m in slack.messages) == 1
 
 
+def test_a_click_replayed_after_a_restart_does_nothing_either(start, slack, fake_am):
+    """The file store keeps which requests were taken in memory: a restarted service takes no request signed
+    before it started (within the five minutes a signature stays good, its predecessor may have taken it)."""
+    svc = interactive(start, fake_am.url)
+    svc.alert(webhook(make_alert()))
+    body = urllib.parse.urlencode({"payload": json.dumps(block_action(slack.messages[0], "ack"))}).encode()
+    headers = signed(body)
+    assert svc.request("POST", "/slack/actions", raw=body, headers=headers).status == 200
+    wait_for(lambda: any("Acknowledged by alice" in m.text for m in slack.messages), what="the ack's reply")
+    stop(svc)
+    time.sleep(1.1)  # the restart comes a second or more later, as any real one does
+    again = interactive(start, fake_am.url)
+    replayed = again.request("POST", "/slack/actions", raw=body, headers=headers)
+    assert replayed.status == 200 and "taken already" in replayed.json()["done"]
+    fresh = urllib.parse.urlencode({"payload": json.dumps(block_action(slack.messages[0], "ack", user="bob"))})
+    assert again.request("POST", "/slack/actions", raw=fresh.encode(), headers=signed(fresh.encode())).status == 200
+    wait_for(lambda: any("Acknowledged by bob" in m.text for m in slack.messages), what="a new click, taken")
+    assert sum("Acknowledged by alice" in m.text for m in slack.messages) == 1
+
+
 def test_acks_are_recorded_shown_on_the_card_and_kept_after_the_thread_closes(start, slack, fake_am):
     svc = interactive(start, fake_am.url)
     svc.alert(webhook(make_alert()))
@@ -5680,6 +5772,7 @@ def test_credentials_in_a_webhooks_external_url_never_reach_slack(start, slack):
 def test_credentials_in_an_alerts_own_links_never_reach_slack_nor_the_disk(start, slack, tmp_path):
     alert = make_alert()
     alert["generatorURL"] = "http://prom:PromPassw0rd@prometheus.example.com:9090/graph?g0.expr=up"
+    alert["annotations"]["runbook_url"] = "https://wiki:WikiSecret@wiki.example.com/runbooks/db"  # the rule's own
     grafana = {"status": "firing", "version": "1", "orgId": 1, "alerts": [dict(make_alert(name="FromGrafana"),
                dashboardURL="https://viewer:GrafPassw0rd@grafana.example.com/d/abc")]}
     svc = start()
@@ -5688,6 +5781,7 @@ def test_credentials_in_an_alerts_own_links_never_reach_slack_nor_the_disk(start
     sent = json.dumps([m.payload for m in slack.messages])
     assert "Passw0rd" not in sent and "prometheus.example.com:9090/graph" in sent
     assert "https://grafana.example.com/d/abc" in sent
+    assert "WikiSecret" not in sent and "https://wiki.example.com/runbooks/db" in sent
     stop(svc)
     assert not [f for f in tmp_path.iterdir() if f.is_file() and b"Passw0rd" in f.read_bytes()]
 
