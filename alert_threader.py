@@ -4216,6 +4216,7 @@ def copied(record: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
 FULL_REPLIES = 3  # up to this many alerts of a quiet thread are replies of their own; more share compact ones
 # A turn plans for the oldest PLAN_WINDOW alerts waiting (50 compact messages, at Slack's pace 50 s of posts):
 # a plan is made again after each message while alerts arrive, so its cost must not grow with the backlog.
+# With a STORM_THRESHOLD near it or above, the window is twice the threshold: a storm must fit in it to be seen.
 PLAN_WINDOW = 1000
 # A target (a thread, the digest, the channel's standalone resolves) that took BUSY_MESSAGES messages, or a
 # compact one, within BUSY_WINDOW is busy: its next alerts wait up to HOLD to share a compact message, until
@@ -4250,6 +4251,11 @@ class Rules:
     @property
     def card_every(self) -> float:
         return CARD_EVERY * self.pace
+
+    @property
+    def plan_window(self) -> int:
+        """How many of the oldest waiting alerts a turn plans for."""
+        return max(PLAN_WINDOW, 2 * (self.storm_threshold + 1))
 
 
 @dataclasses.dataclass
@@ -5269,7 +5275,7 @@ class Sender:
         wait = self.POLL if self.store.shared else 60.0
         if self.backlog:
             now = time.time()
-            window = list(itertools.islice(self.backlog.values(), PLAN_WINDOW))
+            window = list(itertools.islice(self.backlog.values(), self.rules.plan_window))
             plan = plan_sparing(window, self.records(window), self.channel, self.state, self.rules, now)
             self.cards.coming = plan.coming
             self.storm(plan.storm)

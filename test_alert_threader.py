@@ -3656,6 +3656,17 @@ def test_storm_of_2000_alerts_costs_about_a_hundred_calls_and_resolves_in_the_di
     assert len(slack.calls) < 210
 
 
+def test_a_storm_over_a_threshold_above_the_planning_window_is_still_one_digest(start, slack):
+    # A plan sees the oldest 1,000 alerts; with STORM_THRESHOLD at 1,500 it must see more, or 2,000 new
+    # alerts would never be more than the threshold and each would open a thread.
+    svc = start(STORM_THRESHOLD="1500")
+    svc.alert(webhook(*storm_alerts(2000)))
+    settled(svc)
+    tops = [m for m in slack.messages if m.thread_ts is None]
+    assert len(tops) == 1 and tops[0].payload["text"].startswith("🌩️ Alert storm: 2,000 alerts")
+    assert len(slack.messages) == 101
+
+
 def test_storm_interrupted_by_slack_is_finished_when_it_returns_without_repeating(start, slack):
     svc = start(DELIVERY_WAIT="0.5s")
     alerts = storm_alerts(300)

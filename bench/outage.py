@@ -2,7 +2,7 @@
 """Outage benchmark: Alertmanager's groups in a storm, against Slack's rate limits.
 
 Run:   python3 bench/outage.py              every case; the threader, and the baselines where they
-                                            tell something (about 14 minutes on 2 cores)
+                                            tell something (about 13 minutes on 2 cores)
        python3 bench/outage.py --quick      small cases, short caps: a smoke run (about 45 s)
        python3 bench/outage.py --only threader --case spread --keep /tmp/outage-logs
 
