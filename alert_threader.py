@@ -1004,6 +1004,8 @@ def store_settings(raw: RawSettings, environ: Dict[str, str]) -> Dict[str, Any]:
             raise ConfigError(f"THREAD_STORE_FILE: directory {directory} does not exist")
         if not os.access(directory, os.W_OK | os.X_OK):
             raise ConfigError(f"THREAD_STORE_FILE: directory {directory} is not writable")
+        for path in (store_file, f"{store_file}.journal"):
+            refuse_unless_file(path)
     redis_url = raw.redis_url()
     try:
         parts = urllib.parse.urlsplit(redis_url)
@@ -1018,6 +1020,22 @@ def store_settings(raw: RawSettings, environ: Dict[str, str]) -> Dict[str, Any]:
         raise ConfigError("REDIS_KEY_PREFIX must be non-empty without spaces or glob characters")
     return {"thread_store": store, "thread_store_file": os.path.abspath(store_file), "redis_url": redis_url,
             "redis_key_prefix": prefix}
+
+
+def refuse_unless_file(path: str) -> None:
+    """The store's files are replaced by rename: a directory, a symbolic link or a device in their place would
+    be replaced too, so the service refuses to start rather than touch what it did not create."""
+    if not os.path.lexists(path):
+        return
+    if os.path.islink(path):
+        problem = "is a symbolic link (a new snapshot would replace the link): name its target instead"
+    elif os.path.isdir(path):
+        problem = f"is a directory: name a file, e.g. {os.path.join(path, 'threads.json')}"
+    elif not os.path.isfile(path):
+        problem = "is not a regular file: name a new file"
+    else:
+        return
+    raise ConfigError(f"THREAD_STORE_FILE: {path} {problem} (nothing was changed)")
 
 
 def check_redis_url(url: str) -> None:
@@ -1832,6 +1850,7 @@ class ThreadStore:
 
 
 SLACK_TS = re.compile(r"[0-9]{1,15}\.[0-9]{1,9}")
+WRITTEN_HERE = re.compile(rb'\s*\{\s*"version"\s*:')  # how every snapshot this service writes begins
 
 
 def thread_record(value: Any) -> Optional[Dict[str, Any]]:
@@ -2050,29 +2069,35 @@ class StateReader:
         return threads, list(outbox.items())
 
     def snapshot(self) -> Tuple[Dict[str, Dict[str, Any]], List[Tuple[str, Any]]]:
-        """The threads and outbox entries in threads.json (none if it is missing or had to be moved aside)."""
+        """The threads and outbox entries in threads.json (none if it is missing or had to be moved aside).
+
+        Only a file this service (or the original) wrote is ever moved aside: any other file stops the start."""
         path = self.files.path
+        refuse_unless_file(path)
         try:
             with open(path, "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
             return {}, []
         except OSError as e:
-            self.files.move_aside(path, f"cannot be read ({e.strerror})")
-            return {}, []
+            raise ConfigError(f"THREAD_STORE_FILE: {path} cannot be read ({e.strerror}; nothing was changed)") from None
+        if not raw.strip():
+            return {}, []  # created empty (touch): nothing in it to keep
         try:
             document = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            if not WRITTEN_HERE.match(raw):
+                raise self.foreign(path, "it is not JSON") from None
             self.files.move_aside(path, f"is not valid JSON ({truncate(str(e), 120)})")
             return {}, []
         outbox: Any = []
-        if isinstance(document, dict) and isinstance(document.get("threads"), dict):
+        if isinstance(document, dict) and isinstance(document.get("threads"), dict) and "version" in document:
             epoch = document.get("epoch", 0)
             self.files.epoch = epoch if type(epoch) is int and epoch >= 0 else 0
             document, outbox = document["threads"], document.get("outbox", [])
-        if not isinstance(document, dict):
-            self.files.move_aside(path, "is not a JSON object of threads")
-            return {}, []
+        elif not isinstance(document, dict) or not all(isinstance(v, str) and SLACK_TS.fullmatch(v)
+                                                       for v in document.values()):
+            raise self.foreign(path, "its JSON is neither this service's snapshot nor the original's key -> ts")
         threads = self.threads(document)
         if not isinstance(outbox, list):
             self.files.set_aside(outbox, "the snapshot's outbox is not a list")
@@ -2080,6 +2105,11 @@ class StateReader:
         entries = [(item_id, entry) for item_id, entry in ((self._entry_id(e), e) for e in outbox) if item_id]
         self.files.snapshot_bytes = len(raw)
         return threads, entries
+
+    @staticmethod
+    def foreign(path: str, why: str) -> ConfigError:
+        return ConfigError(f"THREAD_STORE_FILE: {path} is not a thread-state file this service wrote ({why}); "
+                           "nothing was changed: name a new file, or move this one away yourself")
 
     def threads(self, document: Any) -> Dict[str, Dict[str, Any]]:
         """Validated records from a JSON object of them (or the seed's key -> ts); a malformed one is set aside
@@ -2098,14 +2128,14 @@ class StateReader:
     def changes(self) -> Iterator[Dict[str, Any]]:
         """The journal's changes since the snapshot, in order."""
         path = self.files.journal_path
+        refuse_unless_file(path)
         try:
             with open(path, "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
             return
         except OSError as e:
-            self.files.move_aside(path, f"cannot be read ({e.strerror})")
-            return
+            raise ConfigError(f"THREAD_STORE_FILE: {path} cannot be read ({e.strerror}; nothing was changed)") from None
         self.files.journal_bytes, lines = len(raw), raw.split(b"\n")
         applied = 0
         for number, line in enumerate(lines, 1):
@@ -6587,12 +6617,17 @@ class Service:
             reason = getattr(e, "strerror", None) or str(e)
             raise ConfigError(f"HOST/PORT: cannot listen on {config.host}:{config.port}: {reason}") from None
         self._state_lock: Optional[int] = None
+        lock_path = f"{config.thread_store_file}.lock"
+        new_lock = config.thread_store == "file" and not os.path.lexists(lock_path)
         try:
             if config.thread_store == "file":
                 self._state_lock = lock_state_file(config.thread_store_file)
             self.store = open_store(config, self.metrics)
         except ConfigError:
             self.server.server_close()
+            if new_lock and self._state_lock is not None:  # a refused start leaves nothing behind
+                with contextlib.suppress(OSError):
+                    os.unlink(lock_path)
             self._unlock_state()
             raise
         self.slack = make_slack(config, self.metrics)

@@ -1011,6 +1011,58 @@ def test_leftover_temporary_files_are_removed_at_start(start, slack, tmp_path):
     assert not leftover.exists()
 
 
+def listing(root: Path) -> Dict[str, bytes]:
+    """Every file under root (or root itself) with its content, and every directory, as a comparable dict."""
+    if root.is_file():
+        return {str(root): root.read_bytes()}
+    return {str(p): (p.read_bytes() if p.is_file() else b"<dir>") for p in sorted(root.rglob("*"))}
+
+
+def a_working_directory(d: Path) -> Path:
+    (d / "work").mkdir()
+    (d / "work" / "notes.txt").write_text("mine\n")
+    return d / "work"
+
+
+def a_text_file(d: Path) -> Path:
+    (d / "todo.txt").write_text("buy milk\n")
+    return d / "todo.txt"
+
+
+def another_json_file(d: Path) -> Path:
+    (d / "config.json").write_text('{"name": "app", "port": 8080}')
+    return d / "config.json"
+
+
+def a_symbolic_link(d: Path) -> Path:
+    (d / "real.json").write_text("{}")
+    os.symlink(d / "real.json", d / "link.json")
+    return d / "link.json"
+
+
+@pytest.mark.parametrize("make, why", [
+    (a_working_directory, "is a directory: name a file, e.g."),
+    (a_text_file, "is not a thread-state file this service wrote (it is not JSON)"),
+    (another_json_file, "is not a thread-state file this service wrote (its JSON is neither"),
+    (a_symbolic_link, "is a symbolic link"),
+])
+def test_a_thread_store_file_the_service_did_not_write_stops_the_start_and_is_left_untouched(tmp_path, make, why):
+    target = make(tmp_path)
+    before = listing(tmp_path)
+    result = run_cli(cwd=tmp_path, env={"THREAD_STORE_FILE": str(target), "PORT": "0"})
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.decode().splitlines() if "THREAD_STORE_FILE" in line]
+    assert len(errors) == 1 and why in errors[0] and "nothing was changed" in errors[0], result.stderr
+    assert listing(tmp_path) == before, "a file or directory was added, changed or moved"
+
+
+def test_an_empty_thread_store_file_is_an_empty_store(start, slack, tmp_path):
+    (tmp_path / "threads.json").write_text("")  # touch threads.json before the first start
+    svc = start()
+    svc.alert(webhook(make_alert()))
+    assert len(on_disk(tmp_path)) == 1 and "moved_aside" not in svc.get("/health").json()
+
+
 def test_seed_format_state_file_is_read(start, slack, tmp_path):
     key = "DatabaseDown|critical|database|prod-eu|production"
     (tmp_path / "threads.json").write_text(json.dumps({key: "1699999999.000100"}))
