@@ -22,7 +22,7 @@ readonly REDIS_DROPIN=/etc/redis/alert-threader.conf
 readonly REDIS_INCLUDE="include $REDIS_DROPIN"
 readonly REDIS_INCLUDE_COMMENT="# alert-threader: local Redis settings (install.sh)"
 # Order of the variables in a freshly written settings file.
-readonly ENV_ORDER=(SLACK_BOT_TOKEN SLACK_CHANNEL ENVIRONMENT THREAD_STORE REDIS_URL WEBHOOK_TOKEN PORT
+readonly ENV_ORDER=(SLACK_BOT_TOKEN SLACK_CHANNEL ENVIRONMENT THREAD_STORE REDIS_URL WEBHOOK_TOKEN HOST PORT
     SLACK_SIGNING_SECRET ALERTMANAGER_URL ALERTMANAGER_AUTH)
 
 # Options; empty means "not given".
@@ -38,6 +38,7 @@ OPT_WEBHOOK=""          # generate | none | (empty: ask, or keep)
 OPT_LOCAL_REDIS=0
 OPT_REDIS_URL=""
 OPT_PORT=""
+OPT_HOST=""
 OPT_SIGNING_SECRET_FILE=""
 OPT_ALERTMANAGER_URL=""
 OPT_ALERTMANAGER_AUTH_FILE=""
@@ -84,6 +85,9 @@ Settings:
                               on localhost only, persistent, never evicting
                               keys (implies --store redis)
   --port N                    listen port (default: 9009)
+  --host ADDRESS              listen address (default: 0.0.0.0, every IPv4
+                              address); e.g. 127.0.0.1 behind a local proxy or
+                              an Alertmanager on this machine, :: for IPv6 too
 
 Silence and Ack from Slack (optional; README: "Silence and Ack from Slack"):
   --signing-secret-file PATH  the Slack app's signing secret (Basic Information
@@ -148,7 +152,7 @@ parse_args() {
         fi
         case $flag in
             --store | --token-file | --slack-token-file | --slack-bot-token-file | --channel | --environment | \
-                --webhook-token-file | --redis-url | --port | --root | --signing-secret-file | \
+                --webhook-token-file | --redis-url | --port | --host | --root | --signing-secret-file | \
                 --alertmanager-url | --alertmanager-auth-file)
                 if ((!has_value)); then
                     (($# >= 2)) || die "$flag needs a value (see --help)"
@@ -178,6 +182,7 @@ parse_args() {
             --local-redis) OPT_LOCAL_REDIS=1 ;;
             --redis-url) OPT_REDIS_URL=$value ;;
             --port) OPT_PORT=$value ;;
+            --host) OPT_HOST=$value ;;
             --signing-secret-file) OPT_SIGNING_SECRET_FILE=$value ;;
             --alertmanager-url) OPT_ALERTMANAGER_URL=$value ;;
             --alertmanager-auth-file) OPT_ALERTMANAGER_AUTH_FILE=$value ;;
@@ -212,6 +217,8 @@ valid_signing_secret() { [[ $1 =~ ^[A-Za-z0-9]{16,128}$ ]]; }
 valid_http_url() { [[ $1 =~ ^https?://[A-Za-z0-9._~%!*+,:@/?\&=-]+$ ]]; }
 valid_alertmanager_auth() { [[ $1 =~ ^(Bearer\ [A-Za-z0-9._~+/=-]{8,4096}|[A-Za-z0-9._~+-]+:[A-Za-z0-9._~+/=!@%^*,:-]+)$ ]]; }
 valid_port() { [[ $1 =~ ^[0-9]{1,5}$ ]] && ((10#$1 >= 1 && 10#$1 <= 65535)); }
+# An IPv4 or IPv6 address or a host name, as the service's HOST takes it (no brackets, spaces or quotes).
+valid_host() { [[ $1 =~ ^[0-9A-Za-z][0-9A-Za-z.:%_-]{0,252}$ || $1 =~ ^::[0-9A-Fa-f.:]*$ ]]; }
 
 validate_options() {
     ((OPT_PURGE && !OPT_UNINSTALL)) && die "--purge only goes with --uninstall"
@@ -240,6 +247,9 @@ validate_options() {
     fi
     if [[ -n $OPT_ENVIRONMENT ]] && ! valid_environment "$OPT_ENVIRONMENT"; then
         die "--environment may hold letters, digits, '.', '_' and '-' only (no spaces or '|'), not '$OPT_ENVIRONMENT'"
+    fi
+    if [[ -n $OPT_HOST ]] && ! valid_host "$OPT_HOST"; then
+        die "--host must be an IP address (like 127.0.0.1 or ::) or a host name, without brackets, not '$OPT_HOST'"
     fi
     if [[ -n $OPT_PORT ]]; then
         valid_port "$OPT_PORT" || die "--port must be a number from 1 to 65535, not '$OPT_PORT'"
@@ -389,6 +399,7 @@ gather_settings() {
     [[ -n $OPT_CHANNEL ]] && NEW[SLACK_CHANNEL]=$OPT_CHANNEL
     [[ -n $OPT_ENVIRONMENT ]] && NEW[ENVIRONMENT]=$OPT_ENVIRONMENT
     [[ -n $OPT_PORT ]] && NEW[PORT]=$OPT_PORT
+    [[ -n $OPT_HOST ]] && NEW[HOST]=$OPT_HOST
     [[ -n $OPT_TOKEN_FILE ]] && NEW[SLACK_BOT_TOKEN]=$SLACK_TOKEN
     [[ -n $OPT_REDIS_URL ]] && NEW[REDIS_URL]=$OPT_REDIS_URL
     [[ -n $OPT_SIGNING_SECRET_FILE ]] && NEW[SLACK_SIGNING_SECRET]=$SIGNING_SECRET
@@ -820,9 +831,14 @@ print_next_steps() {
     local port host token_note store
     port=$(effective PORT "$DEFAULT_PORT")
     store=$(effective THREAD_STORE file)
-    # uname, not hostname -f: no DNS lookup just to print an example.
-    host=$(uname -n)
-    [[ $host =~ ^[A-Za-z0-9.-]+$ ]] || host=this-host
+    case $(effective HOST 0.0.0.0) in
+        "" | 0.0.0.0 | :: | "[::]")
+            # uname, not hostname -f: no DNS lookup just to print an example.
+            host=$(uname -n)
+            [[ $host =~ ^[A-Za-z0-9.-]+$ ]] || host=this-host
+            ;;
+        *) host=$(health_address) ;;  # it listens there only
+    esac
     local env_path=/etc/alert-threader/alert-threader.env
     step "Done: alert-threader (store=$store, port=$port)"
     if [[ -z $(effective SLACK_BOT_TOKEN) ]]; then

@@ -2209,6 +2209,24 @@ def test_install_writes_layout_modes_and_settings(installed):
     assert "would check GET http://127.0.0.1:9100/health" in result.stdout
 
 
+def test_install_host_sets_the_listen_address_and_an_upgrade_keeps_it(tmp_path, token_files):
+    root = tmp_path / "root"
+    slack, _ = token_files
+    first = run_install(root, "--yes", "--token-file", str(slack), "--channel", "C0123456789", "--host", "127.0.0.1")
+    assert first.returncode == 0, first.stderr
+    env_file = root / "etc/alert-threader/alert-threader.env"
+    assert read_env(env_file)["HOST"] == "127.0.0.1"
+    assert load_service_config(env_file, tmp_path).host == "127.0.0.1"
+    assert "would check GET http://127.0.0.1:9009/health" in first.stdout
+    assert "- url: http://127.0.0.1:9009/alert" in first.stdout, "the receiver names where it listens"
+    upgrade = run_install(root, "--yes")
+    assert upgrade.returncode == 0, upgrade.stderr
+    assert read_env(env_file)["HOST"] == "127.0.0.1"
+    ipv6 = run_install(root, "--yes", "--host", "::1")
+    assert ipv6.returncode == 0, ipv6.stderr
+    assert read_env(env_file)["HOST"] == "::1" and "would check GET http://[::1]:9009/health" in ipv6.stdout
+
+
 def test_secrets_never_reach_the_output(installed):
     _, result = installed
     output = result.stdout + result.stderr
@@ -2434,6 +2452,9 @@ def test_uninstall_purge_removes_the_state(installed):
     (["--port", "0"], "--port must be a number from 1 to 65535"),
     (["--port", "65536"], "--port must be a number from 1 to 65535"),
     (["--port", "90a"], "--port must be a number from 1 to 65535"),
+    (["--host", "0.0.0.0 8080"], "--host must be an IP address"),
+    (["--host", "[::1]"], "--host must be an IP address"),
+    (["--host", "h$(touch /tmp/x)"], "--host must be an IP address"),
     (["--redis-url", "redis://h:6379/0\nSLACK_BOT_TOKEN=x"], "--redis-url must look like"),
     (["--store", "file", "--local-redis"], "need --store redis"),
     (["--token", INSTALL_SLACK_TOKEN], "lands in shell history"),
@@ -2516,7 +2537,7 @@ def test_help_lists_every_flag():
     assert result.returncode == 0
     for flag in ("--yes", "--store", "--token-file", "--slack-token-file", "--channel", "--environment",
                  "--webhook-token-file", "--generate-webhook-token", "--no-webhook-token", "--local-redis",
-                 "--redis-url", "--port", "--root", "--uninstall", "--purge", "--help"):
+                 "--redis-url", "--port", "--host", "--root", "--uninstall", "--purge", "--help"):
         assert flag in result.stdout
 
 
