@@ -6865,8 +6865,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging(config)
     try:
         service = start_service(config)
-    except ConfigError as e:
-        log.error("%s", e)
+    except ConfigError as e:  # in the same one-line form as a setting refused before the start
+        print(f"alert-threader: {redact(str(e), config.secrets())}", file=sys.stderr)
         return 2
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

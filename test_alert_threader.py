@@ -1051,8 +1051,9 @@ def test_a_thread_store_file_the_service_did_not_write_stops_the_start_and_is_le
     before = listing(tmp_path)
     result = run_cli(cwd=tmp_path, env={"THREAD_STORE_FILE": str(target), "PORT": "0"})
     assert result.returncode == 2
-    errors = [line for line in result.stderr.decode().splitlines() if "THREAD_STORE_FILE" in line]
-    assert len(errors) == 1 and why in errors[0] and "nothing was changed" in errors[0], result.stderr
+    [error] = result.stderr.decode().splitlines()
+    assert error.startswith(f"alert-threader: THREAD_STORE_FILE: {target} ") and why in error, error
+    assert "nothing was changed" in error
     assert listing(tmp_path) == before, "a file or directory was added, changed or moved"
 
 
@@ -6165,10 +6166,12 @@ def test_a_second_instance_stops_before_touching_the_running_ones_state(start, s
     env = {"THREAD_STORE_FILE": str(tmp_path / "threads.json"), "HOST": "127.0.0.1"}
     same_port = run_cli("--port", str(svc.port), cwd=tmp_path, env=env)
     assert same_port.returncode == 2
-    assert "HOST/PORT: cannot listen on 127.0.0.1:%d" % svc.port in same_port.stderr.decode()
+    assert same_port.stderr.decode().splitlines() == [
+        "alert-threader: HOST/PORT: cannot listen on 127.0.0.1:%d: Address already in use" % svc.port]
     other_port = run_cli("--port", "0", cwd=tmp_path, env=env)
     assert other_port.returncode == 2
-    assert "is in use by another running alert-threader" in other_port.stderr.decode()
+    assert other_port.stderr.decode().splitlines() == [
+        f"alert-threader: THREAD_STORE_FILE: {tmp_path / 'threads.json'} is in use by another running alert-threader"]
     assert state_bytes(tmp_path) == before
     stop(svc)
     svc = start()  # the lock goes with the service that held it
