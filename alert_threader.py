@@ -743,6 +743,8 @@ def default_store_file(environ: Dict[str, str]) -> str:
 SETTINGS: Tuple[Tuple[str, Optional[str], str], ...] = (
     ("SLACK_BOT_TOKEN", None, "Slack bot token (xoxb-...); none means dry-run mode"),
     ("SLACK_BOT_TOKEN_FILE", None, "read the Slack bot token from this file"),
+    ("DRY_RUN", "false", "true: post nothing, log each payload and show it on /preview, unpaced (a token is still "
+                         "checked at start); without a token the service always runs dry"),
     ("SLACK_CHANNEL", None, "default Slack channel ID (C0123456789)"),
     ("SLACK_CHANNELS", None, "comma-separated channels allowed for ?channel= (default: SLACK_CHANNEL)"),
     ("ENVIRONMENT", "production", "shown in messages and part of the thread key"),
@@ -839,9 +841,11 @@ class Config:
     log_level: str = "info"
     log_format: str = "text"
 
+    dry_run_asked: bool = False  # DRY_RUN=true: post nothing, even with a token
+
     @property
     def dry_run(self) -> bool:
-        return not self.slack_bot_token
+        return self.dry_run_asked or not self.slack_bot_token
 
     @property
     def interactive(self) -> bool:
@@ -1151,8 +1155,11 @@ def load_config(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
     if not environment or "|" in environment or not environment.isprintable():
         raise ConfigError("ENVIRONMENT must be a non-empty printable name without '|'")
     slack_timeout = raw.number("SLACK_TIMEOUT", 0.1, 300)
+    dry_run = raw.text("DRY_RUN").strip().lower()
+    if dry_run not in ("true", "false", "1", "0", "yes", "no", "on", "off", ""):
+        raise ConfigError(f"DRY_RUN={truncate(dry_run, 20)!r} must be true or false")
     return Config(
-        slack_bot_token=token, slack_channel=channel, slack_channels=channels, environment=environment,
+        dry_run_asked=dry_run in ("true", "1", "yes", "on"), slack_bot_token=token, slack_channel=channel, slack_channels=channels, environment=environment,
         host=raw.text("HOST"), port=raw.number("PORT", 0, 65535, integer=True), webhook_token=webhook_token,
         slack_signing_secret=signing_secret, alertmanager_auth=alertmanager_auth(raw),
         reopen_window=raw.number("REOPEN_WINDOW", 0, 30 * 86400),
@@ -3328,6 +3335,8 @@ class SlackError(ThreaderError):
 class SlackAPI:
     """Calls Slack's Web API; keeps the recent calls for /preview."""
 
+    SUCCESS = "ok"  # the result a call that went through counts as
+
     def __init__(self, metrics: Metrics, keep: Optional[int] = 300) -> None:
         self.metrics = metrics
         # (time, method, the JSON body sent, the answer's ts): bytes, not dicts, so that
@@ -3344,7 +3353,7 @@ class SlackAPI:
             raise
         finally:
             self.metrics.observe("alert_threader_slack_request_duration_seconds", time.monotonic() - start)
-        self.metrics.inc("alert_threader_slack_requests_total", method=method, result="ok")
+        self.metrics.inc("alert_threader_slack_requests_total", method=method, result=self.SUCCESS)
         self.recent.append((time.time(), method, body, str(response.get("ts", ""))))
         return response
 
@@ -3358,6 +3367,8 @@ class SlackAPI:
 
 class DryRunSlack(SlackAPI):
     """Logs what would be sent and answers like Slack would, with a ts of the moment it was sent."""
+
+    SUCCESS = "dry_run"  # never counted as a call Slack took
 
     def __init__(self, metrics: Metrics, quiet: bool = False, keep: Optional[int] = 300) -> None:
         super().__init__(metrics, keep)
@@ -5585,6 +5596,8 @@ class Delivery:
     def __init__(self, config: Config, store: ThreadStore, slack: SlackAPI, metrics: Metrics,
                  threaded: bool = True) -> None:
         self.stopping = threading.Event()
+        if config.dry_run:  # nothing reaches Slack: nothing to pace
+            config = dataclasses.replace(config, slack_pace=0)
         self.poster = Poster(slack, store, metrics, config.slack_pace, self.stopping)
         self.executor = Executor(config, store, self.poster, metrics)
         self.senders = Senders(config, store, self.executor, self.stopping, threaded)
@@ -6184,8 +6197,10 @@ class App:
             "refused": int(value("alert_threader_alerts_refused_total")),
             "dropped": int(value("alert_threader_alerts_dropped_total")),
             "slack": {"calls_ok": int(value("alert_threader_slack_requests_total", result="ok")),
+                      "calls_dry_run": int(value("alert_threader_slack_requests_total", result="dry_run")),
                       "calls_failed": int(value("alert_threader_slack_requests_total")
-                                          - value("alert_threader_slack_requests_total", result="ok")),
+                                          - value("alert_threader_slack_requests_total", result="ok")
+                                          - value("alert_threader_slack_requests_total", result="dry_run")),
                       "fallbacks": int(value("alert_threader_slack_fallbacks_total")),
                       "rate_limit_wait_seconds": value("alert_threader_slack_rate_limit_wait_seconds_total")},
             "webhooks": {code: int(n) for code, n in self.metrics.by_label("alert_threader_webhooks_total",
@@ -6718,8 +6733,47 @@ class Service:
             self._state_lock = None
 
 
+TOKEN_REFUSED = frozenset({"invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired"})
+
+
+def check_slack_at_start(config: Config) -> None:
+    """Ask Slack, once, whether the token works and the bot is in SLACK_CHANNEL. A token Slack refuses stops
+    the start (ConfigError); a Slack out of reach does not: the alerts wait in the outbox for it."""
+    if not config.slack_bot_token:
+        return
+    client = SlackClient(config.slack_api_url, config.slack_bot_token, min(config.slack_timeout, 5.0), Metrics())
+    try:
+        identity = client.call("auth.test", {})
+    except SlackError as e:
+        if e.error in TOKEN_REFUSED:
+            raise ConfigError(f"SLACK_BOT_TOKEN: Slack refuses it ({e.error}): {e.hint}") from None
+        log_event(logging.WARNING, "cannot check the Slack token now; starting anyway, the alerts wait in the "
+                  "outbox until Slack answers", error=e.error, fix=e.hint)
+        return
+    bot = str(identity.get("user") or "the bot")[:80]
+    log_event(logging.INFO, "Slack token works", team=str(identity.get("team"))[:80], bot=bot)
+    if not config.slack_bot_token.startswith("xoxb-"):
+        log_event(logging.WARNING, "SLACK_BOT_TOKEN is not a bot token (xoxb-): messages would be posted as the "
+                  "person it belongs to; use the app's Bot User OAuth Token")
+    channel = config.slack_channel or ""
+    try:  # a read method: its argument goes in the query string
+        info = client.call("conversations.info?channel=" + urllib.parse.quote(channel), {})
+    except SlackError as e:
+        if e.error == "channel_not_found":
+            log_event(logging.WARNING, f"SLACK_CHANNEL {channel} is not visible to {bot}: invite it (/invite "
+                      f"@{bot}) if it is a private channel, or check the channel ID")
+        elif e.error == "missing_scope":
+            log_event(logging.INFO, f"cannot tell whether {bot} is in SLACK_CHANNEL {channel} (the token lacks "
+                      "channels:read); if not, the first alert's error says how to fix it")
+        return
+    if isinstance(info.get("channel"), dict) and info["channel"].get("is_member") is False:
+        log_event(logging.WARNING, f"{bot} is not a member of SLACK_CHANNEL {channel}: invite it with /invite "
+                  f"@{bot} in the channel, or its posts will fail (not_in_channel)")
+
+
 def start_service(config: Config) -> Service:
     """Build and start the service exactly as main does (tests use this with PORT=0)."""
+    check_slack_at_start(config)
     service = Service(config)  # the port is bound: what connects now waits for start()
     where = ({"file": config.thread_store_file} if config.thread_store == "file"
              else {"redis": redact_url(config.redis_url)})
@@ -6742,7 +6796,8 @@ def start_service(config: Config) -> Service:
         log_event(logging.INFO, "Silence and Ack from Slack are on: POST /slack/actions takes Slack's signed "
                   "requests", alertmanager=config.alertmanager_url)
     if config.dry_run:
-        log_event(logging.WARNING, "DRY-RUN: no SLACK_BOT_TOKEN is set, so nothing is posted to Slack; "
+        why = "DRY_RUN is set" if config.slack_bot_token else "no SLACK_BOT_TOKEN is set"
+        log_event(logging.WARNING, f"DRY-RUN: {why}, so nothing is posted to Slack; "
                   f"every payload is logged and shown on {service.url}/preview")
     return service.start()
 

@@ -11,6 +11,7 @@ shellcheck or systemd-analyze skip on a laptop without them, and fail in CI
 
 import base64
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import errno
@@ -157,6 +158,8 @@ class FakeSlack:
 
     def __init__(self, tls: Any = None) -> None:
         self.calls: List[Call] = []
+        self.checks: List[Call] = []  # auth.test and conversations.info: the service's checks, not alerts' calls
+        self.members = True  # conversations.info: is the bot in the channel
         self.lock = threading.Lock()
         self.scripts: Dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self.always: Dict[str, Dict[str, Any]] = {}
@@ -175,11 +178,13 @@ class FakeSlack:
                 pass
 
             def do_POST(self) -> None:
-                method = self.path.rsplit("/", 1)[-1]
+                path, _, query = self.path.partition("?")
+                method = path.rsplit("/", 1)[-1]
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                call = Call(method, dict(self.headers), json.loads(body or b"{}"))
+                call = Call(method, dict(self.headers), {**json.loads(body or b"{}"),
+                                                         **dict(urllib.parse.parse_qsl(query))})
                 with fake.lock:
-                    fake.calls.append(call)
+                    (fake.checks if method in ("auth.test", "conversations.info") else fake.calls).append(call)
                     answer = fake.scripts[method].popleft() if fake.scripts[method] else fake.always.get(method)
                     wait = fake.over_limit(call)
                 if wait:
@@ -224,6 +229,9 @@ class FakeSlack:
                     call.accepted, call.ts = True, ts
                 if method == "auth.test":
                     return self.reply(200, {"ok": True, "team": "Test Team", "user": "threader"})
+                if method == "conversations.info":
+                    return self.reply(200, {"ok": True, "channel": {"id": call.payload.get("channel"),
+                                                                    "is_member": fake.members}})
                 if answer.get("chunked"):
                     return self.reply_chunked({"ok": True, "ts": ts, "channel": call.payload.get("channel")})
                 headers = {"Connection": "close"} if answer.get("close_header") else {}
@@ -1224,7 +1232,7 @@ def test_a_message_slack_refuses_for_good_is_dropped_named_in_the_log_and_the_ch
 def test_a_message_dropped_while_the_disk_is_full_is_dropped_once(start, slack, monkeypatch):
     """Slack refuses a message for good while the store cannot record that: once it can, the drop is recorded,
     and the alerts are not offered to Slack, and dropped, a second time."""
-    svc = start(DELIVERY_WAIT="0.2s")
+    svc = start(DELIVERY_WAIT="0.2s", SLACK_TIMEOUT="5s")  # the refusal held back 1 s is an answer, not a timeout
     slack.fail("chat.postMessage", {"error": "some_new_refusal"}, {"error": "some_new_refusal", "sleep": 1.0})
     svc.alert(webhook(make_alert(name="NeverTaken")))
     wait_for(lambda: len(slack.calls) == 2, what="the plain-text try")
@@ -4823,13 +4831,77 @@ def test_render_refuses_a_bad_file(tmp_path):
     assert run_cli("render", cwd=tmp_path).returncode == 2
 
 
+def test_start_asks_slack_whether_the_token_works_and_the_bot_is_in_the_channel(start, slack):
+    svc = start()
+    assert [(c.method, c.payload.get("channel")) for c in slack.checks] == [
+        ("auth.test", None), ("conversations.info", "C0ALERTS")]
+    assert 'Slack token works team="Test Team" bot=threader' in svc.log.getvalue()
+    assert "not a member" not in svc.log.getvalue() and not slack.calls, "a check is no alert's call"
+    slack.members = False
+    outside = start()
+    assert ("WARNING threader is not a member of SLACK_CHANNEL C0ALERTS: invite it with /invite @threader"
+            in outside.log.getvalue())
+
+
+@pytest.mark.parametrize("error", ["invalid_auth", "not_authed", "account_inactive"])
+def test_a_token_slack_refuses_stops_the_start_with_the_fix(slack, tmp_path, error):
+    slack.fail("auth.test", {"error": error})
+    env = {"SLACK_BOT_TOKEN": SLACK_TOKEN, "SLACK_CHANNEL": "C0ALERTS", "SLACK_API_URL": slack.url, "PORT": "0"}
+    result = run_cli(cwd=tmp_path, env=env)
+    assert result.returncode == 2
+    assert result.stderr.decode().splitlines() == [
+        f"alert-threader: SLACK_BOT_TOKEN: Slack refuses it ({error}): {at.CONFIGURATION_ERRORS[error]}"]
+    assert not (tmp_path / "threads.json").exists() and SLACK_TOKEN not in result.stderr.decode()
+
+
+def test_a_slack_out_of_reach_at_start_is_a_warning_and_the_service_starts(start, tmp_path):
+    svc = start(SLACK_API_URL=f"http://127.0.0.1:{free_port()}/api/", DELIVERY_WAIT="0.5s")
+    assert "WARNING cannot check the Slack token now; starting anyway" in svc.log.getvalue()
+    answer = svc.alert(webhook(make_alert()))
+    assert answer.status == 200 and answer.json()["results"][0]["action"] == "queued"
+
+
+def test_a_user_token_is_named_at_start(start, slack):
+    svc = start(SLACK_BOT_TOKEN="xoxp-1234-5678-abcdefabcdef")
+    assert "SLACK_BOT_TOKEN is not a bot token (xoxb-)" in svc.log.getvalue()
+
+
+def test_dry_run_with_a_token_checks_it_posts_nothing_paces_nothing_and_counts_no_slack_success(start, slack):
+    svc = start(DRY_RUN="true", SLACK_PACE="1s", DELIVERY_WAIT="2s")
+    assert [c.method for c in slack.checks] == ["auth.test", "conversations.info"]
+    assert "DRY-RUN: DRY_RUN is set, so nothing is posted to Slack" in svc.log.getvalue()
+    # Eight new threads at once: paced, the sixth and later would wait past DELIVERY_WAIT and be "queued".
+    barrier = threading.Barrier(8)
+
+    def send(i: int) -> Any:
+        barrier.wait()
+        return svc.alert(webhook(make_alert(name=f"DryRun{i}"))).json()
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(send, range(8)))
+    assert [a["results"][0]["action"] for a in answers] == ["posted"] * 8
+    assert not slack.calls, "nothing reaches Slack"
+    stats = svc.get("/stats").json()["slack"]
+    assert stats["calls_ok"] == 0 and stats["calls_dry_run"] >= 8 and stats["calls_failed"] == 0
+    metrics = svc.get("/metrics").text
+    assert 'alert_threader_slack_requests_total{method="chat.postMessage",result="dry_run"}' in metrics
+    assert 'result="ok"' not in metrics
+    assert svc.get("/health").json()["slack_status"] == "dry-run"
+
+
+def test_dry_run_must_be_true_or_false(tmp_path):
+    result = run_cli(cwd=tmp_path, env={"DRY_RUN": "maybe"})
+    assert result.returncode == 2 and result.stderr.decode().splitlines() == [
+        "alert-threader: DRY_RUN='maybe' must be true or false"]
+
+
 def test_check_asks_slack_whether_the_token_works(slack, tmp_path):
     env = {"SLACK_BOT_TOKEN": SLACK_TOKEN, "SLACK_CHANNEL": "C0ALERTS", "SLACK_API_URL": slack.url}
     ok = run_cli("check", cwd=tmp_path, env=env)
     assert ok.returncode == 0, ok.stdout
     assert "slack: OK: the token works (team Test Team, bot user threader)" in ok.stdout.decode()
     assert "Not checked: that the bot may post in C0ALERTS" in ok.stdout.decode()
-    assert [c.method for c in slack.calls] == ["auth.test"]
+    assert [c.method for c in slack.checks] == ["auth.test"] and not slack.calls
     slack.fail("auth.test", {"error": "invalid_auth"})
     bad = run_cli("check", cwd=tmp_path, env=env)
     assert bad.returncode == 1
