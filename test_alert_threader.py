@@ -4831,14 +4831,14 @@ def test_render_refuses_a_bad_file(tmp_path):
     assert run_cli("render", cwd=tmp_path).returncode == 2
 
 
-def test_start_asks_slack_whether_the_token_works_and_the_bot_is_in_the_channel(start, slack):
+def test_start_asks_slack_whether_the_token_works_and_the_bot_is_in_the_channel(start, slack, tmp_path):
     svc = start()
     assert [(c.method, c.payload.get("channel")) for c in slack.checks] == [
         ("auth.test", None), ("conversations.info", "C0ALERTS")]
     assert 'Slack token works team="Test Team" bot=threader' in svc.log.getvalue()
     assert "not a member" not in svc.log.getvalue() and not slack.calls, "a check is no alert's call"
     slack.members = False
-    outside = start()
+    outside = start(THREAD_STORE_FILE=str(tmp_path / "other.json"))
     assert ("WARNING threader is not a member of SLACK_CHANNEL C0ALERTS: invite it with /invite @threader"
             in outside.log.getvalue())
 
