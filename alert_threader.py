@@ -33,6 +33,7 @@ import bisect
 import contextlib
 import dataclasses
 import email.errors
+import errno
 import fcntl
 import functools
 import hashlib
@@ -2256,11 +2257,16 @@ class GroupCommit:
     outgrows the snapshot (or FOLD_BYTES, on a small store) it is folded, so
     that neither grows beyond about the state they hold. A write that fails
     raises StoreError and keeps its lines, for the next commit to write; a
-    fold that fails (a disk with room for lines, not for a whole snapshot) is
-    tried again FOLD_RETRY later, the journal taking the lines meanwhile."""
+    fold that fails is tried again FOLD_RETRY later (or as soon as there is
+    room for it), the journal taking the lines meanwhile. The journal never
+    takes the room its fold needs: an append that would leave less free than
+    the snapshot and journal together fails as a full disk does, and a
+    webhook is refused while RESERVE more is not free, so that what Slack
+    takes can always be recorded."""
 
     FOLD_BYTES = 16384
     FOLD_RETRY = 30.0
+    RESERVE = 131072  # room only the sender's records may use: a webhook is refused (503) before it is taken
 
     def __init__(self, files: StateFiles, lock: threading.Lock,
                  snapshot: Callable[[], Tuple[List[str], List[str]]], count: Callable[..., None]) -> None:
@@ -2301,6 +2307,21 @@ class GroupCommit:
                 log_event(logging.INFO, "thread store written again", file=self.files.path)
             self.write_error = None
 
+    def room(self, size: int, reserve: int = 0) -> None:
+        """OSError (ENOSPC) unless `size` more bytes of journal, and `reserve`, leave room for a fold."""
+        try:
+            disk = os.statvfs(os.path.dirname(self.files.path) or ".")
+        except OSError:
+            return
+        if not disk.f_blocks:
+            return  # a file system that does not tell its size
+        free = disk.f_bavail * disk.f_frsize
+        needs = self.files.snapshot_bytes + self.files.journal_bytes + 2 * size + reserve
+        if free < needs:
+            raise OSError(errno.ENOSPC, f"{free // 1024:,} KB free; the journal may grow only while a new "
+                                        f"snapshot fits beside it: free at least {needs // 1024 + 1:,} KB in "
+                                        f"{os.path.dirname(self.files.path) or '.'}")
+
     def _write_locked(self) -> int:
         """Fold, when due and possible, else append the pending lines; returns the version now durable."""
         due = self.files.journal_bytes > max(self.files.snapshot_bytes, self.FOLD_BYTES)
@@ -2316,7 +2337,14 @@ class GroupCommit:
                           needs_free_kb=(self.files.snapshot_bytes + self.files.journal_bytes) // 1024 + 1)
         with self._lock:
             version, lines = self._version, list(self._pending)
-        self.files.append(("\n".join(lines) + "\n").encode() if lines else b"")
+        data = ("\n".join(lines) + "\n").encode() if lines else b""
+        try:
+            self.room(len(data))
+        except OSError:
+            if not due:
+                raise
+            return self._fold_locked()  # the room kept for the fold is there: fold now, not FOLD_RETRY later
+        self.files.append(data)
         self._count("append")
         with self._lock:
             del self._pending[:len(lines)]
@@ -2372,6 +2400,7 @@ class FileStore(ThreadStore):
     not the whole store. With path None the store is memory-only."""
 
     name = "file"
+    RECORD_ROOM = 32768  # room to record one message (twice that must be free beyond the fold's before a post)
 
     def __init__(self, path: Optional[str], metrics: Metrics, retention: float = 86400.0,
                  lock_timeout: float = 60.0, read_only: bool = False) -> None:
@@ -2386,6 +2415,7 @@ class FileStore(ThreadStore):
         self._summary: Dict[str, Tuple[str, Any]] = {}
         self.outbox = OutboxMemory()
         self._generation = 0
+        self.room_short: Optional[Tuple[float, str]] = None  # when a webhook was last refused to keep room
         self.journal = GroupCommit(self.files, self._lock, lambda: (list(self._fragments.values()),
                                                                     self.outbox.texts()), self._count) \
             if self.files else None
@@ -2459,6 +2489,15 @@ class FileStore(ThreadStore):
                                  f"would pass OUTBOX_LIMIT ({limit:,})")
             added = [self.outbox.add(item) for item in items]
             texts = [text for _, text in added if text is not None]
+            if texts and self.journal is not None:
+                try:
+                    self.journal.room(sum(map(len, texts)), self.journal.RESERVE)
+                except OSError as e:
+                    for item_id, text in added:
+                        if text is not None:
+                            self.outbox.take(item_id)
+                    self.room_short = (time.monotonic(), e.strerror)
+                    raise StoreError(f"the disk is nearly full: {e.strerror}") from None
             version = self._change('{"enq":[' + ",".join(texts) + "]}" if texts else None)
         self._commit(version)  # also when every item joined one waiting: that one must be durable too
         return [(item_id, text is None) for item_id, text in added]
@@ -2490,6 +2529,11 @@ class FileStore(ThreadStore):
 
     def ready(self) -> None:
         self.flush()
+        if self.journal is not None:  # room to record a message (a thread of many alerts) once Slack takes it
+            try:
+                self.journal.room(self.RECORD_ROOM)
+            except OSError as e:
+                raise StoreError(f"the disk is full: {e.strerror}") from None
 
     def flush(self) -> None:
         if self.journal is not None:
@@ -2541,6 +2585,8 @@ class FileStore(ThreadStore):
         with contextlib.suppress(StoreError):
             self.flush()  # a disk that has recovered shows so at once
         error = self.write_error
+        if error is None and self.room_short and time.monotonic() - self.room_short[0] < 10:
+            error = f"webhooks are refused (503): {self.room_short[1]}"
         status: Dict[str, Any] = {"ok": error is None, "file_status": "ok" if error is None else "write failing"}
         if error:
             status["store_error"] = error

@@ -935,6 +935,60 @@ def test_a_disk_with_room_for_lines_but_not_for_a_snapshot_takes_writes_again(tm
     store.close()
 
 
+def small_disk(monkeypatch: Any, directory: Path, capacity: List[int]) -> None:
+    """The store's directory as a disk of capacity[0] bytes, for the free space the store asks statvfs for (the
+    writes themselves are not limited: what is tested is that the store stops before the disk would be full)."""
+    real = os.statvfs
+
+    def statvfs(path: Any) -> os.statvfs_result:
+        disk = real(path)
+        used = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+        free = max(0, capacity[0] - used) // 4096
+        return os.statvfs_result((4096, 4096, capacity[0] // 4096, free, free) + tuple(disk)[5:])
+
+    monkeypatch.setattr(at.os, "statvfs", statvfs)
+
+
+def test_the_journal_never_takes_the_room_its_fold_needs_and_webhooks_stop_before_the_senders_records(
+        tmp_path, monkeypatch):
+    capacity = [600_000]
+    small_disk(monkeypatch, tmp_path, capacity)
+    store = at.FileStore(str(tmp_path / "threads.json"), at.Metrics())
+    taken = []
+    with pytest.raises(at.StoreError, match="the disk is nearly full: .* free at least"):
+        for n in range(100_000):
+            [(item_id, _)] = store.enqueue([outbox_item_of(f"Filling{n}")], limit=1_000_000)
+            taken.append(item_id)
+    assert len(taken) > 100 and store.health()["ok"] is False  # refused: /health says why
+    assert "webhooks are refused (503)" in store.health()["store_error"]
+    used = sum(f.stat().st_size for f in tmp_path.iterdir())
+    assert used + store.files.snapshot_bytes + store.files.journal_bytes <= capacity[0], "a fold still fits"
+    store.ready()  # the sender may still post: what Slack takes can be recorded in the reserve
+    for item_id in taken[:50]:
+        store.complete("C1", {}, {item_id: ("posted", "1.1")})
+    store.journal.fold()  # and the fold the journal kept room for is made
+    assert len(store.waiting("C1")) == len(taken) - 50
+    capacity[0] *= 2  # space returns
+    store.enqueue([outbox_item_of("AfterSpaceReturned")], limit=1_000_000)
+    store.close()
+    again = at.FileStore(str(tmp_path / "threads.json"), at.Metrics())
+    assert len(again.waiting("C1")) == len(taken) - 50 + 1
+
+
+def test_nothing_is_posted_while_the_disk_has_no_room_to_record_it(start, slack, tmp_path, monkeypatch):
+    svc = start()
+    capacity = [sum(f.stat().st_size for f in tmp_path.iterdir() if f.is_file()) + 40_000]
+    small_disk(monkeypatch, tmp_path, capacity)
+    answer = svc.alert(webhook(make_alert()), expect=503)
+    assert "the disk is nearly full" in answer.json()["error"]
+    with pytest.raises(at.StoreError, match="the disk is full"):
+        svc.service.store.ready()  # what the sender asks before each post
+    assert not slack.calls
+    capacity[0] += 10_000_000
+    assert svc.alert(webhook(make_alert())).json()["results"][0]["action"] == "posted"
+    assert len(slack.messages) == 1
+
+
 @pytest.mark.parametrize("error", [errno.EIO, errno.ENOSPC])
 def test_a_failed_state_write_answers_503_until_the_disk_recovers(start, slack, tmp_path, monkeypatch, error):
     svc = start()
