@@ -1069,6 +1069,9 @@ def url_settings(raw: RawSettings) -> Dict[str, Any]:
     am_url = raw["ALERTMANAGER_URL"]
     if am_url and not is_http_url(am_url):
         raise ConfigError(f"ALERTMANAGER_URL={shown_url(am_url)} must be an http(s) URL")
+    if am_url and urllib.parse.urlsplit(am_url).query:
+        raise ConfigError("ALERTMANAGER_URL must not carry a query string (it would show in every Silence link "
+                          "and log line): put credentials in ALERTMANAGER_AUTH or ALERTMANAGER_AUTH_FILE")
     if am_url and "@" in urllib.parse.urlsplit(am_url).netloc:
         raise ConfigError("ALERTMANAGER_URL must not carry credentials (they would show in every Silence link): "
                           "put them in ALERTMANAGER_AUTH or ALERTMANAGER_AUTH_FILE")
@@ -1276,10 +1279,12 @@ class Metrics:
         "alert_threader_alerts_total": ("counter", "Alerts told in Slack (or found told already: unchanged), by "
                                                    "status and action."),
         "alert_threader_alerts_delivered_total": ("counter", "Alerts posted to Slack from the outbox."),
-        "alert_threader_alerts_dropped_total": ("counter", "Alerts dropped without being told: always 0, an alert "
-                                                           "waits in the outbox until Slack takes it."),
-        "alert_threader_alerts_refused_total": ("counter", "Alerts refused with 503 because the outbox was full "
-                                                           "(OUTBOX_LIMIT); Alertmanager keeps and retries them."),
+        "alert_threader_alerts_dropped_total": ("counter", "Alerts whose message Slack refused for good, also as "
+                                                           "plain text: they left the outbox untold (the log names "
+                                                           "them)."),
+        "alert_threader_alerts_refused_total": ("counter", "Alerts refused because the outbox was full: 503 past "
+                                                           "OUTBOX_LIMIT (Alertmanager retries), 413 for a webhook "
+                                                           "larger than it could ever hold."),
         "alert_threader_delivery_seconds": ("histogram", "Time from a webhook's intake to its alert's post in Slack."),
         "alert_threader_outbox_alerts": ("gauge", "Alerts waiting in the outbox for Slack, per channel."),
         "alert_threader_outbox_oldest_seconds": ("gauge", "Age of the oldest alert waiting in the outbox, per "
@@ -3366,6 +3371,9 @@ class SlackError(ThreaderError):
         if self.kind == CONFIGURATION:
             return CONFIGURATION_ERRORS.get(self.error, f"Slack's API answered {self.error}: check SLACK_API_URL "
                                                         "and any proxy on the way (the alerts wait in the outbox)")
+        if self.error.startswith("timeout") and self.maybe_done:
+            return ("Slack did not answer within SLACK_TIMEOUT: it may be slow, or a proxy on the way; the post may "
+                    "have gone through and is sent again (raise SLACK_TIMEOUT if Slack is only slow)")
         if self.error.startswith(("network", "timeout")):
             return ("cannot reach Slack at SLACK_API_URL: check the URL, DNS, proxy and firewall "
                     "(the alerts wait in the outbox meanwhile)")
@@ -5322,7 +5330,7 @@ class Sender:
             failed = True  # a failure's wait is not cut short by arrivals: they would hammer Slack or the store
             try:
                 wait = self.turn()
-                self.failures, failed = 0, False
+                failed = False
             except Stopping:
                 break
             except SlackError as e:  # a 429's wait is the turn's (Retry-After); the rest back off
@@ -5349,6 +5357,9 @@ class Sender:
         """Plan from what waits and post what is due; the seconds until the next turn is due."""
         holding = self.store.hold_sender(self.channel)
         if not holding:
+            if self.holding:  # paused or cut off past its lease: another replica sends now
+                log_event(logging.WARNING, "this replica no longer sends for the channel", channel=self.channel,
+                          reason="its lease ran out and another replica holds it")
             self.holding = None
             return self.IDLE
         if holding != self.holding:  # this replica (re)starts sending: what it knew may have changed meanwhile
@@ -5447,6 +5458,7 @@ class Sender:
 
     def sent(self, message: Message) -> None:
         now = time.time()
+        self.failures = 0  # only a message Slack took ends the backoff: alerts arriving meanwhile do not
         self.cache.update(message.records)
         for item, _ in message.done:
             self.backlog.pop(item.id, None)

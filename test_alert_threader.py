@@ -494,6 +494,7 @@ def test_help_lists_every_setting_with_its_default(tmp_path):
     ("LOG_FORMAT", "xml", "LOG_FORMAT='xml' must be text or json"),
     ("SLACK_SIGNING_SECRET", "8f742231b10e8888abcd99yyyzzz85a5", "SLACK_SIGNING_SECRET needs ALERTMANAGER_URL"),
     ("ALERTMANAGER_URL", "http://admin:AMpassw0rd@am:9093", "ALERTMANAGER_URL must not carry credentials"),
+    ("ALERTMANAGER_URL", "http://am:9093/?token=AMpassw0rd", "ALERTMANAGER_URL must not carry a query string"),
 ])
 def test_invalid_setting_stops_startup_with_one_line_naming_it(tmp_path, variable, value, message):
     result = run_cli(cwd=tmp_path, env={variable: value})
@@ -1281,6 +1282,29 @@ def test_a_message_slack_refuses_for_good_is_dropped_named_in_the_log_and_the_ch
     assert 'alert_threader_slack_requests_total{method="chat.postMessage",result="other"} 2' in metrics, \
         "Slack's unknown words are not a label of their own"
     assert svc.get("/stats").json()["dropped"] == 1
+
+
+def test_alerts_arriving_while_slack_fails_do_not_restart_the_backoff(start, slack):
+    svc = start(DELIVERY_WAIT="0.2s", SLACK_PACE="1s")  # paced, arrivals are gathered before a plan
+    slack.fail_always("chat.postMessage", {"status": 503})
+    svc.alert(webhook(make_alert()))
+    wait_for(lambda: len(slack.calls) >= 3, what="three failed posts (0.25 s, then 0.5 s apart)")
+    for i in range(5):  # an outage's webhooks keep coming
+        svc.alert(webhook(make_alert(name=f"Meanwhile{i}")))
+    wait_for(lambda: len(slack.calls) >= 6, timeout=30, what="three more failed posts")
+    gaps = [later.at - earlier.at for earlier, later in zip(slack.calls, slack.calls[1:])]
+    assert all(gap >= 0.8 * wait for gap, wait in zip(gaps, [0.25, 0.5, 1.0, 2.0, 4.0])), gaps
+    assert "Slack did not answer" not in svc.log.getvalue()
+    slack.fail_always("chat.postMessage", None)
+
+
+def test_a_slack_slower_than_slack_timeout_is_named_as_such(start, slack):
+    svc = start(DELIVERY_WAIT="0.2s", SLACK_TIMEOUT="0.3s")
+    slack.fail("chat.postMessage", {"sleep": 1.0})
+    svc.alert(webhook(make_alert()))
+    wait_for(lambda: len(slack.messages) >= 1, what="the post once Slack answers in time")
+    health = svc.get("/health").json()
+    assert "Slack did not answer within SLACK_TIMEOUT: it may be slow" in health["last_slack_error"]["fix"]
 
 
 def test_a_message_dropped_while_the_disk_is_full_is_dropped_once(start, slack, monkeypatch):

@@ -7,6 +7,8 @@ It prints "PORT <n>" as its first line on stdout, then serves until killed:
     POST /api/chat.postMessage   {"ok": true, "ts": "<unique>", "channel": ...}
     POST /api/chat.update        {"ok": true, "ts": <the ts sent>, "channel": ...}
     POST /api/reactions.add      {"ok": true}
+    POST /api/auth.test          the token works (team "Fake Slack", user alert-threader): the
+    POST /api/conversations.info  service's checks at start (and `check`), neither counted nor logged
     POST /api/<anything else>    {"ok": false, "error": "unknown_method"}
     GET  /count                  {"count": calls so far, "methods": {method: calls},
                                   "refused": calls answered 429, "last_at": time of the last call}
@@ -37,6 +39,7 @@ import math
 import sys
 import threading
 import time
+import urllib.parse
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 ANSWERED_METHODS = ("chat.postMessage", "chat.update", "reactions.add")
@@ -156,7 +159,13 @@ class FakeSlackHandler(http.server.BaseHTTPRequestHandler):
             self.server.delay = float(json.loads(body)["seconds"])
             self._answer({"seconds": before})
             return
-        method = self.path.rsplit("/", 1)[-1]
+        path, _, query = self.path.partition("?")
+        method = path.rsplit("/", 1)[-1]
+        if method in ("auth.test", "conversations.info"):  # the service's checks at start: answered, not counted
+            channel = urllib.parse.parse_qs(query).get("channel", [""])[0]
+            self._answer({"ok": True, "team": "Fake Slack", "user": "alert-threader", "bot_id": "B0FAKE"}
+                         if method == "auth.test" else {"ok": True, "channel": {"id": channel, "is_member": True}})
+            return
         try:
             call = json.loads(body or b"{}")
         except ValueError:
