@@ -1943,6 +1943,13 @@ class StateFiles:
             log_event(logging.ERROR, "cannot write the damaged entry aside", file=self.damaged_path,
                       error=e.strerror or str(e))
 
+    def set_apart(self) -> Dict[str, Any]:
+        """What /health shows of what could not be read at start: a file moved aside, entries set aside."""
+        shown: Dict[str, Any] = {"moved_aside": self.moved_aside} if self.moved_aside else {}
+        if self.damaged:
+            shown["damaged_entries"] = {"count": self.damaged, "set_aside_in": self.damaged_path}
+        return shown
+
     def move_aside(self, path: str, reason: str) -> None:
         """A whole file that cannot be used: renamed to PATH.corrupt-STAMP (read-only: StoreError)."""
         if self.read_only:
@@ -2271,6 +2278,7 @@ class GroupCommit:
 
     FOLD_BYTES = 16384
     FOLD_RETRY = 30.0
+    RECORD_ROOM = 32768  # room to record one message (twice that must be free beyond the fold's before a post)
     RESERVE = 131072  # room only the sender's records may use: a webhook is refused (503) before it is taken
 
     def __init__(self, files: StateFiles, lock: threading.Lock,
@@ -2285,6 +2293,7 @@ class GroupCommit:
         self._durable = 0  # changes on disk
         self._fold_after = 0.0  # when a fold that failed is tried again (monotonic)
         self.write_error: Optional[str] = None
+        self._room_short: Optional[Tuple[float, str]] = None  # when a webhook was last refused to keep room, why
 
     def change(self, line: str) -> int:
         """Queue one journal line (caller holds the store's lock); returns the version that makes it durable."""
@@ -2326,6 +2335,31 @@ class GroupCommit:
             raise OSError(errno.ENOSPC, f"{free // 1024:,} KB free; the journal may grow only while a new "
                                         f"snapshot fits beside it: free at least {needs // 1024 + 1:,} KB in "
                                         f"{os.path.dirname(self.files.path) or '.'}")
+
+    def admit(self, size: int) -> Optional[str]:
+        """Why a webhook's `size` bytes of lines are refused (None: taken): they must leave RESERVE free beyond
+        the fold's room."""
+        try:
+            self.room(size, self.RESERVE)
+        except OSError as e:
+            self._room_short = (time.monotonic(), str(e.strerror))
+            return f"the disk is nearly full: {e.strerror}"
+        return None
+
+    def ready(self) -> None:
+        """StoreError unless what Slack is about to take can be recorded: writes succeed, and there is room."""
+        self.flush()
+        try:
+            self.room(self.RECORD_ROOM)
+        except OSError as e:
+            raise StoreError(f"the disk is full: {e.strerror}") from None
+
+    @property
+    def trouble(self) -> Optional[str]:
+        """What /health says: the write that fails, or webhooks refused for room within the last 10 s."""
+        if self.write_error is None and self._room_short and time.monotonic() - self._room_short[0] < 10:
+            return f"webhooks are refused (503): {self._room_short[1]}"
+        return self.write_error
 
     def _write_locked(self) -> int:
         """Fold, when due and possible, else append the pending lines; returns the version now durable."""
@@ -2405,7 +2439,6 @@ class FileStore(ThreadStore):
     not the whole store. With path None the store is memory-only."""
 
     name = "file"
-    RECORD_ROOM = 32768  # room to record one message (twice that must be free beyond the fold's before a post)
 
     def __init__(self, path: Optional[str], metrics: Metrics, retention: float = 86400.0,
                  lock_timeout: float = 60.0, read_only: bool = False) -> None:
@@ -2420,7 +2453,6 @@ class FileStore(ThreadStore):
         self._summary: Dict[str, Tuple[str, Any]] = {}
         self.outbox = OutboxMemory()
         self._generation = 0
-        self.room_short: Optional[Tuple[float, str]] = None  # when a webhook was last refused to keep room
         self.journal = GroupCommit(self.files, self._lock, lambda: (list(self._fragments.values()),
                                                                     self.outbox.texts()), self._count) \
             if self.files else None
@@ -2442,10 +2474,6 @@ class FileStore(ThreadStore):
                           outbox=self.outbox.count)
             if not read_only and self.journal:
                 self.journal.start()
-
-    @property
-    def moved_aside(self) -> Optional[str]:
-        return self.files.moved_aside if self.files else None
 
     @property
     def write_error(self) -> Optional[str]:
@@ -2494,15 +2522,10 @@ class FileStore(ThreadStore):
                                  f"would pass OUTBOX_LIMIT ({limit:,})")
             added = [self.outbox.add(item) for item in items]
             texts = [text for _, text in added if text is not None]
-            if texts and self.journal is not None:
-                try:
-                    self.journal.room(sum(map(len, texts)), self.journal.RESERVE)
-                except OSError as e:
-                    for item_id, text in added:
-                        if text is not None:
-                            self.outbox.take(item_id)
-                    self.room_short = (time.monotonic(), e.strerror)
-                    raise StoreError(f"the disk is nearly full: {e.strerror}") from None
+            refusal = self.journal.admit(sum(map(len, texts))) if texts and self.journal else None
+            if refusal:  # taken back: the webhook is answered 503, and Alertmanager keeps it
+                any(self.outbox.take(item_id) for item_id, text in added if text is not None)
+                raise StoreError(refusal)
             version = self._change('{"enq":[' + ",".join(texts) + "]}" if texts else None)
         self._commit(version)  # also when every item joined one waiting: that one must be durable too
         return [(item_id, text is None) for item_id, text in added]
@@ -2533,12 +2556,8 @@ class FileStore(ThreadStore):
     # -- the rest of the interface ----------------------------------------------
 
     def ready(self) -> None:
-        self.flush()
-        if self.journal is not None:  # room to record a message (a thread of many alerts) once Slack takes it
-            try:
-                self.journal.room(self.RECORD_ROOM)
-            except OSError as e:
-                raise StoreError(f"the disk is full: {e.strerror}") from None
+        if self.journal is not None:
+            self.journal.ready()
 
     def flush(self) -> None:
         if self.journal is not None:
@@ -2589,22 +2608,16 @@ class FileStore(ThreadStore):
     def health(self) -> Dict[str, Any]:
         with contextlib.suppress(StoreError):
             self.flush()  # a disk that has recovered shows so at once
-        error = self.write_error
-        if error is None and self.room_short and time.monotonic() - self.room_short[0] < 10:
-            error = f"webhooks are refused (503): {self.room_short[1]}"
+        error = self.journal.trouble if self.journal else None
         status: Dict[str, Any] = {"ok": error is None, "file_status": "ok" if error is None else "write failing"}
         if error:
             status["store_error"] = error
-        if self.moved_aside:
-            status["moved_aside"] = self.moved_aside
-        if self.files and self.files.damaged:
-            status["damaged_entries"] = {"count": self.files.damaged, "set_aside_in": self.files.damaged_path}
-        return status
+        return {**status, **(self.files.set_apart() if self.files else {})}
 
     def stats(self) -> Dict[str, Any]:
-        if not self.files:
-            return {"file": None}
-        return {"file": self.path, "file_bytes": self.files.snapshot_bytes, "journal_bytes": self.files.journal_bytes}
+        files = self.files
+        return {"file": self.path, "file_bytes": files.snapshot_bytes, "journal_bytes": files.journal_bytes} \
+            if files else {"file": None}
 
     def close(self) -> None:
         """Fold the journal, so that a stopped service leaves everything in threads.json."""

@@ -834,7 +834,7 @@ def test_incomplete_last_journal_line_from_a_crash_is_ignored(tmp_path):
     again = at.FileStore(str(tmp_path / "threads.json"), at.Metrics())
     assert set(again.items()) == {"kept"}
     assert "ignored an incomplete last journal entry" in log.getvalue()
-    assert again.moved_aside is None and json.loads((tmp_path / "threads.json").read_text())["threads"]["kept"]
+    assert again.files.moved_aside is None and json.loads((tmp_path / "threads.json").read_text())["threads"]["kept"]
 
 
 def test_a_crash_between_a_folds_rename_and_its_journal_truncation_replays_nothing_twice(tmp_path):
@@ -893,7 +893,7 @@ def test_short_and_failed_journal_writes_never_leave_a_torn_line(tmp_path, monke
     assert store.write_error is None
     monkeypatch.undo()
     again = at.FileStore(str(tmp_path / "threads.json"), at.Metrics())
-    assert set(again.items()) == {"before", "short", "failed", "after"} and again.moved_aside is None
+    assert set(again.items()) == {"before", "short", "failed", "after"} and again.files.moved_aside is None
     store.close()
 
 
@@ -1036,7 +1036,7 @@ def test_a_damaged_journal_line_is_set_aside_and_reported_and_the_rest_is_read(t
     [aside] = (tmp_path / "threads.json.damaged").read_text().splitlines()
     assert json.loads(aside)["entry"] == "garbage that is not a change" and "line 3" in json.loads(aside)["reason"]
     assert again.health()["damaged_entries"] == {"count": 1, "set_aside_in": str(tmp_path / "threads.json.damaged")}
-    assert again.moved_aside is None
+    assert again.files.moved_aside is None
 
 
 @pytest.mark.parametrize("bad", [{"ts": 123}, {"ts": None}, {"ts": "1.1", "alerts": 5},
@@ -1052,7 +1052,7 @@ def test_a_malformed_thread_in_the_snapshot_is_set_aside_alone_and_the_rest_is_r
     store = at.FileStore(str(tmp_path / "threads.json"), at.Metrics())
     assert set(store.items()) == {"good"} and [i.id for i in store.waiting("C0ALERTS")] == ["1000-1"]
     [aside] = (tmp_path / "threads.json.damaged").read_text().splitlines()
-    assert json.loads(aside)["entry"] == {"key": "bad", "thread": bad} and store.moved_aside is None
+    assert json.loads(aside)["entry"] == {"key": "bad", "thread": bad} and store.files.moved_aside is None
     assert store.health()["damaged_entries"]["count"] == 1
 
 
