@@ -1163,7 +1163,8 @@ def load_config(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
     if dry_run not in ("true", "false", "1", "0", "yes", "no", "on", "off", ""):
         raise ConfigError(f"DRY_RUN={truncate(dry_run, 20)!r} must be true or false")
     return Config(
-        dry_run_asked=dry_run in ("true", "1", "yes", "on"), slack_bot_token=token, slack_channel=channel, slack_channels=channels, environment=environment,
+        dry_run_asked=dry_run in ("true", "1", "yes", "on"), slack_bot_token=token, slack_channel=channel,
+        slack_channels=channels, environment=environment,
         host=raw.text("HOST"), port=raw.number("PORT", 0, 65535, integer=True), webhook_token=webhook_token,
         slack_signing_secret=signing_secret, alertmanager_auth=alertmanager_auth(raw),
         reopen_window=raw.number("REOPEN_WINDOW", 0, 30 * 86400),
@@ -2524,7 +2525,9 @@ class FileStore(ThreadStore):
             texts = [text for _, text in added if text is not None]
             refusal = self.journal.admit(sum(map(len, texts))) if texts and self.journal else None
             if refusal:  # taken back: the webhook is answered 503, and Alertmanager keeps it
-                any(self.outbox.take(item_id) for item_id, text in added if text is not None)
+                for item_id, text in added:
+                    if text is not None:
+                        self.outbox.take(item_id)
                 raise StoreError(refusal)
             version = self._change('{"enq":[' + ",".join(texts) + "]}" if texts else None)
         self._commit(version)  # also when every item joined one waiting: that one must be durable too

@@ -961,6 +961,9 @@ def test_the_journal_never_takes_the_room_its_fold_needs_and_webhooks_stop_befor
             [(item_id, _)] = store.enqueue([outbox_item_of(f"Filling{n}")], limit=1_000_000)
             taken.append(item_id)
     assert len(taken) > 100 and store.health()["ok"] is False  # refused: /health says why
+    with pytest.raises(at.StoreError):
+        store.enqueue([outbox_item_of(f"Refused{n}") for n in range(3)], limit=1_000_000)
+    assert len(store.waiting("C1")) == len(taken), "a refused webhook leaves nothing behind"
     assert "webhooks are refused (503)" in store.health()["store_error"]
     used = sum(f.stat().st_size for f in tmp_path.iterdir())
     assert used + store.files.snapshot_bytes + store.files.journal_bytes <= capacity[0], "a fold still fits"
