@@ -2281,6 +2281,7 @@ class GroupCommit:
     FOLD_RETRY = 30.0
     RECORD_ROOM = 32768  # room to record one message (twice that must be free beyond the fold's before a post)
     RESERVE = 131072  # room only the sender's records may use: a webhook is refused (503) before it is taken
+    WEBHOOK = 2048  # the journal lines of a one-alert webhook, about: /health asks whether one would be taken
 
     def __init__(self, files: StateFiles, lock: threading.Lock,
                  snapshot: Callable[[], Tuple[List[str], List[str]]], count: Callable[..., None]) -> None:
@@ -2294,7 +2295,7 @@ class GroupCommit:
         self._durable = 0  # changes on disk
         self._fold_after = 0.0  # when a fold that failed is tried again (monotonic)
         self.write_error: Optional[str] = None
-        self._room_short: Optional[Tuple[float, str]] = None  # when a webhook was last refused to keep room, why
+        self._short = False  # webhooks are refused to keep room (said once when it starts, once when it ends)
 
     def change(self, line: str) -> int:
         """Queue one journal line (caller holds the store's lock); returns the version that makes it durable."""
@@ -2330,12 +2331,18 @@ class GroupCommit:
             return
         if not disk.f_blocks:
             return  # a file system that does not tell its size
-        free = disk.f_bavail * disk.f_frsize
-        needs = self.files.snapshot_bytes + self.files.journal_bytes + 2 * size + reserve
-        if free < needs:
-            raise OSError(errno.ENOSPC, f"{free // 1024:,} KB free; the journal may grow only while a new "
-                                        f"snapshot fits beside it: free at least {needs // 1024 + 1:,} KB in "
-                                        f"{os.path.dirname(self.files.path) or '.'}")
+        free, held = disk.f_bavail * disk.f_frsize, self.files.snapshot_bytes + self.files.journal_bytes
+        if free >= held + 2 * size + reserve:
+            return
+        whole = held + 2 * size + self.RESERVE  # what webhooks need: the figure that ends every refusal
+        where = os.path.dirname(self.files.path) or "."
+        if disk.f_blocks * disk.f_frsize < whole:
+            fix = f"the file system holds {disk.f_blocks * disk.f_frsize // 1024:,} KB in all: give " \
+                  f"THREAD_STORE_FILE one of a few MB at least"
+        else:
+            fix = f"free at least {whole // 1024 + 1:,} KB in {where}"
+        raise OSError(errno.ENOSPC, f"{free // 1024:,} KB free; the journal may grow only while a new snapshot "
+                                    f"fits beside it: {fix}")
 
     def admit(self, size: int) -> Optional[str]:
         """Why a webhook's `size` bytes of lines are refused (None: taken): they must leave RESERVE free beyond
@@ -2343,8 +2350,14 @@ class GroupCommit:
         try:
             self.room(size, self.RESERVE)
         except OSError as e:
-            self._room_short = (time.monotonic(), str(e.strerror))
+            if not self._short:
+                log_event(logging.ERROR, "the disk is nearly full: webhooks are answered 503 (Alertmanager "
+                          "retries them) until there is room again", file=self.files.path, error=e.strerror)
+            self._short = True
             return f"the disk is nearly full: {e.strerror}"
+        if self._short:
+            log_event(logging.INFO, "room on the disk again: webhooks are taken", file=self.files.path)
+        self._short = False
         return None
 
     def ready(self) -> None:
@@ -2355,12 +2368,16 @@ class GroupCommit:
         except OSError as e:
             raise StoreError(f"the disk is full: {e.strerror}") from None
 
-    @property
-    def trouble(self) -> Optional[str]:
-        """What /health says: the write that fails, or webhooks refused for room within the last 10 s."""
-        if self.write_error is None and self._room_short and time.monotonic() - self._room_short[0] < 10:
-            return f"webhooks are refused (503): {self._room_short[1]}"
-        return self.write_error
+    def status(self) -> Dict[str, Any]:
+        """What /health says of the disk: the write that fails, or else why a webhook would be refused now."""
+        if self.write_error is not None:
+            return {"ok": False, "file_status": "write failing", "store_error": self.write_error}
+        try:
+            self.room(self.WEBHOOK, self.RESERVE)
+        except OSError as e:  # it writes, but keeps the room a fold and Slack's records need
+            return {"ok": False, "file_status": "nearly full", "store_error": e.strerror,
+                    "problem": "the disk is nearly full: webhooks are answered 503"}
+        return {"ok": True, "file_status": "ok"}
 
     def _write_locked(self) -> int:
         """Fold, when due and possible, else append the pending lines; returns the version now durable."""
@@ -2611,10 +2628,7 @@ class FileStore(ThreadStore):
     def health(self) -> Dict[str, Any]:
         with contextlib.suppress(StoreError):
             self.flush()  # a disk that has recovered shows so at once
-        error = self.journal.trouble if self.journal else None
-        status: Dict[str, Any] = {"ok": error is None, "file_status": "ok" if error is None else "write failing"}
-        if error:
-            status["store_error"] = error
+        status = self.journal.status() if self.journal else {"ok": True, "file_status": "ok"}
         return {**status, **(self.files.set_apart() if self.files else {})}
 
     def stats(self) -> Dict[str, Any]:
@@ -6230,8 +6244,8 @@ class App:
             "channel": self.delivery.intake.default_channel, "thread_store": self.store.name,
             "cached_threads": None, "timestamp": iso_now(), "version": __version__,
             "dry_run": self.config.dry_run, "last_slack_error": poster.last_error}
-        body.update({k: v for k, v in store.items() if k != "ok"})
-        problems = [] if store["ok"] else ["the thread store cannot be written"]
+        body.update({k: v for k, v in store.items() if k not in ("ok", "problem")})
+        problems = [] if store["ok"] else [store.get("problem", "the thread store cannot be written")]
         with contextlib.suppress(StoreError):
             body["cached_threads"] = self.store.count()
             body["outbox"] = outbox_view(self.store, self.config.outbox_limit, time.time())

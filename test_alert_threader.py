@@ -964,7 +964,7 @@ def test_the_journal_never_takes_the_room_its_fold_needs_and_webhooks_stop_befor
     with pytest.raises(at.StoreError):
         store.enqueue([outbox_item_of(f"Refused{n}") for n in range(3)], limit=1_000_000)
     assert len(store.waiting("C1")) == len(taken), "a refused webhook leaves nothing behind"
-    assert "webhooks are refused (503)" in store.health()["store_error"]
+    assert store.health()["file_status"] == "nearly full" and "free at least" in store.health()["store_error"]
     used = sum(f.stat().st_size for f in tmp_path.iterdir())
     assert used + store.files.snapshot_bytes + store.files.journal_bytes <= capacity[0], "a fold still fits"
     store.ready()  # the sender may still post: what Slack takes can be recorded in the reserve
@@ -981,16 +981,31 @@ def test_the_journal_never_takes_the_room_its_fold_needs_and_webhooks_stop_befor
 
 def test_nothing_is_posted_while_the_disk_has_no_room_to_record_it(start, slack, tmp_path, monkeypatch):
     svc = start()
-    capacity = [sum(f.stat().st_size for f in tmp_path.iterdir() if f.is_file()) + 40_000]
+    capacity = [10_000_000]
     small_disk(monkeypatch, tmp_path, capacity)
+    filler = tmp_path / "filler"  # someone else's file fills the disk but for 40 KB
+    filler.write_bytes(b"\0" * (capacity[0] - sum(f.stat().st_size for f in tmp_path.iterdir()) - 40_000))
     answer = svc.alert(webhook(make_alert()), expect=503)
-    assert "the disk is nearly full" in answer.json()["error"]
+    assert "the disk is nearly full" in answer.json()["error"] and "free at least" in answer.json()["error"]
+    health = svc.get("/health")
+    assert health.status == 503 and health.json()["file_status"] == "nearly full"
+    assert "the disk is nearly full: webhooks are answered 503" in health.json()["problems"]
+    assert "ERROR the disk is nearly full: webhooks are answered 503" in svc.log.getvalue()
     with pytest.raises(at.StoreError, match="the disk is full"):
         svc.service.store.ready()  # what the sender asks before each post
     assert not slack.calls
-    capacity[0] += 10_000_000
+    filler.unlink()
     assert svc.alert(webhook(make_alert())).json()["results"][0]["action"] == "posted"
-    assert len(slack.messages) == 1
+    assert len(slack.messages) == 1 and svc.get("/health").json()["file_status"] == "ok"
+    assert "room on the disk again: webhooks are taken" in svc.log.getvalue()
+
+
+def test_a_disk_too_small_for_the_store_says_so(tmp_path, monkeypatch):
+    small_disk(monkeypatch, tmp_path, [65536])
+    store = at.FileStore(str(tmp_path / "threads.json"), at.Metrics())
+    with pytest.raises(at.StoreError, match="the file system holds 64 KB in all: give THREAD_STORE_FILE one of"):
+        store.enqueue([outbox_item_of("TooSmall")], limit=10)
+    store.close()
 
 
 @pytest.mark.parametrize("error", [errno.EIO, errno.ENOSPC])
