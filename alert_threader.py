@@ -786,7 +786,8 @@ SETTINGS: Tuple[Tuple[str, Optional[str], str], ...] = (
     ("THREAD_KEY_LABELS", ",".join(KEY_LABELS), "labels that make the thread key (ENVIRONMENT is appended)"),
     ("THREAD_BY", "labels", "labels: a thread per thread key; group: a thread per Alertmanager group (groupKey)"),
     ("MESSAGE_FIELDS", None, "comma-separated labels shown as fields, in order (default: severity, environment, "
-                             "service, cluster, instance when present, then the alert's other labels)"),
+                             "service, cluster, instance when present, then the alert's other labels); value: "
+                             "Grafana's value"),
     ("HIDDEN_LABELS", ", ".join(DEFAULT_HIDDEN), "labels the default fields leave out (none: leave out none)"),
     ("TITLE_TEMPLATE", DEFAULT_TITLE, "the title: {{ labels.NAME }}, {{ annotations.NAME }}, {{ environment }}, "
                                       '{{ a | b | "text" }} for the first that is not empty'),
@@ -3849,8 +3850,8 @@ def field_title(name: str) -> str:
 def field_pairs(alert: Alert, ms: MessageSettings) -> List[Tuple[str, str]]:
     """The fields a message shows: MESSAGE_FIELDS, or the seed's when the alert has them, then its other labels."""
     labels = alert.labels
-    if ms.fields:
-        pairs = [(field_title(n), ms.environment if n == "environment" and not labels.get(n) else labels.get(n, ""))
+    if ms.fields:  # a label; else "environment" is ENVIRONMENT and "value" Grafana's evaluated value
+        pairs = [(field_title(n), labels.get(n) or {"environment": ms.environment, "value": alert.value}.get(n, ""))
                  for n in ms.fields]
         return [(t, v.upper() if t == "Severity" else v) for t, v in pairs if v][:FIELDS_MAX]
     pairs = [("Severity", alert.severity.upper()), ("Environment", ms.environment),

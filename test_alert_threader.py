@@ -5426,6 +5426,15 @@ def test_grafana_alerts_get_grafanas_silence_dashboard_panel_image_and_value(nam
         assert seen["images"] == ([alert["imageURL"]] if alert.get("imageURL") else [])
 
 
+def test_message_fields_can_show_grafanas_value():
+    [call] = [c for c in render_with(CORPUS / "grafana-single.json", MESSAGE_FIELDS="severity,value,grafana_folder")
+              if c["method"] == "chat.postMessage"]
+    alert = json.loads((CORPUS / "grafana-single.json").read_text())["alerts"][0]
+    fields = drawn(call["payload"])["fields"]
+    assert list(fields)[:2] == ["Severity", "Value"]
+    assert fields["Value"] == ", ".join(f"{k}={v:g}" for k, v in alert["values"].items())
+
+
 def test_a_grafana_resolve_and_alertmanagers_newer_fields_are_accepted():
     calls = render_with(CORPUS / "grafana-resolved.json")
     assert calls and all(drawn(c["payload"])["text"].startswith("✅ RESOLVED") for c in calls)
