@@ -6896,7 +6896,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="serve", choices=("serve", "render", "check"),
                         help="serve (default), render FILE, or check")
-    parser.add_argument("file", nargs="?", help="for render: an Alertmanager webhook JSON file, or - for stdin")
+    parser.add_argument("file", nargs="*", help="for render: Alertmanager webhook JSON files, told in order (- for "
+                                                "stdin)")
     parser.add_argument("--payload", type=int, metavar="N",
                         help="for render: print only the Nth call's message, as Block Kit Builder takes it")
     parser.add_argument("--version", action="version", version=f"alert-threader {__version__}")
@@ -6904,28 +6905,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_render(config: Config, path: Optional[str], payload: Optional[int] = None) -> int:
-    """Print the Slack calls a webhook file would cause on an empty store: no network, no state."""
-    if not path:
-        print("alert-threader: render needs a webhook JSON file (or - for stdin)", file=sys.stderr)
+def cmd_render(config: Config, paths: Sequence[str], payload: Optional[int] = None) -> int:
+    """Print the Slack calls webhook files would cause, one after the other, on an empty store: no network, no
+    state. With several files, each call names the file whose webhook caused it."""
+    if not paths:
+        print("alert-threader: render needs a webhook JSON file (or - for stdin), or several in order", file=sys.stderr)
         return 2
-    try:
-        raw = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
-    except OSError as e:
-        print(f"alert-threader: cannot read {path}: {e.strerror}", file=sys.stderr)
-        return 2
-    try:
-        hook = parse_webhook(raw, content_type=None)
-    except BadRequest as e:
-        print(f"alert-threader: {path}: {e}", file=sys.stderr)
-        return 1
+    hooks = []
+    for path in paths:
+        try:
+            raw = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
+        except OSError as e:
+            print(f"alert-threader: cannot read {path}: {e.strerror}", file=sys.stderr)
+            return 2
+        try:
+            hooks.append(parse_webhook(raw, content_type=None))
+        except BadRequest as e:
+            print(f"alert-threader: {path}: {e}", file=sys.stderr)
+            return 1
     metrics = Metrics()
     slack = DryRunSlack(metrics, quiet=True, keep=None)  # every call, however many
     delivery = Delivery(dataclasses.replace(config, slack_pace=0, delivery_wait=0), FileStore(None, metrics), slack,
                         metrics, threaded=False)
-    delivery.intake.take(hook)
-    delivery.senders.sender(delivery.intake.default_channel).drain()
-    calls = [{"method": method, "payload": sent} for _, method, sent, _ in slack.recent_calls()]
+    calls: List[Dict[str, Any]] = []
+    for path, hook in zip(paths, hooks):
+        delivery.intake.take(hook)
+        delivery.senders.sender(delivery.intake.default_channel).drain()
+        made = [{"method": method, "payload": sent} for _, method, sent, _ in slack.recent_calls()[len(calls):]]
+        calls += [dict(call, webhook=path) for call in made] if len(paths) > 1 else made
     if payload is None:
         print(json.dumps(calls, indent=2, ensure_ascii=False))
         return 0

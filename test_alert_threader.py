@@ -4907,6 +4907,23 @@ def test_render_prints_every_call_and_one_payload_for_block_kit_builder(tmp_path
     assert first.returncode == 0 and json.loads(first.stdout)["attachments"] == calls[0]["payload"]["attachments"]
 
 
+def test_render_tells_several_webhooks_in_order_as_the_thread_unfolds(tmp_path):
+    files = [str(REPO / "examples" / f"{name}.json") for name in ("firing", "second-instance", "resolved")]
+    result = run_cli("render", *files, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    calls = json.loads(result.stdout)
+    posts = [c for c in calls if c["method"] == "chat.postMessage"]
+    parent = posts[0]
+    assert parent["webhook"] == files[0] and "thread_ts" not in parent["payload"]
+    replies = posts[1:]
+    assert [c["webhook"] for c in replies] == [files[1], files[2], files[2]]
+    assert len({c["payload"]["thread_ts"] for c in replies}) == 1, "every reply in the one thread"
+    assert "RESOLVED" in replies[-1]["payload"]["text"] and calls[-1]["method"] == "reactions.add"
+    assert [c["webhook"] for c in calls] == sorted((c["webhook"] for c in calls), key=files.index), "in order"
+    single = json.loads(run_cli("render", files[0], cwd=tmp_path).stdout)
+    assert "webhook" not in single[0], "one file: the output keeps its shape"
+
+
 def test_render_into_a_reader_that_stops_early_ends_quietly(tmp_path):
     """`render FILE | head`: the pipe closes after the first lines; no traceback, exit 0."""
     (tmp_path / "hook.json").write_text(json.dumps(webhook(*[make_alert(name=f"Many{i:03d}") for i in range(200)])))
