@@ -3817,17 +3817,21 @@ def silence_menu(ms: MessageSettings) -> Dict[str, Any]:
 
 
 def alert_buttons(alert: Alert, ms: MessageSettings, external_url: str, silence: bool = True,
-                  controls: Optional[List[Dict[str, Any]]] = None, block_id: str = "") -> Optional[Dict[str, Any]]:
+                  controls: Optional[List[Dict[str, Any]]] = None, block_id: str = "",
+                  silence_labels: Optional[Dict[str, str]] = None) -> Optional[Dict[str, Any]]:
     """Runbook, Silence (pointless once resolved), Grafana's dashboard and panel, and Source: safe http(s) only.
 
     With interactivity on, `controls` (a Silence menu, Ack) take the place of the Silence link, but for
-    Grafana's alerts, which only Grafana can silence."""
+    Grafana's alerts, which only Grafana can silence. The link silences `silence_labels` if given (a card of
+    several alerts: its thread), else the alert."""
     runbook = alert.annotations.get("runbook_url", "")
     if alert.grafana:  # Grafana's own silence page; Alertmanager's form could not silence a Grafana alert
         silence_link = alert.links.get("silence") if silence and is_http_url(alert.links.get("silence")) else None
     elif controls is not None:
         silence_link = None
-    else:  # built from a checked base URL and percent-encoded matchers: safe by construction, not checked again
+    elif silence_labels is not None:  # built from a checked base URL and percent-encoded matchers: safe as it is
+        silence_link = silence_url(external_url, silence_labels, True, tuple(silence_labels)) if silence else None
+    else:
         silence_link = silence_url(external_url, alert.labels, alert.labels_whole,
                                    ms.key_labels + ("instance",)) if silence else None
     silencing = [link_button("Silence", "silence", silence_link)] if silence_link else []
@@ -3902,7 +3906,7 @@ def text_length(blocks: List[Dict[str, Any]]) -> int:
 def alert_blocks(alert: Alert, ms: MessageSettings, title: str, external_url: str,
                  status_line: Optional[str] = None, resolved: bool = False, silence: bool = True,
                  controls: Optional[List[Dict[str, Any]]] = None, block_id: str = "",
-                 notes: Sequence[str] = ()) -> List[Dict[str, Any]]:
+                 notes: Sequence[str] = (), silence_labels: Optional[Dict[str, str]] = None) -> List[Dict[str, Any]]:
     """The seed's layout: header, fields, description, links, times, context; within Slack's whole-text limit."""
     pairs = field_pairs(alert, ms)
     description = clean_text(ms.text.render(alert, ms.environment)).strip()
@@ -3919,7 +3923,7 @@ def alert_blocks(alert: Alert, ms: MessageSettings, title: str, external_url: st
             blocks.append(section_block("*Description:*\n" + mrkdwn(description, description_max)))
         if alert.links.get("image") and is_http_url(alert.links["image"]):
             blocks.append({"type": "image", "image_url": alert.links["image"], "alt_text": truncate(title, 100)})
-        buttons = alert_buttons(alert, ms, external_url, silence and not resolved, controls, block_id)
+        buttons = alert_buttons(alert, ms, external_url, silence and not resolved, controls, block_id, silence_labels)
         if buttons:
             blocks.append(buttons)
         blocks.append(context_block(time_line(alert, ms, resolved)))
@@ -4076,14 +4080,22 @@ def render_card(record: Dict[str, Any], channel: str, ms: MessageSettings, menti
     summary = alert_title(alert, ms)
     title = f"{emoji} {'RESOLVED — ' if closed else ''}{summary}"
     controls = card_controls(record, ms) if ms.interactive and not closed else None
+    several = len(record.get("alerts", {})) > 1  # its Silence covers every alert of the thread, not the first
     blocks = alert_blocks(alert, ms, title, record.get("first", {}).get("externalURL", ""),
                           status_line=card_status(record, ms), silence=not closed, controls=controls,
-                          block_id="card" if controls else "", notes=card_notes(record, ms))
+                          block_id="card" if controls else "", notes=card_notes(record, ms),
+                          silence_labels=thread_labels(record, ms.key_labels) if several else None)
     text = fallback_text(alert, ms, "resolved" if closed else "firing", mention, summary)
     payload = message(channel, text, color, blocks)
     if record.get("ts"):
         payload["ts"] = record["ts"]
     return payload
+
+
+def thread_labels(record: Dict[str, Any], key_labels: Sequence[str]) -> Dict[str, str]:
+    """The labels every alert of a thread shares: its group's (THREAD_BY=group), else the thread key's."""
+    first = record.get("first", {})
+    return first.get("group_labels") or {name: first.get("labels", {}).get(name, "") for name in key_labels}
 
 
 def count_lines(counts: Dict[str, int], limit: int, label: Callable[[str], str]) -> List[str]:
@@ -5878,8 +5890,7 @@ class Interactions:
             what = "This alert"
         else:
             first = record.get("first", {})
-            labels = first.get("group_labels") or {
-                name: first.get("labels", {}).get(name, "") for name in self.config.messages.key_labels}
+            labels = thread_labels(record, self.config.messages.key_labels)
             if first.get("labels_clipped") and any(len(v) >= RECORD_VALUE_MAX for v in labels.values()):
                 raise AlertmanagerError("this thread's labels are too long to silence from Slack: use Alertmanager")
             what = "This thread"

@@ -3745,6 +3745,27 @@ def test_silence_button_prefills_the_alert_labels_even_with_special_characters()
     assert short == '{alertname="Disk \\"full\\"", instance="host:9100"}'
 
 
+def silence_matchers(payload: Dict[str, Any]) -> str:
+    buttons = next(b for b in payload["attachments"][0]["blocks"] if b["type"] == "actions")
+    url = next(e["url"] for e in buttons["elements"] if e["action_id"] == "silence")
+    return urllib.parse.unquote(url.split("filter=", 1)[1])
+
+
+def test_a_cards_silence_link_covers_every_alert_of_its_thread_not_only_the_first(start, slack):
+    svc = start()
+    svc.alert(webhook(make_alert(instance="db01.example.com")))
+    parent = slack.messages[0]
+    assert 'instance="db01.example.com"' in silence_matchers(parent.payload), "one alert: that alert exactly"
+    svc.alert(webhook(make_alert(instance="db02.example.com")))
+    settled(svc)
+    card = [u for u in slack.accepted("chat.update") if u.payload["ts"] == parent.ts][-1]
+    assert "2 firing" in card.text
+    assert silence_matchers(card.payload) == ('{alertname="DatabaseDown", cluster="prod-eu", service="database", '
+                                              'severity="critical"}'), "the thread's key: db01 and db02 alike"
+    reply = slack.messages[1]
+    assert 'instance="db02.example.com"' in silence_matchers(reply.payload), "a reply silences its own alert"
+
+
 def test_alertmanager_url_setting_overrides_external_url(start, slack):
     svc = start(ALERTMANAGER_URL="https://alertmanager.public.example.com")
     svc.alert(webhook(make_alert()))
