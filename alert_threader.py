@@ -3829,11 +3829,12 @@ def alert_buttons(alert: Alert, ms: MessageSettings, external_url: str, silence:
         silence_link = alert.links.get("silence") if silence and is_http_url(alert.links.get("silence")) else None
     elif controls is not None:
         silence_link = None
-    elif silence_labels is not None:  # built from a checked base URL and percent-encoded matchers: safe as it is
-        silence_link = silence_url(external_url, silence_labels, True, tuple(silence_labels)) if silence else None
+    elif silence:  # built from a checked base URL and percent-encoded matchers: safe by construction
+        labels, whole, fallback = ((silence_labels, True, tuple(silence_labels)) if silence_labels is not None
+                                   else (alert.labels, alert.labels_whole, ms.key_labels + ("instance",)))
+        silence_link = silence_url(external_url, labels, whole, fallback)
     else:
-        silence_link = silence_url(external_url, alert.labels, alert.labels_whole,
-                                   ms.key_labels + ("instance",)) if silence else None
+        silence_link = None
     silencing = [link_button("Silence", "silence", silence_link)] if silence_link else []
     silencing += [c for c in controls or () if not (alert.grafana and c.get("action_id") == "silence")]
     elements = link_buttons(("View Runbook", "runbook", runbook)) + silencing + link_buttons(
@@ -6925,7 +6926,11 @@ def cmd_render(config: Config, paths: Sequence[str], payload: Optional[int] = No
     hooks = []
     for path in paths:
         try:
-            raw = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
+            if path == "-":
+                raw = sys.stdin.buffer.read()
+            else:
+                with open(path, "rb") as f:
+                    raw = f.read()
         except OSError as e:
             print(f"alert-threader: cannot read {path}: {e.strerror}", file=sys.stderr)
             return 2
