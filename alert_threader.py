@@ -61,7 +61,7 @@ import urllib.parse
 import zoneinfo
 from collections import OrderedDict, deque
 from datetime import datetime, timezone
-from typing import Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 __version__ = "1.1.0"
 
@@ -310,6 +310,8 @@ def iso_now() -> str:
 MAX_JSON_DEPTH = 32
 MAX_JSON_VALUES = 250_000  # about 5,000 alerts of fifty labels and annotations each
 KEY_LABELS = ("alertname", "severity", "service", "cluster")
+# Labels kept whole when an alert's labels are clipped for storing: the thread key's, and what tells alerts apart.
+KEPT_LABELS = KEY_LABELS + ("namespace", "instance")
 
 
 MAX_KEY_LENGTH = 512
@@ -458,12 +460,13 @@ def parse_mentions(text: str) -> Tuple[MentionRule, ...]:
                 raise ConfigError(f"MENTIONS: {truncate(mention, 60)!r} is not a Slack mention (use <!subteam^ID>, "
                                   "<@USERID>, <!here> or <!channel>)")
         if not mentions:
-            raise ConfigError(f"MENTIONS: {truncate(rule, 80)!r} names no one to mention")
+            raise ConfigError(f"MENTIONS: {truncate(rule, 80)!r} names no one to mention (add <!subteam^ID> or "
+                              "<@USERID>)")
         matchers = []
         for part in matchers_text.split(","):
             match = re.fullmatch(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*(.*?)\s*", part)
             if not match:
-                raise ConfigError(f"MENTIONS: {truncate(part, 60)!r} is not a matcher like severity=critical")
+                raise ConfigError(f"MENTIONS: {truncate(part, 60)!r} is not a matcher (use one like severity=critical)")
             name, op, value = match.groups()
             value = value[1:-1] if len(value) >= 2 and value[0] == value[-1] == '"' else value
             if op in ("=~", "!~"):
@@ -496,6 +499,7 @@ class MessageSettings:
     fields: Tuple[str, ...] = ()  # MESSAGE_FIELDS: labels in order; empty: the seed's, then the rest
     hidden: Tuple[str, ...] = DEFAULT_HIDDEN
     key_labels: Tuple[str, ...] = KEY_LABELS  # THREAD_KEY_LABELS; the thread key appends ENVIRONMENT
+    by_namespace: bool = True  # THREAD_KEY_LABELS not set: an alert with a namespace label adds it to its key
     thread_by: str = "labels"  # or "group": one thread per Alertmanager group
     title: Template = dataclasses.field(default_factory=lambda: Template("TITLE_TEMPLATE", DEFAULT_TITLE))
     text: Template = dataclasses.field(default_factory=lambda: Template("TEXT_TEMPLATE", DEFAULT_TEXT))
@@ -506,10 +510,25 @@ class MessageSettings:
     silence_durations: Tuple[Tuple[str, float], ...] = (("1h", 3600.0), ("4h", 14400.0), ("24h", 86400.0),
                                                         ("7d", 604800.0))
 
+    def key_names(self, labels: Dict[str, str]) -> Tuple[str, ...]:
+        """The labels that make the thread key of an alert with these labels: THREAD_KEY_LABELS, and by default
+        its namespace when it has one (two namespaces never share a thread; the seed's alerts have none)."""
+        if self.by_namespace and labels.get("namespace") and "namespace" not in self.key_labels:
+            return self.key_labels + ("namespace",)
+        return self.key_labels
+
     def thread_key(self, alert: Alert, group_key: str = "") -> str:
-        """The seed's key by default, alertname|severity|service|cluster|ENVIRONMENT (or the group's)."""
+        """The seed's key by default, alertname|severity|service|cluster|ENVIRONMENT (or the group's); an alert
+        with a namespace label: alertname|severity|service|cluster|namespace|ENVIRONMENT."""
         if self.thread_by == "group" and group_key:
             return bounded_key(f"group|{group_key}|{self.environment}")
+        names = self.key_names(alert.labels)
+        return bounded_key("|".join([alert.labels.get(name, "") for name in names] + [self.environment]))
+
+    def legacy_key(self, alert: Alert, group_key: str = "") -> Optional[str]:
+        """The key this alert had before namespaces were part of it (1.x): its thread may still be open."""
+        if self.thread_by == "group" and group_key or self.key_names(alert.labels) == self.key_labels:
+            return None
         return bounded_key("|".join([alert.labels.get(name, "") for name in self.key_labels] + [self.environment]))
 
     def mentions_for(self, alerts: Iterable[Alert]) -> str:
@@ -783,7 +802,8 @@ SETTINGS: Tuple[Tuple[str, Optional[str], str], ...] = (
     ("ALERTMANAGER_AUTH", None, "credentials for Alertmanager's API: user:password (basic auth) or 'Bearer TOKEN'"),
     ("ALERTMANAGER_AUTH_FILE", None, "read Alertmanager's credentials from this file"),
     ("SILENCE_DURATIONS", "1h,4h,24h,7d", "the durations a Silence menu in Slack offers"),
-    ("THREAD_KEY_LABELS", ",".join(KEY_LABELS), "labels that make the thread key (ENVIRONMENT is appended)"),
+    ("THREAD_KEY_LABELS", ",".join(KEY_LABELS), "labels that make the thread key (ENVIRONMENT is appended); "
+                          "unset, an alert with a namespace label also has it in its key"),
     ("THREAD_BY", "labels", "labels: a thread per thread key; group: a thread per Alertmanager group (groupKey)"),
     ("MESSAGE_FIELDS", None, "comma-separated labels shown as fields, in order (default: severity, environment, "
                              "service, cluster, instance when present, then the alert's other labels); value: "
@@ -912,9 +932,10 @@ def _read_secret_file(variable: str, path: str) -> str:
         with open(path, encoding="utf-8") as f:
             value = f.read().strip()
     except OSError as e:
-        raise ConfigError(f"{variable}: cannot read {path}: {e.strerror}") from None
+        raise ConfigError(f"{variable}: cannot read {path}: {e.strerror} (the service's user must be able to "
+                          "read it)") from None
     if not value:
-        raise ConfigError(f"{variable}: {path} is empty")
+        raise ConfigError(f"{variable}: {path} is empty (write the secret into it)")
     return value
 
 
@@ -925,14 +946,14 @@ def check_channel_id(variable: str, channel: str) -> None:
     if re.fullmatch(r"#?[a-z0-9][a-z0-9._-]{0,79}", channel):
         raise ConfigError(f"{variable}: {channel!r} is a channel name; give its ID instead (in Slack: the channel's "
                           "name > About, at the bottom: Channel ID, like C0123456789)")
-    raise ConfigError(f"{variable}: {channel!r} is not a channel ID like C0123456789")
+    raise ConfigError(f"{variable}: {truncate(channel, 40)!r} is not a channel ID (use one like C0123456789)")
 
 
 class RawSettings:
     """The settings as given: each flag, else its environment variable, else its default; read and checked."""
 
     def __init__(self, args: argparse.Namespace, environ: Dict[str, str]) -> None:
-        self.args = args
+        self.args, self.environ = args, environ
         self.values: Dict[str, Optional[str]] = {}
         for variable, default, _ in SETTINGS:
             flag_value = getattr(args, variable, None)
@@ -942,6 +963,10 @@ class RawSettings:
     def __getitem__(self, variable: str) -> Optional[str]:
         return self.values[variable]
 
+    def given(self, variable: str) -> bool:
+        """Was this setting given (a flag or a non-empty variable), rather than left at its default?"""
+        return getattr(self.args, variable, None) is not None or bool(self.environ.get(variable))
+
     def text(self, variable: str) -> str:
         return self.values[variable] or ""
 
@@ -950,17 +975,19 @@ class RawSettings:
         try:
             value = int(text) if integer else parse_duration(text)
         except ValueError:
-            kind = "an integer" if integer else "a duration such as 30s or 5m"
-            raise ConfigError(f"{variable}={text!r} is not {kind}") from None
+            fix = f"a whole number within {low}..{high}" if integer else "a duration such as 30s or 5m"
+            raise ConfigError(f"{variable}: {truncate(text, 40)!r} is not {'an integer' if integer else 'a duration'} "
+                              f"(use {fix})") from None
         if not low <= value <= high:
             bounds = f"{low}..{high}" if integer else f"{low:g}s..{high:g}s"
-            raise ConfigError(f"{variable}={text} is out of range ({bounds})")
+            raise ConfigError(f"{variable}: {text} is out of range (use a value within {bounds})")
         return value
 
     def choice(self, variable: str, options: Sequence[str]) -> str:
         value = self.text(variable).lower()
         if value not in options:
-            raise ConfigError(f"{variable}={self.values[variable]!r} must be {', '.join(options[:-1])} or {options[-1]}")
+            raise ConfigError(f"{variable}: {truncate(self.text(variable), 40)!r} is not a choice (use "
+                              f"{', '.join(options[:-1])} or {options[-1]})")
         return value
 
     def redis_url(self) -> str:
@@ -979,7 +1006,7 @@ class RawSettings:
         path = self.values.get(variable + "_FILE")
         if path:
             if self.values[variable]:
-                raise ConfigError(f"set {variable} or {variable}_FILE, not both")
+                raise ConfigError(f"{variable}: set as well as {variable}_FILE (set one of them, not both)")
             return _read_secret_file(variable + "_FILE", path)
         return self.values[variable]
 
@@ -990,7 +1017,8 @@ def channel_settings(raw: RawSettings, token: Optional[str]) -> Tuple[Optional[s
     if channel:
         check_channel_id("SLACK_CHANNEL", channel)
     if not channel and token:
-        raise ConfigError("SLACK_CHANNEL is required when SLACK_BOT_TOKEN is set")
+        raise ConfigError("SLACK_CHANNEL: not set, and SLACK_BOT_TOKEN is (set it to the channel's ID, like "
+                          "C0123456789)")
     channels = tuple(c.strip() for c in raw.text("SLACK_CHANNELS").split(",") if c.strip())
     for c in channels:
         check_channel_id("SLACK_CHANNELS", c)
@@ -1002,14 +1030,16 @@ def channel_settings(raw: RawSettings, token: Optional[str]) -> Tuple[Optional[s
 def store_settings(raw: RawSettings, environ: Dict[str, str]) -> Dict[str, Any]:
     store = raw.text("THREAD_STORE").lower()
     if store not in ("file", "redis"):
-        raise ConfigError(f"THREAD_STORE={raw['THREAD_STORE']!r} is unknown (use file or redis)")
+        raise ConfigError(f"THREAD_STORE: {truncate(raw.text('THREAD_STORE'), 40)!r} is unknown (use file or redis)")
     store_file = raw.text("THREAD_STORE_FILE") or default_store_file(environ)
     if store == "file":
         directory = os.path.dirname(os.path.abspath(store_file))
         if not os.path.isdir(directory):
-            raise ConfigError(f"THREAD_STORE_FILE: directory {directory} does not exist")
+            raise ConfigError(f"THREAD_STORE_FILE: directory {directory} does not exist (create it, or name "
+                              "another file)")
         if not os.access(directory, os.W_OK | os.X_OK):
-            raise ConfigError(f"THREAD_STORE_FILE: directory {directory} is not writable")
+            raise ConfigError(f"THREAD_STORE_FILE: directory {directory} is not writable (give the service's user "
+                              "write access, or name another file)")
         for path in (store_file, f"{store_file}.journal"):
             refuse_unless_file(path)
     redis_url = raw.redis_url()
@@ -1017,13 +1047,14 @@ def store_settings(raw: RawSettings, environ: Dict[str, str]) -> Dict[str, Any]:
         parts = urllib.parse.urlsplit(redis_url)
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
-        raise ConfigError("REDIS_URL is malformed") from None
+        raise ConfigError("REDIS_URL: not a URL (the form is redis://[[USER]:PASSWORD@]HOST:PORT/DB)") from None
     if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
-        raise ConfigError("REDIS_URL must be redis://[:password@]host:port/db, rediss://... or unix:///path")
+        raise ConfigError("REDIS_URL: not a Redis URL (use redis://[:password@]host:port/db, rediss://... or "
+                          "unix:///path)")
     check_redis_url(redis_url)
     prefix = raw.text("REDIS_KEY_PREFIX")
     if not prefix or any(c in prefix for c in "*?[] "):
-        raise ConfigError("REDIS_KEY_PREFIX must be non-empty without spaces or glob characters")
+        raise ConfigError("REDIS_KEY_PREFIX: empty, or with spaces or glob characters (use a name like alert-thread)")
     return {"thread_store": store, "thread_store_file": os.path.abspath(store_file), "redis_url": redis_url,
             "redis_key_prefix": prefix}
 
@@ -1066,20 +1097,22 @@ def url_settings(raw: RawSettings) -> Dict[str, Any]:
     api_url = raw.text("SLACK_API_URL")
     api = urllib.parse.urlsplit(api_url)
     if api.scheme not in ("http", "https") or not api.hostname:
-        raise ConfigError(f"SLACK_API_URL={shown_url(api_url)} must be an http(s) URL")
+        raise ConfigError(f"SLACK_API_URL: {shown_url(api_url)} is not an http(s) URL (the default is "
+                          "https://slack.com/api/)")
     am_url = raw["ALERTMANAGER_URL"]
     if am_url and not is_http_url(am_url):
-        raise ConfigError(f"ALERTMANAGER_URL={shown_url(am_url)} must be an http(s) URL")
+        raise ConfigError(f"ALERTMANAGER_URL: {shown_url(am_url)} is not an http(s) URL (like "
+                          "http://alertmanager:9093)")
     if am_url and urllib.parse.urlsplit(am_url).query:
-        raise ConfigError("ALERTMANAGER_URL must not carry a query string (it would show in every Silence link "
-                          "and log line): put credentials in ALERTMANAGER_AUTH or ALERTMANAGER_AUTH_FILE")
+        raise ConfigError("ALERTMANAGER_URL: carries a query string, which would show in every Silence link and "
+                          "log line (put credentials in ALERTMANAGER_AUTH or ALERTMANAGER_AUTH_FILE)")
     if am_url and "@" in urllib.parse.urlsplit(am_url).netloc:
-        raise ConfigError("ALERTMANAGER_URL must not carry credentials (they would show in every Silence link): "
-                          "put them in ALERTMANAGER_AUTH or ALERTMANAGER_AUTH_FILE")
+        raise ConfigError("ALERTMANAGER_URL: carries credentials, which would show in every Silence link (put "
+                          "them in ALERTMANAGER_AUTH or ALERTMANAGER_AUTH_FILE)")
     if raw["SLACK_SIGNING_SECRET"] or raw["SLACK_SIGNING_SECRET_FILE"]:
         if not am_url:
-            raise ConfigError("SLACK_SIGNING_SECRET needs ALERTMANAGER_URL: silences from Slack go to the "
-                              "Alertmanager you name, never to an address a webhook claims (its externalURL)")
+            raise ConfigError("SLACK_SIGNING_SECRET: set without ALERTMANAGER_URL (set it: silences from Slack go to "
+                              "the Alertmanager you name, never to an address a webhook claims)")
     return {"slack_api_url": api_url if api_url.endswith("/") else api_url + "/", "alertmanager_url": am_url}
 
 
@@ -1087,7 +1120,8 @@ def label_list(raw: RawSettings, variable: str) -> Tuple[str, ...]:
     names = tuple(n.strip() for n in raw.text(variable).split(",") if n.strip())
     for name in names:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            raise ConfigError(f"{variable}: {truncate(name, 60)!r} is not a label name")
+            raise ConfigError(f"{variable}: {truncate(name, 60)!r} is not a label name (letters, digits and _, "
+                              "comma-separated)")
     return names
 
 
@@ -1099,10 +1133,10 @@ def silence_durations(raw: RawSettings) -> Tuple[Tuple[str, float], ...]:
         except ValueError:
             raise ConfigError(f"SILENCE_DURATIONS: {truncate(text, 30)!r} is not a duration such as 4h or 7d") from None
         if not 60 <= seconds <= 366 * 86400:
-            raise ConfigError(f"SILENCE_DURATIONS: {text} is not between 1m and 366d")
+            raise ConfigError(f"SILENCE_DURATIONS: {text} is too short or too long (use 1m to 366d)")
         durations.append((text, seconds))
     if not 1 <= len(durations) <= 10:
-        raise ConfigError("SILENCE_DURATIONS must name 1 to 10 durations, e.g. 1h,4h,24h,7d")
+        raise ConfigError("SILENCE_DURATIONS: none, or more than 10 (name 1 to 10 durations, e.g. 1h,4h,24h,7d)")
     return tuple(durations)
 
 
@@ -1114,29 +1148,31 @@ def alertmanager_auth(raw: RawSettings) -> Optional[str]:
     if value.lower().startswith("bearer "):
         return "Bearer " + value[7:].strip()
     if ":" not in value or "\n" in value:
-        raise ConfigError("ALERTMANAGER_AUTH (or its file) must hold user:password or 'Bearer TOKEN' on one line")
+        raise ConfigError("ALERTMANAGER_AUTH: not credentials (put user:password or 'Bearer TOKEN' on one line, in "
+                          "the variable or its file)")
     return "Basic " + base64.b64encode(value.encode()).decode()
 
 
 def message_settings(raw: RawSettings, environment: str, interactive: bool) -> MessageSettings:
     key_labels = label_list(raw, "THREAD_KEY_LABELS")
     if not key_labels:
-        raise ConfigError("THREAD_KEY_LABELS must name at least one label (default: alertname,severity,service,"
-                          "cluster)")
+        raise ConfigError("THREAD_KEY_LABELS: names no label (name at least one; the default is alertname,severity,"
+                          "service,cluster)")
     zone_name = raw.text("TIME_ZONE")
     try:
         zone = zoneinfo.ZoneInfo(zone_name) if zone_name not in ("UTC", "utc", "Z") else timezone.utc
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(f"TIME_ZONE={zone_name!r} is not a time zone this machine knows (an IANA name like "
-                          "Europe/Berlin; Debian's tzdata package holds them)") from None
+        raise ConfigError(f"TIME_ZONE: {truncate(zone_name, 40)!r} is not a time zone this machine knows (an IANA "
+                          "name like Europe/Berlin; Debian's tzdata package holds them)") from None
     broadcast = tuple(b.strip().lower() for b in raw.text("BROADCAST").split(",") if b.strip())
     for name in broadcast:
         if name not in BROADCASTS:
-            raise ConfigError(f"BROADCAST: {truncate(name, 40)!r} is not one of {', '.join(BROADCASTS)}")
+            raise ConfigError(f"BROADCAST: {truncate(name, 40)!r} is not a transition (use {', '.join(BROADCASTS)})")
     return MessageSettings(
         environment=environment, fields=label_list(raw, "MESSAGE_FIELDS"),
         hidden=() if raw.text("HIDDEN_LABELS").strip().lower() == "none" else label_list(raw, "HIDDEN_LABELS"),
-        key_labels=key_labels, thread_by=raw.choice("THREAD_BY", ("labels", "group")),
+        key_labels=key_labels, by_namespace=not raw.given("THREAD_KEY_LABELS"),
+        thread_by=raw.choice("THREAD_BY", ("labels", "group")),
         title=Template("TITLE_TEMPLATE", raw.text("TITLE_TEMPLATE")),
         text=Template("TEXT_TEMPLATE", raw.text("TEXT_TEMPLATE")), time_zone=zone,
         mentions=parse_mentions(raw.text("MENTIONS")), broadcast=broadcast,
@@ -1149,20 +1185,21 @@ def load_config(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
     token, webhook_token = raw.secret("SLACK_BOT_TOKEN"), raw.secret("WEBHOOK_TOKEN")
     signing_secret = raw.secret("SLACK_SIGNING_SECRET")
     if signing_secret and (len(signing_secret) < 16 or not signing_secret.isprintable() or " " in signing_secret):
-        raise ConfigError("SLACK_SIGNING_SECRET must be the app's signing secret (Basic Information > App "
-                          "Credentials), 16 or more printable characters")
+        raise ConfigError("SLACK_SIGNING_SECRET: not a signing secret (copy the app's from Basic Information > App "
+                          "Credentials: 16 or more printable characters)")
     if token and not re.fullmatch(r"xox[a-z]-[A-Za-z0-9-]+", token):
-        raise ConfigError("SLACK_BOT_TOKEN does not look like a Slack token (expected xoxb-...)")
+        raise ConfigError("SLACK_BOT_TOKEN: not a Slack token (use the bot token, xoxb-..., from OAuth & Permissions)")
     if webhook_token and (len(webhook_token) < 16 or not webhook_token.isprintable() or " " in webhook_token):
-        raise ConfigError("WEBHOOK_TOKEN must be at least 16 printable characters without spaces")
+        raise ConfigError("WEBHOOK_TOKEN: too short or with spaces (use 16 or more printable characters, e.g. "
+                          "openssl rand -hex 32)")
     channel, channels = channel_settings(raw, token)
     environment = raw.text("ENVIRONMENT")
     if not environment or "|" in environment or not environment.isprintable():
-        raise ConfigError("ENVIRONMENT must be a non-empty printable name without '|'")
+        raise ConfigError("ENVIRONMENT: empty, unprintable or with '|' (use a name like production)")
     slack_timeout = raw.number("SLACK_TIMEOUT", 0.1, 300)
     dry_run = raw.text("DRY_RUN").strip().lower()
     if dry_run not in ("true", "false", "1", "0", "yes", "no", "on", "off", ""):
-        raise ConfigError(f"DRY_RUN={truncate(dry_run, 20)!r} must be true or false")
+        raise ConfigError(f"DRY_RUN: {truncate(dry_run, 20)!r} is not true or false (use 1 or 0)")
     return Config(
         dry_run_asked=dry_run in ("true", "1", "yes", "on"), slack_bot_token=token, slack_channel=channel,
         slack_channels=channels, environment=environment,
@@ -1487,7 +1524,7 @@ class Item:
 def outbox_item(alert: Alert, channel: str, key: str, thread_key: str, external_url: str,
                 group_labels: Dict[str, str], received: float) -> Item:
     """An alert as the outbox keeps it: clipped to what a message can show."""
-    labels, whole = clip_for_record(alert.labels, KEY_LABELS + ("instance",))
+    labels, whole = clip_for_record(alert.labels, KEPT_LABELS)
     annotations, _ = clip_for_record(alert.annotations, ("summary", "description", "runbook_url"))
     kept = dataclasses.replace(
         alert, labels=labels, annotations=annotations, labels_whole=alert.labels_whole and whole,
@@ -3763,7 +3800,7 @@ def matcher(name: str, value: str) -> str:
 
 
 def silence_url(base: str, labels: Dict[str, str], whole: bool = True,
-                fallback: Sequence[str] = KEY_LABELS + ("instance",)) -> Optional[str]:
+                fallback: Sequence[str] = KEPT_LABELS) -> Optional[str]:
     """Alertmanager's new-silence form pre-filled with matchers for these labels.
 
     Every label when they fit (and all of them are known: `whole`), else the thread key's and the instance."""
@@ -3831,7 +3868,7 @@ def alert_buttons(alert: Alert, ms: MessageSettings, external_url: str, silence:
         silence_link = None
     elif silence:  # built from a checked base URL and percent-encoded matchers: safe by construction
         labels, whole, fallback = ((silence_labels, True, tuple(silence_labels)) if silence_labels is not None
-                                   else (alert.labels, alert.labels_whole, ms.key_labels + ("instance",)))
+                                   else (alert.labels, alert.labels_whole, ms.key_names(alert.labels) + ("instance",)))
         silence_link = silence_url(external_url, labels, whole, fallback)
     else:
         silence_link = None
@@ -3848,21 +3885,104 @@ def alert_buttons(alert: Alert, ms: MessageSettings, external_url: str, silence:
     return block
 
 
+FIELD_TITLES = {"persistentvolumeclaim": "PVC", "statefulset": "StatefulSet",
+                "daemonset": "DaemonSet"}
+# The labels that name a Kubernetes workload, in the order a message shows them, and those of them that name it.
+WORKLOAD_LABELS = ("namespace", "pod", "deployment", "statefulset", "daemonset", "job_name", "persistentvolumeclaim",
+                   "container", "node")
+WORKLOAD_NAMES = ("pod", "deployment", "statefulset", "daemonset", "job_name", "persistentvolumeclaim")
+# The exporters whose scrape target is not what an alert is about: kube-state-metrics and the kubelet report on
+# workloads; node_exporter on its node (its instance), not on the pod it runs in.
+SCRAPE_LABELS = ("service", "instance", "job", "endpoint", "metrics_path")
+
+
+def exporter_labels(labels: Dict[str, str]) -> Set[str]:
+    """The labels of an alert that describe the exporter that reported it, not the thing that is broken: the
+    scrape target's of kube-state-metrics and the kubelet, and node_exporter's pod (kube-prometheus-stack)."""
+    job, service = labels.get("job", ""), labels.get("service", "")
+    if "kube-state-metrics" in job or "kube-state-metrics" in service or job == "kubelet" or (
+            service.endswith("-kubelet")):
+        # A metric without its own pod or container label keeps the exporter's (honorLabels): not the workload.
+        own = {n for n in ("pod", "container") if "kube-state-metrics" in labels.get(n, "")}
+        return set(SCRAPE_LABELS) | own
+    if "node-exporter" in job or "node-exporter" in service:
+        return (set(SCRAPE_LABELS) - {"instance"}) | {"pod", "container", "namespace"}
+    return set()
+
+
+def workload_labels(labels: Dict[str, str]) -> List[str]:
+    """The workload labels of an alert that name what it is about (not its exporter), in WORKLOAD_LABELS order."""
+    if not any(labels.get(n) for n in WORKLOAD_LABELS):
+        return []
+    exporter = exporter_labels(labels)
+    return [n for n in WORKLOAD_LABELS if labels.get(n) and n not in exporter]
+
+
+def subject(labels: Dict[str, str]) -> str:
+    """What an alert is about, in a few words: namespace/pod (or deployment, ...), the node, namespace/job, or
+    the instance; "" for an alert shaped like the seed's, whose title and fields say it."""
+    workload = workload_labels(labels)
+    if not workload:
+        exporter = exporter_labels(labels)
+        return labels.get("instance", "") if exporter and "instance" not in exporter else ""
+    name = next((labels[n] for n in WORKLOAD_NAMES if n in workload), "")
+    if not name and "node" in workload:
+        return labels["node"]
+    if not name and labels.get("job") and "job" not in exporter_labels(labels):
+        name = labels["job"]  # a scrape job's own alert (TargetDown): the job is what is down
+    namespace = labels.get("namespace", "") if "namespace" in workload else ""
+    return "/".join(part for part in (namespace, name) if part)
+
+
+# The labels that tell a thread's alerts apart, in the order a reply names them (the first two by value alone).
+APART_ORDER = ("pod", "instance") + WORKLOAD_NAMES[1:] + ("container", "node", "device", "mountpoint")
+APART_RANK = {name: rank for rank, name in enumerate(APART_ORDER)}
+
+
+def about(alert: Alert, ms: MessageSettings) -> str:
+    """What an alert is about (its subject), unless its title says so already."""
+    what = subject(alert.labels)
+    return "" if what in alert_title(alert, ms) else what
+
+
+def told_apart(alert: Alert, record: Dict[str, Any], ms: MessageSettings) -> str:
+    """What tells this alert apart from the other alerts of its thread: the labels whose values differ between
+    them (a pod or instance by its value, others as name=value), else what it is about; what its title says
+    already is not said again, and an alert alone in its thread is told as the seed tells it."""
+    others = [entry[3] if len(entry) > 3 else None for fingerprint, entry in record.get("alerts", {}).items()
+              if fingerprint != alert.fingerprint]  # an entry stored before 1.1 has no labels
+    skip = exporter_labels(alert.labels) | set(ms.hidden)
+    names = sorted((n for n in alert.labels if n not in skip and not n.startswith("__") and any(
+        other.get(n) != alert.labels[n] for other in others if other)), key=lambda n: (APART_RANK.get(n, 99), n))
+    if not names:
+        what = subject(alert.labels) or (alert.labels.get("instance", "") if others else "")
+        return "" if what in alert_title(alert, ms) else what
+    title = alert_title(alert, ms)
+    return truncate(" · ".join(alert.labels[n] if n in APART_ORDER[:2] else f"{n}={alert.labels[n]}"
+                               for n in names[:3] if alert.labels[n] not in title), 100)
+
+
 def field_title(name: str) -> str:
-    return name.replace("_", " ").capitalize()
+    return FIELD_TITLES.get(name) or name.replace("_", " ").capitalize()
 
 
 def field_pairs(alert: Alert, ms: MessageSettings) -> List[Tuple[str, str]]:
-    """The fields a message shows: MESSAGE_FIELDS, or the seed's when the alert has them, then its other labels."""
+    """The fields a message shows: MESSAGE_FIELDS, or the seed's when the alert has them, then its other labels.
+
+    An alert about a Kubernetes workload shows that first (namespace, pod, ...), and not the exporter that
+    reported it; an alert shaped like the seed's keeps the seed's layout."""
     labels = alert.labels
     if ms.fields:  # a label; else "environment" is ENVIRONMENT and "value" Grafana's evaluated value
         pairs = [(field_title(n), labels.get(n) or {"environment": ms.environment, "value": alert.value}.get(n, ""))
                  for n in ms.fields]
         return [(t, v.upper() if t == "Severity" else v) for t, v in pairs if v][:FIELDS_MAX]
-    pairs = [("Severity", alert.severity.upper()), ("Environment", ms.environment),
-             ("Service", labels.get("service", "")), ("Cluster", labels.get("cluster", "")),
-             ("Instance", labels.get("instance", "")), ("Value", alert.value)]
-    shown = {"severity", "service", "cluster", "instance", *ms.hidden, *ms.key_labels}
+    exporter = exporter_labels(labels) if ms.hidden else set()  # HIDDEN_LABELS=none: every label is shown
+    workload = workload_labels(labels)
+    seed = [(n, labels.get(n, "")) for n in ("service", "cluster", "instance") if n not in exporter]
+    seed = [(n, labels[n]) for n in workload] + seed
+    pairs = [("Severity", alert.severity.upper()), ("Environment", ms.environment)]
+    pairs += [(field_title(n), v) for n, v in seed] + [("Value", alert.value)]
+    shown = {"severity", "service", "cluster", "instance", *workload, *exporter, *ms.hidden, *ms.key_labels}
     rest = sorted((n for n in labels if n not in shown and not n.startswith("__")),
                   key=lambda n: (LABEL_RANK.get(n, len(LABEL_ORDER)), n))
     pairs += [(field_title(n), labels[n]) for n in rest[:FIELDS_MAX]]
@@ -3886,7 +4006,7 @@ def time_line(alert: Alert, ms: MessageSettings, resolved: bool) -> str:
 
 def context_text(alert: Alert, ms: MessageSettings) -> str:
     """env=… | alertname=…, and the other labels of the thread key that no field shows."""
-    shown = {"severity", "service", "cluster", "instance", "alertname"}
+    shown = {"severity", "service", "cluster", "instance", "alertname", *workload_labels(alert.labels)}
     extra = [f"{n}={alert.labels[n]}" for n in ms.key_labels if n not in shown and alert.labels.get(n)]
     return mrkdwn(" | ".join([f"env={ms.environment}", f"alertname={alert.alertname}"] + extra), 1000)
 
@@ -3953,9 +4073,12 @@ def message(channel: str, text: str, color: str, blocks: List[Dict[str, Any]],
 
 
 def fallback_text(alert: Alert, ms: MessageSettings, kind: str, mention: str = "",
-                  summary: Optional[str] = None) -> str:
-    """The message's text: what notifications show (and, first, whom it mentions); `summary`: alert_title's, if made."""
+                  summary: Optional[str] = None, what: Optional[str] = None) -> str:
+    """The message's text: what notifications show (and, first, whom it mentions); `summary`: alert_title's, if
+    made; `what`: what the alert is about or what tells it apart in its thread (default: its subject)."""
     summary = mrkdwn(alert_title(alert, ms) if summary is None else summary, 500)
+    what = about(alert, ms) if what is None else what
+    summary += f" · {mrkdwn(what, 100)}" if what else ""
     if kind == "resolved":
         return f"✅ RESOLVED — {summary}"
     emoji = severity_style(alert.severity)[0]
@@ -3967,30 +4090,38 @@ def fallback_text(alert: Alert, ms: MessageSettings, kind: str, mention: str = "
 
 def render_alert(alert: Alert, channel: str, ms: MessageSettings, kind: str, thread_ts: Optional[str] = None,
                  external_url: str = "", mention: str = "", broadcast: bool = False,
-                 notes: Sequence[str] = ()) -> Dict[str, Any]:
-    """A reply or standalone message for one alert; kind is firing, refire or resolved; notes go under its title."""
+                 notes: Sequence[str] = (), what: Optional[str] = None) -> Dict[str, Any]:
+    """A reply or standalone message for one alert; kind is firing, refire or resolved; notes go under its title.
+
+    Its title and text name `what` tells it apart from its thread's other alerts (default: what it is about)."""
     summary = alert_title(alert, ms)
+    what = clean_text(about(alert, ms) if what is None else what).strip()
     if kind == "resolved":
         emoji, color = RESOLVED_STYLE
-        title = f"{emoji} RESOLVED — {summary}"
+        title = f"{emoji} RESOLVED — "
     else:
         emoji, color = severity_style(alert.severity)
-        title = f"{emoji} {'FIRING AGAIN — ' if kind == 'refire' else ''}{summary}"
+        title = f"{emoji} {'FIRING AGAIN — ' if kind == 'refire' else ''}"
+    if what:  # the summary gives way, so that the header keeps what tells the alert apart
+        what = truncate(what, 60)
+        title += truncate(summary, HEADER_MAX - utf16_units(title + what) - 3, utf16=True) + " · " + what
+    else:
+        title += summary
     interactive = ms.interactive and kind != "resolved"
     blocks = alert_blocks(alert, ms, title, external_url, resolved=kind == "resolved",
                           controls=[silence_menu(ms)] if interactive else None,
                           block_id=f"alert:{alert.fingerprint}" if interactive and alert.fingerprint else "",
                           notes=notes)
-    payload = message(channel, fallback_text(alert, ms, kind, mention, summary), color, blocks, thread_ts)
+    payload = message(channel, fallback_text(alert, ms, kind, mention, summary, what), color, blocks, thread_ts)
     if broadcast and thread_ts:
         payload["reply_broadcast"] = True
     return payload
 
 
 def render_plain(alert: Alert, channel: str, ms: MessageSettings, kind: str,
-                 thread_ts: Optional[str] = None) -> Dict[str, Any]:
+                 thread_ts: Optional[str] = None, what: Optional[str] = None) -> Dict[str, Any]:
     """The plain-text message sent when Slack rejects a layout: just the essentials, escaped."""
-    lines = [fallback_text(alert, ms, kind),
+    lines = [fallback_text(alert, ms, kind, what=what),
              f"Severity: {mrkdwn(alert.severity.upper() or '-', 50)} | "
              f"Instance: {mrkdwn(alert.labels.get('instance', '-'), 300)}",
              time_line(alert, ms, kind == "resolved").replace("*", "")]
@@ -4085,7 +4216,7 @@ def render_card(record: Dict[str, Any], channel: str, ms: MessageSettings, menti
     blocks = alert_blocks(alert, ms, title, record.get("first", {}).get("externalURL", ""),
                           status_line=card_status(record, ms), silence=not closed, controls=controls,
                           block_id="card" if controls else "", notes=card_notes(record, ms),
-                          silence_labels=thread_labels(record, ms.key_labels) if several else None)
+                          silence_labels=thread_labels(record, ms) if several else None)
     text = fallback_text(alert, ms, "resolved" if closed else "firing", mention, summary)
     payload = message(channel, text, color, blocks)
     if record.get("ts"):
@@ -4093,10 +4224,11 @@ def render_card(record: Dict[str, Any], channel: str, ms: MessageSettings, menti
     return payload
 
 
-def thread_labels(record: Dict[str, Any], key_labels: Sequence[str]) -> Dict[str, str]:
+def thread_labels(record: Dict[str, Any], ms: MessageSettings) -> Dict[str, str]:
     """The labels every alert of a thread shares: its group's (THREAD_BY=group), else the thread key's."""
     first = record.get("first", {})
-    return first.get("group_labels") or {name: first.get("labels", {}).get(name, "") for name in key_labels}
+    labels = first.get("labels", {})
+    return first.get("group_labels") or {name: labels.get(name, "") for name in ms.key_names(labels)}
 
 
 def count_lines(counts: Dict[str, int], limit: int, label: Callable[[str], str]) -> List[str]:
@@ -4167,11 +4299,14 @@ def render_digest(storm: Dict[str, Any], channel: str, ms: MessageSettings, ment
     return payload
 
 
-def digest_line(alert: Alert, ms: MessageSettings, note: str = "") -> str:
-    """One alert on one line of a compact message; `note` (plain words) after it, like "firing again"."""
+def digest_line(alert: Alert, ms: MessageSettings, note: str = "", what: Optional[str] = None) -> str:
+    """One alert on one line of a compact message; `note` (plain words) after it, like "firing again"; `what`
+    tells it apart from its thread's other alerts (default: its instance, namespace and pod)."""
     emoji = RESOLVED_STYLE[0] if alert.status == "resolved" else severity_style(alert.severity)[0]
     parts = [f"*{mrkdwn(alert.alertname or '-', 60)}*"]
-    for name in ("instance", "namespace", "pod"):
+    names = ("instance", "namespace", "pod") if what is None else ()
+    parts += [mrkdwn(what, 100)] if what else []
+    for name in names:
         if alert.labels.get(name):
             parts.append(mrkdwn(alert.labels[name], 50))
     parts.append(mrkdwn(alert_title(alert, ms), 80))
@@ -4181,7 +4316,8 @@ def digest_line(alert: Alert, ms: MessageSettings, note: str = "") -> str:
 
 
 def render_batch(alerts: List[Alert], channel: str, ms: MessageSettings, thread_ts: Optional[str], resolved: bool,
-                 notes: Sequence[str] = (), note: str = "", broadcast: bool = False) -> Dict[str, Any]:
+                 notes: Sequence[str] = (), note: str = "", broadcast: bool = False,
+                 whats: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """A compact message listing up to twenty alerts, one line each (`notes`: a word for each, or none)."""
     n = len(alerts)
     head = (f"*✅ {n} resolved*" if resolved else f"*🔥 {n} firing*") + note
@@ -4189,7 +4325,8 @@ def render_batch(alerts: List[Alert], channel: str, ms: MessageSettings, thread_
         min((a.severity for a in alerts), key=lambda s: SEVERITY_RANK.get(s, 5), default=""))[1]
     names = ", ".join(sorted({mrkdwn(a.alertname or "-", 60) for a in alerts}))
     text = clip_escaped(f"{'✅' if resolved else '🔥'} {n} {'resolved' if resolved else 'firing'}: {names}", 500)
-    lines = [digest_line(a, ms, notes[i] if i < len(notes) else "") for i, a in enumerate(alerts)]
+    lines = [digest_line(a, ms, notes[i] if i < len(notes) else "", whats[i] if whats else None)
+             for i, a in enumerate(alerts)]
     payload = message(channel, text, color, pack_sections(head, lines), thread_ts)
     if broadcast and thread_ts:
         payload["reply_broadcast"] = True
@@ -4234,7 +4371,7 @@ def alert_entry(alert: Alert, state: str) -> List[Any]:
 
 def first_alert(alert: Alert, external_url: str) -> Dict[str, Any]:
     """What the status card needs of the thread's first alert, clipped to what it can show."""
-    labels, whole = clip_for_record(alert.labels, KEY_LABELS + ("instance",))
+    labels, whole = clip_for_record(alert.labels, KEPT_LABELS)
     annotations, _ = clip_for_record(alert.annotations, ("summary", "description", "runbook_url"))
     first: Dict[str, Any] = {"labels": labels, "annotations": annotations, "startsAt": alert.starts_at}
     if not (whole and alert.labels_whole):
@@ -4681,10 +4818,12 @@ def reply_message(record: Dict[str, Any], key: str, lines: List[Line], channel: 
 
     def draw() -> Drawn:
         mention = ms.mentions_for([alert]) if step == REOPEN and not line.fired else ""
+        what = told_apart(alert, after, ms)
         payload = render_alert(alert, channel, ms, kind, record["ts"], item.external_url, mention=mention,
-                               broadcast=broadcast, notes=[line.note.capitalize()] if line.fired else ())
+                               broadcast=broadcast, notes=[line.note.capitalize()] if line.fired else (), what=what)
         plain_kind = "resolved" if alert.status == "resolved" else "firing"
-        return payload, render_plain(alert, channel, ms, plain_kind, record["ts"]), new_parent(record, item, ms)
+        return (payload, render_plain(alert, channel, ms, plain_kind, record["ts"], what),
+                new_parent(record, item, ms))
     return Message("reply", key, draw, {key: after}, [(i, ACTIONS[step]) for i in line.items], {key: record},
                    {key: (True, closing)})
 
@@ -4698,7 +4837,8 @@ def compact_reply(record: Dict[str, Any], key: str, lines: List[Line], channel: 
 
     def draw() -> Drawn:
         payload = render_batch([ln.item.alert for ln in lines], channel, ms, record["ts"], resolved,
-                               notes=[ln.note for ln in lines], broadcast=bool(transitions & set(ms.broadcast)))
+                               notes=[ln.note for ln in lines], broadcast=bool(transitions & set(ms.broadcast)),
+                               whats=[told_apart(ln.item.alert, after, ms) for ln in lines])
         reopened = ms.mentions_for([ln.item.alert for ln in lines if ln.step == REOPEN and not ln.fired])
         if reopened:
             payload["text"] = f"{reopened} {payload['text']}"
@@ -5664,7 +5804,14 @@ class Intake:
         ms, window, now = self.config.messages, self.config.reopen_window, time.time()
         thread_keys = [ms.thread_key(alert, hook.group_key) for alert in hook.alerts]
         keys = [self.store_key(thread_key, channel) for thread_key in thread_keys]
-        stored = self.store.get_many(list(dict.fromkeys(keys)))  # a look only: the sender decides again
+        legacy = [ms.legacy_key(alert, hook.group_key) for alert in hook.alerts]
+        old_keys = [self.store_key(key, channel) if key else "" for key in legacy]
+        stored = self.store.get_many(list(dict.fromkeys(keys + [k for k in old_keys if k])))  # the sender decides
+        for i, alert in enumerate(hook.alerts):  # told before namespaces were in keys: its thread goes on
+            old = usable(stored.get(old_keys[i]), channel) if old_keys[i] and keys[i] not in stored else None
+            if old is not None and alert.fingerprint in old["alerts"] and (
+                    old["status"] == "open" or alert.status == "resolved" or decide(old, alert, window) == UNCHANGED):
+                thread_keys[i], keys[i] = legacy[i] or "", old_keys[i]
         external_url = self.config.alertmanager_url or hook.external_url
         group_labels = hook.group_labels if ms.thread_by == "group" else {}
         results: List[Tuple[str, str, Optional[str]]] = [("", "", None)] * len(hook.alerts)
@@ -5891,7 +6038,7 @@ class Interactions:
             what = "This alert"
         else:
             first = record.get("first", {})
-            labels = thread_labels(record, self.config.messages.key_labels)
+            labels = thread_labels(record, self.config.messages)
             if first.get("labels_clipped") and any(len(v) >= RECORD_VALUE_MAX for v in labels.values()):
                 raise AlertmanagerError("this thread's labels are too long to silence from Slack: use Alertmanager")
             what = "This thread"
@@ -6710,12 +6857,14 @@ def lock_state_file(path: str) -> int:
     try:
         fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as e:
-        raise ConfigError(f"THREAD_STORE_FILE: cannot create {path}.lock: {e.strerror}") from None
+        raise ConfigError(f"THREAD_STORE_FILE: cannot create {path}.lock: {e.strerror} (its directory must be "
+                          "writable)") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        raise ConfigError(f"THREAD_STORE_FILE: {path} is in use by another running alert-threader") from None
+        raise ConfigError(f"THREAD_STORE_FILE: {path} is in use by another running alert-threader (stop it, or name "
+                          "another file)") from None
     return fd
 
 
@@ -6731,7 +6880,8 @@ class Service:
             self.server = ThreaderServer((config.host, config.port), config.max_connections)
         except (OSError, OverflowError) as e:
             reason = getattr(e, "strerror", None) or str(e)
-            raise ConfigError(f"HOST/PORT: cannot listen on {config.host}:{config.port}: {reason}") from None
+            raise ConfigError(f"PORT: cannot listen on {config.host}:{config.port}: {reason} (choose another PORT or "
+                              "HOST)") from None
         self._state_lock: Optional[int] = None
         lock_path = f"{config.thread_store_file}.lock"
         new_lock = config.thread_store == "file" and not os.path.lexists(lock_path)
