@@ -2171,7 +2171,7 @@ def test_secrets_never_reach_logs_errors_endpoints_or_help(tmp_path, slack, star
     for setting in ("SLACK_API_URL", "ALERTMANAGER_URL"):  # nor a URL's password, in a refusal of the URL
         for url in ("ftp://user:UrlPassword@example.com/", "user:UrlPassword@example.com"):
             refused = run_cli(cwd=tmp_path, env={setting: url})
-            assert refused.returncode == 2 and f"{setting}=" in refused.stderr.decode()
+            assert refused.returncode == 2 and f"alert-threader: {setting}: " in refused.stderr.decode()
             assert "UrlPassword" not in refused.stderr.decode()
 
 
