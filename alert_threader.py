@@ -772,7 +772,13 @@ SETTINGS: Tuple[Tuple[str, Optional[str], str], ...] = (
     ("THREAD_STORE_FILE", None,
      "file store path (default $STATE_DIRECTORY/threads.json, /var/lib/alert-threader/threads.json, ./threads.json)"),
     ("REDIS_URL", "redis://127.0.0.1:6379/0",
-     "redis://[:PASSWORD@]HOST:PORT/DB, rediss:// (TLS) or unix:///path/redis.sock?db=0"),
+     "redis://[:PASSWORD@]HOST:PORT/DB, rediss:// (TLS), unix:///path/redis.sock?db=0, or through Sentinel: "
+     "redis+sentinel://[:PASSWORD@]HOST:26379,HOST:26379,HOST:26379/SERVICE/DB (rediss+sentinel:// for TLS)"),
+    ("SENTINEL_PASSWORD", None, "the Sentinels' own password, when it differs from the data password (or "
+                                "?sentinel_password= in REDIS_URL)"),
+    ("SENTINEL_PASSWORD_FILE", None, "read the Sentinels' password from this file"),
+    ("REDIS_MIN_REPLICAS_ACK", "auto", "replicas that must hold an alert before its webhook is answered 200 "
+                                       "(WAIT); auto: 1 when the primary has replicas, else 0"),
     ("REDIS_KEY_PREFIX", "threader:ts", "Redis keys are PREFIX:THREAD_KEY"),
     ("HOST", "0.0.0.0", "listen address"),
     ("PORT", "9009", "listen port (0 picks a free one)"),
@@ -820,7 +826,8 @@ SETTINGS: Tuple[Tuple[str, Optional[str], str], ...] = (
     ("LOG_FORMAT", "text", "text or json"),
 )
 
-SECRET_SETTINGS = frozenset({"SLACK_BOT_TOKEN", "WEBHOOK_TOKEN", "SLACK_SIGNING_SECRET", "ALERTMANAGER_AUTH"})
+SECRET_SETTINGS = frozenset({"SLACK_BOT_TOKEN", "WEBHOOK_TOKEN", "SLACK_SIGNING_SECRET", "ALERTMANAGER_AUTH",
+                             "SENTINEL_PASSWORD"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -834,6 +841,8 @@ class Config:
     thread_store: str = "file"
     thread_store_file: str = "threads.json"
     redis_url: str = dataclasses.field(default="redis://127.0.0.1:6379/0", repr=False)
+    sentinel_password: Optional[str] = dataclasses.field(default=None, repr=False)
+    redis_min_acks: Optional[int] = None  # REDIS_MIN_REPLICAS_ACK; None: auto
     redis_key_prefix: str = "threader:ts"
     host: str = "0.0.0.0"
     port: int = 9009
@@ -878,10 +887,11 @@ class Config:
         kind, _, credential = auth.partition(" ")
         plain = base64.b64decode(credential).decode(errors="replace") if kind == "Basic" else ""
         return [s for s in (self.slack_bot_token, self.webhook_token, self.slack_signing_secret, auth, credential,
-                            plain, plain.partition(":")[2], *redis_passwords(self.redis_url)) if s]
+                            plain, plain.partition(":")[2], *redis_passwords(self.redis_url),
+                            self.sentinel_password) if s]
 
 
-QUERY_PASSWORD = re.compile(r"(?i)((?:^|&)password=)([^&]*)")
+QUERY_PASSWORD = re.compile(r"(?i)((?:^|&)(?:sentinel_)?password=)([^&]*)")
 
 
 def redis_passwords(url: str) -> List[str]:
@@ -1045,18 +1055,31 @@ def store_settings(raw: RawSettings, environ: Dict[str, str]) -> Dict[str, Any]:
     redis_url = raw.redis_url()
     try:
         parts = urllib.parse.urlsplit(redis_url)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
+        if parts.scheme not in SENTINEL_SCHEMES:  # several HOST:PORT, read by parse_sentinel_url
+            parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
         raise ConfigError("REDIS_URL: not a URL (the form is redis://[[USER]:PASSWORD@]HOST:PORT/DB)") from None
-    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
-        raise ConfigError("REDIS_URL: not a Redis URL (use redis://[:password@]host:port/db, rediss://... or "
-                          "unix:///path)")
-    check_redis_url(redis_url)
+    if parts.scheme in SENTINEL_SCHEMES:
+        try:
+            parse_sentinel_url(redis_url)
+        except ValueError as e:
+            raise ConfigError(f"REDIS_URL: {e} (the form is redis+sentinel://[[USER]:PASSWORD@]HOST:26379,"
+                              "HOST:26379/SERVICE/DB)") from None
+    elif parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+        raise ConfigError("REDIS_URL: not a Redis URL (use redis://[:password@]host:port/db, rediss://..., "
+                          "unix:///path or redis+sentinel://HOST:26379,.../SERVICE/DB)")
+    else:
+        check_redis_url(redis_url)
+    acks = raw.text("REDIS_MIN_REPLICAS_ACK").strip().lower()
+    if acks != "auto" and not (acks.isdigit() and int(acks) <= 16):
+        raise ConfigError(f"REDIS_MIN_REPLICAS_ACK: {truncate(acks, 20)!r} is not a count (use auto, 0 to refuse "
+                          "no webhook for want of a replica, or 1..16)")
     prefix = raw.text("REDIS_KEY_PREFIX")
     if not prefix or any(c in prefix for c in "*?[] "):
         raise ConfigError("REDIS_KEY_PREFIX: empty, or with spaces or glob characters (use a name like alert-thread)")
     return {"thread_store": store, "thread_store_file": os.path.abspath(store_file), "redis_url": redis_url,
-            "redis_key_prefix": prefix}
+            "redis_key_prefix": prefix, "redis_min_acks": None if acks == "auto" else int(acks),
+            "sentinel_password": raw.secret("SENTINEL_PASSWORD")}
 
 
 def refuse_unless_file(path: str) -> None:
@@ -1073,6 +1096,52 @@ def refuse_unless_file(path: str) -> None:
     else:
         return
     raise ConfigError(f"THREAD_STORE_FILE: {path} {problem} (nothing was changed)")
+
+
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+
+
+@dataclasses.dataclass(frozen=True)
+class SentinelTarget:
+    """A redis+sentinel:// URL, read: the Sentinels to ask, the primary's service name, and how to reach it."""
+
+    sentinels: Tuple[Tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: Optional[str] = None
+    password: Optional[str] = None
+    sentinel_password: Optional[str] = None
+    tls: bool = False
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    """redis+sentinel://[[USER]:PASSWORD@]HOST[:PORT],HOST[:PORT]/SERVICE[/DB][?sentinel_password=...]; raises
+    ValueError saying what is wrong (never quoting a password)."""
+    scheme, _, rest = url.partition("://")
+    netloc, _, path = rest.partition("/")
+    path, _, query = path.partition("?")
+    userinfo, at, hosts = netloc.rpartition("@")
+    username, _, password = userinfo.partition(":") if at else ("", "", "")
+    sentinels = []
+    for host in (h.strip() for h in hosts.split(",")):
+        name, colon, port = host.rpartition(":") if not host.endswith("]") else (host, "", "")
+        name = (name if colon else host).strip("[]")
+        if not name or (colon and not port.isdigit()) or not 0 < int(port or 26379) < 65536:
+            raise ValueError(f"{truncate(host, 60)!r} is not a Sentinel's HOST:PORT")
+        sentinels.append((name, int(port or 26379)))
+    parts = path.split("/")
+    if not parts[0]:
+        raise ValueError("no service name: the path names the primary as Sentinel knows it (sentinel monitor NAME)")
+    if len(parts) > 2 or (len(parts) == 2 and parts[1] and not parts[1].isdigit()):
+        raise ValueError(f"the database {truncate('/'.join(parts[1:]), 40)!r} is not a number")
+    options = urllib.parse.parse_qs(query)
+    unknown = sorted(set(options) - {"sentinel_password"})
+    if unknown:
+        raise ValueError(f"unknown option {truncate(unknown[0], 40)!r}")
+    unquote = urllib.parse.unquote
+    return SentinelTarget(tuple(sentinels), unquote(parts[0]), int(parts[1]) if len(parts) == 2 and parts[1] else 0,
+                          unquote(username) or None, unquote(password) or None,
+                          (options.get("sentinel_password") or [None])[0], scheme == "rediss+sentinel")
 
 
 def check_redis_url(url: str) -> None:
@@ -1598,6 +1667,10 @@ def item_order(item_id: str) -> Tuple[int, int]:
 
 class OutboxFull(StoreError):
     """OUTBOX_LIMIT alerts are waiting for Slack: Alertmanager must keep this webhook for now."""
+
+
+class NotReplicated(StoreError):
+    """No replica acknowledged an outbox write in time: answered 200, the alerts would live on one machine."""
 
 
 class LeaseLost(StoreError):
@@ -2800,7 +2873,8 @@ return 1
 class RedisConnection:
     """One redis-py client that fails fast, and the outage it is in: one log line when it starts and ends."""
 
-    def __init__(self, url: str, timeout: float, count: Callable[[str, bool], None], connections: int = 300) -> None:
+    def __init__(self, url: str, timeout: float, count: Callable[[str, bool], None], connections: int = 300,
+                 sentinel_password: Optional[str] = None) -> None:
         try:
             import redis  # imported here: only this store needs the package
         except ImportError:
@@ -2816,16 +2890,42 @@ class RedisConnection:
         timeouts = {"socket_timeout": timeout}
         if not url.startswith("unix:"):  # a unix socket connects at once; redis-py 4.3 refuses this there
             timeouts["socket_connect_timeout"] = timeout
-        # A connection for every request that may run at once (a storm's groups) and every worker: past a
-        # pool's own limit, newer redis-py fails a request as if Redis were gone.
-        self.pool = redis.BlockingConnectionPool.from_url(url, max_connections=connections, timeout=timeout,
-                                                          decode_responses=True, retry=Retry(NoBackoff(), 0),
-                                                          **timeouts)
-        self.client = redis.Redis(connection_pool=self.pool)
+        self.sentinel: Any = None
+        if url.startswith(tuple(f"{scheme}://" for scheme in SENTINEL_SCHEMES)):
+            self.target = parse_sentinel_url(url)
+            self.client = self._through_sentinel(redis, self.target, timeouts, connections, sentinel_password,
+                                                 Retry(NoBackoff(), 0))
+            self.pool = self.client.connection_pool
+        else:
+            # A connection for every request that may run at once (a storm's groups) and every worker: past a
+            # pool's own limit, newer redis-py fails a request as if Redis were gone.
+            self.pool = redis.BlockingConnectionPool.from_url(url, max_connections=connections, timeout=timeout,
+                                                              decode_responses=True, retry=Retry(NoBackoff(), 0),
+                                                              **timeouts)
+            self.client = redis.Redis(connection_pool=self.pool)
         self._lock = threading.Lock()
         self._down_since: Optional[float] = None
         self._next_probe = 0.0
         self.last_error: Optional[str] = None
+
+    def _through_sentinel(self, redis: Any, target: SentinelTarget, timeouts: Dict[str, float], connections: int,
+                          sentinel_password: Optional[str], retry: Any) -> Any:
+        """A client of the primary the Sentinels name: each new connection asks them again, so after a
+        failover the next request reaches the promoted replica."""
+        from redis.sentinel import Sentinel
+        tls = {"ssl": True} if target.tls else {}
+        self.sentinel = Sentinel(
+            list(target.sentinels), sentinel_kwargs={"password": target.sentinel_password or sentinel_password,
+                                                     **timeouts, **tls},
+            password=target.password, username=target.username, db=target.db, retry=retry, **timeouts, **tls)
+        return self.sentinel.master_for(target.service, decode_responses=True, max_connections=connections)
+
+    def primary(self) -> str:
+        """Where the data lives now: the primary the Sentinels name (HOST:PORT), else the URL's host."""
+        if self.sentinel is None:
+            return redact_url(self.url)
+        host, port = self.sentinel.discover_master(self.target.service)
+        return f"{host}:{port} (primary of {self.target.service!r}, through Sentinel)"
 
     @property
     def connected(self) -> bool:
@@ -3035,8 +3135,12 @@ class RedisOutbox:
     (SenderLeases) in the same script that writes."""
 
     ENQUEUE_PART = 1000  # items per enqueue script: about 60 ms of Redis's time
+    REPLICAS_CHECKED_EVERY = 5.0  # seconds: how long "the primary has replicas" is taken as known
 
-    def __init__(self, redis: RedisConnection, prefix: str, leases: RedisLeases, sender_lease: float) -> None:
+    def __init__(self, redis: RedisConnection, prefix: str, leases: RedisLeases, sender_lease: float,
+                 min_acks: Optional[int] = None, ack_timeout: float = 0.5) -> None:
+        self.min_acks, self.ack_timeout = min_acks, ack_timeout
+        self._replicas: Tuple[float, int] = (-1e9, 0)  # (when seen, how many)
         self.redis = redis
         self.prefix = prefix
         self.leases = leases
@@ -3062,8 +3166,20 @@ class RedisOutbox:
             args: List[Any] = [channel, limit, adding]
             for item in part:
                 args += [item.identity, compact_json(item_document(item))]
-            return self._enqueue(keys=[self._key(channel), self._key(channel, "-ids"), self._channels_key(),
-                                       *map(self._key, sorted(channels))], args=args)
+            keys = [self._key(channel), self._key(channel, "-ids"), self._channels_key(),
+                    *map(self._key, sorted(channels))]
+            acks = self.acks_needed()
+            if not acks:
+                return self._enqueue(keys=keys, args=args)
+            # WAIT counts the replicas that hold this connection's writes: the same connection, so a pipeline.
+            pipe = self.redis.client.pipeline(transaction=False)
+            self._enqueue(keys=keys, args=args, client=pipe)
+            pipe.execute_command("WAIT", acks, max(1, int(self.ack_timeout * 1000)))
+            added, acked = pipe.execute()
+            if int(acked) < acks:
+                raise NotReplicated(f"only {acked} of {acks} Redis replicas acknowledged the outbox write within "
+                                    f"{self.ack_timeout:g}s (REDIS_MIN_REPLICAS_ACK)")
+            return added
         ids: List[str] = []
         # Those that would join one waiting (a retry, an HA peer's copy) do not count against the limit.
         identities = sorted({item.identity for item in items})
@@ -3083,6 +3199,18 @@ class RedisOutbox:
         for item, (item_id, _) in zip(items, taken):
             item.id = item_id
         return taken
+
+    def acks_needed(self) -> int:
+        """Replicas that must acknowledge an outbox write: REDIS_MIN_REPLICAS_ACK, or (auto) 1 while the
+        primary has any (INFO replication, looked at every few seconds)."""
+        if self.min_acks is not None:
+            return self.min_acks
+        seen, count = self._replicas
+        if time.monotonic() - seen > self.REPLICAS_CHECKED_EVERY:
+            info = self.redis.client.info("replication")
+            count = int(info.get("connected_slaves", 0)) if info.get("role") == "master" else 0
+            self._replicas = (time.monotonic(), count)
+        return 1 if count else 0
 
     def waiting(self, channel: str, after: Optional[str] = None) -> List[Item]:
         key = self._key(channel)
@@ -3177,13 +3305,15 @@ class RedisStore(ThreadStore):
 
     def __init__(self, url: str, prefix: str, metrics: Metrics, retention: float = 86400.0,
                  lock_timeout: float = 60.0, lease: float = 60.0, timeout: float = 1.0,
-                 sender_lease: float = 5.0, connections: int = 300) -> None:
+                 sender_lease: float = 5.0, connections: int = 300, sentinel_password: Optional[str] = None,
+                 min_acks: Optional[int] = None) -> None:
         super().__init__(metrics, lock_timeout)
-        self.redis = RedisConnection(url, timeout, lambda op, error: self._count(op, error), connections)
+        self.redis = RedisConnection(url, timeout, lambda op, error: self._count(op, error), connections,
+                                     sentinel_password)
         self.prefix = prefix
         self.retention = retention
         self.leases = RedisLeases(self.redis, prefix, lease, lock_timeout)
-        self.outbox = RedisOutbox(self.redis, prefix, self.leases, sender_lease)
+        self.outbox = RedisOutbox(self.redis, prefix, self.leases, sender_lease, min_acks, timeout / 2)
         self._guarded_write = self.redis.script(GUARDED_WRITE_LUA)
         self._reserve_turn = self.redis.script(RESERVE_TURN_LUA)
         self._hold_off = self.redis.script(HOLD_OFF_LUA)
@@ -3329,6 +3459,9 @@ class RedisStore(ThreadStore):
             self.redis.run("ping", self.redis.client.ping)
         connected = self.redis.connected
         status: Dict[str, Any] = {"ok": connected, "redis_status": "connected" if connected else "disconnected"}
+        if connected and self.redis.sentinel is not None:
+            with contextlib.suppress(*self.redis.errors):
+                status["redis_primary"] = self.redis.primary()
         if not connected:
             status["store_error"] = f"redis unreachable: {self.redis.last_error}"
         if self.outbox.damaged:
@@ -6841,7 +6974,8 @@ def open_store(config: Config, metrics: Metrics) -> ThreadStore:
     if config.thread_store == "redis":
         return RedisStore(config.redis_url, config.redis_key_prefix, metrics, config.thread_retention,
                           lock_timeout=lock_timeout, lease=config.redis_lease, sender_lease=config.sender_lease,
-                          connections=config.max_connections + 32)
+                          connections=config.max_connections + 32, sentinel_password=config.sentinel_password,
+                          min_acks=config.redis_min_acks)
     return FileStore(config.thread_store_file, metrics, config.thread_retention, lock_timeout=lock_timeout)
 
 
@@ -7131,11 +7265,13 @@ def cmd_check(config: Config) -> int:
             store = open_store(config, metrics)
             try:
                 problem = store.redis.probe()  # type: ignore[attr-defined]
+                if problem:
+                    raise StoreError(f"cannot use Redis at {redact_url(config.redis_url)}: {problem}")
+                where = redact_url(config.redis_url)
+                if store.redis.sentinel is not None:  # type: ignore[attr-defined]
+                    where += f"; primary now {store.redis.primary()}"  # type: ignore[attr-defined]
             finally:
                 store.close()
-            if problem:
-                raise StoreError(f"cannot use Redis at {redact_url(config.redis_url)}: {problem}")
-            where = redact_url(config.redis_url)
     except (ConfigError, StoreError) as e:
         print(f"store: FAILED: {redact(str(e), config.secrets())}")
         failed = True

@@ -500,6 +500,11 @@ def test_help_lists_every_setting_with_its_default(tmp_path):
     ("ENVIRONMENT", "prod|eu", "ENVIRONMENT: empty, unprintable or with '|'"),
     ("THREAD_KEY_LABELS", ",", "THREAD_KEY_LABELS: names no label"),
     ("SILENCE_DURATIONS", "10s", "SILENCE_DURATIONS: 10s is too short or too long (use 1m to 366d)"),
+    ("REDIS_URL", "redis+sentinel://127.0.0.1:26379,127.0.0.1:x/svc/0", "REDIS_URL: '127.0.0.1:x' is not a Sentinel"),
+    ("REDIS_URL", "redis+sentinel://127.0.0.1:26379/", "REDIS_URL: no service name"),
+    ("REDIS_URL", "redis+sentinel://127.0.0.1:26379/svc/abc", "REDIS_URL: the database 'abc' is not a number"),
+    ("REDIS_URL", "redis+sentinel://127.0.0.1:26379/svc/0?sentinel_pw=x", "REDIS_URL: unknown option 'sentinel_pw'"),
+    ("REDIS_MIN_REPLICAS_ACK", "some", "REDIS_MIN_REPLICAS_ACK: 'some' is not a count"),
 ])
 def test_invalid_setting_stops_startup_and_check_with_one_line_naming_it(tmp_path, variable, value, message):
     """alert-threader: SETTING: what is wrong (how to fix), exit code 2: the same line from the service and check."""
@@ -2892,6 +2897,90 @@ def redis_server(tmp_path):
     server.remove()
 
 
+class SentinelCluster:
+    """A primary, a replica and three Sentinels (redis-server --sentinel), each on a free loopback port, with a
+    data password and a different one for the Sentinels."""
+
+    DATA_PASSWORD, SENTINEL_PASSWORD, SERVICE = "data-Pass-7f3a", "sentinel-Pass-91c2", "threader"
+
+    def __init__(self, directory: Path) -> None:
+        self.binary = require_binary("redis-server")
+        self.redis = require_module("redis")
+        self.directory = directory
+        self.procs: Dict[int, subprocess.Popen] = {}
+        self.primary, self.replica = free_port(), free_port()
+        auth = ["--requirepass", self.DATA_PASSWORD, "--masterauth", self.DATA_PASSWORD]
+        for port, extra in ((self.primary, []), (self.replica, ["--replicaof", "127.0.0.1", str(self.primary)])):
+            data = directory / f"redis-{port}"
+            data.mkdir()
+            self.spawn(port, [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                              "--appendonly", "no", "--dir", str(data), *auth, *extra])
+        self.sentinels = [free_port() for _ in range(3)]
+        for port in self.sentinels:
+            conf = directory / f"sentinel-{port}.conf"  # Sentinel rewrites its file: one each
+            conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {directory}\nrequirepass {self.SENTINEL_PASSWORD}\n"
+                            f"sentinel monitor {self.SERVICE} 127.0.0.1 {self.primary} 2\n"
+                            f"sentinel auth-pass {self.SERVICE} {self.DATA_PASSWORD}\n"
+                            f"sentinel down-after-milliseconds {self.SERVICE} 1000\n"
+                            f"sentinel failover-timeout {self.SERVICE} 10000\n")
+            self.spawn(port, [self.binary, str(conf), "--sentinel"])
+        wait_for(lambda: self.data(self.replica).info("replication").get("master_link_status") == "up",
+                 timeout=20, what="the replica to sync")
+        wait_for(lambda: all(self.known(port) for port in self.sentinels), timeout=30,
+                 what="every Sentinel to know the replica and the other Sentinels")
+        self.url = (f"redis+sentinel://:{self.DATA_PASSWORD}@" + ",".join(f"127.0.0.1:{p}" for p in self.sentinels)
+                    + f"/{self.SERVICE}/0")
+
+    def spawn(self, port: int, command: List[str]) -> None:
+        self.procs[port] = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: self.answers(port), what=f"redis-server on {port} to answer")
+
+    def answers(self, port: int) -> bool:
+        for password in (self.DATA_PASSWORD, self.SENTINEL_PASSWORD):
+            with contextlib.suppress(Exception):
+                return bool(self.redis.Redis(port=port, password=password, socket_timeout=1).ping())
+        return False
+
+    def data(self, port: int) -> Any:
+        return self.redis.Redis(port=port, password=self.DATA_PASSWORD, decode_responses=True, socket_timeout=2)
+
+    def sentinel(self, port: int) -> Any:
+        return self.redis.Redis(port=port, password=self.SENTINEL_PASSWORD, decode_responses=True, socket_timeout=2)
+
+    def known(self, port: int) -> bool:
+        with contextlib.suppress(Exception):
+            master = self.sentinel(port).execute_command("SENTINEL", "MASTER", self.SERVICE)
+            fields = dict(zip(master[::2], master[1::2])) if isinstance(master, list) else master
+            return int(fields["num-slaves"]) >= 1 and int(fields["num-other-sentinels"]) >= 2
+        return False
+
+    def primary_port(self) -> Optional[int]:
+        """The primary the Sentinels name now."""
+        for port in self.sentinels:
+            with contextlib.suppress(Exception):
+                address = self.sentinel(port).execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.SERVICE)
+                return int(address[1])
+        return None
+
+    def kill(self, port: int) -> None:
+        self.procs[port].send_signal(signal.SIGKILL)
+        self.procs[port].wait(10)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.terminate()
+                proc.wait(10)
+
+
+@pytest.fixture
+def sentinels(tmp_path):
+    cluster = SentinelCluster(tmp_path)
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture(params=["file", "redis", "redis-unix"])
 def store(request, tmp_path):
     """Each store, twice over the same backing state (to test what survives a restart)."""
@@ -3177,6 +3266,96 @@ def test_replicas_on_one_redis_make_one_parent_and_one_reply_per_alert(start, sl
         assert statuses == [200] * 6
     parent, reply = slack.messages
     assert parent.thread_ts is None and reply.thread_ts == parent.ts and "db02" in reply.text
+
+
+def sentinel_service(start: Callable[..., Running], cluster: SentinelCluster, **settings: str) -> Running:
+    return start(THREAD_STORE="redis", REDIS_URL=cluster.url, SENTINEL_PASSWORD=cluster.SENTINEL_PASSWORD, **settings)
+
+
+def test_a_sentinel_url_reaches_the_primary_and_check_and_health_name_it(start, slack, sentinels, tmp_path):
+    svc = sentinel_service(start, sentinels)
+    assert svc.alert(webhook(make_alert())).json()["results"][0]["action"] == "posted"
+    assert sentinels.data(sentinels.primary).keys("threader:ts:*") == [
+        "threader:ts:DatabaseDown|critical|database|prod-eu|production"]
+    health = svc.get("/health").json()
+    assert health["redis_primary"] == f"127.0.0.1:{sentinels.primary} (primary of 'threader', through Sentinel)"
+    for env in ({"SENTINEL_PASSWORD": sentinels.SENTINEL_PASSWORD},  # or in the URL: both redacted
+                {"REDIS_URL": f"{sentinels.url}?sentinel_password={sentinels.SENTINEL_PASSWORD}"}):
+        checked = run_cli("check", cwd=tmp_path, env={"THREAD_STORE": "redis", "REDIS_URL": sentinels.url, **env})
+        out = checked.stdout.decode() + checked.stderr.decode()
+        assert "store: OK (redis+sentinel://:***@127.0.0.1:" in out, out
+        assert f"primary now 127.0.0.1:{sentinels.primary} (primary of 'threader', through Sentinel)" in out
+        assert sentinels.DATA_PASSWORD not in out and sentinels.SENTINEL_PASSWORD not in out
+    wrong = run_cli("check", cwd=tmp_path, env={"THREAD_STORE": "redis", "REDIS_URL": sentinels.url,
+                                                "SENTINEL_PASSWORD": "not-the-password"})
+    assert wrong.returncode == 1 and "store: FAILED" in wrong.stdout.decode()
+    assert "not-the-password" not in wrong.stdout.decode() + wrong.stderr.decode()
+    log_text = svc.log.getvalue()
+    assert sentinels.DATA_PASSWORD not in log_text and sentinels.SENTINEL_PASSWORD not in log_text
+
+
+def test_an_outbox_write_no_replica_acknowledges_is_answered_503_and_its_retry_joins_it(start, slack, sentinels):
+    svc = sentinel_service(start, sentinels)
+    replica = sentinels.procs[sentinels.replica]
+    replica.send_signal(signal.SIGSTOP)  # connected still, acknowledging nothing
+    try:
+        refused = svc.alert(webhook(make_alert()), expect=503).json()
+        assert "only 0 of 1 Redis replicas acknowledged" in refused["error"]
+    finally:
+        replica.send_signal(signal.SIGCONT)
+    assert svc.alert(webhook(make_alert())).json()["results"][0]["action"] in ("posted", "unchanged")
+    settled(svc)
+    assert named(slack, "DatabaseDown on db01.example.com") == 1, "stored once, told once, though answered 503"
+
+
+def test_killing_the_primary_in_a_storm_loses_and_doubles_nothing(start, slack, sentinels):
+    """Alertmanager's part is played by senders that retry every 503 (as it does) until it is answered 200."""
+    svc = sentinel_service(start, sentinels, STORM_THRESHOLD="500")  # a thread each: a parent per key to count
+    count, answered, codes, lock = 60, [], collections.Counter(), threading.Lock()
+    alerts = [make_alert(name=f"Failover{i:02d}", instance=f"host-{i:02d}") for i in range(count)]
+
+    def deliver(alert: Dict[str, Any]) -> None:
+        for _ in range(200):
+            status = svc.alert(webhook(alert), expect=None).status
+            with lock:
+                codes[status] += 1
+            if status == 200:
+                with lock:
+                    answered.append(alert["labels"]["alertname"])
+                return
+            time.sleep(0.2)
+
+    killed = threading.Event()
+    senders = []
+    for i, alert in enumerate(alerts):
+        if i == count // 3:
+            sentinels.kill(sentinels.primary)
+            killed.set()
+        thread = threading.Thread(target=deliver, args=(alert,))
+        thread.start()
+        senders.append(thread)
+        time.sleep(0.05)
+    promoted = wait_for(lambda: sentinels.primary_port() == sentinels.replica, timeout=60,
+                        what="a Sentinel to promote the replica")
+    assert promoted
+    since = time.monotonic()
+    wait_for(lambda: svc.get("/health").json().get("redis_primary", "").startswith(f"127.0.0.1:{sentinels.replica}"),
+             timeout=30, what="/health to name the new primary")
+    healthy_after = time.monotonic() - since
+    for thread in senders:
+        thread.join(60)
+    assert sorted(answered) == sorted(a["labels"]["alertname"] for a in alerts), "every alert answered 200 at last"
+    assert codes[500] == 0 and set(codes) <= {200, 503}, codes
+    settled(svc, timeout=60)
+    assert all(named(slack, f"host-{i:02d}") == 1 for i in range(count)), "each alert in Slack once"
+    parents = {m.ts: m for m in slack.messages if m.thread_ts is None}
+    assert len(parents) == count, "no key has a second parent"
+    svc.alert(webhook(*[resolved(a) for a in alerts]))
+    settled(svc, timeout=60)
+    done = [m for m in slack.messages if m.payload["text"].startswith("✅ RESOLVED")]
+    assert len(done) == count and all(m.thread_ts in parents for m in done), "each resolve in its own thread"
+    print(f"failover: {count} alerts, {codes[503]} answers 503, healthy {healthy_after:.1f} s after the "
+          f"promotion, {len(slack.messages)} Slack messages")
 
 
 def test_replicas_renew_a_short_lease_through_long_work_and_never_post_two_parents(start, slack, redis_server):
