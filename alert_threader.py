@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """alert-threader: Prometheus Alertmanager webhooks as one Slack thread per alert.
 
-Each alert key (alertname|severity|service|cluster|ENVIRONMENT) gets a parent
-message in Slack; further alerts of that key, their resolves and re-fires are
+Each alert key (alertname|severity|service|cluster|ENVIRONMENT, and the namespace
+of an alert that has one) gets a parent message in Slack; further alerts of that key, their resolves and re-fires are
 replies in its thread, and the parent is kept up to date as a status card.
 Alertmanager's repeats and retries post nothing twice. A webhook's alerts go
 into a durable outbox and the webhook is answered at once (DELIVERY_WAIT at
@@ -63,7 +63,7 @@ from collections import OrderedDict, deque
 from datetime import datetime, timezone
 from typing import Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
-__version__ = "1.1.0"
+__version__ = "1.2.0"
 
 log = logging.getLogger("alert_threader")
 
@@ -812,7 +812,8 @@ SETTINGS: Tuple[Tuple[str, Optional[str], str], ...] = (
                           "unset, an alert with a namespace label also has it in its key"),
     ("THREAD_BY", "labels", "labels: a thread per thread key; group: a thread per Alertmanager group (groupKey)"),
     ("MESSAGE_FIELDS", None, "comma-separated labels shown as fields, in order (default: severity, environment, "
-                             "service, cluster, instance when present, then the alert's other labels); value: "
+                             "service, cluster, instance when present, then the alert's other labels; a Kubernetes "
+                             "workload's namespace, pod, ... first, its exporter's labels left out); value: "
                              "Grafana's value"),
     ("HIDDEN_LABELS", ", ".join(DEFAULT_HIDDEN), "labels the default fields leave out (none: leave out none)"),
     ("TITLE_TEMPLATE", DEFAULT_TITLE, "the title: {{ labels.NAME }}, {{ annotations.NAME }}, {{ environment }}, "
@@ -953,6 +954,9 @@ def check_channel_id(variable: str, channel: str) -> None:
     """Slack takes a channel's name for posting but only its ID for edits and reactions: IDs only."""
     if re.fullmatch(r"[A-Z0-9][A-Z0-9_-]{1,79}", channel):
         return
+    if re.fullmatch(r"[cgd][a-z0-9]{8,}", channel) and re.search(r"[0-9]", channel):
+        raise ConfigError(f"{variable}: {channel!r} looks like a channel ID in lower case (write it as Slack shows "
+                          f"it: {channel.upper()})")
     if re.fullmatch(r"#?[a-z0-9][a-z0-9._-]{0,79}", channel):
         raise ConfigError(f"{variable}: {channel!r} is a channel name; give its ID instead (in Slack: the channel's "
                           "name > About, at the bottom: Channel ID, like C0123456789)")
@@ -1058,7 +1062,8 @@ def store_settings(raw: RawSettings, environ: Dict[str, str]) -> Dict[str, Any]:
         if parts.scheme not in SENTINEL_SCHEMES:  # several HOST:PORT, read by parse_sentinel_url
             parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
-        raise ConfigError("REDIS_URL: not a URL (the form is redis://[[USER]:PASSWORD@]HOST:PORT/DB)") from None
+        raise ConfigError("REDIS_URL: cannot be read: a port that is no number, or not a URL at all (the form is "
+                          "redis://[[USER]:PASSWORD@]HOST:PORT/DB)") from None
     if parts.scheme in SENTINEL_SCHEMES:
         try:
             parse_sentinel_url(redis_url)
@@ -1090,7 +1095,8 @@ def refuse_unless_file(path: str) -> None:
     if os.path.islink(path):
         problem = "is a symbolic link (a new snapshot would replace the link): name its target instead"
     elif os.path.isdir(path):
-        problem = f"is a directory: name a file, e.g. {os.path.join(path, 'threads.json')}"
+        problem = (f"is a directory: name a file, e.g. {os.path.join(path, 'threads.json')}, or leave the setting "
+                   "unset for /var/lib/alert-threader/threads.json")
     elif not os.path.isfile(path):
         problem = "is not a regular file: name a new file"
     else:
@@ -2878,8 +2884,8 @@ class RedisConnection:
         try:
             import redis  # imported here: only this store needs the package
         except ImportError:
-            raise ConfigError("THREAD_STORE=redis needs the Python redis package: "
-                              "apt install python3-redis (Debian/Ubuntu) or pip install redis") from None
+            raise ConfigError("THREAD_STORE: redis needs the Python redis package (apt install python3-redis on "
+                              "Debian/Ubuntu, or pip install redis)") from None
         from redis.backoff import NoBackoff
         from redis.retry import Retry
         self.errors: Tuple[type, ...] = (redis.exceptions.RedisError, OSError)
@@ -7131,29 +7137,38 @@ def check_slack_at_start(config: Config) -> None:
         identity = client.call("auth.test", {})
     except SlackError as e:
         if e.error in TOKEN_REFUSED:
-            raise ConfigError(f"SLACK_BOT_TOKEN: Slack refuses it ({e.error}): {e.hint}") from None
+            hint = e.hint.split(": ", 1)[-1] if e.hint.startswith("Slack rejects SLACK_BOT_TOKEN") else e.hint
+            raise ConfigError(f"SLACK_BOT_TOKEN: Slack refuses it: {e.error} ({hint})") from None
         log_event(logging.WARNING, "cannot check the Slack token now; starting anyway, the alerts wait in the "
                   "outbox until Slack answers", error=e.error, fix=e.hint)
         return
     bot = str(identity.get("user") or "the bot")[:80]
     log_event(logging.INFO, "Slack token works", team=str(identity.get("team"))[:80], bot=bot)
-    if not config.slack_bot_token.startswith("xoxb-"):
-        log_event(logging.WARNING, "SLACK_BOT_TOKEN is not a bot token (xoxb-): messages would be posted as the "
-                  "person it belongs to; use the app's Bot User OAuth Token")
+    for level, text in slack_problems(config, client, bot):
+        log_event(level, text)
+
+
+def slack_problems(config: Config, client: Any, bot: str) -> List[Tuple[int, str]]:
+    """What start-up and check say about a token Slack took: not a bot's, or a bot outside SLACK_CHANNEL."""
+    found = []
+    if not (config.slack_bot_token or "").startswith("xoxb-"):
+        found.append((logging.WARNING, "SLACK_BOT_TOKEN is not a bot token (xoxb-): messages would be posted as "
+                      "the person it belongs to; use the app's Bot User OAuth Token"))
     channel = config.slack_channel or ""
     try:  # a read method: its argument goes in the query string
         info = client.call("conversations.info?channel=" + urllib.parse.quote(channel), {})
     except SlackError as e:
         if e.error == "channel_not_found":
-            log_event(logging.WARNING, f"SLACK_CHANNEL {channel} is not visible to {bot}: invite it (/invite "
-                      f"@{bot}) if it is a private channel, or check the channel ID")
+            found.append((logging.WARNING, f"SLACK_CHANNEL {channel} is not visible to {bot}: invite it (/invite "
+                          f"@{bot}) if it is a private channel, or check the channel ID"))
         elif e.error == "missing_scope":
-            log_event(logging.INFO, f"cannot tell whether {bot} is in SLACK_CHANNEL {channel} (the token lacks "
-                      "channels:read); if not, the first alert's error says how to fix it")
-        return
+            found.append((logging.INFO, f"cannot tell whether {bot} is in SLACK_CHANNEL {channel} (the token "
+                          "lacks channels:read); if not, the first alert's error says how to fix it"))
+        return found
     if isinstance(info.get("channel"), dict) and info["channel"].get("is_member") is False:
-        log_event(logging.WARNING, f"{bot} is not a member of SLACK_CHANNEL {channel}: invite it with /invite "
-                  f"@{bot} in the channel, or its posts will fail (not_in_channel)")
+        found.append((logging.WARNING, f"{bot} is not a member of SLACK_CHANNEL {channel}: invite it with /invite "
+                      f"@{bot} in the channel, or its posts will fail (not_in_channel)"))
+    return found
 
 
 def start_service(config: Config) -> Service:
@@ -7296,9 +7311,11 @@ def cmd_check(config: Config) -> int:
     except SlackError as e:
         print(f"slack: FAILED: {e.error}. Fix: {e.hint}")
         return 1
-    print(f"slack: OK: the token works (team {identity.get('team')}, bot user {identity.get('user')}). "
-          f"Not checked: that the bot may post in {config.slack_channel}; if not, the first alert's "
-          "Slack error says how to fix it (e.g. not_in_channel: /invite the bot)")
+    print(f"slack: OK: the token works (team {identity.get('team')}, bot user {identity.get('user')})")
+    client = SlackClient(config.slack_api_url, config.slack_bot_token or "", min(config.slack_timeout, 5.0), metrics)
+    for level, text in slack_problems(config, client, str(identity.get("user") or "the bot")[:80]):
+        print(f"slack: {'WARNING' if level >= logging.WARNING else 'NOTE'}: {text}")
+        failed = failed or level >= logging.WARNING
     return int(failed)
 
 

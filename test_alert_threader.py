@@ -483,12 +483,14 @@ def test_help_lists_every_setting_with_its_default(tmp_path):
     ("PORT", "70000", "PORT: 70000 is out of range (use a value within 0..65535)"),
     ("THREAD_STORE_FILE", "/nonexistent/dir/threads.json", "THREAD_STORE_FILE: directory /nonexistent/dir does not exist"),
     ("REDIS_URL", "http://localhost:6379", "REDIS_URL: not a Redis URL (use redis://"),
-    ("REDIS_URL", "redis://localhost:notaport/0", "REDIS_URL: not a URL"),
+    ("REDIS_URL", "redis://localhost:notaport/0", "REDIS_URL: cannot be read: a port that is no number"),
     ("REDIS_URL", "redis://localhost:6379/abc", "REDIS_URL: the database 'abc' is not a number"),
     ("SLACK_API_URL", "ftp://slack.example.com/", "SLACK_API_URL: 'ftp://slack.example.com/' is not an http(s) URL"),
     ("REOPEN_WINDOW", "soon", "REOPEN_WINDOW: 'soon' is not a duration"),
     ("STORM_THRESHOLD", "0", "STORM_THRESHOLD: 0 is out of range"),
     ("SLACK_CHANNEL", "not a channel", "SLACK_CHANNEL: 'not a channel' is not a channel ID"),
+    ("SLACK_CHANNEL", "c0123456789", "SLACK_CHANNEL: 'c0123456789' looks like a channel ID in lower case (write it "
+                                     "as Slack shows it: C0123456789)"),
     ("SLACK_CHANNEL", "#alerts", "SLACK_CHANNEL: '#alerts' is a channel name; give its ID instead (in Slack: "
                                  "the channel's name > About, at the bottom: Channel ID, like C0123456789)"),
     ("SLACK_CHANNELS", "C0ALERTS,alerts-db", "SLACK_CHANNELS: 'alerts-db' is a channel name; give its ID"),
@@ -3219,7 +3221,7 @@ def test_redis_key_prefix_is_configurable(start, slack, redis_server):
     ("redis://127.0.0.1:6390/0?password=SecretRedisPass&db=x", "Invalid value for"),
     ("redis://127.0.0.1:6390/abc", "the database 'abc' is not a number"),
     ("redis://:SecretPass@127.0.0.1:6390/0?db=x", "must be %-encoded"),
-    ("redis://:Secret/RedisPass@127.0.0.1:6390/0", "REDIS_URL: not a URL"),
+    ("redis://:Secret/RedisPass@127.0.0.1:6390/0", "REDIS_URL: cannot be read: a port that is no number"),
     ("http://127.0.0.1:6390/0", "REDIS_URL: not a Redis URL"),
 ])
 def test_a_redis_url_redis_py_cannot_read_stops_startup_and_check_with_one_line(tmp_path, url, says):
@@ -5171,8 +5173,9 @@ def test_a_token_slack_refuses_stops_the_start_with_the_fix(slack, tmp_path, err
     env = {"SLACK_BOT_TOKEN": SLACK_TOKEN, "SLACK_CHANNEL": "C0ALERTS", "SLACK_API_URL": slack.url, "PORT": "0"}
     result = run_cli(cwd=tmp_path, env=env)
     assert result.returncode == 2
+    fix = at.CONFIGURATION_ERRORS[error].split(": ", 1)[-1] if error == "invalid_auth" else at.CONFIGURATION_ERRORS[error]
     assert result.stderr.decode().splitlines() == [
-        f"alert-threader: SLACK_BOT_TOKEN: Slack refuses it ({error}): {at.CONFIGURATION_ERRORS[error]}"]
+        f"alert-threader: SLACK_BOT_TOKEN: Slack refuses it: {error} ({fix})"]
     assert not (tmp_path / "threads.json").exists() and SLACK_TOKEN not in result.stderr.decode()
 
 
@@ -5222,8 +5225,16 @@ def test_check_asks_slack_whether_the_token_works(slack, tmp_path):
     ok = run_cli("check", cwd=tmp_path, env=env)
     assert ok.returncode == 0, ok.stdout
     assert "slack: OK: the token works (team Test Team, bot user threader)" in ok.stdout.decode()
-    assert "Not checked: that the bot may post in C0ALERTS" in ok.stdout.decode()
-    assert [c.method for c in slack.checks] == ["auth.test"] and not slack.calls
+    assert "WARNING" not in ok.stdout.decode()
+    assert [c.method.split("?")[0] for c in slack.checks] == ["auth.test", "conversations.info"] and not slack.calls
+    # What start-up warns about, check reports too (and fails): a bot outside the channel, a person's token.
+    slack.members = False
+    outside = run_cli("check", cwd=tmp_path, env=env)
+    assert outside.returncode == 1 and ("slack: WARNING: threader is not a member of SLACK_CHANNEL C0ALERTS: invite "
+                                        "it with /invite @threader") in outside.stdout.decode(), outside.stdout
+    slack.members = True
+    person = run_cli("check", cwd=tmp_path, env=dict(env, SLACK_BOT_TOKEN="xoxp-1111-2222-PersonToken"))
+    assert person.returncode == 1 and "slack: WARNING: SLACK_BOT_TOKEN is not a bot token" in person.stdout.decode()
     slack.fail("auth.test", {"error": "invalid_auth"})
     bad = run_cli("check", cwd=tmp_path, env=env)
     assert bad.returncode == 1
