@@ -4001,8 +4001,10 @@ def alert_buttons(alert: Alert, ms: MessageSettings, external_url: str, silence:
     Grafana's alerts, which only Grafana can silence. The link silences `silence_labels` if given (a card of
     several alerts: its thread), else the alert."""
     runbook = alert.annotations.get("runbook_url", "")
-    if alert.grafana:  # Grafana's own silence page; Alertmanager's form could not silence a Grafana alert
-        silence_link = alert.links.get("silence") if silence and is_http_url(alert.links.get("silence")) else None
+    if alert.grafana:  # Grafana's own silence page (one alert's: none on a card of several, whose replies have
+        # theirs); Alertmanager's form could not silence a Grafana alert
+        link = alert.links.get("silence")
+        silence_link = link if silence and silence_labels is None and is_http_url(link) else None
     elif controls is not None:
         silence_link = None
     elif silence:  # built from a checked base URL and percent-encoded matchers: safe by construction
@@ -4300,12 +4302,13 @@ def card_status(record: Dict[str, Any], ms: MessageSettings) -> str:
     firing, resolved = states.count("f"), states.count("r")
     reopened = record.get("reopened", 0)
     again = f" · reopened {reopened}×" if reopened else ""
+    starts = [e[1] for e in record.get("alerts", {}).values() if e[1] is not None]
+    since = min(starts) if starts else record.get("first", {}).get("startsAt")  # the earliest, not the first told
     if record.get("status") == "closed":
-        first = record.get("first", {}).get("startsAt")
+        first = since
         after = f" after {format_duration(record['ended'] - first)}" if record.get("ended") and first else ""
         noun = "alert" if resolved == 1 else "alerts"
         return f"*Status:* ✅ {resolved} {noun} resolved{after}{again}"
-    since = record.get("first", {}).get("startsAt")
     since_text = f" · since {slack_time(since, ms)}" if since else ""
     return f"*Status:* 🔥 {firing} firing · {resolved} resolved{since_text}{again}"
 
@@ -4356,7 +4359,10 @@ def render_card(record: Dict[str, Any], channel: str, ms: MessageSettings, menti
                           status_line=card_status(record, ms), silence=not closed, controls=controls,
                           block_id="card" if controls else "", notes=card_notes(record, ms),
                           silence_labels=thread_labels(record, ms) if several else None)
-    text = fallback_text(alert, ms, "resolved" if closed else "firing", mention, summary)
+    # Several alerts: the text names what they share (the namespace of their key), not the first one's pod.
+    shared = thread_labels(record, ms).get("namespace", "") if several else None
+    text = fallback_text(alert, ms, "resolved" if closed else "firing", mention, summary,
+                         None if shared is None or shared in summary else shared)
     payload = message(channel, text, color, blocks)
     if record.get("ts"):
         payload["ts"] = record["ts"]

@@ -5694,6 +5694,17 @@ def test_a_reply_names_the_pod_and_compact_replies_name_the_label_that_differs(s
     assert [line.split(" · ")[1] for line in lines] == [f"mountpoint=/data{i}" for i in range(5)], lines
 
 
+def test_a_card_of_several_alerts_says_since_the_earliest_and_names_what_they_share():
+    _, _, update = render_with(CORPUS / "kube-pod-crashlooping.json")  # the second pod started 8 s before the first
+    card = drawn(update["payload"])
+    assert card["sections"][0] == "*Status:* 🔥 2 firing · 0 resolved · since 2026-12-01 08:41:59 UTC"
+    assert card["text"] == "⚠️ [WARNING] Pod is crash looping. · shop (production)", "not the first pod alone"
+    calls = render_with(CORPUS / "grafana-multi.json", THREAD_KEY_LABELS="alertname,severity,grafana_folder")
+    parent, reply, update = (drawn(c["payload"]) for c in calls)
+    assert "Silence" in parent["buttons"] and "Silence" in reply["buttons"], "each alert: Grafana's own Silence"
+    assert "Silence" not in update["buttons"], "a card of two: no Silence that would leave the other firing"
+
+
 def test_message_fields_and_hidden_labels_replace_the_defaults():
     [parent, _, _] = render_with(CORPUS / "kube-pod-crashlooping.json", MESSAGE_FIELDS="namespace,pod,severity,team")
     assert list(drawn(parent["payload"])["fields"].items()) == [
