@@ -1,30 +1,20 @@
 #!/usr/bin/env python3
 """alert-threader: Prometheus Alertmanager webhooks as one Slack thread per alert.
 
-Each alert key (alertname|severity|service|cluster|ENVIRONMENT, and the namespace
-of an alert that has one) gets a parent message in Slack; further alerts of that key, their resolves and re-fires are
-replies in its thread, and the parent is kept up to date as a status card.
-Alertmanager's repeats and retries post nothing twice. A webhook's alerts go
-into a durable outbox and the webhook is answered at once (DELIVERY_WAIT at
-most); one sender per channel tells them at Slack's pace, a storm as a digest.
+Each alert key gets a parent message in Slack, kept up to date as a status
+card; further alerts of the key, their resolves and re-fires are replies in
+its thread. Alertmanager's repeats and retries post nothing twice. A webhook's
+alerts go into a durable outbox and the webhook is answered at once; one
+sender per channel tells them at Slack's pace, a storm as one digest.
 
-Run:   python3 alert_threader.py            serve webhooks on :9009 (POST /alert)
-       python3 alert_threader.py render F   print the Slack payloads webhook file F makes
-       python3 alert_threader.py check      validate the settings and the Slack token
+Run:   python3 alert_threader.py               serve webhooks on :9009 (POST /alert)
+       python3 alert_threader.py render F...   print the Slack payloads webhook files make
+       python3 alert_threader.py check         check the settings, the store and Slack
 
-Without a Slack token the service runs in dry-run mode: it logs the exact
-payloads it would post and shows them on GET /preview.
-
-Every setting is an environment variable, mirrored by a flag that wins:
-SLACK_BOT_TOKEN(_FILE), SLACK_CHANNEL, SLACK_CHANNELS, ENVIRONMENT,
-THREAD_STORE (file|redis), THREAD_STORE_FILE, REDIS_URL, REDIS_KEY_PREFIX,
-HOST, PORT, SLACK_API_URL, WEBHOOK_TOKEN(_FILE), SLACK_SIGNING_SECRET(_FILE),
-ALERTMANAGER_AUTH(_FILE), SILENCE_DURATIONS, REOPEN_WINDOW, THREAD_KEY_LABELS,
-THREAD_BY, MESSAGE_FIELDS, HIDDEN_LABELS, TITLE_TEMPLATE, TEXT_TEMPLATE, TIME_ZONE, MENTIONS, BROADCAST,
-STORM_THRESHOLD, STORM_WINDOW, THREAD_RETENTION, SLACK_TIMEOUT, SLACK_PACE,
-DELIVERY_WAIT, OUTBOX_LIMIT,
-MAX_BODY_BYTES, MAX_CONNECTIONS, CLIENT_TIMEOUT, SHUTDOWN_TIMEOUT, ALERTMANAGER_URL,
-LOG_LEVEL, LOG_FORMAT.
+Without a Slack token it runs in dry-run mode: it logs the payloads it would
+post and shows them on GET /preview. Every setting is an environment variable
+mirrored by a flag: `python3 alert_threader.py --help` lists them with their
+defaults, and docs/configuration.md explains each.
 """
 
 import argparse
@@ -3482,7 +3472,7 @@ class RedisStore(ThreadStore):
             if str(info.get("aof_enabled", "1")) == "0":
                 log_event(logging.WARNING, "redis runs without its append-only file (appendonly no): a Redis "
                           "restart forgets the threads and the alerts waiting in the outbox, though they were "
-                          "answered 200. Set appendonly yes (README: Redis settings)", redis=redact_url(self.redis.url))
+                          "answered 200. Set appendonly yes (docs/redis.md: Redis settings)", redis=redact_url(self.redis.url))
 
     def stats(self) -> Dict[str, Any]:
         try:

@@ -89,7 +89,7 @@ Settings:
                               address); e.g. 127.0.0.1 behind a local proxy or
                               an Alertmanager on this machine, :: for IPv6 too
 
-Silence and Ack from Slack (optional; README: "Silence and Ack from Slack"):
+Silence and Ack from Slack (optional; docs/slack.md: "Silence and Ack from Slack"):
   --signing-secret-file PATH  the Slack app's signing secret (Basic Information
                               > App Credentials), from PATH or stdin with "-":
                               turns POST /slack/actions on
@@ -883,7 +883,7 @@ print_next_steps() {
     if [[ -n $(effective SLACK_SIGNING_SECRET) ]]; then
         info ""
         info "Silence and Ack from Slack are on: the app's Interactivity Request URL must reach"
-        info "POST /slack/actions on port $port over HTTPS (a reverse proxy; README: Silence and Ack from Slack)."
+        info "POST /slack/actions on port $port over HTTPS (a reverse proxy; docs/slack.md: Silence and Ack from Slack)."
     fi
     info ""
     info "Logs: journalctl -u $SERVICE -f    Settings: $env_path    Remove: sudo ./install.sh --uninstall"

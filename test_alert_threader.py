@@ -41,7 +41,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import pytest
 
@@ -465,6 +465,75 @@ def run_cli(*args: str, cwd: Path, env: Optional[Dict[str, str]] = None, timeout
     base.update(env or {})
     return subprocess.run([sys.executable, str(REPO / "alert_threader.py"), *args], env=base, input=stdin,
                           capture_output=True, timeout=timeout, cwd=str(cwd))
+
+
+# ---------------------------------------------------------------------------
+# Documentation that cannot drift: the settings page, the links, the README's size
+# ---------------------------------------------------------------------------
+
+DOCS = REPO / "docs"
+
+
+def settings_page_rows() -> Dict[str, str]:
+    """docs/configuration.md's table: each setting's default as the page writes it (— for none)."""
+    rows = {}
+    for line in (DOCS / "configuration.md").read_text().splitlines():
+        match = re.match(r"\| `([A-Z][A-Z0-9_]*)` \| (.*?) \|", line)
+        if match:
+            assert match.group(1) not in rows, f"{match.group(1)} has two rows"
+            rows[match.group(1)] = match.group(2).strip()
+    return rows
+
+
+def test_every_setting_the_code_reads_has_one_row_in_the_configuration_page_with_its_default():
+    rows = settings_page_rows()
+    read = {name for name, _, _ in at.SETTINGS}
+    assert sorted(read - set(rows)) == [], "settings the code reads that docs/configuration.md lacks"
+    assert sorted(set(rows) - read) == [], "rows of docs/configuration.md for settings the code does not read"
+    for name, default, _ in at.SETTINGS:
+        written = rows[name].strip("`").replace("\\|", "|")
+        assert written == ("—" if default is None else default), (name, rows[name], default)
+    # Variables read from the environment beside the settings (systemd's) are named on the page too.
+    page = (DOCS / "configuration.md").read_text()
+    for name in set(re.findall(r"environ(?:\.get\(|\[)\"([A-Z][A-Z0-9_]*)\"", (REPO / "alert_threader.py").read_text())):
+        assert name in read or f"`{name}`" in page, name
+
+
+def markdown_anchors(text: str) -> Set[str]:
+    """The anchors GitHub makes of a page's headings."""
+    anchors = set()
+    for heading in re.findall(r"^#{1,6} (.+)$", re.sub(r"```.*?```", "", text, flags=re.S), re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        anchors.add(slug)
+    return anchors
+
+
+def relative_links(path: Path) -> List[str]:
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    links = re.findall(r"\]\(([^)\s]+)\)", text) + re.findall(r"<img src=\"([^\"]+)\"", text)
+    return [link for link in links if not re.match(r"[a-z]+:", link)]
+
+
+def test_every_relative_link_in_the_readme_and_docs_reaches_its_file_and_heading():
+    pages = [REPO / "README.md", REPO / "bench" / "README.md", *sorted(DOCS.glob("*.md"))]
+    assert len(pages) >= 10, "the README, bench/README.md and the docs pages"
+    broken = []
+    for page in pages:
+        for link in relative_links(page):
+            target, _, anchor = link.partition("#")
+            file = (page.parent / target).resolve() if target else page
+            if not file.exists():
+                broken.append(f"{page.relative_to(REPO)}: {link} (no such file)")
+            elif anchor and anchor not in markdown_anchors(file.read_text()):
+                broken.append(f"{page.relative_to(REPO)}: {link} (no such heading)")
+    assert broken == []
+
+
+def test_the_readme_fits_a_screen_s_scroll_and_the_docstring_points_at_the_docs():
+    assert len((REPO / "README.md").read_text().splitlines()) <= 250
+    doc = at.__doc__ or ""
+    assert len(doc.splitlines()) <= 25 and "--help" in doc and "docs/configuration.md" in doc
+    assert not re.search(r"\b(SLACK_PACE|STORM_WINDOW|OUTBOX_LIMIT|MAX_CONNECTIONS)\b", doc), "no list of settings"
 
 
 def test_help_lists_every_setting_with_its_default(tmp_path):
@@ -4964,7 +5033,7 @@ open(out, "wb").write(urllib.request.urlopen(sys.argv[-1]).read())
 
 @pytest.mark.parametrize("script", ["screenshot.sh", "screenshot_silenced.py"])
 def test_the_screenshot_scripts_draw_the_threads_the_readme_shows(tmp_path, script):
-    """The scripts behind the README's pictures still run: the service starts, the clicks land, /preview is fetched."""
+    """The scripts behind the pictures of the README and docs/slack.md still run: the service starts, the clicks land, /preview is fetched."""
     fake = tmp_path / "chromium"
     fake.write_text(FAKE_CHROMIUM.replace("python3", sys.executable, 1))
     fake.chmod(0o755)
@@ -5350,7 +5419,7 @@ def test_example_payload_renders_to_slack_calls(name):
 
 
 def test_readme_smoke_sequence_with_the_example_payloads(start, slack):
-    """The README's curl steps: firing, second instance, resolved, with the actions it documents."""
+    """docs/operations.md's curl steps: firing, second instance, resolved, with the actions it documents."""
     svc = start()
     actions = []
     for name in PAYLOADS:
@@ -5385,9 +5454,9 @@ def test_the_readme_smoke_sequence_pasted_at_once_on_a_paced_channel_ends_with_t
 
 
 def test_the_payloads_the_readme_shows_are_the_ones_sent(start, slack):
-    """The README's thread of the three example webhooks, call for call (the ts values aside)."""
-    readme = (REPO / "README.md").read_text()
-    region = readme[readme.index("The payloads behind it"):readme.index("Messages follow the original's layout")]
+    """docs/how-it-works.md's thread of the three example webhooks, call for call (the ts values aside)."""
+    page = (REPO / "docs" / "how-it-works.md").read_text()
+    region = page[page.index("The payloads behind it"):page.index("Messages follow the original's layout")]
     shown = [json.loads(block) for block in re.findall(r"```json\n(.*?)\n```", region, re.S)]
     svc = start(SLACK_CHANNEL="C0123456789")
     for name in PAYLOADS:
@@ -6738,7 +6807,7 @@ def test_a_second_instance_stops_before_touching_the_running_ones_state(start, s
 
 
 def test_alert_without_fingerprint_is_the_same_alert_alertmanager_sends(start, slack):
-    """The README's smoke tests in order: the seed's curl alert, then the real Alertmanager payloads."""
+    """docs/operations.md's smoke tests in order: the seed's curl alert, then the real Alertmanager payloads."""
     svc = start()
     seed = json.loads((EXAMPLES / "firing.json").read_text())["alerts"][0]
     curl_alert = {"labels": seed["labels"], "annotations": seed["annotations"], "startsAt": seed["startsAt"]}
