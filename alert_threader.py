@@ -4088,6 +4088,10 @@ def told_apart(alert: Alert, record: Dict[str, Any], ms: MessageSettings) -> str
     if not names:
         what = subject(alert.labels) or (alert.labels.get("instance", "") if others else "")
         return "" if what in alert_title(alert, ms) else what
+    # The pod or instance leads even when the others share it: the next alert to join may not.
+    identity = next((n for n in APART_ORDER[:2] if alert.labels.get(n) and n not in skip), None)
+    if identity and identity not in names:
+        names.insert(0, identity)
     title = alert_title(alert, ms)
     return truncate(" · ".join(alert.labels[n] if n in APART_ORDER[:2] else f"{n}={alert.labels[n]}"
                                for n in names[:3] if alert.labels[n] not in title), 100)
@@ -5943,7 +5947,9 @@ class Intake:
         old_keys = [self.store_key(key, channel) if key else "" for key in legacy]
         stored = self.store.get_many(list(dict.fromkeys(keys + [k for k in old_keys if k])))  # the sender decides
         for i, alert in enumerate(hook.alerts):  # told before namespaces were in keys: its thread goes on
-            old = usable(stored.get(old_keys[i]), channel) if old_keys[i] and keys[i] not in stored else None
+            new = usable(stored.get(keys[i]), channel)
+            told_here = new is not None and alert.fingerprint in new["alerts"]
+            old = usable(stored.get(old_keys[i]), channel) if old_keys[i] and not told_here else None
             if old is not None and alert.fingerprint in old["alerts"] and (
                     old["status"] == "open" or alert.status == "resolved" or decide(old, alert, window) == UNCHANGED):
                 thread_keys[i], keys[i] = legacy[i] or "", old_keys[i]

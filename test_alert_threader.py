@@ -5717,11 +5717,16 @@ def test_a_crash_loop_told_before_namespaces_were_in_keys_resolves_in_its_old_th
     (tmp_path / "threads.json").write_text(json.dumps({"version": 1, "threads": threads}))
     svc = start()
     repeat = svc.alert({**hook, "alerts": [told]}).json()["results"]
-    done = svc.alert({**hook, "status": "resolved", "alerts": [resolved(told)]}).json()["results"]
-    new = svc.alert({**hook, "alerts": [later]}).json()["results"]
-    assert [(r["action"], r["key"]) for r in repeat + done] == [("unchanged", old_key), ("replied", old_key)]
-    assert slack.messages[0].thread_ts == "1700000000.000042", "its resolve lands in the thread it was told in"
-    assert new[0]["action"] == "posted" and new[0]["key"] != old_key and "|shop|" in new[0]["key"]
+    new = svc.alert({**hook, "alerts": [told, later]}).json()["results"]  # a new pod: a thread of the namespace
+    again = svc.alert({**hook, "alerts": [told, later]}).json()["results"]  # Alertmanager's repeat
+    done = svc.alert({**hook, "status": "resolved", "alerts": [resolved(told), later]}).json()["results"]
+    assert [(r["action"], r["key"]) for r in repeat + new[:1] + again[:1] + done[:1]] == [
+        ("unchanged", old_key), ("unchanged", old_key), ("unchanged", old_key), ("replied", old_key)]
+    assert new[1]["action"] == "posted" and new[1]["key"] != old_key and "|shop|" in new[1]["key"]
+    assert [r["action"] for r in again[1:] + done[1:]] == ["unchanged", "unchanged"]
+    parent, resolve = slack.messages
+    assert parent.thread_ts is None and resolve.thread_ts == "1700000000.000042", "resolved in its own thread"
+    assert svc.get("/cache").json()["threads"][old_key]["status"] == "closed"
 
 
 def test_every_reply_names_what_tells_its_alert_apart_and_a_lone_alert_keeps_the_seed_layout(start, slack):
@@ -5760,7 +5765,8 @@ def test_a_reply_names_the_pod_and_compact_replies_name_the_label_that_differs(s
     svc.alert({**node, "alerts": [first] + mounts})
     compact = slack.messages[-1]
     lines = [line for line in drawn(compact.payload)["sections"][0].splitlines()[1:]]
-    assert [line.split(" · ")[1] for line in lines] == [f"mountpoint=/data{i}" for i in range(5)], lines
+    assert [line.split(" · ")[1:3] for line in lines] == [["10.0.0.31:9100", f"mountpoint=/data{i}"]
+                                                           for i in range(5)], lines
 
 
 def test_a_card_of_several_alerts_says_since_the_earliest_and_names_what_they_share():
