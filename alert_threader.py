@@ -5562,6 +5562,16 @@ class Executor:
 # Senders: one per channel, draining its outbox at Slack's pace
 # ---------------------------------------------------------------------------
 
+def recent_cards(records: Dict[str, Dict[str, Any]], channel: str, now: float, within: float = 600.0,
+                 most: int = 50) -> Dict[str, Tuple[bool, bool]]:
+    """The cards of a channel's threads changed in the last `within` seconds (the `most` newest) to draw
+    again, and the ✅ of those closed."""
+    recent = [(key, r) for key, r in records.items()
+              if r.get("channel") == channel and r.get("ts") and now - r.get("updated", 0) <= within]
+    recent.sort(key=lambda kr: -kr[1].get("updated", 0))
+    return {key: (True, r.get("status") == "closed") for key, r in recent[:most]}
+
+
 class Cards:
     """A channel's card edits (and ✅) waiting their turn: each card is edited at most every CARD_EVERY, with
     what its thread holds then; one Slack gave no turn to, or failed to edit, is tried again CARD_RETRY later."""
@@ -5687,6 +5697,10 @@ class Sender:
             return self.IDLE
         if holding != self.holding:  # this replica (re)starts sending: what it knew may have changed meanwhile
             self.holding, self.backlog, self.last_id, self.cache = holding, OrderedDict(), None, {}
+            # A card edit that was due when the last sender stopped (killed) is known nowhere: draw again the
+            # cards of the threads that changed lately (an edit to what a card shows already changes nothing).
+            with contextlib.suppress(StoreError):
+                self.cards.add(recent_cards(self.store.items(), self.channel, time.time()))
             if self.store.shared:
                 log_event(logging.INFO, "this replica sends for the channel now", channel=self.channel)
         self.executor.record_pending(self.channel)

@@ -1677,6 +1677,35 @@ def test_sigterm_finishes_the_webhook_in_flight_and_exits_0(tmp_path, slack):
     assert "stopping: finishing webhooks in flight" in log and "stopped" in log
 
 
+def test_a_card_edit_due_when_the_service_was_killed_is_made_after_the_restart(tmp_path, slack):
+    """Which cards wait for an edit lives in memory: after a kill -9 the cards of lately changed threads are
+    drawn again, so a thread that closed meanwhile does not show 🔥 for ever."""
+    proc, port = start_process(tmp_path, slack)
+    a, b = make_alert(instance="db01"), make_alert(instance="db02")
+    assert post_to(port, webhook(a))[0] == 200
+    slack.fail_always("chat.update", {"error": "internal_error"})
+    slack.fail_always("reactions.add", {"error": "internal_error"})
+    for hook in (webhook(a, b), webhook(resolved(a), resolved(b))):
+        assert post_to(port, hook)[0] == 200
+    wait_for(lambda: any("RESOLVED" in c.payload.get("text", "") for c in slack.calls if c.method == "chat.update"),
+             what="the closing card's edit, refused")
+    proc.kill()
+    proc.wait(10)
+    slack.fail_always("chat.update", None)
+    slack.fail_always("reactions.add", None)
+    parent = slack.messages[0]
+    proc, port = start_process(tmp_path, slack)
+    try:
+        edit = wait_for(lambda: [u for u in slack.accepted("chat.update") if u.payload["ts"] == parent.ts],
+                        what="the card drawn again after the restart")[-1]
+        assert edit.payload["text"].startswith("✅ RESOLVED") and "2 alerts resolved" in edit.text
+        wait_for(lambda: [r for r in slack.accepted("reactions.add") if r.payload["timestamp"] == parent.ts],
+                 what="the ✅ on the closed thread")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def test_sigkill_at_any_moment_loses_nothing_that_was_answered(tmp_path, slack):
     """Every alert answered 200 before a kill -9 is on disk, in its thread or in the outbox, and told after the
     restart; Slack shows one twice at most for each kill (a post the kill cut from its record)."""
