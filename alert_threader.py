@@ -5591,6 +5591,12 @@ class Cards:
             was_edit, was_react = self.due.get(key, (False, False))
             self.due[key] = (was_edit or edit, was_react or react)
 
+    def redraw_recent(self, store: "ThreadStore", channel: str) -> None:
+        """A card edit that was due when the last sender stopped (killed) is known nowhere: draw again the cards
+        of the threads that changed lately (an edit to what a card shows already changes nothing)."""
+        with contextlib.suppress(StoreError):
+            self.add(recent_cards(store.items(), channel, time.time()))
+
     def forget(self, records: Dict[str, Optional[Dict[str, Any]]]) -> None:
         """The threads were cleared: keep what their pending cards will show."""
         self.forgotten = {key: record for key, record in records.items() if record and key in self.due}
@@ -5638,11 +5644,7 @@ class Sender:
 
     def __init__(self, channel: str, rules: Rules, store: ThreadStore, executor: Executor,
                  stopping: threading.Event) -> None:
-        self.channel = channel
-        self.rules = rules
-        self.store = store
-        self.executor = executor
-        self.stopping = stopping
+        self.channel, self.rules, self.store, self.executor, self.stopping = channel, rules, store, executor, stopping
         self.state = ChannelState()
         self.backlog: "OrderedDict[str, Item]" = OrderedDict()  # id -> item, as the outbox holds them
         self.last_id: Optional[str] = None
@@ -5697,10 +5699,7 @@ class Sender:
             return self.IDLE
         if holding != self.holding:  # this replica (re)starts sending: what it knew may have changed meanwhile
             self.holding, self.backlog, self.last_id, self.cache = holding, OrderedDict(), None, {}
-            # A card edit that was due when the last sender stopped (killed) is known nowhere: draw again the
-            # cards of the threads that changed lately (an edit to what a card shows already changes nothing).
-            with contextlib.suppress(StoreError):
-                self.cards.add(recent_cards(self.store.items(), self.channel, time.time()))
+            self.cards.redraw_recent(self.store, self.channel)
             if self.store.shared:
                 log_event(logging.INFO, "this replica sends for the channel now", channel=self.channel)
         self.executor.record_pending(self.channel)
