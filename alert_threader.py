@@ -3503,7 +3503,7 @@ THREAD_GONE_ERRORS = frozenset({"message_not_found", "thread_not_found", "cant_u
                                 "restricted_action_thread_locked", "cannot_reply_to_message"})
 # Permanent configuration problems, each with what the operator should do.
 CONFIGURATION_ERRORS = {
-    "invalid_auth": "Slack rejects SLACK_BOT_TOKEN: copy the app's Bot User OAuth Token (xoxb-...) again",
+    "invalid_auth": "copy the app's Bot User OAuth Token (xoxb-...) again: Slack rejects this one",
     "not_authed": "no token reached Slack: set SLACK_BOT_TOKEN or SLACK_BOT_TOKEN_FILE",
     "account_inactive": "the Slack app or its workspace was deactivated: reinstall the app and update the token",
     "token_revoked": "the token was revoked: reinstall the Slack app and update SLACK_BOT_TOKEN",
@@ -7152,8 +7152,7 @@ def check_slack_at_start(config: Config) -> None:
         identity = client.call("auth.test", {})
     except SlackError as e:
         if e.error in TOKEN_REFUSED:
-            hint = e.hint.split(": ", 1)[-1] if e.hint.startswith("Slack rejects SLACK_BOT_TOKEN") else e.hint
-            raise ConfigError(f"SLACK_BOT_TOKEN: Slack refuses it: {e.error} ({hint})") from None
+            raise ConfigError(f"SLACK_BOT_TOKEN: Slack refuses it: {e.error} ({e.hint})") from None
         log_event(logging.WARNING, "cannot check the Slack token now; starting anyway, the alerts wait in the "
                   "outbox until Slack answers", error=e.error, fix=e.hint)
         return

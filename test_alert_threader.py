@@ -5271,7 +5271,7 @@ def test_a_token_slack_refuses_stops_the_start_with_the_fix(slack, tmp_path, err
     env = {"SLACK_BOT_TOKEN": SLACK_TOKEN, "SLACK_CHANNEL": "C0ALERTS", "SLACK_API_URL": slack.url, "PORT": "0"}
     result = run_cli(cwd=tmp_path, env=env)
     assert result.returncode == 2
-    fix = at.CONFIGURATION_ERRORS[error].split(": ", 1)[-1] if error == "invalid_auth" else at.CONFIGURATION_ERRORS[error]
+    fix = at.CONFIGURATION_ERRORS[error]
     assert result.stderr.decode().splitlines() == [
         f"alert-threader: SLACK_BOT_TOKEN: Slack refuses it: {error} ({fix})"]
     assert not (tmp_path / "threads.json").exists() and SLACK_TOKEN not in result.stderr.decode()
@@ -5336,7 +5336,7 @@ def test_check_asks_slack_whether_the_token_works(slack, tmp_path):
     slack.fail("auth.test", {"error": "invalid_auth"})
     bad = run_cli("check", cwd=tmp_path, env=env)
     assert bad.returncode == 1
-    assert "slack: FAILED: invalid_auth. Fix: Slack rejects SLACK_BOT_TOKEN" in bad.stdout.decode()
+    assert "slack: FAILED: invalid_auth. Fix: copy the app's Bot User OAuth Token" in bad.stdout.decode()
     dry = run_cli("check", cwd=tmp_path)
     assert dry.returncode == 1 and "dry-run" in dry.stdout.decode() and "set SLACK_BOT_TOKEN" in dry.stdout.decode()
     assert SLACK_TOKEN not in (ok.stdout + bad.stdout + ok.stderr + bad.stderr).decode()
