@@ -4093,8 +4093,9 @@ def told_apart(alert: Alert, record: Dict[str, Any], ms: MessageSettings) -> str
     if identity and identity not in names:
         names.insert(0, identity)
     title = alert_title(alert, ms)
-    return truncate(" · ".join(alert.labels[n] if n in APART_ORDER[:2] else f"{n}={alert.labels[n]}"
-                               for n in names[:3] if alert.labels[n] not in title), 100)
+    parts = [f"{n}={alert.labels[n]}" if n not in APART_ORDER[:2] else alert.labels[n] if alert.labels[n] not in title
+             else "" for n in names[:3]]  # a pod or instance the title names already is not said twice
+    return truncate(" · ".join(part for part in parts if part), 100)
 
 
 def field_title(name: str) -> str:
