@@ -516,7 +516,7 @@ class MessageSettings:
         return bounded_key("|".join([alert.labels.get(name, "") for name in names] + [self.environment]))
 
     def legacy_key(self, alert: Alert, group_key: str = "") -> Optional[str]:
-        """The key this alert had before namespaces were part of it (1.x): its thread may still be open."""
+        """The key this alert had before namespaces were part of it (1.1): its thread may still be open."""
         if self.thread_by == "group" and group_key or self.key_names(alert.labels) == self.key_labels:
             return None
         return bounded_key("|".join([alert.labels.get(name, "") for name in self.key_labels] + [self.environment]))
@@ -7299,7 +7299,8 @@ def cmd_check(config: Config) -> int:
                     raise StoreError(f"cannot use Redis at {redact_url(config.redis_url)}: {problem}")
                 where = redact_url(config.redis_url)
                 if store.redis.sentinel is not None:  # type: ignore[attr-defined]
-                    where += f"; primary now {store.redis.primary()}"  # type: ignore[attr-defined]
+                    with contextlib.suppress(*store.redis.errors):  # type: ignore[attr-defined]
+                        where += f"; primary now {store.redis.primary()}"  # type: ignore[attr-defined]
             finally:
                 store.close()
     except (ConfigError, StoreError) as e:
