@@ -4076,15 +4076,43 @@ def about(alert: Alert, ms: MessageSettings) -> str:
     return "" if what in alert_title(alert, ms) else what
 
 
-def told_apart(alert: Alert, record: Dict[str, Any], ms: MessageSettings) -> str:
+LabelSpread = Tuple[int, Dict[str, Dict[str, int]]]
+
+
+def label_spread(record: Dict[str, Any]) -> LabelSpread:
+    """How many of a thread's alerts have their labels kept, and for each label how many have each value: what
+    told_apart compares with, counted once for a message however many of its lines it tells apart."""
+    kept, counts = 0, {}  # type: Tuple[int, Dict[str, Dict[str, int]]]
+    for entry in record.get("alerts", {}).values():
+        labels = entry[3] if len(entry) > 3 else None  # an entry stored before 1.1 has no labels
+        if labels:
+            kept += 1
+            for name, value in labels.items():
+                values = counts.setdefault(name, {})
+                values[value] = values.get(value, 0) + 1
+    return kept, counts
+
+
+def told_apart(alert: Alert, record: Dict[str, Any], ms: MessageSettings,
+               spread: Optional[LabelSpread] = None) -> str:
     """What tells this alert apart from the other alerts of its thread: the labels whose values differ between
     them (a pod or instance by its value, others as name=value), else what it is about; what its title says
     already is not said again, and an alert alone in its thread is told as the seed tells it."""
-    others = [entry[3] if len(entry) > 3 else None for fingerprint, entry in record.get("alerts", {}).items()
-              if fingerprint != alert.fingerprint]  # an entry stored before 1.1 has no labels
+    alerts = record.get("alerts", {})
+    others = len(alerts) - (alert.fingerprint in alerts)
+    kept, counts = spread or label_spread(record)
+    own = alerts.get(alert.fingerprint)
+    own_labels = own[3] if own and len(own) > 3 and own[3] else {}
+    kept_others = kept - bool(own_labels)
+
+    def differs(name: str) -> bool:  # some other alert whose labels are kept has another value, or none
+        value = alert.labels[name]
+        same = counts.get(name, {}).get(value, 0) - (own_labels.get(name) == value)
+        return same < kept_others
+
     skip = exporter_labels(alert.labels) | set(ms.hidden)
-    names = sorted((n for n in alert.labels if n not in skip and not n.startswith("__") and any(
-        other.get(n) != alert.labels[n] for other in others if other)), key=lambda n: (APART_RANK.get(n, 99), n))
+    names = sorted((n for n in alert.labels if n not in skip and not n.startswith("__") and differs(n)),
+                   key=lambda n: (APART_RANK.get(n, 99), n))
     if not names:
         what = subject(alert.labels) or (alert.labels.get("instance", "") if others else "")
         return "" if what in alert_title(alert, ms) else what
@@ -4976,9 +5004,10 @@ def compact_reply(record: Dict[str, Any], key: str, lines: List[Line], channel: 
     transitions = {"resolve" if ln.fired else TRANSITIONS[ln.step] for ln in lines} | ({"close"} if closing else set())
 
     def draw() -> Drawn:
+        spread = label_spread(after)
         payload = render_batch([ln.item.alert for ln in lines], channel, ms, record["ts"], resolved,
                                notes=[ln.note for ln in lines], broadcast=bool(transitions & set(ms.broadcast)),
-                               whats=[told_apart(ln.item.alert, after, ms) for ln in lines])
+                               whats=[told_apart(ln.item.alert, after, ms, spread) for ln in lines])
         reopened = ms.mentions_for([ln.item.alert for ln in lines if ln.step == REOPEN and not ln.fired])
         if reopened:
             payload["text"] = f"{reopened} {payload['text']}"
