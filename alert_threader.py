@@ -169,6 +169,14 @@ def grapheme_boundary(text: str, i: int) -> int:
     return i
 
 
+def truncate_middle(text: str, limit: int) -> str:
+    """At most `limit` characters, cut in the middle: names that differ at their end (pods) stay apart."""
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) // 3
+    return text[:head] + ELLIPSIS + text[len(text) - (limit - 1 - head):]
+
+
 def truncate(text: str, limit: int, utf16: bool = False) -> str:
     """At most `limit` characters (or UTF-16 units), ending in an ellipsis when cut, whole characters only."""
     if (utf16_units(text) if utf16 else len(text)) <= limit:
@@ -512,8 +520,11 @@ class MessageSettings:
         with a namespace label: alertname|severity|service|cluster|namespace|ENVIRONMENT."""
         if self.thread_by == "group" and group_key:
             return bounded_key(f"group|{group_key}|{self.environment}")
-        names = self.key_names(alert.labels)
-        return bounded_key("|".join([alert.labels.get(name, "") for name in names] + [self.environment]))
+        # A | or \ in a value is escaped, so that no value can make another alert's key (a | in a cluster
+        # label and a namespace one part shorter); values without them give the seed's key exactly.
+        parts = [alert.labels.get(name, "").replace("\\", "\\\\").replace("|", "\\|")
+                 for name in self.key_names(alert.labels)]
+        return bounded_key("|".join(parts + [self.environment]))
 
     def legacy_key(self, alert: Alert, group_key: str = "") -> Optional[str]:
         """The key this alert had before namespaces were part of it (1.1): its thread may still be open."""
@@ -944,6 +955,9 @@ def check_channel_id(variable: str, channel: str) -> None:
     """Slack takes a channel's name for posting but only its ID for edits and reactions: IDs only."""
     if re.fullmatch(r"[A-Z0-9][A-Z0-9_-]{1,79}", channel):
         return
+    if channel.startswith("xox"):  # never echoed: it is a secret
+        raise ConfigError(f"{variable}: this is a Slack token, not a channel ID (give the channel's ID, like "
+                          "C0123456789; the token goes in SLACK_BOT_TOKEN)")
     if re.fullmatch(r"[cgd][a-z0-9]{8,}", channel) and re.search(r"[0-9]", channel):
         raise ConfigError(f"{variable}: {channel!r} looks like a channel ID in lower case (write it as Slack shows "
                           f"it: {channel.upper()})")
@@ -1158,14 +1172,22 @@ def check_redis_url(url: str) -> None:
                           "number)") from None
 
 
+def has_port_or_none(url: str) -> bool:
+    """Does the URL read, its port (if any) a number within 1..65535? urlsplit raises on both, later."""
+    try:
+        urllib.parse.urlsplit(url).port  # noqa: B018 - raises ValueError on a bad port or a broken [IPv6]
+    except ValueError:
+        return False
+    return True
+
+
 def url_settings(raw: RawSettings) -> Dict[str, Any]:
     api_url = raw.text("SLACK_API_URL")
-    api = urllib.parse.urlsplit(api_url)
-    if api.scheme not in ("http", "https") or not api.hostname:
+    if not is_http_url(api_url) or not has_port_or_none(api_url):
         raise ConfigError(f"SLACK_API_URL: {shown_url(api_url)} is not an http(s) URL (the default is "
                           "https://slack.com/api/)")
     am_url = raw["ALERTMANAGER_URL"]
-    if am_url and not is_http_url(am_url):
+    if am_url and not (is_http_url(am_url) and has_port_or_none(am_url)):
         raise ConfigError(f"ALERTMANAGER_URL: {shown_url(am_url)} is not an http(s) URL (like "
                           "http://alertmanager:9093)")
     if am_url and urllib.parse.urlsplit(am_url).query:
@@ -4031,12 +4053,11 @@ def exporter_labels(labels: Dict[str, str]) -> Set[str]:
     """The labels of an alert that describe the exporter that reported it, not the thing that is broken: the
     scrape target's of kube-state-metrics and the kubelet, and node_exporter's pod (kube-prometheus-stack)."""
     job, service = labels.get("job", ""), labels.get("service", "")
-    if "kube-state-metrics" in job or "kube-state-metrics" in service or job == "kubelet" or (
-            service.endswith("-kubelet")):
+    if job in ("kube-state-metrics", "kubelet") or service.endswith(("kube-state-metrics", "-kubelet")):
         # A metric without its own pod or container label keeps the exporter's (honorLabels): not the workload.
         own = {n for n in ("pod", "container") if "kube-state-metrics" in labels.get(n, "")}
         return set(SCRAPE_LABELS) | own
-    if "node-exporter" in job or "node-exporter" in service:
+    if job == "node-exporter" or service.endswith("node-exporter"):
         return (set(SCRAPE_LABELS) - {"instance"}) | {"pod", "container", "namespace"}
     return set()
 
@@ -4123,7 +4144,7 @@ def told_apart(alert: Alert, record: Dict[str, Any], ms: MessageSettings,
     title = alert_title(alert, ms)
     parts = [f"{n}={alert.labels[n]}" if n not in APART_ORDER[:2] else alert.labels[n] if alert.labels[n] not in title
              else "" for n in names[:3]]  # a pod or instance the title names already is not said twice
-    return truncate(" · ".join(part for part in parts if part), 100)
+    return truncate_middle(" · ".join(part for part in parts if part), 100)
 
 
 def field_title(name: str) -> str:
@@ -4220,8 +4241,14 @@ def alert_blocks(alert: Alert, ms: MessageSettings, title: str, external_url: st
     if excess > 0:  # the description gives way first, then each field alike
         blocks = build(max(0, SECTION_MAX - 20 - excess), FIELD_MAX - 120)
         excess = text_length(blocks) - TEXT_BUDGET
-        if excess > 0:
-            blocks = build(0, max(20, FIELD_MAX - 120 - excess // max(1, len(pairs)) - 1))
+        value_max = FIELD_MAX - 120
+        for _ in range(12):  # then the fields, the long ones (only they shrink) by their share of the excess
+            if excess <= 0 or value_max <= 20:
+                break
+            long_fields = sum(1 for _, value in pairs if len(mrkdwn(value, value_max)) >= value_max // 2) or 1
+            value_max = max(20, value_max - excess // long_fields - 1)
+            blocks = build(0, value_max)
+            excess = text_length(blocks) - TEXT_BUDGET
     return blocks
 
 
@@ -4267,7 +4294,7 @@ def render_alert(alert: Alert, channel: str, ms: MessageSettings, kind: str, thr
         emoji, color = severity_style(alert.severity)
         title = f"{emoji} {'FIRING AGAIN — ' if kind == 'refire' else ''}"
     if what:  # the summary gives way, so that the header keeps what tells the alert apart
-        what = truncate(what, 60)
+        what = truncate_middle(what, 60)
         title += truncate(summary, HEADER_MAX - utf16_units(title + what) - 3, utf16=True) + " · " + what
     else:
         title += summary
@@ -4396,7 +4423,10 @@ def thread_labels(record: Dict[str, Any], ms: MessageSettings) -> Dict[str, str]
     """The labels every alert of a thread shares: its group's (THREAD_BY=group), else the thread key's."""
     first = record.get("first", {})
     labels = first.get("labels", {})
-    return first.get("group_labels") or {name: labels.get(name, "") for name in ms.key_names(labels)}
+    names = ms.key_names(labels)
+    if names != ms.key_labels and record.get("key") == ms.legacy_key(alert_from_record(first)):
+        names = ms.key_labels  # a thread keyed before namespaces were (1.1) may hold several namespaces
+    return first.get("group_labels") or {name: labels.get(name, "") for name in names}
 
 
 def count_lines(counts: Dict[str, int], limit: int, label: Callable[[str], str]) -> List[str]:
@@ -7246,8 +7276,15 @@ def start_service(config: Config) -> Service:
     return service.start()
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A command line it cannot read is refused like a bad setting: one line, exit code 2."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"alert-threader: {message} (python3 alert_threader.py --help lists the flags)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="alert_threader.py", description=__doc__,
+    parser = OneLineParser(prog="alert_threader.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="serve", choices=("serve", "render", "check"),
                         help="serve (default), render FILE, or check")

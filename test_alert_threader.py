@@ -576,6 +576,10 @@ def test_help_lists_every_setting_with_its_default(tmp_path):
     ("REDIS_URL", "redis+sentinel://127.0.0.1:26379/svc/abc", "REDIS_URL: the database 'abc' is not a number"),
     ("REDIS_URL", "redis+sentinel://127.0.0.1:26379/svc/0?sentinel_pw=x", "REDIS_URL: unknown option 'sentinel_pw'"),
     ("REDIS_MIN_REPLICAS_ACK", "some", "REDIS_MIN_REPLICAS_ACK: 'some' is not a count"),
+    ("SLACK_API_URL", "http://[::1", "SLACK_API_URL: 'http://[::1' is not an http(s) URL"),
+    ("SLACK_API_URL", "https://slack.example.com:abc/", "SLACK_API_URL: 'https://slack.example.com:abc/' is not"),
+    ("ALERTMANAGER_URL", "http://am:99999/", "ALERTMANAGER_URL: 'http://am:99999/' is not an http(s) URL"),
+    ("SLACK_CHANNEL", "xoxb-1111-2222-MixedUpToken", "SLACK_CHANNEL: this is a Slack token, not a channel ID"),
 ])
 def test_invalid_setting_stops_startup_and_check_with_one_line_naming_it(tmp_path, variable, value, message):
     """alert-threader: SETTING: what is wrong (how to fix), exit code 2: the same line from the service and check."""
@@ -586,6 +590,20 @@ def test_invalid_setting_stops_startup_and_check_with_one_line_naming_it(tmp_pat
         assert len(lines) == 1 and message in lines[0], lines
         assert re.fullmatch(rf"alert-threader: {variable}: \S.* \(.+\)", lines[0]), lines[0]
         assert "Traceback" not in result.stdout.decode() + result.stderr.decode()
+
+
+@pytest.mark.parametrize("args", [["--port"], ["--nonsense"], ["bogus"]])
+def test_a_command_line_it_cannot_read_is_refused_in_one_line(tmp_path, args):
+    result = run_cli(*args, cwd=tmp_path)
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("alert-threader: "), lines
+    assert lines[0].endswith("(python3 alert_threader.py --help lists the flags)")
+
+
+def test_a_token_given_as_the_channel_is_never_echoed(tmp_path):
+    for command in ((), ("check",)):
+        result = run_cli(*command, cwd=tmp_path, env={"SLACK_CHANNEL": "xoxb-1111-2222-MixedUpToken"})
+        assert result.returncode == 2 and "MixedUpToken" not in (result.stdout + result.stderr).decode()
 
 
 def test_flag_wins_over_environment(tmp_path):
@@ -5807,6 +5825,63 @@ def test_a_card_of_several_alerts_says_since_the_earliest_and_names_what_they_sh
     parent, reply, update = (drawn(c["payload"]) for c in calls)
     assert "Silence" in parent["buttons"] and "Silence" in reply["buttons"], "each alert: Grafana's own Silence"
     assert "Silence" not in update["buttons"], "a card of two: no Silence that would leave the other firing"
+
+
+def test_a_pipe_in_a_label_cannot_make_another_namespace_s_thread_key():
+    ms = at.MessageSettings()
+
+    def key(**labels: str) -> str:
+        alert = at.parse_alert(make_alert(name="KubeQuotaExceeded", **{"service": "", "cluster": "", **labels}),
+                               "alerts[0]", None, False)
+        return ms.thread_key(alert)
+    assert key(namespace="shop") != key(cluster="|shop"), "a | in a value cannot stand for the key's separator"
+    assert key(cluster="c|shop", namespace="production") != key(cluster="c", namespace="shop|production")
+    assert key(namespace="shop") == "KubeQuotaExceeded|critical|||shop|production", "plain values: as before"
+
+
+def test_an_app_named_like_an_exporter_keeps_its_namespace_and_pod():
+    alert = at.parse_alert(make_alert(name="CheckoutDown", namespace="payments", pod="checkout-7d9f-x2k4q",
+                                      service="checkout-node-exporter-bridge", job="checkout-kube-state-metrics-sync"),
+                           "alerts[0]", None, False)
+    fields = dict(at.field_pairs(alert, at.MessageSettings()))
+    assert fields["Namespace"] == "payments" and fields["Pod"] == "checkout-7d9f-x2k4q"
+    assert fields["Service"] == "checkout-node-exporter-bridge" and fields["Instance"] == "db01.example.com"
+
+
+def test_a_thread_keyed_before_namespaces_is_silenced_as_its_key_covers_every_namespace_in_it():
+    ms = at.MessageSettings()
+    first = json.loads((CORPUS / "kube-pod-crashlooping.json").read_text())["alerts"][0]
+    alert = at.parse_alert(first, "alerts[0]", None, False)
+    record = at.new_record(alert, ms.legacy_key(alert) or "", "C0ALERTS", "", 1.0)
+    assert "namespace" not in at.thread_labels(record, ms), "the 1.1 thread held every namespace's crash loops"
+    record = at.new_record(alert, ms.thread_key(alert), "C0ALERTS", "", 1.0)
+    assert at.thread_labels(record, ms)["namespace"] == "shop"
+
+
+def test_pods_whose_long_names_differ_at_the_end_stay_apart_in_their_replies():
+    base = "kafka-connect-cluster-eu-west-1-analytics-ingest-pipeline-worker-"
+    hook = json.loads((CORPUS / "kube-pod-crashlooping.json").read_text())
+    for i, alert in enumerate(hook["alerts"]):
+        alert["labels"]["pod"] = base + str(i)
+        alert["fingerprint"] = at.label_fingerprint(alert["labels"])
+    ms, alerts = at.MessageSettings(), [at.parse_alert(a, "a", None, False) for a in hook["alerts"]]
+    record = at.new_record(alerts[0], ms.thread_key(alerts[0]), "C0ALERTS", "", 1.0)
+    for alert in alerts:
+        at.remember_alert(record, alert, at.FIRING)
+    headers = [drawn(at.render_alert(a, "C0ALERTS", ms, "firing", what=at.told_apart(a, record, ms)))["header"]
+               for a in alerts]
+    assert headers[0] != headers[1] and all(h.endswith(f"worker-{i}") for i, h in enumerate(headers)), headers
+
+
+def test_a_message_of_many_long_escaped_labels_stays_within_slack_s_whole_text_limit():
+    labels = {"alertname": "A", "severity": "critical", "namespace": "&" * 200, "pod": "&" * 5000,
+              "instance": "&" * 5000, "mountpoint": "&" * 5000, "device": "&" * 5000,
+              **{f"l{i}": "&" * 300 for i in range(20)}}  # a few long fields, the rest short: they shrink unequally
+    alert = at.parse_alert({"status": "firing", "labels": labels, "annotations": {"summary": "x"},
+                            "startsAt": "2024-01-15T14:30:25Z"}, "alerts[0]", None, False)
+    payload = at.render_alert(alert, "C0ALERTS", at.MessageSettings(), "firing")
+    assert_within_slack_limits(payload)
+    assert at.text_length(payload["attachments"][0]["blocks"]) <= at.TEXT_BUDGET
 
 
 def test_message_fields_and_hidden_labels_replace_the_defaults():
