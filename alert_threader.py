@@ -3616,6 +3616,9 @@ class SlackAPI:
         # the history costs little memory and nothing to the garbage collector.
         self.recent: deque = deque(maxlen=keep)
 
+    def close(self) -> None:
+        """Close what connections it keeps (none here)."""
+
     def call(self, method: str, payload: Dict[str, Any]) -> Dict[str, Any]:
         body = SLACK_JSON.encode(payload).encode()
         start = time.monotonic()
@@ -3740,6 +3743,8 @@ class SlackClient(SlackAPI):
         self._headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json; charset=utf-8",
                          "User-Agent": f"alert-threader/{__version__}"}
         self._local = threading.local()
+        self._open: Set[http.client.HTTPConnection] = set()  # every thread's kept-alive connection, for close()
+        self._open_lock = threading.Lock()
         self._ssl_context: Any = None
         self._deadlines = Deadlines()  # SLACK_TIMEOUT bounds a whole call, however slowly an answer drips
 
@@ -3749,7 +3754,7 @@ class SlackClient(SlackAPI):
         if conn is not None and conn.sock is not None and not peer_closed(conn.sock):
             return conn, True
         if conn is not None:
-            conn.close()
+            self._forget(conn)
         if self._https:
             if self._ssl_context is None:
                 import ssl  # only when talking TLS
@@ -3759,12 +3764,26 @@ class SlackClient(SlackAPI):
         else:
             conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
         self._local.conn = conn
+        with self._open_lock:
+            self._open.add(conn)
         return conn, False
+
+    def _forget(self, conn: http.client.HTTPConnection) -> None:
+        conn.close()
+        with self._open_lock:
+            self._open.discard(conn)
 
     def _drop_connection(self) -> None:
         conn = getattr(self._local, "conn", None)
         self._local.conn = None
         if conn is not None:
+            self._forget(conn)
+
+    def close(self) -> None:
+        """Close every thread's kept-alive connection (the service stops; a check is done)."""
+        with self._open_lock:
+            conns, self._open = list(self._open), set()
+        for conn in conns:
             conn.close()
 
     def _exchange(self, method: str, body: bytes) -> Tuple[int, Optional[str], bytes]:
@@ -7190,6 +7209,7 @@ class Service:
         drained = self.app.wait_idle(timeout)
         self.delivery.senders.stop(max(0.0, deadline - time.monotonic()))
         self.store.close()
+        self.slack.close()
         self._unlock_state()
         return drained
 
@@ -7210,16 +7230,17 @@ def check_slack_at_start(config: Config) -> None:
     client = SlackClient(config.slack_api_url, config.slack_bot_token, min(config.slack_timeout, 5.0), Metrics())
     try:
         identity = client.call("auth.test", {})
+        bot = str(identity.get("user") or "the bot")[:80]
+        log_event(logging.INFO, "Slack token works", team=str(identity.get("team"))[:80], bot=bot)
+        for level, text in slack_problems(config, client, bot):
+            log_event(level, text)
     except SlackError as e:
         if e.error in TOKEN_REFUSED:
             raise ConfigError(f"SLACK_BOT_TOKEN: Slack refuses it: {e.error} ({e.hint})") from None
         log_event(logging.WARNING, "cannot check the Slack token now; starting anyway, the alerts wait in the "
                   "outbox until Slack answers", error=e.error, fix=e.hint)
-        return
-    bot = str(identity.get("user") or "the bot")[:80]
-    log_event(logging.INFO, "Slack token works", team=str(identity.get("team"))[:80], bot=bot)
-    for level, text in slack_problems(config, client, bot):
-        log_event(level, text)
+    finally:
+        client.close()
 
 
 def slack_problems(config: Config, client: Any, bot: str) -> List[Tuple[int, str]]:
@@ -7398,6 +7419,8 @@ def cmd_check(config: Config) -> int:
     for level, text in slack_problems(config, client, str(identity.get("user") or "the bot")[:80]):
         print(f"slack: {'WARNING' if level >= logging.WARNING else 'NOTE'}: {text}")
         failed = failed or level >= logging.WARNING
+    client.close()
+    slack.close()
     return int(failed)
 
 
