@@ -2998,6 +2998,10 @@ class RedisConnection:
 
 def redis_fix(e: BaseException) -> str:
     """What to do about a Redis error, in words an operator can act on."""
+    if type(e).__name__ == "MasterNotFoundError":
+        return ("no Sentinel named a primary for the service in REDIS_URL: check its name (sentinel monitor NAME), "
+                "SENTINEL_PASSWORD if the Sentinels have a requirepass, and that one of them answers "
+                "(redis-cli -p 26379 sentinel get-master-addr-by-name NAME)")
     if "without any password configured" in str(e):
         return "this Redis has no password: take it out of REDIS_URL (or set requirepass in redis.conf)"
     if type(e).__name__ == "AuthenticationError" or any(word in str(e) for word in ("NOAUTH", "WRONGPASS")):
@@ -5773,7 +5777,8 @@ class Sender:
         if not holding:
             if self.holding:  # paused or cut off past its lease: another replica sends now
                 log_event(logging.WARNING, "this replica no longer sends for the channel", channel=self.channel,
-                          reason="its lease ran out and another replica holds it")
+                          reason="another holding of its lease is live until it lapses (another replica's, or "
+                          "this one's from before a Redis failover)")
             self.holding = None
             return self.IDLE
         if holding != self.holding:  # this replica (re)starts sending: what it knew may have changed meanwhile

@@ -3407,6 +3407,7 @@ def test_a_sentinel_url_reaches_the_primary_and_check_and_health_name_it(start, 
     wrong = run_cli("check", cwd=tmp_path, env={"THREAD_STORE": "redis", "REDIS_URL": sentinels.url,
                                                 "SENTINEL_PASSWORD": "not-the-password"})
     assert wrong.returncode == 1 and "store: FAILED" in wrong.stdout.decode()
+    assert "SENTINEL_PASSWORD if the Sentinels have a requirepass" in wrong.stdout.decode(), "the fix, not 'start it'"
     assert "not-the-password" not in wrong.stdout.decode() + wrong.stderr.decode()
     log_text = svc.log.getvalue()
     assert sentinels.DATA_PASSWORD not in log_text and sentinels.SENTINEL_PASSWORD not in log_text
