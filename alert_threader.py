@@ -896,8 +896,21 @@ class Config:
 QUERY_PASSWORD = re.compile(r"(?i)((?:^|&)(?:sentinel_)?password=)([^&]*)")
 
 
+def sentinel_url_secrets(url: str) -> List[str]:
+    """The passwords a redis+sentinel:// URL carries, as written: its userinfo's, and every query value (only
+    sentinel_password is read, but a value is never shown whatever its name)."""
+    rest = url.partition("://")[2]
+    userinfo, at, _ = rest.rpartition("@")  # a / or ? in an unencoded password is still its (more is no harm)
+    found = [userinfo.partition(":")[2]] if at else []
+    found += [part.partition("=")[2] for part in re.split(r"[?&#]", rest)[1:] if "=" in part]
+    return [value for value in found if value]
+
+
 def redis_passwords(url: str) -> List[str]:
     """Every form in which a Redis URL carries a password (user:pw@ and ?password=), raw and decoded."""
+    if url.startswith(tuple(f"{scheme}://" for scheme in SENTINEL_SCHEMES)):
+        found = sentinel_url_secrets(url)
+        return found + [urllib.parse.unquote(p) for p in found]
     try:
         parts = urllib.parse.urlsplit(url)
         password = parts.password
@@ -910,6 +923,10 @@ def redis_passwords(url: str) -> List[str]:
 
 def redact_url(url: str) -> str:
     """The URL with any password replaced, for logs, endpoints and check."""
+    if url.startswith(tuple(f"{scheme}://" for scheme in SENTINEL_SCHEMES)):
+        for secret in sorted(sentinel_url_secrets(url), key=len, reverse=True):
+            url = url.replace(secret, "***")
+        return url
     try:
         parts = urllib.parse.urlsplit(url)
         password = parts.password
@@ -1124,34 +1141,46 @@ class SentinelTarget:
     tls: bool = False
 
 
+SENTINELS_MAX = 16
+
+
 def parse_sentinel_url(url: str) -> SentinelTarget:
     """redis+sentinel://[[USER]:PASSWORD@]HOST[:PORT],HOST[:PORT]/SERVICE[/DB][?sentinel_password=...]; raises
-    ValueError saying what is wrong (never quoting a password)."""
+    ValueError saying what is wrong, in words that quote nothing a password could be part of."""
+    if "#" in url:
+        raise ValueError("a # must be written %23 (in a password too)")
     scheme, _, rest = url.partition("://")
     netloc, _, path = rest.partition("/")
     path, _, query = path.partition("?")
     userinfo, at, hosts = netloc.rpartition("@")
     username, _, password = userinfo.partition(":") if at else ("", "", "")
     sentinels = []
-    for host in (h.strip() for h in hosts.split(",")):
-        name, colon, port = host.rpartition(":") if not host.endswith("]") else (host, "", "")
-        name = (name if colon else host).strip("[]")
-        if not name or (colon and not port.isdigit()) or not 0 < int(port or 26379) < 65536:
-            raise ValueError(f"{truncate(host, 60)!r} is not a Sentinel's HOST:PORT")
-        sentinels.append((name, int(port or 26379)))
+    for number, host in enumerate((h.strip() for h in hosts.split(",")), 1):
+        if host.startswith("["):  # [IPv6]:PORT
+            name, _, port = host[1:].partition("]")
+            port = port[1:] if port.startswith(":") else ("x" if port else "")
+        else:
+            name, _, port = host.partition(":") if host.count(":") <= 1 else ("", "", "")
+        digits = port.isascii() and port.isdigit()
+        if not name or "@" in name or (port and not digits) or not 0 < int(port if digits else 26379) < 65536:
+            raise ValueError(f"Sentinel {number}'s HOST[:PORT] cannot be read (an IPv6 address goes in [ ], and "
+                             "/ ? # @ in a password must be %-encoded)")
+        sentinels.append((name, int(port if digits else 26379)))
+    if len(sentinels) > SENTINELS_MAX:
+        raise ValueError(f"more than {SENTINELS_MAX} Sentinels")
     parts = path.split("/")
     if not parts[0]:
         raise ValueError("no service name: the path names the primary as Sentinel knows it (sentinel monitor NAME)")
-    if len(parts) > 2 or (len(parts) == 2 and parts[1] and not parts[1].isdigit()):
-        raise ValueError(f"the database {truncate('/'.join(parts[1:]), 40)!r} is not a number")
-    options = urllib.parse.parse_qs(query)
-    unknown = sorted(set(options) - {"sentinel_password"})
-    if unknown:
-        raise ValueError(f"unknown option {truncate(unknown[0], 40)!r}")
+    if len(parts) > 2 or (len(parts) == 2 and parts[1] and not (parts[1].isascii() and parts[1].isdigit()
+                                                                and int(parts[1]) < 1 << 16)):
+        raise ValueError("the database is not a number")
+    options = [option.partition("=") for option in query.split("&") if option]
+    if any(name != "sentinel_password" or not eq for name, eq, _ in options) or len(options) > 1:
+        raise ValueError("the only option is sentinel_password=, once (its name written as is)")
     unquote = urllib.parse.unquote
     return SentinelTarget(tuple(sentinels), unquote(parts[0]), int(parts[1]) if len(parts) == 2 and parts[1] else 0,
                           unquote(username) or None, unquote(password) or None,
-                          (options.get("sentinel_password") or [None])[0], scheme == "rediss+sentinel")
+                          unquote(options[0][2]) if options else None, scheme == "rediss+sentinel")
 
 
 def check_redis_url(url: str) -> None:
@@ -2910,6 +2939,9 @@ class RedisConnection:
             timeouts["socket_connect_timeout"] = timeout
         self.sentinel: Any = None
         if url.startswith(tuple(f"{scheme}://" for scheme in SENTINEL_SCHEMES)):
+            # A Sentinel answering in a shape redis-py does not expect, or naming a host that cannot be
+            # encoded, raises these from inside redis-py: an outage of the store (503), not a crash (500).
+            self.errors += (TypeError, AttributeError, ValueError, IndexError, KeyError)
             self.target = parse_sentinel_url(url)
             self.client = self._through_sentinel(redis, self.target, timeouts, connections, sentinel_password,
                                                  Retry(NoBackoff(), 0))
@@ -2934,7 +2966,7 @@ class RedisConnection:
         tls = {"ssl": True} if target.tls else {}
         self.sentinel = Sentinel(
             list(target.sentinels), sentinel_kwargs={"password": target.sentinel_password or sentinel_password,
-                                                     **timeouts, **tls},
+                                                     "retry": retry, **timeouts, **tls},
             password=target.password, username=target.username, db=target.db, retry=retry, **timeouts, **tls)
         return self.sentinel.master_for(target.service, decode_responses=True, max_connections=connections)
 
@@ -7306,11 +7338,13 @@ class OneLineParser(argparse.ArgumentParser):
     """A command line it cannot read is refused like a bad setting: one line, exit code 2."""
 
     def error(self, message: str) -> Any:
+        # An argument's value may be a secret given to a mistyped flag: never echoed.
+        message = re.sub(r"invalid choice: '[^']*'", "invalid choice", re.sub(r"=\S*", "=…", message))
         self.exit(2, f"alert-threader: {message} (python3 alert_threader.py --help lists the flags)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="alert_threader.py", description=__doc__,
+    parser = OneLineParser(prog="alert_threader.py", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="serve", choices=("serve", "render", "check"),
                         help="serve (default), render FILE, or check")

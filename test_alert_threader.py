@@ -571,10 +571,10 @@ def test_help_lists_every_setting_with_its_default(tmp_path):
     ("ENVIRONMENT", "prod|eu", "ENVIRONMENT: empty, unprintable or with '|'"),
     ("THREAD_KEY_LABELS", ",", "THREAD_KEY_LABELS: names no label"),
     ("SILENCE_DURATIONS", "10s", "SILENCE_DURATIONS: 10s is too short or too long (use 1m to 366d)"),
-    ("REDIS_URL", "redis+sentinel://127.0.0.1:26379,127.0.0.1:x/svc/0", "REDIS_URL: '127.0.0.1:x' is not a Sentinel"),
+    ("REDIS_URL", "redis+sentinel://127.0.0.1:26379,127.0.0.1:x/svc/0", "REDIS_URL: Sentinel 2's HOST[:PORT] cannot be read"),
     ("REDIS_URL", "redis+sentinel://127.0.0.1:26379/", "REDIS_URL: no service name"),
-    ("REDIS_URL", "redis+sentinel://127.0.0.1:26379/svc/abc", "REDIS_URL: the database 'abc' is not a number"),
-    ("REDIS_URL", "redis+sentinel://127.0.0.1:26379/svc/0?sentinel_pw=x", "REDIS_URL: unknown option 'sentinel_pw'"),
+    ("REDIS_URL", "redis+sentinel://127.0.0.1:26379/svc/abc", "REDIS_URL: the database is not a number"),
+    ("REDIS_URL", "redis+sentinel://127.0.0.1:26379/svc/0?sentinel_pw=x", "REDIS_URL: the only option is sentinel_password=, once"),
     ("REDIS_MIN_REPLICAS_ACK", "some", "REDIS_MIN_REPLICAS_ACK: 'some' is not a count"),
     ("SLACK_API_URL", "http://[::1", "SLACK_API_URL: 'http://[::1' is not an http(s) URL"),
     ("SLACK_API_URL", "https://slack.example.com:abc/", "SLACK_API_URL: 'https://slack.example.com:abc/' is not"),
@@ -3425,6 +3425,75 @@ def test_an_outbox_write_no_replica_acknowledges_is_answered_503_and_its_retry_j
     assert svc.alert(webhook(make_alert())).json()["results"][0]["action"] in ("posted", "unchanged")
     settled(svc)
     assert named(slack, "DatabaseDown on db01.example.com") == 1, "stored once, told once, though answered 503"
+
+
+@pytest.mark.parametrize("url", [
+    "redis+sentinel://:Sekr3t#PW@127.0.0.1:1/svc",  # an unencoded # in the password
+    "redis+sentinel://user:Sekr3tPW/cd@127.0.0.1:1/svc",  # an unencoded / in it
+    "redis+sentinel://127.0.0.1:1/svc?sentinel%5Fpassword=Sekr3tPW",  # the option's name encoded
+    "redis+sentinel://127.0.0.1:1/svc?sentinel_password=ab&Sekr3tPW=cd",  # an unknown option
+    "redis+sentinel://fe80::Sekr3t/svc",  # an IPv6 address without [ ]
+])
+def test_a_sentinel_url_that_cannot_be_read_is_refused_without_echoing_any_part_of_a_password(tmp_path, url):
+    for command in ((), ("check",)):
+        result = run_cli(*command, cwd=tmp_path, env={"THREAD_STORE": "redis", "REDIS_URL": url})
+        lines = result.stderr.decode().strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("alert-threader: REDIS_URL: ")
+        assert "Sekr3t" not in (result.stdout + result.stderr).decode()
+
+
+def test_a_sentinel_url_reads_a_host_without_a_port_ipv6_and_a_plus_in_its_password():
+    target = at.parse_sentinel_url("redis+sentinel://:p%40ss@sentinel-a,[::1]:26380/threader/2"
+                                   "?sentinel_password=a+b%2B")
+    assert target.sentinels == (("sentinel-a", 26379), ("::1", 26380)) and target.db == 2
+    assert (target.password, target.sentinel_password, target.service) == ("p@ss", "a+b+", "threader")
+    assert at.redact_url("redis+sentinel://:Sek?ret@h:1/svc?sentinel_password=x") == \
+        "redis+sentinel://:***@h:1/svc?sentinel_password=***"
+
+
+class OddSentinel:
+    """A TCP server on loopback that answers every command with an integer: RESP, but not what a Sentinel says."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.answer, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def answer(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            while conn.recv(65536):
+                conn.sendall(b":1\r\n")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_sentinels_out_of_reach_or_answering_nonsense_get_a_quick_503_never_a_500(start, slack):
+    require_module("redis")
+    odd = OddSentinel()
+    try:
+        for url in (f"redis+sentinel://127.0.0.1:{free_port()},127.0.0.1:{free_port()}/threader",
+                    f"redis+sentinel://127.0.0.1:{odd.port}/threader"):
+            svc = start(THREAD_STORE="redis", REDIS_URL=url)
+            for _ in range(2):
+                began = time.monotonic()
+                answer = svc.alert(webhook(make_alert()), expect=None)
+                assert answer.status == 503 and "thread store" in answer.json()["error"], answer.text
+                assert time.monotonic() - began < 4, "redis-py's retries are off towards the Sentinels too"
+            assert svc.get("/health").status == 503
+            assert "Traceback" not in svc.log.getvalue()
+            stop(svc)
+    finally:
+        odd.close()
 
 
 def test_killing_the_primary_in_a_storm_loses_and_doubles_nothing(start, slack, sentinels):
