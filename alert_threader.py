@@ -3038,7 +3038,8 @@ def redis_fix(e: BaseException) -> str:
         return "this Redis has no password: take it out of REDIS_URL (or set requirepass in redis.conf)"
     if type(e).__name__ == "AuthenticationError" or any(word in str(e) for word in ("NOAUTH", "WRONGPASS")):
         return ("Redis refuses the credentials: put its password in REDIS_URL (redis://:PASSWORD@HOST:6379/0, "
-                "or redis://USER:PASSWORD@… for an ACL user), as requirepass or the ACL has it")
+                "or redis://USER:PASSWORD@… for an ACL user), as requirepass or the ACL has it; through Sentinel, "
+                "the Sentinels' own goes in SENTINEL_PASSWORD if the Sentinels have a requirepass")
     return ("start redis-server, or correct REDIS_URL; redis-cli -h HOST -p PORT ping (-s SOCKET for a unix "
             "socket, with REDISCLI_AUTH=PASSWORD in its environment if Redis has one) tells whether it answers")
 
@@ -5363,8 +5364,10 @@ class Poster:
             return f"post:{payload.get('channel', '')}", self.post_every, self.POST_BURST
         return f"edit:{method}", self.edit_every, self.EDIT_BURST
 
-    def call(self, method: str, payload: Dict[str, Any], wait: bool = True) -> Optional[Dict[str, Any]]:
-        """One call in its turn; with wait False only if a turn is free now (None if not). SlackError if it fails."""
+    def call(self, method: str, payload: Dict[str, Any], wait: bool = True,
+             guard: Optional[Callable[[], Any]] = None) -> Optional[Dict[str, Any]]:
+        """One call in its turn; with wait False only if a turn is free now (None if not). SlackError if it fails.
+        `guard` is asked once the turn has come, just before the call (it raises to stop it)."""
         bucket, every, burst = self._bucket(method, payload)
         turn = self.store.reserve(bucket, every, burst, self.LONGEST_TURN if wait else 0.0)
         if turn is None:
@@ -5373,6 +5376,8 @@ class Poster:
             self.metrics.inc("alert_threader_slack_wait_seconds_total", turn, bucket=bucket)
             if self.stopping.wait(turn):
                 raise Stopping("stopping")
+        if guard is not None:
+            guard()
         try:
             response = self.slack.call(method, payload)
         except SlackError as e:
@@ -5391,11 +5396,12 @@ class Poster:
                 self.delivering, self.failing_since = True, None
         return response
 
-    def post(self, payload: Dict[str, Any], plain: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    def post(self, payload: Dict[str, Any], plain: Optional[Dict[str, Any]] = None,
+             guard: Optional[Callable[[], Any]] = None) -> Dict[str, Any]:
         """chat.postMessage; once more as plain text if Slack refuses the layout (or refuses it for a reason
         this service does not know: a message Slack never takes must not hold its channel's outbox back)."""
         try:
-            return self._with_ts(self.call("chat.postMessage", payload))
+            return self._with_ts(self.call("chat.postMessage", payload, guard=guard))
         except SlackError as e:
             if e.kind not in (LAYOUT, OTHER):
                 raise
@@ -5403,7 +5409,7 @@ class Poster:
             self._log.log(logging.WARNING, f"fallback|{e.error}", "Slack refused the message; sending plain text",
                           error=e.error)
         try:
-            return self._with_ts(self.call("chat.postMessage", plain or plain_version(payload)))
+            return self._with_ts(self.call("chat.postMessage", plain or plain_version(payload), guard=guard))
         except SlackError as e:
             e.for_good = e.kind in (LAYOUT, OTHER)
             raise
@@ -5542,7 +5548,7 @@ class Executor:
         self.record_pending(channel)
         thread_ts = message.payload.get("thread_ts")
         try:
-            ts = (self.poster.post(message.payload, message.plain)["ts"] if thread_ts is None
+            ts = (self._post(channel, message.payload, message.plain)["ts"] if thread_ts is None
                   else self._reply(channel, message, thread_ts))
         except SlackError as e:
             if not (e.for_good and message.done):
@@ -5570,9 +5576,18 @@ class Executor:
         self.poster.note_dropped(len(items), e.error)
         self._record(channel, {}, [(item, ("refused", None)) for item in items], False, posted=False)
 
+    def _post(self, channel: str, payload: Dict[str, Any], plain: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """A sender's post, made only if, once its turn has come (up to a second later), the store can still
+        record it and this process still sends for the channel: a failover or a lost lease meanwhile stops
+        it, instead of a post no one can record that the next sender makes again."""
+        def guard() -> None:
+            self.store.ready()
+            self.store.still_sending(channel)
+        return self.poster.post(payload, plain, guard)
+
     def _reply(self, channel: str, message: Message, thread_ts: str) -> str:
         try:
-            self.poster.post(message.payload, message.plain)
+            self._post(channel, message.payload, message.plain)
             return thread_ts
         except SlackError as e:
             if e.kind != THREAD_GONE or message.parent is None:
@@ -5580,7 +5595,7 @@ class Executor:
         log_event(logging.WARNING, "thread parent is gone; starting the thread again", key=message.target,
                   old_ts=thread_ts)
         parent = {k: v for k, v in message.parent.items() if k not in ("ts", "thread_ts")}
-        ts = self.poster.post(parent)["ts"]
+        ts = self._post(channel, parent)["ts"]
         if ts is None:  # a new parent that cannot be threaded in: try again (a broken proxy; it may show twice)
             raise SlackError("chat.postMessage", "invalid_response", TRANSIENT)
         self._record(channel, {k: dict(r, ts=ts) for k, r in message.before.items()}, [], False, posted=False)
@@ -5590,7 +5605,7 @@ class Executor:
         for payload in (message.payload, message.plain):
             if payload:
                 payload["thread_ts"] = ts
-        self.poster.post(message.payload, message.plain)
+        self._post(channel, message.payload, message.plain)
         return ts
 
     def complete(self, channel: str, records: Dict[str, Dict[str, Any]], done: List[Tuple[Item, Result]],
@@ -5834,10 +5849,8 @@ class Sender:
                 self.executor.complete(self.channel, {}, [(item, ("unchanged", ts)) for item, ts in plan.unchanged])
                 for item, _ in plan.unchanged:
                     self.backlog.pop(item.id, None)
-            for message in plan.messages:
-                self.store.ready()  # nothing goes to Slack that could not then be recorded
-                self.store.still_sending(self.channel)  # nor by a replica paused past its lease
-                message = drawable(message, self.channel)
+            for message in plan.messages:  # each post checks, once its turn has come, that it can be recorded
+                message = drawable(message, self.channel)  # and that this replica still sends (Executor._post)
                 try:
                     moved = self.executor.send(self.channel, message)
                 except Unrecorded as e:  # Slack has it; the store will, before anything else is posted
