@@ -522,15 +522,19 @@ class MessageSettings:
             return bounded_key(f"group|{group_key}|{self.environment}")
         # A | or \ in a value is escaped, so that no value can make another alert's key (a | in a cluster
         # label and a namespace one part shorter); values without them give the seed's key exactly.
-        parts = [alert.labels.get(name, "").replace("\\", "\\\\").replace("|", "\\|")
-                 for name in self.key_names(alert.labels)]
-        return bounded_key("|".join(parts + [self.environment]))
+        return self._joined(alert, self.key_names(alert.labels), escape=True)
 
     def legacy_key(self, alert: Alert, group_key: str = "") -> Optional[str]:
         """The key this alert had before namespaces were part of it (1.1): its thread may still be open."""
         if self.thread_by == "group" and group_key or self.key_names(alert.labels) == self.key_labels:
             return None
-        return bounded_key("|".join([alert.labels.get(name, "") for name in self.key_labels] + [self.environment]))
+        return self._joined(alert, self.key_labels, escape=False)  # as 1.1 wrote it: unescaped
+
+    def _joined(self, alert: Alert, names: Sequence[str], escape: bool) -> str:
+        parts = [alert.labels.get(name, "") for name in names]
+        if escape:
+            parts = [part.replace("\\", "\\\\").replace("|", "\\|") for part in parts]
+        return bounded_key("|".join(parts + [self.environment]))
 
     def mentions_for(self, alerts: Iterable[Alert]) -> str:
         """Who to mention for these alerts: every rule whose matchers all match one of them, once each."""
@@ -4118,25 +4122,25 @@ def exporter_labels(labels: Dict[str, str]) -> Set[str]:
     return set()
 
 
-def workload_labels(labels: Dict[str, str]) -> List[str]:
+def workload_labels(labels: Dict[str, str], exporter: Optional[Set[str]] = None) -> List[str]:
     """The workload labels of an alert that name what it is about (not its exporter), in WORKLOAD_LABELS order."""
     if not any(labels.get(n) for n in WORKLOAD_LABELS):
         return []
-    exporter = exporter_labels(labels)
+    exporter = exporter_labels(labels) if exporter is None else exporter
     return [n for n in WORKLOAD_LABELS if labels.get(n) and n not in exporter]
 
 
 def subject(labels: Dict[str, str]) -> str:
     """What an alert is about, in a few words: namespace/pod (or deployment, ...), the node, namespace/job, or
     the instance; "" for an alert shaped like the seed's, whose title and fields say it."""
-    workload = workload_labels(labels)
+    exporter = exporter_labels(labels)
+    workload = workload_labels(labels, exporter)
     if not workload:
-        exporter = exporter_labels(labels)
         return labels.get("instance", "") if exporter and "instance" not in exporter else ""
     name = next((labels[n] for n in WORKLOAD_NAMES if n in workload), "")
     if not name and "node" in workload:
         return labels["node"]
-    if not name and labels.get("job") and "job" not in exporter_labels(labels):
+    if not name and labels.get("job") and "job" not in exporter:
         name = labels["job"]  # a scrape job's own alert (TargetDown): the job is what is down
     namespace = labels.get("namespace", "") if "namespace" in workload else ""
     return "/".join(part for part in (namespace, name) if part)
@@ -4217,8 +4221,9 @@ def field_pairs(alert: Alert, ms: MessageSettings) -> List[Tuple[str, str]]:
         pairs = [(field_title(n), labels.get(n) or {"environment": ms.environment, "value": alert.value}.get(n, ""))
                  for n in ms.fields]
         return [(t, v.upper() if t == "Severity" else v) for t, v in pairs if v][:FIELDS_MAX]
-    exporter = exporter_labels(labels) if ms.hidden else set()  # HIDDEN_LABELS=none: every label is shown
-    workload = workload_labels(labels)
+    reporter = exporter_labels(labels)
+    exporter = reporter if ms.hidden else set()  # HIDDEN_LABELS=none: every label is shown
+    workload = workload_labels(labels, reporter)
     seed = [(n, labels.get(n, "")) for n in ("service", "cluster", "instance") if n not in exporter]
     seed = [(n, labels[n]) for n in workload] + seed
     pairs = [("Severity", alert.severity.upper()), ("Environment", ms.environment)]
